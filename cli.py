@@ -1,0 +1,52 @@
+"""`python -m letterpress run WORKFLOW_api.json --models-dir DIR --set prompt="..."`"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .loaders.host import LetterpressError, StandaloneHost, set_host
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m letterpress", description="Run Letterpress workflows headless.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an API-format workflow JSON")
+    run.add_argument("workflow", help="API-format workflow (e.g. workflows/ernie_image_t2i_api.json)")
+    run.add_argument("--models-dir", default=os.environ.get("LETTERPRESS_MODELS_DIR", "models"),
+                     help="a folder laid out like ComfyUI's models/ (diffusers/, diffusion_models/, text_encoders/, vae/)")
+    run.add_argument("--output-dir", default="output", help="where images are written (never overwritten)")
+    run.add_argument("--input-dir", default="input", help="where LoadImage looks for images")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="change an input: NODE_ID.input=value, or an input name such as prompt, seed, width")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.device:
+        os.environ["LETTERPRESS_DEVICE"] = args.device
+    host = StandaloneHost()
+    host.models_dir = os.path.abspath(args.models_dir)
+    host.output_dir = os.path.abspath(args.output_dir)
+    host.input_dir = os.path.abspath(args.input_dir)
+    host.show_progress = not args.quiet
+    set_host(host)
+    from .runner import Runner, load_workflow, set_values
+
+    try:
+        wf = set_values(load_workflow(args.workflow), args.set)
+        result = Runner().run(wf)
+    except LetterpressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+    for ui in result["outputs"].values():
+        for img in (ui or {}).get("images", []):
+            print(img["path"])
+    return 0

@@ -1,0 +1,106 @@
+"""Standalone stand-ins for the few ComfyUI core nodes the shipped workflows use (LoadImage, SaveImage,
+PreviewImage). They are used by the headless runner only; inside ComfyUI the real core nodes run.
+Like ComfyUI's SaveImage, images are written as PNG with the prompt (and workflow) in text chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from .loaders.host import LetterpressError, get_host
+
+
+def _png_info(prompt, extra_pnginfo) -> PngInfo:
+    info = PngInfo()
+    if prompt is not None:
+        info.add_text("prompt", json.dumps(prompt))
+    for k, v in (extra_pnginfo or {}).items():
+        info.add_text(k, json.dumps(v))
+    return info
+
+
+def save_images(images: torch.Tensor, folder: str, prefix: str, prompt=None, extra_pnginfo=None) -> list[str]:
+    """Write each image as <prefix>_NNNNN_.png, never replacing a file that exists."""
+    if not re.fullmatch(r"[\w\- ./]*", prefix) or ".." in prefix.split("/"):
+        raise LetterpressError(f"filename_prefix '{prefix}' may only hold letters, digits, -, _, space and /.")
+    sub, base = os.path.split(prefix)
+    target = os.path.join(folder, sub)
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as e:
+        raise LetterpressError(f"Cannot create the output folder {target}: {e.strerror}. Choose a writable --output-dir.")
+    if not os.access(target, os.W_OK):
+        raise LetterpressError(f"The output folder {target} is not writable. Choose a writable --output-dir.")
+    pattern = re.compile(re.escape(base) + r"_(\d{5})_\.png$")
+    counter = max([int(m.group(1)) for f in os.listdir(target) if (m := pattern.match(f))], default=0) + 1
+    written = []
+    for image in images:
+        arr = np.clip(255.0 * image.cpu().float().numpy(), 0, 255).astype(np.uint8)
+        while True:
+            path = os.path.join(target, f"{base}_{counter:05}_.png")
+            counter += 1
+            try:
+                with open(path, "xb") as f:  # exclusive create: an existing file is never overwritten
+                    Image.fromarray(arr).save(f, format="PNG", pnginfo=_png_info(prompt, extra_pnginfo), compress_level=4)
+                break
+            except FileExistsError:
+                continue
+        written.append(path)
+    return written
+
+
+class SaveImage:
+    CATEGORY = "image"
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        paths = save_images(images, get_host().output_dir, filename_prefix, prompt, extra_pnginfo)
+        return {"ui": {"images": [{"filename": os.path.basename(p), "path": p} for p in paths]}}
+
+
+class PreviewImage(SaveImage):
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save_images(self, images, filename_prefix="preview", prompt=None, extra_pnginfo=None):
+        folder = os.path.join(tempfile.gettempdir(), "letterpress_preview")
+        paths = save_images(images, folder, "preview", prompt, extra_pnginfo)
+        return {"ui": {"images": [{"filename": os.path.basename(p), "path": p} for p in paths]}}
+
+
+class LoadImage:
+    CATEGORY = "image"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load_image"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("STRING", {"image_upload": True})}}
+
+    def load_image(self, image):
+        path = image if os.path.isabs(image) else os.path.join(get_host().input_dir, image)
+        if not os.path.exists(path):
+            raise LetterpressError(f"Image {image} was not found in {get_host().input_dir}. Put it there or pass a full path.")
+        img = ImageOps.exif_transpose(Image.open(path))
+        rgba = img.convert("RGBA")
+        arr = np.asarray(rgba).astype(np.float32) / 255.0
+        t = torch.from_numpy(arr)
+        return (t[None, ..., :3], 1.0 - t[None, ..., 3])
+
+
+CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": LoadImage}

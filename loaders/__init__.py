@@ -1,0 +1,1 @@
+"""Model finding, detection, conversion and loading; the only code that talks to the host (ComfyUI)."""

@@ -1,0 +1,187 @@
+"""ERNIE-Image / ERNIE-Image-Turbo checkpoints: DiT, Ministral-3 text encoder, prompt enhancer, Flux2 VAE.
+
+Layouts: the Hugging Face diffusers folder (models/diffusers/ERNIE-Image[-Turbo]) and ComfyUI single
+files (diffusion_models/ernie-image[-turbo].safetensors, text_encoders/ministral-3-3b.safetensors,
+text_encoders/ernie-image-prompt-enhancer.safetensors, vae/flux2-vae.safetensors). Single files carry no
+config: the architecture is read off tensor names and shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .detect import expect
+from .files import list_diffusers_folders, pipeline_class
+from .host import LetterpressError, ModelHandle, get_host
+from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer
+from .vae import load_vae
+from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read_json, strip_prefix, weight_dtype
+
+FAMILY = "ernie_image"
+PIPELINE_CLASSES = ("ErnieImagePipeline",)
+
+# Ministral-3 3B text settings that tensor shapes cannot tell (the rest is read off the shapes).
+MINISTRAL3_TEMPLATE = dict(
+    rms_norm_eps=1e-5,
+    max_position_embeddings=262144,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=11,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 1000000.0,
+        "factor": 16.0,
+        "original_max_position_embeddings": 16384,
+        "max_position_embeddings": 262144,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "llama_4_scaling_beta": 0.1,
+    },
+)
+# Flux2 VAE settings the shapes cannot tell.
+FLUX2_VAE_TEMPLATE = dict(norm_num_groups=32, act_fn="silu", batch_norm_eps=1e-4, sample_size=1024)
+TOKENIZER_HINT = (
+    "A single-file text encoder needs the tokenizer of the ERNIE-Image repository: keep the diffusers folder "
+    "models/diffusers/ERNIE-Image (its tokenizer/ and pe_tokenizer/ are found automatically), or copy that "
+    "tokenizer folder next to the file as text_encoders/<file name without .safetensors>/."
+)
+
+
+def _component(path: str, sub: str) -> str:
+    """`path` itself, or its `sub` folder when `path` is a whole pipeline folder."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
+        return os.path.join(path, sub)
+    return path
+
+
+# DiT -------------------------------------------------------------------------------------------
+
+
+def dit_config_from_shapes(ck: Checkpoint, prefix: str) -> dict:
+    s = lambda k: ck.shape(prefix + k)  # noqa: E731
+    hidden, in_ch, p, _ = s("x_embedder.proj.weight")
+    head_dim = s("layers.0.self_attention.norm_q.weight")[0] if prefix + "layers.0.self_attention.norm_q.weight" in ck else 128
+    layers = {int(k[len(prefix) :].split(".")[1]) for k in ck if k.startswith(prefix + "layers.")}
+    # Rotary axes: the real model splits its 128-wide heads 32/48/48; the same 1/4, 3/8, 3/8 split is used
+    # for any head width.
+    axes = (head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8)
+    return dict(
+        hidden_size=hidden,
+        num_attention_heads=hidden // head_dim,
+        num_layers=len(layers),
+        ffn_hidden_size=s("layers.0.mlp.gate_proj.weight")[0],
+        in_channels=in_ch,
+        out_channels=s("final_linear.weight")[0] // (p * p),
+        patch_size=p,
+        text_in_dim=s("text_proj.weight")[1] if prefix + "text_proj.weight" in ck else hidden,
+        rope_theta=256,
+        rope_axes_dim=axes,
+        eps=1e-6,
+        qk_layernorm=prefix + "layers.0.self_attention.norm_q.weight" in ck,
+    )
+
+
+def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    from diffusers import ErnieImageTransformer2DModel
+
+    path = _component(path, "transformer")
+    ck = open_checkpoint(path)
+    expect(ck.keys(), FAMILY, "ERNIE-Image DiT", os.path.basename(path), "the ERNIE-Image DiT loader")
+    prefix = strip_prefix(ck.keys(), "x_embedder.proj.weight")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        cfg = {k: v for k, v in read_json(os.path.join(path, "config.json"), "ERNIE-Image DiT").items() if not k.startswith("_")}
+    else:
+        cfg = dit_config_from_shapes(ck, prefix)
+    module = build_empty(lambda: ErnieImageTransformer2DModel(**cfg))
+    key_map = lambda k: k[len(prefix) :] if k.startswith(prefix) else None  # noqa: E731
+    fill_module(module, ck, key_map, dtype=weight_dtype(dtype_choice), what="ERNIE-Image DiT")
+    module.eval()
+    turbo = "turbo" in os.path.basename(os.path.dirname(path) if os.path.isdir(path) else path).lower()
+    return get_host().wrap(ModelHandle(FAMILY, "dit", module, source=path, extras={"turbo": turbo}))
+
+
+# Text encoder and prompt enhancer ----------------------------------------------------------------
+
+
+def _sibling_tokenizers(sub: str):
+    def find(_path: str) -> list[str]:
+        return [os.path.join(base, f, sub) for base in get_host().model_folders("diffusers") for f in list_diffusers_folders(PIPELINE_CLASSES)]
+
+    return find
+
+
+def _tokenizer_for(path: str, sub: str, what: str):
+    if os.path.isdir(path):  # a component folder of the diffusers layout: ../tokenizer
+        return load_tokenizer([os.path.join(os.path.dirname(path.rstrip(os.sep)), sub), path], what, TOKENIZER_HINT)
+    return load_tokenizer(find_tokenizer_folders(path, _sibling_tokenizers(sub)), what, TOKENIZER_HINT)
+
+
+def _check_llm(ck: Checkpoint, path: str, loader: str) -> None:
+    expect(ck.keys(), "ministral3", "Ministral-3 language model", os.path.basename(path), loader)
+
+
+def load_text_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    from transformers import Ministral3Config, Ministral3Model
+
+    path = _component(path, "text_encoder")
+    ck = open_checkpoint(path)
+    _check_llm(ck, path, "the ERNIE-Image text encoder loader")
+    folder = path if os.path.isdir(path) else None
+    config = llm_config(ck, folder, Ministral3Config, MINISTRAL3_TEMPLATE, sub_config="text_config")
+    module = load_llm(ck, config, Ministral3Model, weight_dtype(dtype_choice), False, "ERNIE-Image text encoder")
+    tokenizer = _tokenizer_for(path, "tokenizer", "ERNIE-Image text encoder")
+    return get_host().wrap(ModelHandle("ernie_image", "text_encoder", module, tokenizer=tokenizer, source=path))
+
+
+def load_prompt_enhancer(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    from transformers import Ministral3Config, Ministral3ForCausalLM
+
+    path = _component(path, "pe")
+    if not os.path.exists(path):
+        raise LetterpressError(f"{path} does not exist: this ERNIE-Image folder has no prompt enhancer (pe/).")
+    ck = open_checkpoint(path)
+    _check_llm(ck, path, "the ERNIE-Image prompt enhancer loader")
+    folder = path if os.path.isdir(path) else None
+    config = llm_config(ck, folder, Ministral3Config, MINISTRAL3_TEMPLATE)
+    module = load_llm(ck, config, Ministral3ForCausalLM, weight_dtype(dtype_choice), True, "ERNIE-Image prompt enhancer")
+    tokenizer = _tokenizer_for(path, "pe_tokenizer", "ERNIE-Image prompt enhancer")
+    return get_host().wrap(ModelHandle("ernie_image", "prompt_enhancer", module, tokenizer=tokenizer, source=path))
+
+
+# VAE ---------------------------------------------------------------------------------------------
+
+
+def load_flux2_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    from diffusers import AutoencoderKLFlux2
+
+    path = _component(path, "vae")
+    ck = open_checkpoint(path)
+    expect(ck.keys(), "flux2_vae", "Flux2 VAE", os.path.basename(path), "the ERNIE-Image VAE loader")
+    module = load_vae(path, AutoencoderKLFlux2, FLUX2_VAE_TEMPLATE, weight_dtype(dtype_choice), "Flux2 VAE")
+    return get_host().wrap(ModelHandle("ernie_image", "vae", module, source=path))
+
+
+# Whole folder ------------------------------------------------------------------------------------
+
+
+def load_folder(folder: str, dtype_choice: str = "auto", with_pe: bool = True) -> dict[str, ModelHandle | None]:
+    if pipeline_class(folder) not in PIPELINE_CLASSES:
+        found = pipeline_class(folder) or "no model_index.json"
+        raise LetterpressError(
+            f"{os.path.basename(folder)} is not an ERNIE-Image folder ({found}). "
+            "Pick a folder holding ERNIE-Image or ERNIE-Image-Turbo from Hugging Face."
+        )
+    out: dict[str, ModelHandle | None] = {
+        "dit": load_dit(folder, dtype_choice),
+        "text_encoder": load_text_encoder(folder, dtype_choice),
+        "vae": load_flux2_vae(folder, dtype_choice),
+        "prompt_enhancer": None,
+    }
+    if "turbo" in os.path.basename(folder.rstrip(os.sep)).lower():
+        out["dit"].extras["turbo"] = True
+    if with_pe and os.path.isdir(os.path.join(folder, "pe")):
+        out["prompt_enhancer"] = load_prompt_enhancer(folder, dtype_choice)
+    return out

@@ -1,0 +1,247 @@
+"""The one seam between the pack and whatever runs it.
+
+Inside ComfyUI this adapter uses folder_paths, comfy.model_management, comfy.model_patcher and
+comfy.utils. Anywhere else a standalone host with the same surface takes over: device choice,
+offload to CPU between stages, tqdm progress, an interrupt flag and a ComfyUI-like models/ tree.
+
+Everything else in the pack asks `HOST` (or `get_host()`), never ComfyUI directly.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+try:  # pragma: no cover - exercised only inside a real ComfyUI
+    import comfy.model_management as _mm
+    import comfy.model_patcher as _model_patcher
+    import comfy.utils as _comfy_utils
+    import folder_paths as _folder_paths
+
+    IN_COMFYUI = True
+except ImportError:
+    IN_COMFYUI = False
+
+
+class Interrupted(Exception):
+    """Raised when the user cancels a run (ComfyUI's own exception is used inside ComfyUI)."""
+
+
+class LetterpressError(ValueError):
+    """A user-facing error: the message says what is wrong and how to fix it."""
+
+
+# Model folder kinds the pack uses, with the ComfyUI names they alias.
+FOLDER_ALIASES = {
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip"),
+    "vae": ("vae",),
+    "diffusers": ("diffusers",),
+    "loras": ("loras",),
+    "LLM": ("LLM",),
+}
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model stage: what it is, the torch module, and the host's bookkeeping for it."""
+
+    family: str  # "ernie_image", "ovis_image", "glm_image", ...
+    role: str  # "dit", "text_encoder", "vae", "prompt_enhancer", ...
+    module: torch.nn.Module
+    tokenizer: Any = None
+    source: str = ""  # file or folder it came from, for messages
+    extras: dict = field(default_factory=dict)
+    patcher: Any = None  # ComfyUI ModelPatcher, or None in the standalone host
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.module.parameters():
+            return p.dtype
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def describe(self) -> str:
+        return f"{self.family} {self.role} ({os.path.basename(self.source) or 'in memory'})"
+
+
+class Progress:
+    """Per-step progress: tqdm in the standalone host, ComfyUI's ProgressBar (with previews) inside it."""
+
+    def __init__(self, total: int, bar: Any = None, listeners: Iterable[Callable] = ()):
+        self.total = total
+        self.done = 0
+        self._bar = bar
+        self._listeners = list(listeners)
+
+    def update(self, n: int = 1, preview: Any = None) -> None:
+        self.done += n
+        if self._bar is not None:
+            if IN_COMFYUI and hasattr(self._bar, "update_absolute"):
+                self._bar.update_absolute(self.done, self.total, preview)
+            else:
+                self._bar.update(n)
+        for listener in self._listeners:
+            listener(self.done, self.total)
+
+    def close(self) -> None:
+        if self._bar is not None and hasattr(self._bar, "close"):
+            self._bar.close()
+
+
+def _pick_device() -> torch.device:
+    wanted = os.environ.get("LETTERPRESS_DEVICE")
+    if wanted:
+        return torch.device(wanted)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class StandaloneHost:
+    """The host outside ComfyUI: one model stage on the compute device at a time, the rest on CPU."""
+
+    name = "standalone"
+
+    def __init__(self) -> None:
+        self.models_dir = os.environ.get("LETTERPRESS_MODELS_DIR", os.path.join(os.getcwd(), "models"))
+        self.output_dir = os.environ.get("LETTERPRESS_OUTPUT_DIR", os.path.join(os.getcwd(), "output"))
+        self.input_dir = os.environ.get("LETTERPRESS_INPUT_DIR", os.path.join(os.getcwd(), "input"))
+        self._device = _pick_device()
+        self._interrupt = threading.Event()
+        self._loaded: list[ModelHandle] = []
+        self.progress_listeners: list[Callable[[int, int], None]] = []
+        self.show_progress = True
+
+    # devices -------------------------------------------------------------------------------
+    def compute_device(self) -> torch.device:
+        return self._device
+
+    def offload_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def wrap(self, handle: ModelHandle) -> ModelHandle:
+        return handle
+
+    def load(self, *handles: ModelHandle) -> None:
+        """Bring these stages onto the compute device; move every other loaded stage off it."""
+        device = self.compute_device()
+        keep = {id(h.module) for h in handles}
+        for other in self._loaded:
+            if id(other.module) not in keep and device.type != "cpu":
+                other.module.to(self.offload_device())
+        for h in handles:
+            if h.device != device:
+                h.module.to(device)
+        self._loaded = [h for h in self._loaded if id(h.module) not in keep] + list(handles)
+
+    def free(self) -> None:
+        for h in self._loaded:
+            h.module.to(self.offload_device())
+        self._loaded = []
+
+    # progress and interrupt ----------------------------------------------------------------
+    def progress(self, total: int) -> Progress:
+        bar = None
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, leave=False)
+        return Progress(total, bar, self.progress_listeners)
+
+    def request_interrupt(self, value: bool = True) -> None:
+        if value:
+            self._interrupt.set()
+        else:
+            self._interrupt.clear()
+
+    def check_interrupt(self) -> None:
+        if self._interrupt.is_set():
+            self._interrupt.clear()
+            raise Interrupted("Run cancelled.")
+
+    def previews_enabled(self) -> bool:
+        return False
+
+    # model folders -------------------------------------------------------------------------
+    def model_folders(self, kind: str) -> list[str]:
+        names = FOLDER_ALIASES.get(kind, (kind,))
+        return [os.path.join(self.models_dir, n) for n in names]
+
+
+class ComfyHost(StandaloneHost):  # pragma: no cover - exercised only inside a real ComfyUI
+    """The host inside ComfyUI: ModelPatcher + load_models_gpu, ProgressBar, ComfyUI's interrupt."""
+
+    name = "comfyui"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output_dir = _folder_paths.get_output_directory()
+        self.input_dir = _folder_paths.get_input_directory()
+
+    def compute_device(self) -> torch.device:
+        return _mm.get_torch_device()
+
+    def offload_device(self) -> torch.device:
+        return _mm.unet_offload_device()
+
+    def wrap(self, handle: ModelHandle) -> ModelHandle:
+        handle.module.to(self.offload_device())
+        handle.patcher = _model_patcher.ModelPatcher(
+            handle.module, load_device=self.compute_device(), offload_device=self.offload_device()
+        )
+        return handle
+
+    def load(self, *handles: ModelHandle) -> None:
+        _mm.load_models_gpu([h.patcher for h in handles if h.patcher is not None])
+
+    def free(self) -> None:
+        _mm.unload_all_models()
+
+    def progress(self, total: int) -> Progress:
+        return Progress(total, _comfy_utils.ProgressBar(total), self.progress_listeners)
+
+    def request_interrupt(self, value: bool = True) -> None:
+        _mm.interrupt_current_processing(value)
+
+    def check_interrupt(self) -> None:
+        _mm.throw_exception_if_processing_interrupted()
+
+    def previews_enabled(self) -> bool:
+        return True
+
+    def model_folders(self, kind: str) -> list[str]:
+        folders: list[str] = []
+        for name in FOLDER_ALIASES.get(kind, (kind,)):
+            try:
+                folders.extend(_folder_paths.get_folder_paths(name))
+            except KeyError:
+                folders.append(os.path.join(_folder_paths.models_dir, name))
+        return folders
+
+
+_HOST: StandaloneHost | None = None
+
+
+def get_host() -> StandaloneHost:
+    global _HOST
+    if _HOST is None:
+        _HOST = ComfyHost() if IN_COMFYUI else StandaloneHost()
+    return _HOST
+
+
+def set_host(host: StandaloneHost) -> None:
+    """Replace the host (the runner and tests use this to point at their own folders)."""
+    global _HOST
+    _HOST = host

@@ -1,0 +1,114 @@
+"""Decoder-only language models used as text encoders or prompt writers (Ministral-3, Qwen3, ...).
+
+Both layouts are loaded through the same path: a transformers folder (config.json + safetensors,
+possibly wrapped in a multimodal model whose keys start with `language_model.`) or a single file
+without config, whose architecture is read off the tensor shapes over a template config.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from .host import LetterpressError
+from .weights import Checkpoint, build_empty, fill_module, read_json, strip_prefix
+
+
+def infer_llm_shapes(ck: Checkpoint, prefix: str) -> dict:
+    """Config fields that the tensor shapes determine (head_dim by the rule documented below)."""
+    layers = {int(k[len(prefix) :].split(".")[1]) for k in ck if k.startswith(prefix + "layers.")}
+    vocab, hidden = ck.shape(prefix + "embed_tokens.weight")
+    q_out = ck.shape(prefix + "layers.0.self_attn.q_proj.weight")[0]
+    k_out = ck.shape(prefix + "layers.0.self_attn.k_proj.weight")[0]
+    norm = prefix + "layers.0.self_attn.q_norm.weight"
+    if norm in ck:
+        head_dim = ck.shape(norm)[0]
+    else:
+        # Real checkpoints of these families use 128-wide heads; toy ones the widest that divides both.
+        head_dim = 128 if q_out % 128 == 0 and k_out % 128 == 0 else next(
+            d for d in (64, 32, 16, 8, 4) if q_out % d == 0 and k_out % d == 0
+        )
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ck.shape(prefix + "layers.0.mlp.gate_proj.weight")[0],
+        num_hidden_layers=len(layers),
+        num_attention_heads=q_out // head_dim,
+        num_key_value_heads=k_out // head_dim,
+        head_dim=head_dim,
+    )
+
+
+def llm_prefix(ck: Checkpoint) -> str:
+    """The prefix before `embed_tokens.weight` (e.g. 'language_model.model.', 'model.', '')."""
+    return strip_prefix(ck.keys(), "embed_tokens.weight")
+
+
+def llm_config(
+    ck: Checkpoint, folder: str | None, config_cls, template: dict, sub_config: str | None = None
+) -> object:
+    """The text config: from config.json when the checkpoint is a folder, else shapes over the template."""
+    if folder and os.path.exists(os.path.join(folder, "config.json")):
+        cfg = read_json(os.path.join(folder, "config.json"), "text model")
+        if sub_config and sub_config in cfg:
+            cfg = cfg[sub_config]
+        cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "transformers_version")}
+        return config_cls(**cfg)
+    fields = dict(template)
+    fields.update(infer_llm_shapes(ck, llm_prefix(ck)))
+    return config_cls(**fields)
+
+
+def load_llm(
+    ck: Checkpoint,
+    config,
+    model_cls,
+    dtype: torch.dtype,
+    with_head: bool,
+    what: str,
+) -> torch.nn.Module:
+    """Build `model_cls(config)` on meta and fill it; keys of any wrapper prefix are mapped on.
+
+    with_head: the module is a *ForCausalLM (keys model.* and lm_head.*); else the bare model.
+    """
+    prefix = llm_prefix(ck)
+    head_prefix = prefix[: -len("model.")] if prefix.endswith("model.") else prefix
+
+    def key_map(k: str) -> str | None:
+        if k.startswith(prefix):
+            rest = k[len(prefix) :]
+            return ("model." + rest) if with_head else rest
+        if with_head and k == head_prefix + "lm_head.weight":
+            return "lm_head.weight"
+        return None  # vision tower, projector, tokenizer blobs, an unused lm_head
+
+    module = build_empty(lambda: model_cls(config))
+    tied = with_head and getattr(config, "tie_word_embeddings", False)
+    if with_head and not tied and head_prefix + "lm_head.weight" not in ck:
+        raise LetterpressError(f"{what}: the file has no lm_head; it is a text encoder, not a text generator.")
+    fill_module(module, ck, key_map, dtype=dtype, what=what, optional=("lm_head.",) if tied else ())
+    if tied:
+        module.lm_head.weight = module.model.embed_tokens.weight
+    module.eval()
+    return module
+
+
+def load_tokenizer(folders: list[str], what: str, hint: str) -> object:
+    """The first tokenizer found in `folders`; a clear error saying where to put one otherwise."""
+    from transformers import AutoTokenizer
+
+    for folder in folders:
+        if folder and os.path.isdir(folder) and (
+            os.path.exists(os.path.join(folder, "tokenizer.json"))
+            or os.path.exists(os.path.join(folder, "tokenizer_config.json"))
+        ):
+            return AutoTokenizer.from_pretrained(folder)
+    raise LetterpressError(f"{what}: no tokenizer found (looked in: {', '.join(f for f in folders if f)}). {hint}")
+
+
+def find_tokenizer_folders(path: str, sibling_names: Callable[[str], list[str]]) -> list[str]:
+    """Candidate tokenizer folders for a single file: '<stem>/' or '<stem>_tokenizer/' beside it."""
+    stem = os.path.splitext(path)[0]
+    return [stem, stem + "_tokenizer"] + sibling_names(path)

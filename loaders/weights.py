@@ -1,0 +1,223 @@
+"""Memory-mapped safetensors reading and meta-device module building.
+
+A module is built on the meta device (no random weights are allocated), then every parameter is
+replaced, one tensor at a time, by the tensor read from the checkpoint, so at no point are two full
+copies of the weights in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import struct
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+
+from .files import PICKLE_EXTENSIONS
+from .host import LetterpressError, get_host
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
+
+
+def weight_dtype(choice: str) -> torch.dtype:
+    """'auto' is fp32 on CPU, bf16 on a device that has it, fp16 otherwise."""
+    if choice in DTYPES:
+        return DTYPES[choice]
+    device = get_host().compute_device()
+    if device.type == "cpu":
+        return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _check_safetensors(path: str) -> dict:
+    """Read and validate the header of a safetensors file; clear errors for the usual breakages."""
+    if path.lower().endswith(PICKLE_EXTENSIONS):
+        raise LetterpressError(
+            f"{os.path.basename(path)} is a pickle checkpoint, which can run arbitrary code when loaded. "
+            "Letterpress loads .safetensors only: use the .safetensors release of this model."
+        )
+    size = os.path.getsize(path)
+    name = os.path.basename(path)
+    if size == 0:
+        raise LetterpressError(f"{name} is empty (0 bytes): the download did not finish. Download it again.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LetterpressError(f"{name} is not a safetensors file (too short). Download it again.")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise LetterpressError(f"{name} is not a valid safetensors file (corrupt header). Download it again.")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise LetterpressError(f"{name} is not a valid safetensors file (unreadable header). Download it again.")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise LetterpressError(
+            f"{name} is truncated: it holds {size} bytes but its header needs {8 + n + end}. "
+            "The download did not finish; download it again."
+        )
+    return header
+
+
+class Checkpoint(Mapping):
+    """A lazy, read-only state dict over one or more safetensors files (memory mapped)."""
+
+    def __init__(self, files: Iterable[str]):
+        self.files = list(files)
+        self._where: dict[str, str] = {}
+        self._shapes: dict[str, tuple] = {}
+        self.metadata: dict = {}
+        for path in self.files:
+            header = _check_safetensors(path)
+            self.metadata.update(header.get("__metadata__") or {})
+            for key, info in header.items():
+                if key != "__metadata__":
+                    self._where[key] = path
+                    self._shapes[key] = tuple(info["shape"])
+        self._handles: dict[str, object] = {}
+        self.source = self.files[0] if len(self.files) == 1 else os.path.dirname(self.files[0])
+
+    def shape(self, key: str) -> tuple:
+        return self._shapes[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path = self._where[key]
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
+        return handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """A file, or a folder of (possibly sharded) safetensors files."""
+    if not os.path.exists(path):
+        raise LetterpressError(f"{path} does not exist.")
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            pickles = [f for f in os.listdir(path) if f.endswith(PICKLE_EXTENSIONS)]
+            hint = " It only holds pickle files, which Letterpress does not load." if pickles else ""
+            raise LetterpressError(f"{path} holds no .safetensors weights.{hint}")
+        return Checkpoint(files)
+    return Checkpoint([path])
+
+
+def strip_prefix(keys: Iterable[str], marker: str) -> str:
+    """The prefix that stands before `marker` in the key list ('' when the keys start with it)."""
+    for k in keys:
+        if k.endswith(marker) or marker in k:
+            return k[: k.index(marker)]
+    return ""
+
+
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Build modules with parameters on the meta device (buffers stay real, as they are computed)."""
+    original = torch.nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            kwargs = dict(module._parameters[name].__dict__)
+            kwargs["requires_grad"] = param.requires_grad
+            module._parameters[name] = torch.nn.Parameter(module._parameters[name].to("meta"), **kwargs)
+
+    torch.nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def build_empty(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    with empty_weights():
+        return factory()
+
+
+def fill_module(
+    module: torch.nn.Module,
+    checkpoint: Mapping[str, torch.Tensor],
+    key_map: Callable[[str], str | None] = lambda k: k,
+    dtype: torch.dtype = torch.float32,
+    keep_fp32: tuple[str, ...] = (),
+    what: str = "model",
+    optional: tuple[str, ...] = (),
+) -> torch.nn.Module:
+    """Assign every parameter and persistent buffer of `module` from `checkpoint`, tensor by tensor.
+
+    `key_map` maps a checkpoint key to the module's key (None drops it). Missing or unexpected keys
+    raise a LetterpressError naming them, since they mean the file is not the model the loader expects.
+    """
+    expected = dict(module.state_dict(keep_vars=True))
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for ck in checkpoint.keys():
+        mk = key_map(ck)
+        if mk is None:
+            continue
+        if mk not in expected:
+            unexpected.append(ck)
+            continue
+        target = expected[mk]
+        tensor = checkpoint[ck]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise LetterpressError(
+                f"{what}: tensor {ck} has shape {tuple(tensor.shape)} but the model needs {tuple(target.shape)}. "
+                "The file is of another size or variant than its config says."
+            )
+        if tensor.is_floating_point():
+            want = torch.float32 if any(s in mk for s in keep_fp32) else dtype
+            tensor = tensor.to(want)
+        _assign(module, mk, tensor)
+        seen.add(mk)
+    missing = [k for k in expected if k not in seen and not any(s in k for s in optional)]
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors it does not know (e.g. {', '.join(unexpected[:3])})")
+        raise LetterpressError(f"{what}: the checkpoint does not match: {'; '.join(parts)}.")
+    for name, p in list(module.named_parameters()):
+        if p.is_meta and not any(s in name for s in optional):
+            raise LetterpressError(f"{what}: parameter {name} was not filled from the checkpoint.")
+    return module
+
+
+def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    *path, leaf = key.split(".")
+    owner = module
+    for p in path:
+        owner = getattr(owner, p)
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False if old is None else False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise LetterpressError(f"{what}: {path} is missing. The folder is incomplete; download it again.")
+    except ValueError as e:
+        raise LetterpressError(f"{what}: {path} is not valid JSON ({e}).")

@@ -1,0 +1,11 @@
+"""Node classes, one module per model family. Each module exports NODES and DISPLAY_NAMES."""
+
+from . import ernie_image
+
+FAMILIES = [ernie_image]
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+for _family in FAMILIES:
+    NODE_CLASS_MAPPINGS.update(_family.NODES)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_family.DISPLAY_NAMES)

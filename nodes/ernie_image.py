@@ -1,0 +1,251 @@
+"""ERNIE-Image and ERNIE-Image-Turbo nodes: one stage each, thin over loaders/ and samplers/."""
+
+from __future__ import annotations
+
+import os
+
+from ..loaders import ernie_image as load
+from ..loaders.files import resolve
+from ..loaders.host import get_host
+from ..samplers import ernie_image as stage
+from .common import CATEGORY, dtype_input, file_input, folder_input, require, seed_input, size_input
+
+CAT = f"{CATEGORY}/ERNIE-Image"
+DIT, TE, VAE, PE = "LP_ERNIE_DIT", "LP_ERNIE_TEXT_ENCODER", "LP_ERNIE_VAE", "LP_ERNIE_PROMPT_ENHANCER"
+COND = "LP_CONDITIONING"
+
+
+class LetterpressErnieImageDiTLoader:
+    DESCRIPTION = "Loads the ERNIE-Image (or -Turbo) DiT from a single file in models/diffusion_models."
+    CATEGORY = CAT
+    RETURN_TYPES = (DIT,)
+    RETURN_NAMES = ("dit",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dit_name": file_input("diffusion_models", "ernie-image.safetensors or ernie-image-turbo.safetensors."),
+            "weight_dtype": dtype_input(),
+        }}
+
+    def run(self, dit_name, weight_dtype):
+        return (load.load_dit(resolve("diffusion_models", dit_name), weight_dtype),)
+
+
+class LetterpressErnieImageTextEncoderLoader:
+    DESCRIPTION = ("Loads the Ministral-3 3B text encoder from models/text_encoders. Its tokenizer comes from "
+                   "the ERNIE-Image diffusers folder or a folder named like the file (see README).")
+    CATEGORY = CAT
+    RETURN_TYPES = (TE,)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder_name": file_input("text_encoders", "ministral-3-3b.safetensors."),
+            "weight_dtype": dtype_input(),
+        }}
+
+    def run(self, text_encoder_name, weight_dtype):
+        return (load.load_text_encoder(resolve("text_encoders", text_encoder_name), weight_dtype),)
+
+
+class LetterpressErnieImagePromptEnhancerLoader:
+    DESCRIPTION = "Loads the optional 3B prompt enhancer (Ministral-3) that rewrites short prompts into detailed ones."
+    CATEGORY = CAT
+    RETURN_TYPES = (PE,)
+    RETURN_NAMES = ("prompt_enhancer",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "prompt_enhancer_name": file_input("text_encoders", "ernie-image-prompt-enhancer.safetensors."),
+            "weight_dtype": dtype_input(),
+        }}
+
+    def run(self, prompt_enhancer_name, weight_dtype):
+        return (load.load_prompt_enhancer(resolve("text_encoders", prompt_enhancer_name), weight_dtype),)
+
+
+class LetterpressErnieImageVAELoader:
+    DESCRIPTION = "Loads the Flux2 VAE (32 channels) that ERNIE-Image decodes with, from models/vae."
+    CATEGORY = CAT
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": file_input("vae", "flux2-vae.safetensors."), "weight_dtype": dtype_input()}}
+
+    def run(self, vae_name, weight_dtype):
+        return (load.load_flux2_vae(resolve("vae", vae_name), weight_dtype),)
+
+
+class LetterpressErnieImageFolderLoader:
+    DESCRIPTION = ("Loads every ERNIE-Image stage from a Hugging Face folder in models/diffusers "
+                   "(baidu/ERNIE-Image or ERNIE-Image-Turbo). The prompt enhancer output is empty when the "
+                   "folder has none or it is switched off.")
+    CATEGORY = CAT
+    RETURN_TYPES = (DIT, TE, VAE, PE)
+    RETURN_NAMES = ("dit", "text_encoder", "vae", "prompt_enhancer")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": folder_input(load.PIPELINE_CLASSES, "An ERNIE-Image folder under models/diffusers."),
+            "weight_dtype": dtype_input(),
+            "load_prompt_enhancer": ("BOOLEAN", {"default": False, "tooltip": "Also load pe/ (3B) if the folder has it."}),
+        }}
+
+    def run(self, folder, weight_dtype, load_prompt_enhancer):
+        m = load.load_folder(resolve("diffusers", folder), weight_dtype, with_pe=load_prompt_enhancer)
+        return (m["dit"], m["text_encoder"], m["vae"], m["prompt_enhancer"])
+
+
+class LetterpressErnieImageTextEncode:
+    DESCRIPTION = "Encodes a prompt with the Ministral-3 text encoder (penultimate hidden layer, as ERNIE-Image was trained)."
+    CATEGORY = CAT
+    RETURN_TYPES = (COND,)
+    RETURN_NAMES = ("conditioning",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": (TE,),
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The prompt; an empty one is valid (use it as the negative)."}),
+        }}
+
+    def run(self, text_encoder, prompt):
+        get_host().load(text_encoder)
+        return (stage.encode_text(text_encoder, prompt),)
+
+
+class LetterpressErnieImagePromptEnhance:
+    DESCRIPTION = ("Rewrites a short prompt into the detailed kind ERNIE-Image was trained on, using the prompt "
+                   "enhancer. The result is a STRING you can read, edit and wire into Text Encode.")
+    CATEGORY = CAT
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("prompt",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "prompt_enhancer": (PE,),
+            "prompt": ("STRING", {"multiline": True}),
+            "width": size_input(1024, 16, "Target width"),
+            "height": size_input(1024, 16, "Target height"),
+            "seed": seed_input(),
+            "temperature": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "0 = greedy decoding."}),
+            "top_p": ("FLOAT", {"default": 0.95, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "max_new_tokens": ("INT", {"default": 1024, "min": 1, "max": 8192}),
+        }}
+
+    def run(self, prompt_enhancer, prompt, width, height, seed, temperature, top_p, max_new_tokens):
+        pe = require(prompt_enhancer, "prompt enhancer", "load one with the Prompt Enhancer Loader, or enable it in the Folder Loader")
+        stage.check_size(width, height)
+        get_host().load(pe)
+        return (stage.enhance_prompt(pe, prompt, width, height, seed, temperature, top_p, max_new_tokens),)
+
+
+class LetterpressErnieImageEmptyLatent:
+    DESCRIPTION = "An empty ERNIE-Image latent (128 channels at 1/16 size) for text-to-image."
+    CATEGORY = CAT
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "width": size_input(1024, 16, "Image width"),
+            "height": size_input(1024, 16, "Image height"),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+        }}
+
+    def run(self, width, height, batch_size):
+        return (stage.empty_latent(width, height, batch_size),)
+
+
+class LetterpressErnieImageSampler:
+    DESCRIPTION = ("Denoises with the ERNIE-Image DiT (flow matching, Euler). Model cards: ERNIE-Image 50 steps, "
+                   "CFG 4.0; ERNIE-Image-Turbo 8 steps, CFG 1.0 (CFG 1 skips the negative pass).")
+    CATEGORY = CAT
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit": (DIT,),
+                "positive": (COND,),
+                "latent": ("LATENT",),
+                "seed": seed_input(),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 200, "tooltip": "50 for ERNIE-Image, 8 for Turbo."}),
+                "cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "4.0 for ERNIE-Image, 1.0 for Turbo."}),
+                "shift": ("FLOAT", {"default": 4.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": "Static timestep shift (hub scheduler config: 4.0)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1 keeps part of the input latent (image-to-image)."}),
+            },
+            "optional": {"negative": (COND, {"tooltip": "Needed when cfg > 1; an empty prompt is the reference default."})},
+        }
+
+    def run(self, dit, positive, latent, seed, steps, cfg, shift, denoise, negative=None):
+        get_host().load(dit)
+        return (stage.sample(dit, positive, negative, latent, seed, steps, cfg, shift, denoise),)
+
+
+class LetterpressErnieImageVAEDecode:
+    DESCRIPTION = "Decodes ERNIE-Image latents to an IMAGE with the Flux2 VAE."
+    CATEGORY = CAT
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": (VAE,), "latent": ("LATENT",)}}
+
+    def run(self, vae, latent):
+        get_host().load(vae)
+        return (stage.decode(vae, latent),)
+
+
+class LetterpressErnieImageVAEEncode:
+    DESCRIPTION = "Encodes an IMAGE into ERNIE-Image latents, for image-to-image with denoise below 1."
+    CATEGORY = CAT
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": (VAE,), "image": ("IMAGE",)}}
+
+    def run(self, vae, image):
+        get_host().load(vae)
+        return (stage.encode(vae, image),)
+
+
+NODES = {c.__name__: c for c in (
+    LetterpressErnieImageFolderLoader, LetterpressErnieImageDiTLoader, LetterpressErnieImageTextEncoderLoader,
+    LetterpressErnieImageVAELoader, LetterpressErnieImagePromptEnhancerLoader, LetterpressErnieImageTextEncode,
+    LetterpressErnieImagePromptEnhance, LetterpressErnieImageEmptyLatent, LetterpressErnieImageSampler,
+    LetterpressErnieImageVAEDecode, LetterpressErnieImageVAEEncode,
+)}
+DISPLAY_NAMES = {
+    "LetterpressErnieImageFolderLoader": "ERNIE-Image Folder Loader",
+    "LetterpressErnieImageDiTLoader": "ERNIE-Image DiT Loader",
+    "LetterpressErnieImageTextEncoderLoader": "ERNIE-Image Text Encoder Loader",
+    "LetterpressErnieImageVAELoader": "ERNIE-Image VAE Loader",
+    "LetterpressErnieImagePromptEnhancerLoader": "ERNIE-Image Prompt Enhancer Loader",
+    "LetterpressErnieImageTextEncode": "ERNIE-Image Text Encode",
+    "LetterpressErnieImagePromptEnhance": "ERNIE-Image Prompt Enhance",
+    "LetterpressErnieImageEmptyLatent": "ERNIE-Image Empty Latent",
+    "LetterpressErnieImageSampler": "ERNIE-Image DiT Sample",
+    "LetterpressErnieImageVAEDecode": "ERNIE-Image VAE Decode",
+    "LetterpressErnieImageVAEEncode": "ERNIE-Image VAE Encode",
+}

@@ -1,0 +1,223 @@
+"""Headless execution of API-format workflow JSON (what ComfyUI's /prompt queue takes).
+
+The whole workflow is checked before any model loads: JSON, node types, links, required inputs,
+socket types, combo values, cycles. Then the nodes that lead to an output node run in dependency
+order. Outputs are cached across runs of one Runner by (node, inputs, upstream), as ComfyUI does,
+so re-running with a new seed reuses loaded models and text encodings.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from typing import Any
+
+from .core_nodes import CORE_NODES
+from .loaders.host import LetterpressError
+from .nodes import NODE_CLASS_MAPPINGS
+
+
+class WorkflowError(LetterpressError):
+    pass
+
+
+def load_workflow(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise WorkflowError(f"Workflow {path} does not exist.")
+    except ValueError as e:
+        raise WorkflowError(f"Workflow {path} is not valid JSON: {e}.")
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise WorkflowError(
+            f"{path} is a UI-format workflow (for the editor). The runner takes the API format: use the *_api.json "
+            "twin, or export it from ComfyUI with 'Export (API)'."
+        )
+    if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
+        data = data["prompt"]  # a /prompt request body
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        raise WorkflowError(f"{path} is not an API-format workflow (node id -> {{class_type, inputs}}).")
+    return data
+
+
+def _is_link(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], int)
+
+
+def _all_inputs(cls) -> dict:
+    spec = cls.INPUT_TYPES()
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def set_values(workflow: dict, assignments: list[str]) -> dict:
+    """Apply `--set KEY=VALUE`: KEY is 'NODE_ID.input', or an input name that one node has (or that the
+    node titled like it has, e.g. the 'Prompt' text encode for `prompt`)."""
+    wf = copy.deepcopy(workflow)
+    for item in assignments:
+        if "=" not in item:
+            raise WorkflowError(f"--set {item}: use KEY=VALUE.")
+        key, value = item.split("=", 1)
+        if "." in key and key.split(".", 1)[0] in wf:
+            targets = [tuple(key.split(".", 1))]
+        else:
+            having = [nid for nid, n in wf.items() if key in n.get("inputs", {}) and not _is_link(n["inputs"][key])]
+            titled = [nid for nid in having if wf[nid].get("_meta", {}).get("title", "").lower().replace(" ", "_") == key.lower()]
+            chosen = titled or having
+            if len(chosen) != 1:
+                opts = ", ".join(f"{nid}.{key}" for nid in having) or "none"
+                raise WorkflowError(f"--set {key}: {len(chosen)} nodes take '{key}' (choices: {opts}). Name one as ID.{key}.")
+            targets = [(chosen[0], key)]
+        for nid, name in targets:
+            inputs = wf[nid].setdefault("inputs", {})
+            old = inputs.get(name)
+            inputs[name] = _convert(value, old, f"{nid}.{name}")
+    return wf
+
+
+def _convert(value: str, old: Any, where: str) -> Any:
+    try:
+        if isinstance(old, bool):
+            return value.lower() in ("1", "true", "yes", "on")
+        if isinstance(old, int):
+            return int(value)
+        if isinstance(old, float):
+            return float(value)
+    except ValueError:
+        raise WorkflowError(f"--set {where}={value}: expected a {type(old).__name__}.")
+    return value
+
+
+class Runner:
+    def __init__(self, nodes: dict | None = None):
+        self.nodes = dict(CORE_NODES)
+        self.nodes.update(nodes or NODE_CLASS_MAPPINGS)
+        self.cache: dict[str, tuple[str, tuple]] = {}
+        self.executed: list[str] = []  # node ids run (not cached) in the last run
+
+    # validation --------------------------------------------------------------------------------
+    def validate(self, wf: dict) -> list[str]:
+        """Check everything that can be checked without running; return the execution order."""
+        problems = []
+        for nid, node in wf.items():
+            ctype = node.get("class_type")
+            if ctype not in self.nodes:
+                problems.append(f"node {nid}: unknown node type '{ctype}' (is the pack that provides it installed?)")
+                continue
+            cls = self.nodes[ctype]
+            spec = cls.INPUT_TYPES()
+            inputs = node.get("inputs", {})
+            for name, ispec in spec.get("required", {}).items():
+                if name not in inputs:
+                    problems.append(f"node {nid} ({ctype}): required input '{name}' is missing")
+            for name, value in inputs.items():
+                ispec = _all_inputs(cls).get(name)
+                if ispec is None:
+                    continue  # extra widgets (e.g. control_after_generate) are ignored, as ComfyUI does
+                problems.extend(self._check_input(wf, nid, ctype, name, value, ispec))
+        if problems:
+            raise WorkflowError("The workflow cannot run:\n- " + "\n- ".join(problems))
+        return self._order(wf)
+
+    def _check_input(self, wf, nid, ctype, name, value, ispec) -> list[str]:
+        kind = ispec[0]
+        opts = ispec[1] if len(ispec) > 1 else {}
+        where = f"node {nid} ({ctype}) input '{name}'"
+        if _is_link(value):
+            src, slot = value
+            if src not in wf:
+                return [f"{where} is linked to node {src}, which is not in the workflow"]
+            scls = self.nodes.get(wf[src].get("class_type"))
+            if scls is None:
+                return []
+            if slot >= len(scls.RETURN_TYPES):
+                return [f"{where} is linked to output {slot} of node {src}, which has {len(scls.RETURN_TYPES)}"]
+            got = scls.RETURN_TYPES[slot]
+            want = kind if isinstance(kind, str) else "COMBO"
+            if want != got and "*" not in (want, got) and not (isinstance(kind, list)):
+                return [f"{where} needs {want} but is linked to a {got} output of node {src} ({wf[src]['class_type']})"]
+            return []
+        if isinstance(kind, list):
+            if value not in kind:
+                shown = ", ".join(map(str, kind[:8])) or "nothing: the folder is empty"
+                return [f"{where}: '{value}' is not available (choices: {shown})"]
+        elif kind == "INT" and (not isinstance(value, int) or isinstance(value, bool)):
+            return [f"{where}: expected an integer, got {value!r}"]
+        elif kind == "FLOAT" and not isinstance(value, (int, float)):
+            return [f"{where}: expected a number, got {value!r}"]
+        elif kind in ("INT", "FLOAT"):
+            lo, hi = opts.get("min"), opts.get("max")
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                return [f"{where}: {value} is outside [{lo}, {hi}]"]
+        elif kind == "STRING" and not isinstance(value, str):
+            return [f"{where}: expected text, got {value!r}"]
+        elif kind == "BOOLEAN" and not isinstance(value, bool):
+            return [f"{where}: expected true/false, got {value!r}"]
+        elif kind not in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+            return [f"{where} needs a {kind} link, got the value {value!r}"]
+        return []
+
+    def _order(self, wf: dict) -> list[str]:
+        outputs = [nid for nid, n in wf.items() if getattr(self.nodes[n["class_type"]], "OUTPUT_NODE", False)]
+        if not outputs:
+            raise WorkflowError("The workflow has no output node (SaveImage, PreviewImage, ...): nothing would run.")
+        order: list[str] = []
+        state: dict[str, int] = {}
+
+        def visit(nid: str, path: list[str]):
+            if state.get(nid) == 2:
+                return
+            if state.get(nid) == 1:
+                cycle = path[path.index(nid):] + [nid]
+                raise WorkflowError(f"The workflow has a cycle: {' -> '.join(cycle)}.")
+            state[nid] = 1
+            for v in wf[nid].get("inputs", {}).values():
+                if _is_link(v):
+                    visit(v[0], path + [nid])
+            state[nid] = 2
+            order.append(nid)
+
+        for nid in sorted(outputs, key=lambda x: (len(x), x)):
+            visit(nid, [])
+        return order
+
+    # execution ---------------------------------------------------------------------------------
+    def run(self, wf: dict, extra_pnginfo: dict | None = None) -> dict[str, Any]:
+        order = self.validate(wf)
+        results: dict[str, tuple] = {}
+        sigs: dict[str, str] = {}
+        ui: dict[str, Any] = {}
+        self.executed = []
+        for nid in order:
+            node = wf[nid]
+            cls = self.nodes[node["class_type"]]
+            kwargs, sig_parts = {}, [node["class_type"]]
+            for name, value in sorted(node.get("inputs", {}).items()):
+                if _is_link(value):
+                    kwargs[name] = results[value[0]][value[1]]
+                    sig_parts.append(f"{name}<-{sigs[value[0]]}:{value[1]}")
+                elif name in _all_inputs(cls):
+                    kwargs[name] = value
+                    sig_parts.append(f"{name}={json.dumps(value, sort_keys=True)}")
+            hidden = cls.INPUT_TYPES().get("hidden", {})
+            if "prompt" in hidden:
+                kwargs["prompt"] = wf
+            if "extra_pnginfo" in hidden:
+                kwargs["extra_pnginfo"] = extra_pnginfo
+            sig = hashlib.sha256("|".join(sig_parts).encode()).hexdigest()
+            sigs[nid] = sig
+            cached = self.cache.get(nid)
+            is_output = getattr(cls, "OUTPUT_NODE", False)
+            if cached and cached[0] == sig and not is_output:
+                results[nid] = cached[1]
+                continue
+            out = getattr(cls(), cls.FUNCTION)(**kwargs)
+            self.executed.append(nid)
+            if isinstance(out, dict):
+                ui[nid] = out.get("ui")
+                out = tuple(out.get("result", ()))
+            results[nid] = out
+            self.cache[nid] = (sig, out)
+        return {"outputs": ui, "results": results}

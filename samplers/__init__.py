@@ -1,0 +1,1 @@
+"""Flow-matching schedules, denoise loops and the per-family stage functions."""

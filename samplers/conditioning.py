@@ -1,0 +1,60 @@
+"""Text conditioning as it travels between nodes: the family and encoder that made it, so a sampler
+of another family can refuse it with a clear message instead of failing inside a matmul."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..loaders.host import LetterpressError
+
+FAMILY_NAMES = {
+    "ernie_image": "ERNIE-Image",
+    "ovis_image": "Ovis-Image",
+    "glm_image": "GLM-Image",
+}
+
+
+@dataclass
+class Conditioning:
+    family: str
+    encoder: str  # which text encoder made it, for messages
+    embeds: list[torch.Tensor]  # one (tokens, dim) tensor per prompt
+    prompt: str = ""
+    extras: dict = field(default_factory=dict)  # family-specific (masks, pooled vectors, glyph spans)
+
+
+def check_family(cond: Conditioning, family: str, which: str) -> None:
+    if not isinstance(cond, Conditioning):
+        raise LetterpressError(
+            f"The {which} input is not Letterpress conditioning: wire it from a "
+            f"{FAMILY_NAMES.get(family, family)} Text Encode node."
+        )
+    if cond.family != family:
+        raise LetterpressError(
+            f"The {which} conditioning came from the {FAMILY_NAMES.get(cond.family, cond.family)} text encoder "
+            f"({cond.encoder}); the {FAMILY_NAMES.get(family, family)} sampler needs conditioning from a "
+            f"{FAMILY_NAMES.get(family, family)} Text Encode node."
+        )
+
+
+def batch_for(cond: Conditioning, batch: int, family: str, which: str) -> list[torch.Tensor]:
+    """The per-image embeddings for a latent batch: each prompt repeated batch/len(prompts) times."""
+    check_family(cond, family, which)
+    n = len(cond.embeds)
+    if batch % n:
+        raise LetterpressError(f"The {which} conditioning holds {n} prompts, which does not divide the batch of {batch}.")
+    return [e for e in cond.embeds for _ in range(batch // n)]
+
+
+def check_latent(latent: dict, family: str) -> torch.Tensor:
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise LetterpressError("The latent input is not a LATENT.")
+    got = latent.get("family")
+    if got is not None and got != family:
+        raise LetterpressError(
+            f"This latent was made for {FAMILY_NAMES.get(got, got)}; the {FAMILY_NAMES.get(family, family)} "
+            f"sampler needs one from a {FAMILY_NAMES.get(family, family)} Empty Latent or VAE Encode node."
+        )
+    return latent["samples"]

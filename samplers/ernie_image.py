@@ -1,0 +1,143 @@
+"""ERNIE-Image stages: prompt enhancement, text encoding, DiT sampling, Flux2 VAE decode/encode.
+
+Numerics follow diffusers' ErnieImagePipeline: penultimate hidden state per prompt, zero-padded with
+true lengths; noise drawn in patchified space (B, 128, H/16, W/16); sigmas linspace(1, 0, N+1)[:-1]
+with a static shift; the DiT sees sigma * 1000; CFG batched as [uncond, cond].
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..loaders.host import LetterpressError, ModelHandle, get_host
+from . import flow_match
+from .conditioning import Conditioning, batch_for, check_latent
+from .generate import generate, sampling_args
+from .latents import patchify_2x2, unpatchify_2x2
+
+FAMILY = "ernie_image"
+SCALE = 16  # VAE f8 x 2x2 patchify
+
+
+def check_size(width: int, height: int, step: int = SCALE, model: str = "ERNIE-Image") -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0 or v % step:
+            lower, upper = max(step, v // step * step), (v // step + 1) * step
+            raise LetterpressError(
+                f"{model} needs {name} to be a positive multiple of {step}, got {v}. Use {lower} or {upper}."
+            )
+
+
+# Prompt enhancer ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def enhance_prompt(pe: ModelHandle, prompt: str, width: int, height: int, seed: int, temperature: float,
+                   top_p: float, max_new_tokens: int) -> str:
+    tok = pe.tokenizer
+    user = json.dumps({"prompt": prompt, "width": width, "height": height}, ensure_ascii=False)
+    text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=False)
+    inputs = tok(text, return_tensors="pt").to(pe.device)
+    out = generate(
+        pe.module, seed, max_new_tokens, **inputs, **sampling_args(temperature, top_p),
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+# Text encoder ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_text(te: ModelHandle, prompt: str) -> Conditioning:
+    tok = te.tokenizer
+    ids = tok(prompt, add_special_tokens=True, truncation=True, padding=False)["input_ids"]
+    if not ids:
+        ids = [tok.bos_token_id if tok.bos_token_id is not None else 0]
+    out = te.module(input_ids=torch.tensor([ids], device=te.device), output_hidden_states=True)
+    hidden = out.hidden_states[-2][0]
+    return Conditioning(FAMILY, te.describe(), [hidden.float().cpu()], prompt=prompt)
+
+
+# DiT ---------------------------------------------------------------------------------------------
+
+
+def _pad_text(hiddens: list[torch.Tensor], device, dtype, text_in_dim: int):
+    lens = torch.tensor([h.shape[0] for h in hiddens], device=device, dtype=torch.long)
+    text = torch.zeros((len(hiddens), int(lens.max()), text_in_dim), device=device, dtype=dtype)
+    for i, h in enumerate(hiddens):
+        text[i, : h.shape[0]] = h.to(device, dtype)
+    return text, lens
+
+
+@torch.no_grad()
+def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,
+           steps: int, cfg: float, shift: float, denoise: float = 1.0) -> dict:
+    model, device, dtype = dit.module, dit.device, dit.dtype
+    init = check_latent(latent, FAMILY)
+    b = init.shape[0]
+    if use_cfg_needs_negative(cfg, negative):
+        raise LetterpressError("cfg > 1 needs a negative conditioning: wire a Text Encode (an empty prompt is fine).")
+    use_cfg = flow_match.check_cfg(cfg) > 1.0
+    cond = batch_for(positive, b, FAMILY, "positive")
+    text = ([h for h in batch_for(negative, b, FAMILY, "negative")] if use_cfg else []) + cond
+    text_bth, text_lens = _pad_text(text, device, dtype, model.config.text_in_dim)
+
+    sigmas, timesteps = flow_match.schedule(torch.linspace(1.0, 0.0, steps + 1)[:-1].numpy(), shift=shift)
+    first = flow_match.start_index(steps, denoise)
+    noise = flow_match.noise_like(init.shape, seed, dtype, device)
+    x = flow_match.start_latents(noise, init.to(device) if denoise < 1.0 else None, float(sigmas[first]))
+
+    def predict(x: torch.Tensor, i: int) -> torch.Tensor:
+        xin = torch.cat([x, x]) if use_cfg else x
+        t = torch.full((xin.shape[0],), timesteps[i].item(), device=device, dtype=dtype)
+        v = model(hidden_states=xin, timestep=t, text_bth=text_bth, text_lens=text_lens, return_dict=False)[0]
+        if use_cfg:
+            uncond, cond_v = v.chunk(2)
+            v = flow_match.cfg_combine(uncond, cond_v, cfg)
+        return v
+
+    out = flow_match.euler_loop(predict, x, sigmas.to(device), first)
+    return {"samples": out.cpu(), "family": FAMILY}
+
+
+def use_cfg_needs_negative(cfg: float, negative) -> bool:
+    return cfg > 1.0 and negative is None
+
+
+# VAE ---------------------------------------------------------------------------------------------
+
+
+def _bn_stats(vae: torch.nn.Module, like: torch.Tensor):
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + 1e-5).to(like)
+    return mean, std
+
+
+@torch.no_grad()
+def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
+    """Patchified, normalised latents -> IMAGE (B, H, W, C) in 0..1."""
+    lat = check_latent(latent, FAMILY).to(vae.device, vae.dtype)
+    mean, std = _bn_stats(vae.module, lat)
+    image = vae.module.decode(unpatchify_2x2(lat * std + mean), return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def encode(vae: ModelHandle, image: torch.Tensor) -> dict:
+    """IMAGE (B, H, W, C) -> patchified, normalised latents (the distribution's mode)."""
+    b, h, w, _ = image.shape
+    check_size(w, h)
+    x = image[..., :3].permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
+    lat = patchify_2x2(vae.module.encode(x).latent_dist.mode())
+    mean, std = _bn_stats(vae.module, lat)
+    return {"samples": ((lat - mean) / std).cpu(), "family": FAMILY}
+
+
+def empty_latent(width: int, height: int, batch: int, channels: int = 128) -> dict:
+    check_size(width, height)
+    if batch < 1:
+        raise LetterpressError(f"batch must be at least 1, got {batch}.")
+    return {"samples": torch.zeros(batch, channels, height // SCALE, width // SCALE), "family": FAMILY}

@@ -1,0 +1,106 @@
+"""The flow-matching core every family shares: sigma schedules (static or dynamic shift), the start
+point for denoise < 1, classifier-free guidance and the Euler loop with progress, previews and Cancel.
+
+Each family supplies only `predict(x, step_index) -> velocity` and its schedule parameters. The
+numerics follow diffusers' FlowMatchEulerDiscreteScheduler (float32 sigmas, float32 Euler update).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..loaders.host import LetterpressError, get_host
+
+
+def static_shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def dynamic_shift(sigmas: np.ndarray, mu: float, exponent: float = 1.0) -> np.ndarray:
+    """FLUX's resolution-dependent shift (diffusers' `time_shift` with the exponential type)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** exponent)
+
+
+def calculate_mu(seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """The linear mu of FLUX-style pipelines for an image of `seq_len` latent tokens."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return seq_len * m + (base_shift - m * base_seq_len)
+
+
+def schedule(base_sigmas, shift: float | None = None, mu: float | None = None, num_train_timesteps: int = 1000):
+    """(sigmas with the terminal 0 appended, timesteps = sigma * 1000) as float32 tensors."""
+    s = np.array(base_sigmas).astype(np.float32)
+    if mu is not None:
+        s = dynamic_shift(s, mu)
+    elif shift is not None:
+        s = static_shift(s, shift)
+    sigmas = torch.from_numpy(np.asarray(s)).to(torch.float32)
+    timesteps = sigmas * num_train_timesteps
+    return torch.cat([sigmas, torch.zeros(1)]), timesteps
+
+
+def start_index(steps: int, denoise: float) -> int:
+    """First step to run for a partial denoise (diffusers' img2img strength convention)."""
+    if not 0.0 < denoise <= 1.0:
+        raise LetterpressError(f"denoise must be in (0, 1], got {denoise}. Use 1.0 for text-to-image.")
+    run = min(int(steps * denoise), steps)
+    if run < 1:
+        raise LetterpressError(f"denoise {denoise} with {steps} steps runs no step; raise steps or denoise.")
+    return steps - run
+
+
+def noise_like(shape, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The reference's noise: one CPU generator seeded with the node's seed, drawn in the model dtype."""
+    if not 0 <= seed < 2**64:
+        raise LetterpressError(f"seed must be between 0 and 2^64-1, got {seed}.")
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(tuple(shape), generator=gen, dtype=dtype).to(device)
+
+
+def start_latents(noise: torch.Tensor, init: torch.Tensor | None, sigma0: float) -> torch.Tensor:
+    """Noise for a full run; the image latents noised to sigma0 for a partial one."""
+    if init is None or sigma0 >= 1.0:
+        return noise
+    return sigma0 * noise + (1.0 - sigma0) * init.to(noise)
+
+
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    return uncond + scale * (cond - uncond)
+
+
+def check_cfg(cfg: float) -> float:
+    if not math.isfinite(cfg):
+        raise LetterpressError(f"cfg must be a finite number, got {cfg}.")
+    return cfg
+
+
+def euler_loop(
+    predict: Callable[[torch.Tensor, int], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    first: int = 0,
+    preview: Callable[[torch.Tensor], object] | None = None,
+) -> torch.Tensor:
+    """Run steps first..N-1: x <- x + (sigma[i+1] - sigma[i]) * v, one progress tick each, Cancel-checked."""
+    host = get_host()
+    n = len(sigmas) - 1
+    bar = host.progress(n - first)
+    try:
+        for i in range(first, n):
+            host.check_interrupt()
+            v = predict(x, i)
+            dt = sigmas[i + 1] - sigmas[i]
+            x_next = (x.to(torch.float32) + dt * v).to(v.dtype)
+            image = None
+            if preview is not None and host.previews_enabled():
+                image = preview(x.to(torch.float32) - sigmas[i] * v.to(torch.float32))  # the x0 estimate
+            x = x_next
+            bar.update(1, image)
+    finally:
+        bar.close()
+    host.check_interrupt()
+    return x

@@ -1,0 +1,44 @@
+"""Token generation with transformers' `generate()`, reporting progress per token and stopping on
+Cancel within one token. Shared by the prompt enhancer, the AR-token stage and the VL models."""
+
+from __future__ import annotations
+
+import torch
+
+from ..loaders.host import get_host
+
+
+class _HostTicks:
+    """A stopping criterion that never stops: it moves the progress bar and checks for Cancel."""
+
+    def __init__(self, total: int):
+        self.host = get_host()
+        self.bar = self.host.progress(total)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        self.bar.update(1)
+        self.host.check_interrupt()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate(model, seed: int | None, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """`model.generate(...)` under a private RNG seeded with `seed`; returns the full sequences."""
+    from transformers import StoppingCriteriaList
+
+    ticks = _HostTicks(max_new_tokens)
+    criteria = StoppingCriteriaList([ticks] + list(kwargs.pop("stopping_criteria", []) or []))
+    devices = [model.device] if model.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return model.generate(max_new_tokens=max_new_tokens, stopping_criteria=criteria, **kwargs)
+    finally:
+        ticks.bar.close()
+
+
+def sampling_args(temperature: float, top_p: float) -> dict:
+    """temperature 0 means greedy decoding; anything else samples with these settings."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p}

@@ -1,0 +1,40 @@
+"""Session fixtures: tiny random models in a ComfyUI-like models/ tree, and a standalone host on it."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # `fixtures` package
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(autouse=True)
+def host(models_dir, tmp_path):
+    """A fresh standalone host for each test, reading the session's models, writing to the test's tmp."""
+    from letterpress.loaders.host import StandaloneHost, set_host
+
+    h = StandaloneHost()
+    h.models_dir = models_dir
+    h.output_dir = str(tmp_path / "output")
+    h.input_dir = str(tmp_path / "input")
+    h.show_progress = False
+    set_host(h)
+    return h
+
+
+@pytest.fixture(scope="session")
+def ernie(models_dir):
+    """The tiny ERNIE-Image components (the same weights the files on disk hold)."""
+    from fixtures import ernie_image
+
+    return ernie_image.build(models_dir)
