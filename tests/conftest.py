@@ -18,18 +18,28 @@ def models_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(autouse=True)
-def host(models_dir, tmp_path):
-    """A fresh standalone host for each test, reading the session's models, writing to the test's tmp."""
+def _standalone(models_dir, out_dir):
     from letterpress.loaders.host import StandaloneHost, set_host
 
     h = StandaloneHost()
     h.models_dir = models_dir
-    h.output_dir = str(tmp_path / "output")
-    h.input_dir = str(tmp_path / "input")
+    h.output_dir = os.path.join(out_dir, "output")
+    h.input_dir = os.path.join(out_dir, "input")
     h.show_progress = False
     set_host(h)
     return h
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_host(models_dir, tmp_path_factory):
+    """The host that module- and session-scoped fixtures load models through."""
+    return _standalone(models_dir, str(tmp_path_factory.mktemp("session")))
+
+
+@pytest.fixture(autouse=True)
+def host(models_dir, tmp_path, session_host):
+    """A fresh standalone host for each test, reading the session's models, writing to the test's tmp."""
+    return _standalone(models_dir, str(tmp_path))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,130 @@
+"""The headless runner: shipped workflows on the tiny models, PNG metadata, no overwrites, and
+clear errors for broken workflow files before any model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from letterpress import cli
+from letterpress.runner import Runner, WorkflowError, load_workflow, set_values
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS = os.path.join(ROOT, "workflows")
+SMALL = ["width=32", "height=32", "steps=2"]
+
+
+def run_cli(workflow, models_dir, out, *sets):
+    args = ["run", os.path.join(WORKFLOWS, workflow), "--models-dir", models_dir, "--output-dir", str(out), "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    return cli.main(args)
+
+
+@pytest.mark.parametrize("workflow", ["ernie_image_t2i_api.json", "ernie_image_turbo_t2i_api.json",
+                                      "ernie_image_single_files_api.json"])
+def test_shipped_workflow_runs_headless(ernie, models_dir, tmp_path, workflow, capsys):
+    assert run_cli(workflow, models_dir, tmp_path, *SMALL, "prompt=a red poster") == 0
+    written = capsys.readouterr().out.split()
+    assert len(written) == 1 and written[0].endswith("_00001_.png")
+    img = Image.open(written[0])
+    assert img.size == (32, 32)
+    embedded = json.loads(img.text["prompt"])
+    texts = [n["inputs"]["prompt"] for n in embedded.values() if n["_meta"]["title"] == "Prompt"]
+    assert texts == ["a red poster"]  # the workflow as run, with --set applied
+
+
+def test_second_run_never_overwrites(ernie, models_dir, tmp_path, capsys):
+    run_cli("ernie_image_turbo_t2i_api.json", models_dir, tmp_path, *SMALL, "seed=1")
+    first = capsys.readouterr().out.split()[0]
+    before = open(first, "rb").read()
+    run_cli("ernie_image_turbo_t2i_api.json", models_dir, tmp_path, *SMALL, "seed=2")
+    second = capsys.readouterr().out.split()[0]
+    assert first != second and second.endswith("_00002_.png")
+    assert open(first, "rb").read() == before
+
+
+def test_requeue_with_new_seed_reuses_models_and_encodings(ernie, models_dir, host):
+    wf = set_values(load_workflow(os.path.join(WORKFLOWS, "ernie_image_t2i_api.json")), SMALL)
+    runner = Runner()
+    a = runner.run(wf)
+    assert set(runner.executed) == set(wf)
+    b = runner.run(set_values(wf, ["seed=99"]))
+    assert sorted(runner.executed) == ["5", "6", "7"]  # sampler, decode, save: loaders and encodes cached
+    img_a, img_b = a["results"]["6"][0], b["results"]["6"][0]
+    assert (img_a - img_b).abs().max() > 0.05
+
+
+def test_ambiguous_set_names_the_choices():
+    wf = load_workflow(os.path.join(WORKFLOWS, "ernie_image_t2i_api.json"))
+    assert set_values(wf, ["prompt=x"])["2"]["inputs"]["prompt"] == "x"  # the node titled Prompt
+    assert set_values(wf, ["3.prompt=blurry"])["3"]["inputs"]["prompt"] == "blurry"
+    with pytest.raises(WorkflowError, match="0 nodes take 'nonexistent'"):
+        set_values(wf, ["nonexistent=1"])
+    files = load_workflow(os.path.join(WORKFLOWS, "ernie_image_single_files_api.json"))
+    with pytest.raises(WorkflowError, match=r"3 nodes take 'weight_dtype' \(choices: 1.weight_dtype, 8.weight_dtype, 9"):
+        set_values(files, ["weight_dtype=fp32"])
+
+
+def write(tmp_path, data, name="wf.json"):
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(p)
+
+
+def test_broken_workflow_files(ernie, tmp_path):
+    with pytest.raises(WorkflowError, match="not valid JSON"):
+        load_workflow(write(tmp_path, "{ not json"))
+    with pytest.raises(WorkflowError, match="UI-format"):
+        load_workflow(write(tmp_path, {"nodes": [], "links": []}))
+    with pytest.raises(WorkflowError, match="does not exist"):
+        load_workflow(str(tmp_path / "missing.json"))
+
+    base = load_workflow(os.path.join(WORKFLOWS, "ernie_image_t2i_api.json"))
+    missing_type = json.loads(json.dumps(base))
+    missing_type["6"]["class_type"] = "SomeOtherPackDecode"
+    with pytest.raises(WorkflowError, match="unknown node type 'SomeOtherPackDecode'"):
+        Runner().validate(missing_type)
+
+    missing_input = json.loads(json.dumps(base))
+    del missing_input["5"]["inputs"]["seed"]
+    with pytest.raises(WorkflowError, match="required input 'seed' is missing"):
+        Runner().validate(missing_input)
+
+    wrong_wire = json.loads(json.dumps(base))
+    wrong_wire["6"]["inputs"]["vae"] = ["1", 0]  # the DiT into the VAE input
+    with pytest.raises(WorkflowError, match="needs LP_ERNIE_VAE but is linked to a LP_ERNIE_DIT"):
+        Runner().validate(wrong_wire)
+
+    cycle = json.loads(json.dumps(base))
+    cycle["9"] = {"class_type": "LetterpressErnieImageVAEEncode", "inputs": {"vae": ["1", 2], "image": ["6", 0]}}
+    cycle["5"]["inputs"]["latent"] = ["9", 0]  # sample <- encode <- decode <- sample
+    with pytest.raises(WorkflowError, match="cycle"):
+        Runner().validate(cycle)
+
+    bad_file = json.loads(json.dumps(base))
+    bad_file["1"]["inputs"]["folder"] = "Not-There"
+    with pytest.raises(WorkflowError, match="'Not-There' is not available"):
+        Runner().validate(bad_file)
+
+
+def test_cli_reports_errors_without_traceback(ernie, models_dir, tmp_path, capsys):
+    code = run_cli("ernie_image_t2i_api.json", models_dir, tmp_path, "width=40")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "40 is outside" not in err and "multiple of 16" in err
+
+
+def test_unwritable_output_dir(ernie, models_dir, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):  # running as root: permissions do not bind, use a path under a file instead
+        ro = tmp_path / "a_file"
+        ro.write_text("x")
+        ro = ro / "sub"
+    code = run_cli("ernie_image_turbo_t2i_api.json", models_dir, ro, *SMALL)
+    assert code == 2 and "output folder" in capsys.readouterr().err
