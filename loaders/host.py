@@ -9,6 +9,7 @@ Everything else in the pack asks `HOST` (or `get_host()`), never ComfyUI directl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class ModelHandle:
     source: str = ""  # file or folder it came from, for messages
     extras: dict = field(default_factory=dict)
     patcher: Any = None  # ComfyUI ModelPatcher, or None in the standalone host
+    patches: tuple = ()  # ((LoraWeights, strength), ...) applied when the host loads the stage
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,6 +136,10 @@ class StandaloneHost:
     def wrap(self, handle: ModelHandle) -> ModelHandle:
         return handle
 
+    def add_patches(self, handle: ModelHandle, lora, strength: float) -> ModelHandle:
+        """A new handle on the same module with one more LoRA; the input handle is left as it was."""
+        return dataclasses.replace(handle, patches=handle.patches + ((lora, strength),))
+
     def load(self, *handles: ModelHandle) -> None:
         """Bring these stages onto the compute device; move every other loaded stage off it."""
         device = self.compute_device()
@@ -144,6 +150,7 @@ class StandaloneHost:
         for h in handles:
             if h.device != device:
                 h.module.to(device)
+            _apply_patches(h)
         self._loaded = [h for h in self._loaded if id(h.module) not in keep] + list(handles)
 
     def free(self) -> None:
@@ -203,6 +210,20 @@ class ComfyHost(StandaloneHost):  # pragma: no cover - exercised only inside a r
         )
         return handle
 
+    def add_patches(self, handle: ModelHandle, lora, strength: float) -> ModelHandle:
+        patcher = handle.patcher.clone()
+        patches = {}
+        for name, (a, b, scale) in lora.layers.items():
+            alpha = scale * a.shape[0]  # ComfyUI scales by alpha / rank itself
+            try:
+                from comfy.weight_adapter import LoRAAdapter
+
+                patches[f"{name}.weight"] = LoRAAdapter(set(), (b, a, alpha, None, None, None))
+            except ImportError:
+                patches[f"{name}.weight"] = ("lora", (b, a, alpha, None, None, None))
+        patcher.add_patches(patches, strength)
+        return dataclasses.replace(handle, patcher=patcher, patches=handle.patches + ((lora, strength),))
+
     def load(self, *handles: ModelHandle) -> None:
         _mm.load_models_gpu([h.patcher for h in handles if h.patcher is not None])
 
@@ -229,6 +250,31 @@ class ComfyHost(StandaloneHost):  # pragma: no cover - exercised only inside a r
             except KeyError:
                 folders.append(os.path.join(_folder_paths.models_dir, name))
         return folders
+
+
+@torch.no_grad()
+def _apply_patches(handle: ModelHandle) -> None:
+    """Make the module's weights those of `handle`: base weights plus its LoRAs, nothing else.
+
+    The original weights of every patched layer are kept (on CPU) the first time they change, so going
+    back to fewer LoRAs, other strengths or none restores the base weights bit for bit.
+    """
+    module = handle.module
+    state = module.__dict__.setdefault("_letterpress_patches", {"applied": (), "backup": {}})
+    wanted = tuple((id(lora), float(s)) for lora, s in handle.patches)
+    if state["applied"] == wanted:
+        return
+    backup = state["backup"]
+    for name, original in backup.items():
+        module.get_submodule(name).weight.copy_(original)
+    for lora, strength in handle.patches:
+        for name in lora.layers:
+            weight = module.get_submodule(name).weight
+            if name not in backup:
+                backup[name] = weight.detach().to("cpu", copy=True)
+            delta = lora.delta(name).to(weight.device) * strength
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+    state["applied"] = wanted
 
 
 _HOST: StandaloneHost | None = None

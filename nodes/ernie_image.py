@@ -8,6 +8,7 @@ from ..loaders import ernie_image as load
 from ..loaders.files import resolve
 from ..loaders.host import get_host
 from ..samplers import ernie_image as stage
+from .lora import lora_loader
 from .common import CATEGORY, dtype_input, file_input, folder_input, require, seed_input, size_input
 
 CAT = f"{CATEGORY}/ERNIE-Image"
@@ -230,7 +231,10 @@ class LetterpressErnieImageVAEEncode:
         return (stage.encode(vae, image),)
 
 
+LetterpressErnieImageLoraLoader = lora_loader("LetterpressErnieImageLoraLoader", "ERNIE-Image", DIT)
+
 NODES = {c.__name__: c for c in (
+    LetterpressErnieImageLoraLoader,
     LetterpressErnieImageFolderLoader, LetterpressErnieImageDiTLoader, LetterpressErnieImageTextEncoderLoader,
     LetterpressErnieImageVAELoader, LetterpressErnieImagePromptEnhancerLoader, LetterpressErnieImageTextEncode,
     LetterpressErnieImagePromptEnhance, LetterpressErnieImageEmptyLatent, LetterpressErnieImageSampler,
@@ -248,4 +252,5 @@ DISPLAY_NAMES = {
     "LetterpressErnieImageSampler": "ERNIE-Image DiT Sample",
     "LetterpressErnieImageVAEDecode": "ERNIE-Image VAE Decode",
     "LetterpressErnieImageVAEEncode": "ERNIE-Image VAE Encode",
+    "LetterpressErnieImageLoraLoader": "ERNIE-Image LoRA Loader",
 }

@@ -1,0 +1,102 @@
+"""LoRA files for the DiT stages: format detection, key mapping onto the DiT's own module names, and
+validation against the loaded DiT. Applying them is the host's job (ModelPatcher patches inside
+ComfyUI, the standalone host's own weight patching elsewhere): see host.add_patches.
+
+Formats:
+- diffusers / PEFT: `transformer.<module>.lora_A.weight` / `.lora_B.weight`, optional `.alpha`
+  (also without the `transformer.` prefix);
+- DiffSynth-Studio: `<module>.lora_A.default.weight` / `.lora_B.default.weight` (PEFT's default adapter,
+  saved with `pipe.dit.` removed, alpha = rank);
+- ComfyUI style: `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight` or `.lora_down.weight` /
+  `.lora_up.weight`, optional `.alpha`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .host import LetterpressError, ModelHandle
+from .weights import open_checkpoint
+
+_PATTERNS = [
+    # (format name, regex with groups: module, A/B side, alpha?)
+    ("DiffSynth-Studio", re.compile(r"^(?:pipe\.dit\.)?(?P<m>.+)\.lora_(?P<s>A|B)\.default\.weight$")),
+    ("ComfyUI", re.compile(r"^diffusion_model\.(?P<m>.+)\.lora_(?P<s>A|B|up|down)\.weight$")),
+    ("diffusers/PEFT", re.compile(r"^(?:transformer\.|base_model\.model\.)?(?P<m>.+)\.lora_(?P<s>A|B|up|down)\.weight$")),
+]
+_ALPHA = re.compile(r"^(?:diffusion_model\.|transformer\.|base_model\.model\.)?(?P<m>.+)\.alpha$")
+
+
+@dataclass(frozen=True, eq=False)
+class LoraWeights:
+    name: str
+    format: str
+    layers: dict  # module name -> (down A (r, in), up B (out, r), scale alpha/rank)
+
+    def delta(self, module: str, dtype=torch.float32) -> torch.Tensor:
+        a, b, scale = self.layers[module]
+        return (b.to(dtype) @ a.to(dtype)) * scale
+
+
+def read_lora(path: str) -> LoraWeights:
+    ck = open_checkpoint(path)
+    name = os.path.basename(path)
+    sides: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    fmt = None
+    unknown = []
+    for key in ck:
+        a = _ALPHA.match(key)
+        if a:
+            alphas[a.group("m")] = float(ck[key].float().item())
+            continue
+        for fname, pattern in _PATTERNS:
+            m = pattern.match(key)
+            if m:
+                fmt = fmt or fname
+                side = {"up": "B", "down": "A"}.get(m.group("s"), m.group("s"))
+                sides.setdefault(m.group("m"), {})[side] = ck[key]
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise LetterpressError(
+            f"LoRA {name}: {len(unknown)} tensors are not LoRA weights Letterpress knows "
+            f"({', '.join(unknown[:5])}). Nothing was applied; use a diffusers/PEFT, DiffSynth-Studio or ComfyUI LoRA."
+        )
+    if not sides:
+        raise LetterpressError(f"LoRA {name} holds no LoRA weights (lora_A/lora_B or lora_down/lora_up).")
+    layers = {}
+    for module, ab in sides.items():
+        if set(ab) != {"A", "B"}:
+            raise LetterpressError(f"LoRA {name}: {module} has only its lora_{''.join(ab)} half; the file is damaged.")
+        rank = ab["A"].shape[0]
+        if ab["B"].shape[1] != rank:
+            raise LetterpressError(f"LoRA {name}: {module} has mismatched ranks {rank} and {ab['B'].shape[1]}.")
+        scale = alphas.get(module, rank) / rank
+        layers[module] = (ab["A"], ab["B"], scale)
+    return LoraWeights(name, fmt or "diffusers/PEFT", layers)
+
+
+def check_against(lora: LoraWeights, dit: ModelHandle, what: str) -> None:
+    """Refuse a LoRA whose target layers or shapes the DiT does not have, naming the mismatch."""
+    modules = dict(dit.module.named_modules())
+    missing = [m for m in lora.layers if m not in modules or not hasattr(modules[m], "weight")]
+    if missing:
+        found = len(lora.layers) - len(missing)
+        kind = "another model family" if found == 0 else "a model with other layers"
+        raise LetterpressError(
+            f"LoRA {lora.name} was made for {kind}: the {what} has no {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''} ({len(missing)} of {len(lora.layers)} targets missing)."
+        )
+    for m, (a, b, _) in lora.layers.items():
+        w = modules[m].weight
+        if tuple(w.shape) != (b.shape[0], a.shape[1]):
+            raise LetterpressError(
+                f"LoRA {lora.name} was made for another size: {m} is {tuple(w.shape)} in the {what} "
+                f"but the LoRA expects {(b.shape[0], a.shape[1])}."
+            )

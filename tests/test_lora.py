@@ -1,0 +1,176 @@
+"""LoRA on the ERNIE-Image DiT: every format against diffusers' own LoRA loading or independently merged
+weights, strength 0, stacking, bit-exact removal, and refusals of foreign LoRAs."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from letterpress.loaders.host import LetterpressError
+from letterpress.nodes import NODE_CLASS_MAPPINGS as N
+
+PROMPT = "a poster with the words hello world in bold red letters"
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+RANK = 4
+
+
+def node(name):
+    return N["LetterpressErnieImage" + name]()
+
+
+def random_lora(dit_module, seed, rank=RANK, layers=(0, 1)):
+    """module name -> (A, B): random low-rank factors on the attention projections."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in layers:
+        for t in TARGETS:
+            name = f"layers.{i}.self_attention.{t}"
+            w = dit_module.get_submodule(name).weight
+            out[name] = (0.3 * torch.randn(rank, w.shape[1], generator=gen), 0.3 * torch.randn(w.shape[0], rank, generator=gen))
+    return out
+
+
+def write(models_dir, filename, tensors):
+    path = os.path.join(models_dir, "loras", filename)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return filename
+
+
+def peft_file(lora, alpha=None):
+    t = {}
+    for m, (a, b) in lora.items():
+        t[f"transformer.{m}.lora_A.weight"], t[f"transformer.{m}.lora_B.weight"] = a, b
+        if alpha is not None:
+            t[f"transformer.{m}.alpha"] = torch.tensor(float(alpha))
+    return t
+
+
+def diffsynth_file(lora):
+    t = {}
+    for m, (a, b) in lora.items():
+        t[f"{m}.lora_A.default.weight"], t[f"{m}.lora_B.default.weight"] = a, b
+    return t
+
+
+def comfy_file(lora, alpha):
+    t = {}
+    for m, (a, b) in lora.items():
+        t[f"diffusion_model.{m}.lora_down.weight"], t[f"diffusion_model.{m}.lora_up.weight"] = a, b
+        t[f"diffusion_model.{m}.alpha"] = torch.tensor(float(alpha))
+    return t
+
+
+@pytest.fixture(scope="module")
+def setup(ernie, models_dir):
+    from diffusers import ErnieImagePipeline
+
+    pipe = ErnieImagePipeline.from_pretrained(os.path.join(models_dir, "diffusers", "ERNIE-Image"))
+    pipe.set_progress_bar_config(disable=True)
+    dit, te, vae, _ = node("FolderLoader").run("ERNIE-Image", "auto", False)
+    one, two = random_lora(dit.module, 1), random_lora(dit.module, 2, layers=(1,))
+    files = {
+        "peft": write(models_dir, "peft.safetensors", peft_file(one)),
+        "peft_alpha": write(models_dir, "peft_alpha.safetensors", peft_file(one, alpha=2.0)),
+        "diffsynth": write(models_dir, "diffsynth.safetensors", diffsynth_file(one)),
+        "comfy": write(models_dir, "comfy.safetensors", comfy_file(one, alpha=8.0)),
+        "second": write(models_dir, "second.safetensors", diffsynth_file(two)),
+    }
+    return dict(pipe=pipe, dit=dit, te=te, vae=vae, one=one, two=two, files=files)
+
+
+def ours(s, dit):
+    pos = node("TextEncode").run(s["te"], PROMPT)[0]
+    lat = node("EmptyLatent").run(32, 32, 1)[0]
+    out = node("Sampler").run(dit, pos, lat, 4, 2, 1.0, 4.0, 1.0)[0]
+    return node("VAEDecode").run(s["vae"], out)[0]
+
+
+def reference(pipe, transformer=None):
+    if transformer is not None:
+        pipe = copy.copy(pipe)
+        pipe.transformer = transformer
+    out = pipe(PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+               generator=torch.Generator("cpu").manual_seed(4), output_type="np", use_pe=False)
+    return torch.from_numpy(out.images)
+
+
+def merged(pipe, loras):
+    """The reference transformer with W + s * B @ A * alpha / rank merged in, computed here."""
+    t = copy.deepcopy(pipe.transformer)
+    with torch.no_grad():
+        for lora, strength, scale in loras:
+            for m, (a, b) in lora.items():
+                t.get_submodule(m).weight += strength * scale * (b @ a)
+    return t
+
+
+def lora(s, dit, key, strength):
+    return node("LoraLoader").run(dit, s["files"][key], strength)[0]
+
+
+def test_peft_format_matches_diffusers_load_lora_weights(setup):
+    s = setup
+    pipe = s["pipe"]
+    from letterpress.loaders.files import resolve
+
+    pipe.load_lora_weights(resolve("loras", s["files"]["peft"]), adapter_name="a")
+    try:
+        pipe.set_adapters(["a"], [0.7])
+        ref = reference(pipe)
+    finally:
+        pipe.unload_lora_weights()
+    got = ours(s, lora(s, s["dit"], "peft", 0.7))
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert (got - ours(s, s["dit"])).abs().max() > 0.02  # the LoRA changes the image
+
+
+@pytest.mark.parametrize("key,scale", [("peft_alpha", 2.0 / RANK), ("diffsynth", 1.0), ("comfy", 8.0 / RANK)])
+def test_other_formats_match_merged_weights(setup, key, scale):
+    s = setup
+    ref = reference(s["pipe"], merged(s["pipe"], [(s["one"], 0.5, scale)]))
+    got = ours(s, lora(s, s["dit"], key, 0.5))
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_strength_zero_stacking_and_removal(setup):
+    s = setup
+    base = ours(s, s["dit"])
+    assert torch.equal(ours(s, lora(s, s["dit"], "diffsynth", 0.0)), base)
+    stacked = lora(s, lora(s, s["dit"], "diffsynth", 0.6), "second", -0.4)
+    ref = reference(s["pipe"], merged(s["pipe"], [(s["one"], 0.6, 1.0), (s["two"], -0.4, 1.0)]))
+    assert (ours(s, stacked) - ref).abs().max().item() <= 1e-4
+    assert torch.equal(ours(s, s["dit"]), base)  # the LoRA node removed: base weights bit for bit
+
+
+def test_foreign_loras_are_refused(setup, models_dir):
+    s = setup
+    gen = torch.Generator().manual_seed(0)
+    other_family = {"transformer_blocks.0.attn.to_q": (torch.randn(4, 64, generator=gen), torch.randn(64, 4, generator=gen))}
+    write(models_dir, "ovis_like.safetensors", diffsynth_file(other_family))
+    with pytest.raises(LetterpressError, match="another model family.*transformer_blocks.0.attn.to_q"):
+        node("LoraLoader").run(s["dit"], "ovis_like.safetensors", 1.0)
+    bigger = {"layers.0.self_attention.to_q": (torch.randn(4, 128, generator=gen), torch.randn(128, 4, generator=gen))}
+    write(models_dir, "bigger.safetensors", diffsynth_file(bigger))
+    with pytest.raises(LetterpressError, match=r"another size: layers.0.self_attention.to_q is \(64, 64\)"):
+        node("LoraLoader").run(s["dit"], "bigger.safetensors", 1.0)
+    junk = dict(diffsynth_file(s["one"]))
+    junk["some.other.tensor"] = torch.zeros(3)
+    write(models_dir, "junk.safetensors", junk)
+    with pytest.raises(LetterpressError, match="some.other.tensor"):
+        node("LoraLoader").run(s["dit"], "junk.safetensors", 1.0)
+
+
+def test_shipped_lora_workflow_runs_headless(setup, models_dir, tmp_path, capsys):
+    from letterpress import cli
+
+    wf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "ernie_image_lora_api.json")
+    args = ["run", wf, "--models-dir", models_dir, "--output-dir", str(tmp_path), "--quiet"]
+    for kv in ("width=32", "height=32", "steps=2", f"lora_name={setup['files']['peft']}", "strength=0.5"):
+        args += ["--set", kv]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.strip().endswith("_00001_.png")
