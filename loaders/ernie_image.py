@@ -53,6 +53,11 @@ TOKENIZER_HINT = (
 def _component(path: str, sub: str) -> str:
     """`path` itself, or its `sub` folder when `path` is a whole pipeline folder."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
+        if not os.path.isdir(os.path.join(path, sub)) and sub != "pe":
+            raise LetterpressError(
+                f"{os.path.basename(path.rstrip(os.sep))} lacks its {sub}/ folder: the download is incomplete. "
+                f"Download {sub}/ from the model's Hugging Face repository into it."
+            )
         return os.path.join(path, sub)
     return path
 

@@ -16,6 +16,7 @@ from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
 from .generate import generate, sampling_args
 from .latents import patchify_2x2, unpatchify_2x2
+from .numerics import check_finite, warn_truncated
 
 FAMILY = "ernie_image"
 SCALE = 16  # VAE f8 x 2x2 patchify
@@ -53,6 +54,8 @@ def enhance_prompt(pe: ModelHandle, prompt: str, width: int, height: int, seed: 
 @torch.no_grad()
 def encode_text(te: ModelHandle, prompt: str) -> Conditioning:
     tok = te.tokenizer
+    full = len(tok(prompt, add_special_tokens=True, truncation=False, padding=False)["input_ids"])
+    warn_truncated(full, tok.model_max_length, "ERNIE-Image Text Encode")
     ids = tok(prompt, add_special_tokens=True, truncation=True, padding=False)["input_ids"]
     if not ids:
         ids = [tok.bos_token_id if tok.bos_token_id is not None else 0]
@@ -100,6 +103,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
         return v
 
     out = flow_match.euler_loop(predict, x, sigmas.to(device), first)
+    check_finite(out, "ERNIE-Image DiT", dtype)
     return {"samples": out.cpu(), "family": FAMILY}
 
 
@@ -121,7 +125,7 @@ def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
     """Patchified, normalised latents -> IMAGE (B, H, W, C) in 0..1."""
     lat = check_latent(latent, FAMILY).to(vae.device, vae.dtype)
     mean, std = _bn_stats(vae.module, lat)
-    image = vae.module.decode(unpatchify_2x2(lat * std + mean), return_dict=False)[0]
+    image = check_finite(vae.module.decode(unpatchify_2x2(lat * std + mean), return_dict=False)[0], "Flux2 VAE decode", vae.dtype)
     return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 

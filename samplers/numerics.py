@@ -1,0 +1,26 @@
+"""Checks on stage outputs, so an fp16 overflow surfaces as a clear error rather than a black image."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..loaders.host import LetterpressError
+
+log = logging.getLogger("letterpress")
+
+
+def check_finite(x: torch.Tensor, stage: str, dtype: torch.dtype) -> torch.Tensor:
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        fix = ("load the model with weight_dtype bf16 or fp32 (fp16 overflows in this model)"
+               if dtype == torch.float16 else "check the inputs of this stage; if it persists, load it in fp32")
+        raise LetterpressError(f"The {stage} produced {bad} non-finite values (NaN/inf) running in {str(dtype).replace('torch.', '')}: {fix}.")
+    return x
+
+
+def warn_truncated(n_tokens: int, limit: int, what: str) -> None:
+    if n_tokens > limit:
+        log.warning("%s: the prompt is %d tokens; the encoder keeps the first %d, so %d tokens are dropped.",
+                    what, n_tokens, limit, n_tokens - limit)
