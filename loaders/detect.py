@@ -9,8 +9,11 @@ from .host import LetterpressError
 # (family, role, human name) -> key fragments that must all appear in some key.
 SIGNATURES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("ernie_image", "dit", "ERNIE-Image DiT", ("x_embedder.proj.weight", "layers.0.adaLN_sa_ln.weight")),
-    ("ovis_image", "dit", "Ovis-Image DiT", ("context_embedder", "single_transformer_blocks.0.")),
-    ("ovis_image", "dit", "Ovis-Image DiT (original names)", ("double_blocks.0.", "single_blocks.0.", "txt_in")),
+    # Ovis-Image: the text-input RMSNorm and (original names) the SwiGLU double-block MLP tell it from FLUX.1.
+    ("ovis_image", "dit", "Ovis-Image DiT", ("context_embedder_norm.weight", "single_transformer_blocks.0.")),
+    ("ovis_image", "dit", "Ovis-Image DiT (original names)", ("double_blocks.0.", "single_blocks.0.", "img_mlp.gate_proj")),
+    ("flux1", "dit", "FLUX.1 DiT", ("double_blocks.0.", "single_blocks.0.")),
+    ("flux1", "dit", "FLUX.1 DiT", ("context_embedder.weight", "single_transformer_blocks.0.")),
     ("glm_image", "dit", "GLM-Image DiT", ("glyph_projector",)),
     ("glm_image", "dit", "GLM-Image DiT", ("prior_token_embedding",)),
     ("flux2_vae", "vae", "Flux2 VAE (ERNIE-Image)", ("bn.running_mean", "decoder.")),

@@ -1,8 +1,8 @@
 """Node classes, one module per model family. Each module exports NODES and DISPLAY_NAMES."""
 
-from . import ernie_image
+from . import ernie_image, ovis_image
 
-FAMILIES = [ernie_image]
+FAMILIES = [ernie_image, ovis_image]
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -1,0 +1,344 @@
+"""Ovis-Image checkpoints: the MMDiT, the Ovis2.5 text encoder (a Qwen3 LM) and the FLUX.1 VAE.
+
+Layouts:
+- the Hugging Face diffusers folder (AIDC-AI/Ovis-Image-7B -> models/diffusers/Ovis-Image-7B);
+- the original single file `ovis_image.safetensors` (FLUX-style names: `double_blocks.N.img_attn.qkv`,
+  `single_blocks.N.linear1`, `semantic_txt_in`, SwiGLU `img_mlp.gate_proj/up_proj/down_proj`), converted on load;
+- ComfyUI files: `diffusion_models/ovis_image_bf16.safetensors` (the same original names, optionally under
+  `model.diffusion_model.`, with ComfyUI's `txt_norm` / `txt_in` spelling accepted too),
+  `text_encoders/ovis_2.5.safetensors` (Qwen3 LM weights under any wrapper prefix) and the FLUX.1
+  `vae/ae.safetensors` (original VAE names, converted by diffusers' own convert_ldm_vae_checkpoint).
+
+Single files carry no config: the architecture is read off tensor names and shapes.
+
+diffusers has no converter for the original Ovis-Image names, and its FLUX.1 one
+(convert_flux_transformer_checkpoint_to_diffusers) cannot be called for them: it hard-codes a 3072 width and a
+4x GELU MLP and requires the pooled `vector_in` embedder Ovis does not have. So the conversion lives here: a
+rename plus the fused-qkv split, the SwiGLU [up; gate] stacking and FLUX's shift/scale swap of the final
+modulation, applied lazily one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from .detect import expect
+from .files import list_diffusers_folders, pipeline_class
+from .host import LetterpressError, ModelHandle, get_host
+from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer
+from .vae import load_vae
+from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read_json, strip_prefix, weight_dtype
+
+FAMILY = "ovis_image"
+PIPELINE_CLASSES = ("OvisImagePipeline",)
+
+# Qwen3 settings of the Ovis2.5-2B language model that tensor shapes cannot tell (Qwen3-1.7B base).
+QWEN3_TEMPLATE = dict(
+    rms_norm_eps=1e-6,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    attention_bias=False,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+# FLUX.1 VAE settings the shapes cannot tell (ae.safetensors has no config).
+FLUX1_VAE_TEMPLATE = dict(
+    norm_num_groups=32, act_fn="silu", sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+    force_upcast=True,
+)
+# The reference scheduler: FLUX's resolution-dependent (dynamic) shift.
+DEFAULT_SCHEDULE = dict(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096,
+                        base_shift=0.5, max_shift=1.15, shift=3.0)
+TOKENIZER_HINT = (
+    "A single-file Ovis-Image text encoder needs the Ovis-Image tokenizer (Qwen2): keep the diffusers folder "
+    "models/diffusers/Ovis-Image-7B (its tokenizer/ is found automatically), or copy that tokenizer folder next to "
+    "the file as text_encoders/<file name without .safetensors>/."
+)
+LATENT_CHANNELS = 16
+
+
+def _component(path: str, sub: str) -> str:
+    """`path` itself, or its `sub` folder when `path` is a whole pipeline folder."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
+        return os.path.join(path, sub)
+    return path
+
+
+# DiT: original (FLUX-style) names -> diffusers names ------------------------------------------------
+
+
+class _Converted(Mapping):
+    """A lazy state dict in diffusers names over a checkpoint in original names (one tensor at a time)."""
+
+    def __init__(self, ck: Checkpoint, plan: dict[str, tuple[tuple[str, ...], Callable]]):
+        self.ck = ck
+        self.plan = plan
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        sources, fn = self.plan[key]
+        return fn(*[self.ck[s] for s in sources])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _rows(a: int, b: int) -> Callable:
+    return lambda t: t[a:b].clone()  # a copy, so the fused tensor it came from can be freed
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """FLUX's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous wants (scale, shift)."""
+    shift, scale = t.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def _stack(*ts: torch.Tensor) -> torch.Tensor:
+    return torch.cat(ts, dim=0)
+
+
+def original_plan(keys: set[str], shape: Callable[[str], tuple]) -> dict[str, tuple[tuple[str, ...], Callable]]:
+    """diffusers key -> (original keys, function building it) for an Ovis-Image DiT in original names.
+
+    `keys` are the original names without any wrapper prefix. Both spellings of the text input are accepted:
+    `semantic_txt_norm` / `semantic_txt_in` (AIDC's release) and `txt_norm` / `txt_in` (ComfyUI's FLUX class).
+    QK-norm scales may be called `.weight` (AIDC, nn.RMSNorm) or `.scale` (BFL's FLUX convention).
+    """
+
+    def has(k: str) -> bool:
+        return k in keys
+
+    def pick(*names: str) -> str:
+        for n in names:
+            if n in keys:
+                return n
+        raise LetterpressError(f"Ovis-Image DiT: the file has none of {', '.join(names)}; it is not an Ovis-Image DiT.")
+
+    def norm(base: str) -> str:
+        return pick(base + ".weight", base + ".scale")
+
+    h = shape("img_in.weight")[0]
+    txt_norm = "semantic_txt_norm" if has("semantic_txt_norm.weight") else "txt_norm"
+    txt_in = "semantic_txt_in" if has("semantic_txt_in.weight") else "txt_in"
+    plan: dict[str, tuple[tuple[str, ...], Callable]] = {}
+
+    def same(new: str, old: str) -> None:
+        plan[new] = ((old,), _same)
+
+    for wb in ("weight", "bias"):
+        same(f"x_embedder.{wb}", f"img_in.{wb}")
+        same(f"timestep_embedder.linear_1.{wb}", f"time_in.in_layer.{wb}")
+        same(f"timestep_embedder.linear_2.{wb}", f"time_in.out_layer.{wb}")
+        same(f"context_embedder.{wb}", pick(f"{txt_in}.{wb}"))
+        same(f"proj_out.{wb}", f"final_layer.linear.{wb}")
+        plan[f"norm_out.linear.{wb}"] = ((f"final_layer.adaLN_modulation.1.{wb}",), _swap_halves)
+    same("context_embedder_norm.weight", pick(f"{txt_norm}.weight", f"{txt_norm}.scale"))
+
+    doubles = sorted({int(k.split(".")[1]) for k in keys if k.startswith("double_blocks.")})
+    singles = sorted({int(k.split(".")[1]) for k in keys if k.startswith("single_blocks.")})
+    for i in doubles:
+        o, n = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for side, mod, attn_names, ff in (
+            ("img", "norm1", ("to_q", "to_k", "to_v"), "ff"),
+            ("txt", "norm1_context", ("add_q_proj", "add_k_proj", "add_v_proj"), "ff_context"),
+        ):
+            for wb in ("weight", "bias"):
+                same(f"{n}{mod}.linear.{wb}", f"{o}{side}_mod.lin.{wb}")
+                for j, name in enumerate(attn_names):
+                    plan[f"{n}attn.{name}.{wb}"] = ((f"{o}{side}_attn.qkv.{wb}",), _rows(j * h, (j + 1) * h))
+                out = "to_out.0" if side == "img" else "to_add_out"
+                same(f"{n}attn.{out}.{wb}", f"{o}{side}_attn.proj.{wb}")
+                # diffusers' SwiGLU computes proj(x) = [up; gate] and returns up * silu(gate).
+                plan[f"{n}{ff}.net.0.proj.{wb}"] = ((f"{o}{side}_mlp.up_proj.{wb}", f"{o}{side}_mlp.gate_proj.{wb}"), _stack)
+                same(f"{n}{ff}.net.2.{wb}", f"{o}{side}_mlp.down_proj.{wb}")
+            q, k = ("norm_q", "norm_k") if side == "img" else ("norm_added_q", "norm_added_k")
+            same(f"{n}attn.{q}.weight", norm(f"{o}{side}_attn.norm.query_norm"))
+            same(f"{n}attn.{k}.weight", norm(f"{o}{side}_attn.norm.key_norm"))
+    for i in singles:
+        o, n = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        rows = shape(f"{o}linear1.weight")[0]
+        for wb in ("weight", "bias"):
+            same(f"{n}norm.linear.{wb}", f"{o}modulation.lin.{wb}")
+            for j, name in enumerate(("to_q", "to_k", "to_v")):
+                plan[f"{n}attn.{name}.{wb}"] = ((f"{o}linear1.{wb}",), _rows(j * h, (j + 1) * h))
+            # linear1 = [q; k; v; mlp; mlp_gate]; diffusers' proj_mlp splits [states; gate] the same way.
+            plan[f"{n}proj_mlp.{wb}"] = ((f"{o}linear1.{wb}",), _rows(3 * h, rows))
+            same(f"{n}proj_out.{wb}", f"{o}linear2.{wb}")
+        same(f"{n}attn.norm_q.weight", norm(f"{o}norm.query_norm"))
+        same(f"{n}attn.norm_k.weight", norm(f"{o}norm.key_norm"))
+    return plan
+
+
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """The real model splits its 128-wide heads 16/56/56 (1/8, 7/16, 7/16); the same split for any width."""
+    if head_dim == 128:
+        return (16, 56, 56)
+    a = head_dim // 8
+    b = (head_dim - a) // 2
+    axes = (a, b, head_dim - a - b)
+    if any(x % 2 for x in axes):
+        raise LetterpressError(f"Ovis-Image DiT: cannot split {head_dim}-wide attention heads into rotary axes.")
+    return axes
+
+
+def dit_config(
+    inner: int, in_ch: int, out_ch: int, head_dim: int, joint: int, ff_rows: int, n_double: int, n_single: int
+) -> dict:
+    if ff_rows != 8 * inner:
+        raise LetterpressError(
+            f"Ovis-Image DiT: its MLP is {ff_rows // 2} wide for a {inner}-wide model; Ovis-Image (and diffusers' "
+            "OvisImageTransformer2DModel) uses 4x. The file is another model."
+        )
+    return dict(
+        patch_size=1, in_channels=in_ch, out_channels=out_ch, num_layers=n_double, num_single_layers=n_single,
+        attention_head_dim=head_dim, num_attention_heads=inner // head_dim, joint_attention_dim=joint,
+        axes_dims_rope=_rope_axes(head_dim),
+    )
+
+
+def _config_from_diffusers_names(shape: Callable[[str], tuple], keys: set[str]) -> dict:
+    inner, in_ch = shape("x_embedder.weight")
+    return dit_config(
+        inner, in_ch, shape("proj_out.weight")[0], shape("transformer_blocks.0.attn.norm_q.weight")[0],
+        shape("context_embedder.weight")[1], shape("transformer_blocks.0.ff.net.0.proj.weight")[0],
+        len({k.split(".")[1] for k in keys if k.startswith("transformer_blocks.")}),
+        len({k.split(".")[1] for k in keys if k.startswith("single_transformer_blocks.")}),
+    )
+
+
+def _config_from_original_names(shape: Callable[[str], tuple], keys: set[str]) -> dict:
+    inner, in_ch = shape("img_in.weight")
+    qn = "double_blocks.0.img_attn.norm.query_norm."
+    head_dim = shape(qn + ("weight" if qn + "weight" in keys else "scale"))[0]
+    txt_in = "semantic_txt_in.weight" if "semantic_txt_in.weight" in keys else "txt_in.weight"
+    return dit_config(
+        inner, in_ch, shape("final_layer.linear.weight")[0], head_dim, shape(txt_in)[1],
+        2 * shape("double_blocks.0.img_mlp.gate_proj.weight")[0],
+        len({k.split(".")[1] for k in keys if k.startswith("double_blocks.")}),
+        len({k.split(".")[1] for k in keys if k.startswith("single_blocks.")}),
+    )
+
+
+def _schedule_for(path: str) -> dict:
+    """The scheduler settings of the folder the DiT came from, else the reference defaults."""
+    sched = dict(DEFAULT_SCHEDULE)
+    if os.path.isdir(path):
+        cfg_path = os.path.join(os.path.dirname(path.rstrip(os.sep)), "scheduler", "scheduler_config.json")
+        if os.path.exists(cfg_path):
+            cfg = read_json(cfg_path, "Ovis-Image scheduler")
+            sched.update({k: cfg[k] for k in DEFAULT_SCHEDULE if k in cfg})
+    return sched
+
+
+def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    from diffusers import OvisImageTransformer2DModel
+
+    path = _component(path, "transformer")
+    ck = open_checkpoint(path)
+    expect(ck.keys(), FAMILY, "Ovis-Image DiT", os.path.basename(path), "the Ovis-Image DiT loader")
+    original = any(".img_attn.qkv." in k for k in ck)
+    if original:
+        prefix = strip_prefix(ck.keys(), "double_blocks.0.")
+        keys = {k[len(prefix):] for k in ck if k.startswith(prefix)}
+        shape = lambda k: ck.shape(prefix + k)  # noqa: E731
+        plan = original_plan(keys, shape)
+        used = {prefix + s for sources, _ in plan.values() for s in sources}
+        extra = sorted(k for k in ck if k not in used)
+        if extra:
+            raise LetterpressError(
+                f"Ovis-Image DiT: {os.path.basename(path)} holds {len(extra)} tensors an Ovis-Image DiT does not have "
+                f"(e.g. {', '.join(extra[:3])}). It is another FLUX-style model."
+            )
+        cfg = _config_from_original_names(shape, keys)
+        state: Mapping = _Converted(ck, {k: (tuple(prefix + s for s in src), fn) for k, (src, fn) in plan.items()})
+        key_map = lambda k: k  # noqa: E731
+    else:
+        prefix = strip_prefix(ck.keys(), "x_embedder.weight")
+        keys = {k[len(prefix):] for k in ck if k.startswith(prefix)}
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+            cfg = {k: v for k, v in read_json(os.path.join(path, "config.json"), "Ovis-Image DiT").items() if not k.startswith("_")}
+        else:
+            cfg = _config_from_diffusers_names(lambda k: ck.shape(prefix + k), keys)
+        state = ck
+        key_map = lambda k: k[len(prefix):] if k.startswith(prefix) else None  # noqa: E731
+    module = build_empty(lambda: OvisImageTransformer2DModel(**cfg))
+    fill_module(module, state, key_map, dtype=weight_dtype(dtype_choice), what="Ovis-Image DiT")
+    module.eval()
+    return get_host().wrap(ModelHandle(FAMILY, "dit", module, source=path, extras={"schedule": _schedule_for(path)}))
+
+
+# Text encoder --------------------------------------------------------------------------------------
+
+
+def _sibling_tokenizers(_path: str) -> list[str]:
+    return [os.path.join(base, f, "tokenizer") for base in get_host().model_folders("diffusers")
+            for f in list_diffusers_folders(PIPELINE_CLASSES)]
+
+
+def _tokenizer_for(path: str):
+    what = "Ovis-Image text encoder"
+    if os.path.isdir(path):  # a component folder of the diffusers layout: ../tokenizer
+        return load_tokenizer([os.path.join(os.path.dirname(path.rstrip(os.sep)), "tokenizer"), path], what, TOKENIZER_HINT)
+    return load_tokenizer(find_tokenizer_folders(path, _sibling_tokenizers), what, TOKENIZER_HINT)
+
+
+def load_text_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    from transformers import Qwen3Config, Qwen3Model
+
+    path = _component(path, "text_encoder")
+    ck = open_checkpoint(path)
+    expect(ck.keys(), "qwen3", "Qwen3 language model (the Ovis2.5 text encoder)", os.path.basename(path),
+           "the Ovis-Image text encoder loader")
+    folder = path if os.path.isdir(path) else None
+    config = llm_config(ck, folder, Qwen3Config, QWEN3_TEMPLATE, sub_config="llm_config")
+    module = load_llm(ck, config, Qwen3Model, weight_dtype(dtype_choice), False, "Ovis-Image text encoder")
+    tokenizer = _tokenizer_for(path)
+    if tokenizer.pad_token_id is None:
+        raise LetterpressError("Ovis-Image text encoder: its tokenizer has no pad token; use the Ovis-Image tokenizer folder.")
+    return get_host().wrap(ModelHandle(FAMILY, "text_encoder", module, tokenizer=tokenizer, source=path))
+
+
+# VAE -----------------------------------------------------------------------------------------------
+
+
+def load_flux1_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    from diffusers import AutoencoderKL
+
+    path = _component(path, "vae")
+    ck = open_checkpoint(path)
+    expect(ck.keys(), "kl_vae", "FLUX.1 VAE", os.path.basename(path), "the Ovis-Image VAE loader")
+    module = load_vae(path, AutoencoderKL, FLUX1_VAE_TEMPLATE, weight_dtype(dtype_choice), "FLUX.1 VAE")
+    channels = module.config.latent_channels
+    if channels != LATENT_CHANNELS:
+        raise LetterpressError(
+            f"{os.path.basename(path)} is a {channels}-channel VAE; Ovis-Image decodes with the 16-channel FLUX.1 VAE "
+            "(ae.safetensors). Pick that file in the Ovis-Image VAE loader."
+        )
+    return get_host().wrap(ModelHandle(FAMILY, "vae", module, source=path))
+
+
+# Whole folder --------------------------------------------------------------------------------------
+
+
+def load_folder(folder: str, dtype_choice: str = "auto") -> dict[str, ModelHandle]:
+    if pipeline_class(folder) not in PIPELINE_CLASSES:
+        found = pipeline_class(folder) or "no model_index.json"
+        raise LetterpressError(
+            f"{os.path.basename(folder.rstrip(os.sep))} is not an Ovis-Image folder ({found}). "
+            "Pick a folder holding AIDC-AI/Ovis-Image-7B from Hugging Face."
+        )
+    return {
+        "dit": load_dit(folder, dtype_choice),
+        "text_encoder": load_text_encoder(folder, dtype_choice),
+        "vae": load_flux1_vae(folder, dtype_choice),
+    }

@@ -1,0 +1,205 @@
+"""Ovis-Image nodes: one stage each, thin over loaders/ and samplers/."""
+
+from __future__ import annotations
+
+from ..loaders import ovis_image as load
+from ..loaders.files import resolve
+from ..loaders.host import get_host
+from ..samplers import ovis_image as stage
+from .common import CATEGORY, dtype_input, file_input, folder_input, seed_input, size_input
+
+CAT = f"{CATEGORY}/Ovis-Image"
+DIT, TE, VAE = "LP_OVIS_DIT", "LP_OVIS_TEXT_ENCODER", "LP_OVIS_VAE"
+COND = "LP_CONDITIONING"
+
+
+class LetterpressOvisImageFolderLoader:
+    DESCRIPTION = ("Loads every Ovis-Image stage (DiT, Ovis2.5 text encoder with its tokenizer, FLUX.1 VAE) from the "
+                   "Hugging Face folder AIDC-AI/Ovis-Image-7B in models/diffusers.")
+    CATEGORY = CAT
+    RETURN_TYPES = (DIT, TE, VAE)
+    RETURN_NAMES = ("dit", "text_encoder", "vae")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": folder_input(load.PIPELINE_CLASSES, "An Ovis-Image folder under models/diffusers (e.g. Ovis-Image-7B)."),
+            "weight_dtype": dtype_input(),
+        }}
+
+    def run(self, folder, weight_dtype):
+        m = load.load_folder(resolve("diffusers", folder), weight_dtype)
+        return (m["dit"], m["text_encoder"], m["vae"])
+
+
+class LetterpressOvisImageDiTLoader:
+    DESCRIPTION = ("Loads the Ovis-Image DiT from a single file in models/diffusion_models: the original "
+                   "ovis_image.safetensors or ComfyUI's ovis_image_bf16.safetensors (converted on load).")
+    CATEGORY = CAT
+    RETURN_TYPES = (DIT,)
+    RETURN_NAMES = ("dit",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dit_name": file_input("diffusion_models", "ovis_image.safetensors or ovis_image_bf16.safetensors."),
+            "weight_dtype": dtype_input(),
+        }}
+
+    def run(self, dit_name, weight_dtype):
+        return (load.load_dit(resolve("diffusion_models", dit_name), weight_dtype),)
+
+
+class LetterpressOvisImageTextEncoderLoader:
+    DESCRIPTION = ("Loads the Ovis2.5 text encoder (a Qwen3 language model) from models/text_encoders, e.g. "
+                   "ovis_2.5.safetensors. Its tokenizer comes from the Ovis-Image diffusers folder or a folder named "
+                   "like the file.")
+    CATEGORY = CAT
+    RETURN_TYPES = (TE,)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder_name": file_input("text_encoders", "ovis_2.5.safetensors."),
+            "weight_dtype": dtype_input(),
+        }}
+
+    def run(self, text_encoder_name, weight_dtype):
+        return (load.load_text_encoder(resolve("text_encoders", text_encoder_name), weight_dtype),)
+
+
+class LetterpressOvisImageVAELoader:
+    DESCRIPTION = "Loads the FLUX.1 VAE (16 channels) that Ovis-Image decodes with, from models/vae (ae.safetensors)."
+    CATEGORY = CAT
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": file_input("vae", "ae.safetensors (the FLUX.1 VAE)."), "weight_dtype": dtype_input()}}
+
+    def run(self, vae_name, weight_dtype):
+        return (load.load_flux1_vae(resolve("vae", vae_name), weight_dtype),)
+
+
+class LetterpressOvisImageTextEncode:
+    DESCRIPTION = ("Encodes a prompt and a negative prompt the way Ovis-Image was trained: the instruction prefix and "
+                   "the chat template (thinking off), last hidden state, padded to max_sequence_length.")
+    CATEGORY = CAT
+    RETURN_TYPES = (COND, COND)
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": (TE,),
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "What the image should show."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                           "tooltip": "Used when cfg > 1. The reference default is empty."}),
+            "max_sequence_length": ("INT", {"default": 256, "min": 1, "max": 256,
+                                            "tooltip": "Prompt tokens kept (at most 256, as trained); longer prompts are cut."}),
+        }}
+
+    def run(self, text_encoder, prompt, negative_prompt, max_sequence_length):
+        get_host().load(text_encoder)
+        return (stage.encode_text(text_encoder, prompt, max_sequence_length),
+                stage.encode_text(text_encoder, negative_prompt, max_sequence_length))
+
+
+class LetterpressOvisImageEmptyLatent:
+    DESCRIPTION = "An empty Ovis-Image latent (16 channels at 1/8 size) for text-to-image."
+    CATEGORY = CAT
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "width": size_input(1024, 16, "Image width"),
+            "height": size_input(1024, 16, "Image height"),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+        }}
+
+    def run(self, width, height, batch_size):
+        return (stage.empty_latent(width, height, batch_size),)
+
+
+class LetterpressOvisImageSampler:
+    DESCRIPTION = ("Denoises with the Ovis-Image DiT (flow matching, Euler, FLUX's resolution-dependent shift). "
+                   "Model card: 50 steps, CFG 5.0 with an empty negative prompt. CFG 1 skips the negative pass.")
+    CATEGORY = CAT
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit": (DIT,),
+                "positive": (COND,),
+                "latent": ("LATENT",),
+                "seed": seed_input(),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 200, "tooltip": "50 in the model card."}),
+                "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "5.0 in the model card; 1.0 skips the negative pass."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1 keeps part of the input latent (image-to-image)."}),
+            },
+            "optional": {"negative": (COND, {"tooltip": "Needed when cfg > 1: the negative output of Text Encode."})},
+        }
+
+    def run(self, dit, positive, latent, seed, steps, cfg, denoise, negative=None):
+        get_host().load(dit)
+        return (stage.sample(dit, positive, negative, latent, seed, steps, cfg, denoise),)
+
+
+class LetterpressOvisImageVAEDecode:
+    DESCRIPTION = "Decodes Ovis-Image latents to an IMAGE with the FLUX.1 VAE."
+    CATEGORY = CAT
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": (VAE,), "latent": ("LATENT",)}}
+
+    def run(self, vae, latent):
+        get_host().load(vae)
+        return (stage.decode(vae, latent),)
+
+
+class LetterpressOvisImageVAEEncode:
+    DESCRIPTION = "Encodes an IMAGE into Ovis-Image latents with the FLUX.1 VAE, for image-to-image with denoise below 1."
+    CATEGORY = CAT
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": (VAE,), "image": ("IMAGE",)}}
+
+    def run(self, vae, image):
+        get_host().load(vae)
+        return (stage.encode(vae, image),)
+
+
+NODES = {c.__name__: c for c in (
+    LetterpressOvisImageFolderLoader, LetterpressOvisImageDiTLoader, LetterpressOvisImageTextEncoderLoader,
+    LetterpressOvisImageVAELoader, LetterpressOvisImageTextEncode, LetterpressOvisImageEmptyLatent,
+    LetterpressOvisImageSampler, LetterpressOvisImageVAEDecode, LetterpressOvisImageVAEEncode,
+)}
+DISPLAY_NAMES = {
+    "LetterpressOvisImageFolderLoader": "Ovis-Image Folder Loader",
+    "LetterpressOvisImageDiTLoader": "Ovis-Image DiT Loader",
+    "LetterpressOvisImageTextEncoderLoader": "Ovis-Image Text Encoder Loader",
+    "LetterpressOvisImageVAELoader": "Ovis-Image VAE Loader",
+    "LetterpressOvisImageTextEncode": "Ovis-Image Text Encode",
+    "LetterpressOvisImageEmptyLatent": "Ovis-Image Empty Latent",
+    "LetterpressOvisImageSampler": "Ovis-Image DiT Sample",
+    "LetterpressOvisImageVAEDecode": "Ovis-Image VAE Decode",
+    "LetterpressOvisImageVAEEncode": "Ovis-Image VAE Encode",
+}

@@ -1,0 +1,198 @@
+"""Ovis-Image stages: text encoding (Ovis2.5 / Qwen3), MMDiT sampling, FLUX.1 VAE decode/encode.
+
+Numerics follow diffusers' OvisImagePipeline:
+- the prompt goes behind a fixed instruction prefix into the chat template (enable_thinking False), is padded to
+  max_sequence_length + 28 tokens, encoded with the last hidden state, padded positions zeroed, and the first 28
+  tokens (chat header and the start of the prefix) dropped;
+- noise is drawn unpacked, (B, 16, H/8, W/8), from a CPU generator, then packed 2x2 into (B, H/16 * W/16, 64);
+- sigmas linspace(1, 1/N, N) with FLUX's dynamic shift mu(image tokens); the DiT sees (sigma * 1000) / 1000;
+- CFG as two passes, uncond + cfg * (cond - uncond);
+- decode: unpack, latents / scaling_factor + shift_factor, VAE decode.
+
+LATENT holds the unpacked, scaled latents (B, 16, H/8, W/8), ComfyUI's layout for 16-channel models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..loaders.host import LetterpressError, ModelHandle
+from ..loaders.ovis_image import DEFAULT_SCHEDULE
+from . import flow_match
+from .conditioning import Conditioning, batch_for, check_latent
+from .ernie_image import check_size as _check_size
+from .latents import pack_2x2_tokens, unpack_2x2_tokens
+
+FAMILY = "ovis_image"
+MODEL = "Ovis-Image"
+SCALE = 16  # VAE f8 x 2x2 packing
+SYSTEM_PROMPT = (
+    "Describe the image by detailing the color, quantity, text, shape, size, texture, spatial relationships of the "
+    "objects and background: "
+)
+USER_PROMPT_BEGIN_ID = 28  # tokens of chat header + prefix that the reference drops
+MAX_SEQUENCE_LENGTH = 256
+
+
+def check_size(width: int, height: int) -> None:
+    _check_size(width, height, SCALE, MODEL)
+
+
+# Text encoder --------------------------------------------------------------------------------------
+
+
+def chat_text(tokenizer, prompt: str) -> str:
+    message = [{"role": "user", "content": SYSTEM_PROMPT + prompt}]
+    return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+@torch.no_grad()
+def encode_text(te: ModelHandle, prompt: str, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> Conditioning:
+    if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise LetterpressError(
+            f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} (what Ovis-Image was trained with), "
+            f"got {max_sequence_length}."
+        )
+    tok = te.tokenizer
+    text = chat_text(tok, prompt)
+    total = max_sequence_length + USER_PROMPT_BEGIN_ID
+    tokens = tok([text], padding="max_length", truncation=True, max_length=total, return_tensors="pt",
+                 add_special_tokens=False)
+    ids = tokens.input_ids.to(te.device)
+    mask = tokens.attention_mask.to(te.device)
+    hidden = te.module(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = (hidden * mask[..., None])[:, USER_PROMPT_BEGIN_ID:]
+    # Like the reference, a longer prompt is cut (the end of the chat template with it); record it for messages.
+    truncated = len(tok(text, add_special_tokens=False).input_ids) > total
+    return Conditioning(FAMILY, te.describe(), [hidden[0].cpu()], prompt=prompt,
+                        extras={"max_sequence_length": max_sequence_length, "truncated": truncated})
+
+
+# DiT -----------------------------------------------------------------------------------------------
+
+
+def text_ids(length: int, device, dtype) -> torch.Tensor:
+    ids = torch.zeros(length, 3)
+    ids[:, 1] = torch.arange(length)
+    ids[:, 2] = torch.arange(length)
+    return ids.to(device=device, dtype=dtype)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """Positions of the packed tokens; h, w are the packed grid sizes."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+
+
+def _embeds(cond: Conditioning, batch: int, which: str, width: int, device, dtype) -> torch.Tensor:
+    per_image = batch_for(cond, batch, FAMILY, which)
+    if len({e.shape for e in per_image}) != 1:
+        raise LetterpressError(f"The {which} conditioning holds prompts encoded with different max_sequence_length.")
+    got = per_image[0].shape[-1]
+    if got != width:
+        raise LetterpressError(
+            f"The {which} conditioning is {got} wide but this Ovis-Image DiT takes {width}: the text encoder and the "
+            "DiT are of different Ovis-Image sizes. Load both from the same release."
+        )
+    return torch.stack(per_image).to(device, dtype)
+
+
+def sigmas_for(steps: int, image_seq_len: int, schedule: dict):
+    """The reference schedule: linspace(1, 1/N, N) shifted dynamically by mu(image_seq_len) (or statically)."""
+    base = np.linspace(1.0, 1 / steps, steps)
+    if schedule.get("use_dynamic_shifting", True):
+        mu = flow_match.calculate_mu(
+            image_seq_len, schedule["base_image_seq_len"], schedule["max_image_seq_len"],
+            schedule["base_shift"], schedule["max_shift"],
+        )
+        return flow_match.schedule(base, mu=mu)
+    return flow_match.schedule(base, shift=schedule["shift"])
+
+
+@torch.no_grad()
+def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,
+           steps: int, cfg: float, denoise: float = 1.0) -> dict:
+    model, device, dtype = dit.module, dit.device, dit.dtype
+    init = check_latent(latent, FAMILY)
+    if init.dim() != 4:
+        raise LetterpressError(f"The latent has shape {tuple(init.shape)}; Ovis-Image needs (batch, 16, H/8, W/8).")
+    b, c, h, w = init.shape
+    if c * 4 != model.config.in_channels:
+        raise LetterpressError(
+            f"The latent has {c} channels; this Ovis-Image DiT needs {model.config.in_channels // 4}. "
+            "Use an Ovis-Image Empty Latent or VAE Encode."
+        )
+    if h % 2 or w % 2:
+        raise LetterpressError(f"The latent is {w}x{h}; Ovis-Image needs even latent sizes (images in multiples of 16).")
+    if steps < 1:
+        raise LetterpressError(f"steps must be at least 1, got {steps}.")
+    use_cfg = flow_match.check_cfg(cfg) > 1.0
+    if use_cfg and negative is None:
+        raise LetterpressError("cfg > 1 needs a negative conditioning: wire the negative output of Ovis-Image Text Encode.")
+    width = model.config.joint_attention_dim
+    cond = _embeds(positive, b, "positive", width, device, dtype)
+    uncond = _embeds(negative, b, "negative", width, device, dtype) if use_cfg else None
+    cond_ids = text_ids(cond.shape[1], device, dtype)
+    uncond_ids = text_ids(uncond.shape[1], device, dtype) if use_cfg else None
+    img_ids = image_ids(h // 2, w // 2, device, dtype)
+
+    sigmas, timesteps = sigmas_for(steps, (h // 2) * (w // 2), dit.extras.get("schedule") or DEFAULT_SCHEDULE)
+    first = flow_match.start_index(steps, denoise)
+    noise = flow_match.noise_like(init.shape, seed, dtype, device)
+    x = flow_match.start_latents(noise, init.to(device) if denoise < 1.0 else None, float(sigmas[first]))
+    x = pack_2x2_tokens(x)
+
+    def predict(x: torch.Tensor, i: int) -> torch.Tensor:
+        t = timesteps[i].to(device).expand(x.shape[0]).to(x.dtype) / 1000
+        v = model(hidden_states=x, timestep=t, encoder_hidden_states=cond, txt_ids=cond_ids, img_ids=img_ids,
+                  return_dict=False)[0]
+        if use_cfg:
+            v_neg = model(hidden_states=x, timestep=t, encoder_hidden_states=uncond, txt_ids=uncond_ids,
+                          img_ids=img_ids, return_dict=False)[0]
+            v = flow_match.cfg_combine(v_neg, v, cfg)
+        return v
+
+    out = flow_match.euler_loop(predict, x, sigmas.to(device), first)
+    return {"samples": unpack_2x2_tokens(out, h, w).cpu(), "family": FAMILY}
+
+
+# VAE -----------------------------------------------------------------------------------------------
+
+
+def _vae_factor(vae: torch.nn.Module) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
+    """Unpacked, scaled latents -> IMAGE (B, H, W, C) in 0..1."""
+    lat = check_latent(latent, FAMILY)
+    cfg = vae.module.config
+    if lat.dim() != 4 or lat.shape[1] != cfg.latent_channels:
+        raise LetterpressError(
+            f"The latent has shape {tuple(lat.shape)}; the Ovis-Image VAE decodes {cfg.latent_channels}-channel latents."
+        )
+    z = lat.to(vae.device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor
+    image = vae.module.decode(z, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def encode(vae: ModelHandle, image: torch.Tensor) -> dict:
+    """IMAGE (B, H, W, C) -> unpacked, scaled latents (the distribution's mode), for denoise < 1."""
+    _, h, w, _ = image.shape
+    _check_size(w, h, 2 * _vae_factor(vae.module), MODEL)
+    cfg = vae.module.config
+    x = image[..., :3].permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
+    z = vae.module.encode(x).latent_dist.mode()
+    return {"samples": ((z - cfg.shift_factor) * cfg.scaling_factor).cpu(), "family": FAMILY}
+
+
+def empty_latent(width: int, height: int, batch: int, channels: int = 16) -> dict:
+    check_size(width, height)
+    if batch < 1:
+        raise LetterpressError(f"batch must be at least 1, got {batch}.")
+    return {"samples": torch.zeros(batch, channels, height // 8, width // 8), "family": FAMILY}
