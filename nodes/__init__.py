@@ -3,6 +3,8 @@
 from . import ernie_image, ovis_image
 
 FAMILIES = [ernie_image, ovis_image]
+from . import text_check  # noqa: E402  (Read Text, Text Accuracy, Best of Batch)
+FAMILIES.append(text_check)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -1,0 +1,187 @@
+"""How well an image's read-back text matches the text that was asked for.
+
+The two numbers CVTG-2K (TextCrafter, arXiv 2503.23461) reports for text rendering:
+- Word Accuracy: the share of the expected words that were rendered correctly, i.e. that occur in the
+  text read back from the image. Each read word can vouch for one expected word only (a multiset match),
+  so "SALE SALE" expected and "SALE" read scores 1/2. Extra read words do not lower it.
+- NED: 1 - Levenshtein(expected, read) / max(len(expected), len(read)) over the characters, the
+  normalised edit *similarity* that CVTG-2K's tables list (higher is better, 1.0 = identical). Extra
+  read text lowers it. The plain normalised distance (lower is better) is reported next to it.
+
+Normalisation before comparing (the same for both sides): Unicode NFKC (full-width forms become ASCII),
+case folded unless case-sensitive, punctuation and symbols dropped, and words split on white space. Han,
+Hiragana, Katakana and Bopomofo are written without spaces, so each of those characters counts as one
+word. NED compares the words concatenated without separators, so a merged or split word (an OCR engine
+reading "HELLOWORLD" for "HELLO WORLD") costs nothing there; it does cost words in Word Accuracy.
+
+Edge cases (by definition here): with nothing expected, Word Accuracy is 1.0 (nothing was missed) and NED
+is 1.0 when nothing was read either, 0.0 when anything was.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Scripts written without spaces between words: each character is one word.
+_PER_CHARACTER = (
+    (0x2E80, 0x2FDF),  # CJK radicals, Kangxi radicals
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3100, 0x312F),  # Bopomofo
+    (0x31A0, 0x31FF),  # Bopomofo extended, CJK strokes, Katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK unified ideographs extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0x20000, 0x3FFFF),  # CJK unified ideographs extensions B..
+)
+
+
+def _per_character(ch: str) -> bool:
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in _PER_CHARACTER)
+
+
+def _keep(ch: str) -> bool:
+    """Letters, digits and combining marks are text; punctuation, symbols and spaces are not."""
+    return unicodedata.category(ch)[0] in ("L", "N", "M")
+
+
+def words(text: str, case_sensitive: bool = False) -> list[str]:
+    """The normalised words of a text (see the module docstring)."""
+    text = unicodedata.normalize("NFKC", text or "")
+    if not case_sensitive:
+        text = text.casefold()
+    out: list[str] = []
+    for chunk in text.split():
+        current = ""
+        for ch in chunk:
+            if _per_character(ch):
+                if current:
+                    out.append(current)
+                    current = ""
+                out.append(ch)
+            elif _keep(ch):
+                current += ch
+        if current:
+            out.append(current)
+    return out
+
+
+def levenshtein(a, b) -> int:
+    """Insertions, deletions and substitutions (each costing 1) that turn sequence a into b."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+@dataclass
+class TextScore:
+    """One image's score against the expected text, with what went wrong."""
+
+    word_accuracy: float
+    ned: float  # 1 - normalised distance: CVTG-2K's NED, higher is better
+    edit_distance: int
+    normalised_distance: float  # edit_distance / max(len), lower is better
+    expected_words: list[str]
+    read_words: list[str]
+    matched: list[str] = field(default_factory=list)
+    misspelled: list[tuple[str, str]] = field(default_factory=list)  # (expected, closest read word)
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "word_accuracy": self.word_accuracy, "ned": self.ned, "edit_distance": self.edit_distance,
+            "normalised_distance": self.normalised_distance, "expected_words": self.expected_words,
+            "read_words": self.read_words, "matched": self.matched,
+            "misspelled": [{"expected": e, "read": r} for e, r in self.misspelled],
+            "missing": self.missing, "extra": self.extra,
+        }
+
+
+def _misspelling(word: str, candidates: list[str]) -> str | None:
+    """The closest unmatched read word when it is near enough to be a misspelling of `word`."""
+    best, best_d = None, None
+    for c in candidates:
+        d = levenshtein(word, c)
+        if best_d is None or d < best_d:
+            best, best_d = c, d
+    if best is not None and best_d <= max(1, len(word) // 2) and best_d < max(len(word), len(best)):
+        return best
+    return None
+
+
+def score_text(expected: str | list[str], read: str | list[str], case_sensitive: bool = False) -> TextScore:
+    """Word Accuracy and NED of the read text against the expected text (strings or lists of spans/lines)."""
+    if isinstance(expected, str):
+        expected = [expected]
+    if isinstance(read, str):
+        read = [read]
+    exp = [w for span in expected for w in words(span, case_sensitive)]
+    got = [w for line in read for w in words(line, case_sensitive)]
+
+    available = Counter(got)
+    matched, unmatched = [], []
+    for w in exp:
+        if available[w] > 0:
+            available[w] -= 1
+            matched.append(w)
+        else:
+            unmatched.append(w)
+    leftover = list(available.elements())
+    leftover_in_order = []
+    pool = Counter(leftover)
+    for w in got:  # keep the read order for the report
+        if pool[w] > 0:
+            pool[w] -= 1
+            leftover_in_order.append(w)
+
+    misspelled, missing = [], []
+    spare = list(leftover_in_order)
+    for w in unmatched:
+        near = _misspelling(w, spare)
+        if near is None:
+            missing.append(w)
+        else:
+            misspelled.append((w, near))
+            spare.remove(near)
+
+    a, b = "".join(exp), "".join(got)
+    dist = levenshtein(a, b)
+    longest = max(len(a), len(b))
+    normalised = dist / longest if longest else 0.0
+    return TextScore(
+        word_accuracy=len(matched) / len(exp) if exp else 1.0,
+        ned=1.0 - normalised, edit_distance=dist, normalised_distance=normalised,
+        expected_words=exp, read_words=got, matched=matched, misspelled=misspelled, missing=missing,
+        extra=spare,
+    )
+
+
+def report(scores: list[TextScore]) -> str:
+    """A short readable account per image: the two numbers and which words were missed or misspelled."""
+    lines = []
+    for i, s in enumerate(scores):
+        lines.append(f"image {i}: word accuracy {s.word_accuracy:.3f} ({len(s.matched)}/{len(s.expected_words)} words), "
+                     f"NED {s.ned:.3f}")
+        if s.misspelled:
+            lines.append("  misspelled: " + ", ".join(f"{e!r} read as {r!r}" for e, r in s.misspelled))
+        if s.missing:
+            lines.append("  missing: " + ", ".join(repr(w) for w in s.missing))
+        if s.extra:
+            lines.append("  extra: " + ", ".join(repr(w) for w in s.extra))
+        if not (s.misspelled or s.missing or s.extra):
+            lines.append("  all expected words found, nothing extra")
+    return "\n".join(lines)
+
+
+def rank(values: list[tuple[float, ...]]) -> list[int]:
+    """Indices from best to worst: higher values first (compared in order), ties to the lower index."""
+    return sorted(range(len(values)), key=lambda i: (tuple(-v for v in values[i]), i))

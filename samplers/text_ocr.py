@@ -1,0 +1,163 @@
+"""Reading text back from images: the engines behind the Read Text node.
+
+- PP-OCR through the `rapidocr` package (ONNX Runtime on the CPU). Its detection, direction and
+  recognition models (Chinese and English) ship inside the wheel; they are loaded from there by explicit
+  path, so nothing is ever downloaded at run time.
+- ERNIE-4.5-VL, when a VL model is wired in: slower, better on stylised text. It lives in
+  samplers/ernie_vl.py; this module only calls into it.
+
+Every engine returns, per image, a dict {"engine", "width", "height", "lines": [{"text", "score", "box"}]}
+with boxes as four [x, y] corners in pixels of that image, lines in reading order (top to bottom, then
+left to right). A missing engine package is an error that names what to install; there is never a silent
+fallback to another engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import threading
+
+import numpy as np
+import torch
+
+from ..loaders.host import LetterpressError, get_host
+
+PP_OCR = "PP-OCR (rapidocr)"
+ERNIE_VL = "ERNIE-4.5-VL"
+INSTALL_OCR = "pip install rapidocr onnxruntime  (or: pip install -e \".[ocr]\" in the Letterpress folder)"
+
+_engine = None
+_engine_lock = threading.Lock()
+
+
+def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """IMAGE (B,H,W,C float 0..1) -> RGB uint8 arrays."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise LetterpressError(f"Read Text needs an IMAGE batch (B, H, W, C with C = 3), got {shape}.")
+    if images.shape[0] == 0:
+        raise LetterpressError("Read Text got an empty IMAGE batch.")
+    arr = (images.detach().cpu().float().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return [np.ascontiguousarray(a[..., :3]) for a in arr]
+
+
+def _rapidocr_models(package_dir: str) -> dict[str, str]:
+    """The model files shipped in the rapidocr wheel, by task (det, cls, rec)."""
+    folder = os.path.join(package_dir, "models")
+    files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    found = {}
+    for task in ("det", "cls", "rec"):
+        hits = [f for f in files if f.endswith(".onnx") and f"_{task}" in f]
+        if len(hits) != 1:
+            raise LetterpressError(
+                f"The installed rapidocr has no single bundled {task} model in {folder} (found {hits or 'none'}); "
+                f"Letterpress uses only the models inside the wheel and never downloads. Reinstall it: {INSTALL_OCR}")
+        found[task] = os.path.join(folder, hits[0])
+    return found
+
+
+def rapidocr_engine():
+    """One shared PP-OCR engine, built on first use from the models inside the rapidocr wheel."""
+    global _engine
+    with _engine_lock:
+        if _engine is not None:
+            return _engine
+        missing = [m for m in ("rapidocr", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise LetterpressError(f"Read Text's PP-OCR engine needs the package(s) {', '.join(missing)}, "
+                                   f"which are not installed. Install them: {INSTALL_OCR}")
+        import rapidocr
+
+        paths = _rapidocr_models(os.path.dirname(rapidocr.__file__))
+        params = {"Global.log_level": "error", "Det.model_path": paths["det"], "Cls.model_path": paths["cls"],
+                  "Rec.model_path": paths["rec"]}
+        _engine = rapidocr.RapidOCR(params=params)
+        return _engine
+
+
+def read_pp_ocr(images: torch.Tensor, min_score: float = 0.5) -> list[dict]:
+    """PP-OCR on every image of the batch."""
+    arrays = to_uint8(images)
+    engine = rapidocr_engine()
+    host = get_host()
+    out = []
+    for rgb in arrays:
+        host.check_interrupt()
+        h, w = rgb.shape[:2]
+        result = engine(np.ascontiguousarray(rgb[..., ::-1]), text_score=min_score)  # rapidocr takes BGR arrays
+        lines = []
+        if getattr(result, "txts", None):
+            for text, score, box in zip(result.txts, result.scores, result.boxes):
+                lines.append({"text": str(text), "score": round(float(score), 4),
+                              "box": [[round(float(x), 1), round(float(y), 1)] for x, y in np.asarray(box).tolist()]})
+        out.append({"engine": PP_OCR, "width": w, "height": h, "lines": _reading_order(lines)})
+    return out
+
+
+def _reading_order(lines: list[dict]) -> list[dict]:
+    """Top to bottom; lines whose vertical centres are within half a line height count as one row."""
+    def top(line):
+        return min(p[1] for p in line["box"])
+
+    def height(line):
+        ys = [p[1] for p in line["box"]]
+        return max(ys) - min(ys)
+
+    rows: list[list[dict]] = []
+    for line in sorted(lines, key=top):
+        if rows:
+            ref = rows[-1][0]
+            c_ref = top(ref) + height(ref) / 2
+            c = top(line) + height(line) / 2
+            if abs(c - c_ref) < max(height(ref), height(line)) / 2:
+                rows[-1].append(line)
+                continue
+        rows.append([line])
+    return [line for row in rows for line in sorted(row, key=lambda ln: min(p[0] for p in ln["box"]))]
+
+
+def read_ernie_vl(images: torch.Tensor, vl_model) -> list[dict]:
+    """ERNIE-4.5-VL reading, through samplers/ernie_vl.py when that module provides it."""
+    try:
+        vl = importlib.import_module(".ernie_vl", __package__)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.endswith("ernie_vl"):
+            raise LetterpressError("The ERNIE-4.5-VL engine of Read Text is not available yet in this version of "
+                                   "Letterpress (samplers/ernie_vl.py is missing). Disconnect vl_model to read with "
+                                   "PP-OCR.") from None
+        raise
+    reader = getattr(vl, "read_text", None)
+    if reader is None:
+        raise LetterpressError("The ERNIE-4.5-VL engine of Read Text is not available yet: samplers/ernie_vl.py has no "
+                               "read_text(handle, images) function. Disconnect vl_model to read with PP-OCR.")
+    host = get_host()
+    host.load(vl_model)
+    results = reader(vl_model, images)
+    out = []
+    for rgb, res in zip(to_uint8(images), results):
+        h, w = rgb.shape[:2]
+        lines = [{"text": str(ln["text"]), "score": float(ln.get("score", 1.0)), "box": ln.get("box")}
+                 for ln in res.get("lines", [])]
+        out.append({"engine": ERNIE_VL, "width": w, "height": h, "lines": lines})
+    return out
+
+
+def read_text(images: torch.Tensor, vl_model=None, min_score: float = 0.5) -> list[dict]:
+    """Read every image of the batch: with ERNIE-4.5-VL when a VL model is given, else with PP-OCR."""
+    if vl_model is not None:
+        return read_ernie_vl(images, vl_model)
+    return read_pp_ocr(images, min_score)
+
+
+def plain_text(results: list[dict]) -> str:
+    """The read text as plain lines; with several images, each under an [image N] header."""
+    if len(results) == 1:
+        return "\n".join(ln["text"] for ln in results[0]["lines"])
+    blocks = []
+    for i, r in enumerate(results):
+        blocks.append(f"[image {i}]\n" + "\n".join(ln["text"] for ln in r["lines"]))
+    return "\n\n".join(blocks)
