@@ -48,3 +48,11 @@ def ernie(models_dir):
     from fixtures import ernie_image
 
     return ernie_image.build(models_dir)
+
+
+@pytest.fixture(scope="session")
+def ernie_vl(models_dir):
+    """The tiny ERNIE-4.5-VL (transformers layout under models/LLM/ERNIE-4.5-VL-28B-A3B-PT and -Thinking)."""
+    from fixtures import ernie_vl as build_vl
+
+    return build_vl.build(models_dir)

@@ -1,0 +1,130 @@
+"""ERNIE-4.5-VL-28B-A3B (-PT and -Thinking) from a transformers checkpoint folder under models/LLM/.
+
+Loading goes through transformers' own `from_pretrained` with the chosen dtype rather than the pack's
+meta-device `fill_module`: the Hugging Face checkpoint stores each MoE expert separately and transformers
+converts them on load into its fused expert tensors (text and vision experts apart, routers kept in fp32).
+Re-implementing that conversion would duplicate transformers; `from_pretrained` already builds on the meta
+device and fills from memory-mapped safetensors, so peak memory stays at one copy of the weights.
+
+The processor is transformers' `Ernie4_5_VLMoeProcessor` minus its video processor, which needs torchvision;
+images go through `Ernie4_5_VLMoeImageProcessorPil`, which does not.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from .files import PICKLE_EXTENSIONS, list_subfolders
+from .host import LetterpressError, ModelHandle, get_host
+from .weights import read_json, weight_dtype
+
+FAMILY = "ernie_vl"
+MODEL_TYPE = "ernie4_5_vl_moe"
+REMOTE_CODE_TYPES = ("ernie4_5_moe_vl",)  # the original release, which needs trust_remote_code
+# Token strings of the real tokenizer, used when a tokenizer does not name them itself.
+DEFAULT_TOKENS = {"image_token": "<|IMAGE_PLACEHOLDER|>", "image_start_token": "<|IMAGE_START|>",
+                  "image_end_token": "<|IMAGE_END|>", "video_token": "<|VIDEO_PLACEHOLDER|>",
+                  "video_start_token": "<|VIDEO_START|>", "video_end_token": "<|VIDEO_END|>"}
+
+
+def list_folders() -> list[str]:
+    """Folders under models/LLM whose config.json is an ERNIE-4.5-VL model."""
+    found = []
+    for name in list_subfolders("LLM"):
+        for base in get_host().model_folders("LLM"):
+            path = os.path.join(base, name, "config.json")
+            if os.path.exists(path):
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        kind = json.load(f).get("model_type", "")
+                except (OSError, ValueError):
+                    kind = ""
+                if kind == MODEL_TYPE or kind in REMOTE_CODE_TYPES:
+                    found.append(name)
+                break
+    return found
+
+
+def _processor_class():
+    from transformers import Ernie4_5_VLMoeProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ErnieVLImageProcessor(Ernie4_5_VLMoeProcessor):
+        """transformers' ERNIE-4.5-VL processor for images only (token expansion, M-RoPE and MoE type ids)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            for attr, default in DEFAULT_TOKENS.items():
+                token = getattr(tokenizer, attr, None) or default
+                token_id = tokenizer.convert_tokens_to_ids(token)
+                if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+                    raise LetterpressError(
+                        f"ERNIE-4.5-VL: the tokenizer has no '{token}' token. The folder's tokenizer is not the "
+                        "ERNIE-4.5-VL one; download the model folder again."
+                    )
+                setattr(self, attr, token)
+                setattr(self, attr + "_id", token_id)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ErnieVLImageProcessor
+
+
+def _chat_template(folder: str, tokenizer) -> str:
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    for name in ("chat_template.json", "processor_config.json"):
+        p = os.path.join(folder, name)
+        if os.path.exists(p):
+            tmpl = read_json(p, "ERNIE-4.5-VL processor").get("chat_template")
+            if tmpl:
+                return tmpl
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    raise LetterpressError(f"ERNIE-4.5-VL: {folder} has no chat template (chat_template.jinja). Download the folder again.")
+
+
+def load_processor(folder: str):
+    from transformers import AutoTokenizer, Ernie4_5_VLMoeImageProcessorPil
+
+    if not os.path.exists(os.path.join(folder, "preprocessor_config.json")):
+        raise LetterpressError(f"ERNIE-4.5-VL: {folder} has no preprocessor_config.json (the image processor). "
+                               "Download the whole model folder.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise LetterpressError(f"ERNIE-4.5-VL: the tokenizer in {folder} could not be loaded ({e}).")
+    image_processor = Ernie4_5_VLMoeImageProcessorPil.from_pretrained(folder)
+    return _processor_class()(image_processor, tokenizer, chat_template=_chat_template(folder, tokenizer))
+
+
+def load(folder: str, dtype_choice: str = "auto") -> ModelHandle:
+    """The model, its processor and chat template, wrapped for the host's memory manager."""
+    from transformers import Ernie4_5_VLMoeForConditionalGeneration
+
+    cfg = read_json(os.path.join(folder, "config.json"), "ERNIE-4.5-VL")
+    kind = cfg.get("model_type", "")
+    if kind in REMOTE_CODE_TYPES:
+        raise LetterpressError(
+            f"ERNIE-4.5-VL: {folder} holds the original release (model_type '{kind}'), which needs remote code. "
+            f"Letterpress loads the transformers-native layout (model_type '{MODEL_TYPE}'); download that revision."
+        )
+    if kind != MODEL_TYPE:
+        raise LetterpressError(f"ERNIE-4.5-VL: {folder} is a '{kind or 'unknown'}' model, not ERNIE-4.5-VL.")
+    if not glob.glob(os.path.join(folder, "*.safetensors")):
+        pickles = [f for f in os.listdir(folder) if f.endswith(PICKLE_EXTENSIONS)]
+        hint = " It only holds pickle files, which Letterpress does not load." if pickles else ""
+        raise LetterpressError(f"ERNIE-4.5-VL: {folder} holds no .safetensors weights.{hint}")
+    processor = load_processor(folder)
+    dtype = weight_dtype(dtype_choice)
+    try:
+        model = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise LetterpressError(f"ERNIE-4.5-VL: the weights in {folder} could not be loaded ({e}).")
+    model.eval()
+    model.requires_grad_(False)
+    handle = ModelHandle(family=FAMILY, role="vl_model", module=model, tokenizer=processor.tokenizer, source=folder,
+                         extras={"processor": processor, "dtype": str(dtype).replace("torch.", "")})
+    return get_host().wrap(handle)

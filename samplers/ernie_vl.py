@@ -1,0 +1,266 @@
+"""ERNIE-4.5-VL: images + prompt -> answer and reasoning; grounding (boxes) parsing and drawing.
+
+Prompts follow the model's chat template: the images come first in the user turn ("Picture N:" + image
+placeholder each), then the text; `enable_thinking` selects between an open "<think>" (the model reasons,
+closes with "</think>", then answers) and an empty think block (the model answers at once).
+
+Grounding: ERNIE-4.5-VL's tokenizer has a coordinate vocabulary <|LOC_0|> .. <|LOC_1000|> (1001 tokens, with
+<|LOC_BEGIN|>, <|LOC_END|>, <|LOC_SEP|>), i.e. positions are normalised to 0..1000 of the image's width and
+height. Boxes are accepted in that token form and in the JSON / plain-list forms the model writes when asked for
+JSON ({"label", "bbox_2d": [x1, y1, x2, y2]}), always read on the 0..1000 scale and converted to pixels of the
+input image.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..loaders.host import LetterpressError, ModelHandle
+from .generate import generate, sampling_args
+
+PRESETS = {
+    "free question": "",
+    "describe as text-to-image prompt": (
+        "Describe this image as a prompt for a text-to-image model: one detailed paragraph covering the subject, "
+        "composition, style, lighting, colours and any visible text (quoted exactly). Output only the prompt."
+    ),
+    "read the text in the image": (
+        "Read all the text in this image, in reading order, and output it exactly as written. Output only the text."
+    ),
+}
+PRESET_NAMES = list(PRESETS)
+GROUNDING_PROMPT = (
+    "Locate every instance of the following objects in the image: {objects}. Output a JSON list with one entry "
+    "per instance, each {{\"label\": <object name>, \"bbox_2d\": [x1, y1, x2, y2]}}, with coordinates normalised "
+    "to 0-1000 of the image width and height. Output only the JSON."
+)
+COORD_SCALE = 1000.0
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+# images -----------------------------------------------------------------------------------------------
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """ComfyUI IMAGE (B, H, W, C floats 0..1) -> RGB PIL images (rounded, so 8-bit inputs survive exactly)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
+        raise LetterpressError("The image input must be a ComfyUI IMAGE (batch, height, width, channels).")
+    out = []
+    for img in images:
+        arr = (img.detach().cpu().float().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        out.append(Image.fromarray(arr[..., :3]))
+    return out
+
+
+def compose_prompt(preset: str, prompt: str) -> str:
+    if preset not in PRESETS:
+        raise LetterpressError(f"Unknown preset '{preset}' (choices: {', '.join(PRESET_NAMES)}).")
+    instruction, extra = PRESETS[preset], prompt.strip()
+    if not instruction and not extra:
+        raise LetterpressError("The prompt is empty: write a question, or choose a preset.")
+    return f"{instruction}\n{extra}" if instruction and extra else (instruction or extra)
+
+
+def messages(n_images: int, text: str, system_prompt: str = "") -> list[dict]:
+    out = []
+    if system_prompt.strip():
+        out.append({"role": "system", "content": system_prompt.strip()})
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    out.append({"role": "user", "content": content})
+    return out
+
+
+def prepare_inputs(handle: ModelHandle, images: list[Image.Image], text: str, system_prompt: str, thinking: bool):
+    processor = handle.extras["processor"]
+    rendered = processor.tokenizer.apply_chat_template(
+        messages(len(images), text, system_prompt), chat_template=processor.chat_template, tokenize=False,
+        add_generation_prompt=True, enable_thinking=bool(thinking),
+    )
+    inputs = processor(text=[rendered], images=images, return_tensors="pt")
+    inputs = {k: v.to(handle.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(handle.dtype)
+    return inputs
+
+
+# decoding ---------------------------------------------------------------------------------------------
+def _control_ids(tokenizer) -> set[int]:
+    """Tokens that are framing, not content: BOS/EOS/PAD, image and video markers, the think tags."""
+    names = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, THINK_OPEN, THINK_CLOSE]
+    names += [getattr(tokenizer, a, None) for a in ("image_token", "image_start_token", "image_end_token",
+                                                    "video_token", "video_start_token", "video_end_token")]
+    vocab = tokenizer.get_vocab()
+    return {vocab[n] for n in names if n and n in vocab}
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """Text of `ids` without framing tokens; other special tokens (e.g. <|LOC_n|> coordinates) are kept."""
+    drop = _control_ids(tokenizer)
+    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False).strip()
+
+
+def split_thinking(tokenizer, ids: list[int], thinking: bool) -> tuple[str, str]:
+    """(answer, reasoning) of generated ids. The reasoning is what precedes </think>; without a </think>
+    everything is the answer when thinking is off, and unfinished reasoning when it is on."""
+    ids = [int(i) for i in ids]
+    vocab = tokenizer.get_vocab()
+    close = vocab.get(THINK_CLOSE)
+    if close is not None and close in ids:
+        k = ids.index(close)
+        return decode(tokenizer, ids[k + 1:]), decode(tokenizer, ids[:k])
+    text = decode(tokenizer, ids)
+    if THINK_CLOSE in text:  # a tokenizer that spells </think> with several tokens
+        reasoning, answer = text.split(THINK_CLOSE, 1)
+        return answer.strip(), reasoning.replace(THINK_OPEN, "").strip()
+    return ("", text) if thinking else (text, "")
+
+
+@torch.no_grad()
+def vl_generate(handle: ModelHandle, images: torch.Tensor, text: str, system_prompt: str, thinking: bool,
+                max_new_tokens: int, temperature: float, top_p: float, seed: int) -> tuple[str, str]:
+    """One answer to `text` about all the images of the batch; returns (answer, reasoning)."""
+    pil = to_pil(images)
+    inputs = prepare_inputs(handle, pil, text, system_prompt, thinking)
+    tok = handle.extras["processor"].tokenizer
+    out = generate(handle.module, seed, max_new_tokens, **inputs, **sampling_args(temperature, top_p),
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return split_thinking(tok, new, thinking)
+
+
+# grounding --------------------------------------------------------------------------------------------
+_LOC = re.compile(r"<\|LOC_(\d+)\|>")
+_LOC_RUN = re.compile(r"(?:<\|LOC_BEGIN\|>)?((?:\s*<\|LOC_\d+\|>\s*(?:<\|LOC_SEP\|>)?){4,})(?:<\|LOC_END\|>)?")
+_LIST4 = re.compile(r"[\[\(]\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*[\]\)]?\s*,?\s*[\[\(]?\s*"
+                    r"(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*[\]\)]")
+_LABEL_KEYS = ("label", "name", "object", "category", "text")
+_BOX_KEYS = ("bbox_2d", "bbox", "box", "box_2d", "coordinates")
+
+
+def grounding_prompt(objects: str) -> str:
+    names = [o.strip() for o in re.split(r"[,\n;]", objects) if o.strip()]
+    if not names:
+        raise LetterpressError("Name at least one object to find (comma-separated, e.g. 'cat, red sign').")
+    return GROUNDING_PROMPT.format(objects=", ".join(names))
+
+
+def _clean_label(text: str) -> str:
+    text = re.sub(r"<\|[^|]*\|>", " ", text)  # leftover markers such as <|TEXT_START|>
+    text = re.sub(r"[\[\]{}\"'`:,]", " ", text)
+    words = text.split()
+    return " ".join(words[-6:]) if words else ""
+
+
+def _from_json(text: str) -> list[tuple[str, list[float]]]:
+    found = []
+    body = re.sub(r"```(?:json)?", "", text)
+    decoder = json.JSONDecoder()
+    i = 0
+    while i < len(body):
+        if body[i] not in "[{":
+            i += 1
+            continue
+        try:
+            value, end = decoder.raw_decode(body, i)
+        except ValueError:
+            i += 1
+            continue
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            box = next((item[k] for k in _BOX_KEYS if k in item), None)
+            if isinstance(box, list) and len(box) == 2 and all(isinstance(p, list) and len(p) == 2 for p in box):
+                box = box[0] + box[1]
+            if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
+                label = next((str(item[k]) for k in _LABEL_KEYS if k in item), "")
+                found.append((label, [float(v) for v in box]))
+        i = end
+    return found
+
+
+def _from_loc_tokens(text: str) -> list[tuple[str, list[float]]]:
+    found, last = [], 0
+    for m in _LOC_RUN.finditer(text):
+        values = [float(v) for v in _LOC.findall(m.group(1))]
+        if len(values) >= 8:  # a 4-point polygon: its bounding rectangle
+            xs, ys = values[0:8:2], values[1:8:2]
+            values = [min(xs), min(ys), max(xs), max(ys)]
+        found.append((_clean_label(text[last:m.start()]), values[:4]))
+        last = m.end()
+    return found
+
+
+def _from_plain(text: str) -> list[tuple[str, list[float]]]:
+    found, last = [], 0
+    for m in _LIST4.finditer(text):
+        found.append((_clean_label(text[last:m.start()]), [float(m.group(i)) for i in range(1, 5)]))
+        last = m.end()
+    return found
+
+
+def parse_boxes(text: str, width: int, height: int, labels: list[str] | None = None, image: int = 0) -> list[dict]:
+    """Boxes in `text` (model output) as dicts {image, label, box (pixels x1,y1,x2,y2), box_1000}."""
+    raw = _from_loc_tokens(text) or _from_json(text) or _from_plain(text)
+    labels = labels or []
+    boxes = []
+    for n, (label, (x1, y1, x2, y2)) in enumerate(raw):
+        norm = [min(max(v, 0.0), COORD_SCALE) for v in (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))]
+        px = [norm[0] * width / COORD_SCALE, norm[1] * height / COORD_SCALE,
+              norm[2] * width / COORD_SCALE, norm[3] * height / COORD_SCALE]
+        if not label:
+            label = labels[n] if n < len(labels) else (labels[0] if len(labels) == 1 else "object")
+        boxes.append({"image": image, "label": label, "box": [round(v, 2) for v in px],
+                      "box_1000": [round(v, 2) for v in norm]})
+    return boxes
+
+
+def boxes_json(boxes: list[dict], width: int, height: int) -> str:
+    return json.dumps({"width": width, "height": height, "coordinates": "pixels x1, y1, x2, y2 (top-left origin)",
+                       "boxes": boxes}, ensure_ascii=False)
+
+
+def read_boxes(boxes: str) -> list[dict]:
+    try:
+        data = json.loads(boxes)
+    except ValueError as e:
+        raise LetterpressError(f"The boxes input is not JSON ({e}); wire the boxes output of ERNIE-VL Ground.")
+    items = data.get("boxes") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise LetterpressError("The boxes JSON needs a 'boxes' list (as ERNIE-VL Ground writes it).")
+    for b in items:
+        if not isinstance(b, dict) or not isinstance(b.get("box"), list) or len(b["box"]) != 4:
+            raise LetterpressError(f"Box {b!r} has no 'box': [x1, y1, x2, y2] in pixels.")
+    return items
+
+
+def _color(label: str) -> tuple[int, int, int]:
+    h = (sum(ord(c) * 31 ** i for i, c in enumerate(label)) % 360) / 360.0
+    r, g, b = colorsys.hsv_to_rgb(h, 0.9, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_boxes(images: torch.Tensor, boxes: list[dict], line_width: int = 3, show_labels: bool = True,
+               color: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The images with each box outlined (inside its pixel rectangle) and labelled; box 'image' picks the image."""
+    from PIL import ImageDraw
+
+    pil = to_pil(images)
+    for b in boxes:
+        k = int(b.get("image", 0))
+        if not 0 <= k < len(pil):
+            continue
+        draw = ImageDraw.Draw(pil[k])
+        x1, y1, x2, y2 = b["box"]
+        c = color or _color(str(b.get("label", "")))
+        draw.rectangle([round(x1), round(y1), round(x2) - 1, round(y2) - 1], outline=c, width=line_width)
+        if show_labels and b.get("label"):
+            tx, ty = round(x1) + line_width + 1, round(y1) + line_width + 1
+            draw.text((tx, ty), str(b["label"]), fill=c)
+    out = torch.from_numpy(np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in pil]))
+    return out.to(images.dtype)
