@@ -7,6 +7,9 @@ The two numbers CVTG-2K (TextCrafter, arXiv 2503.23461) reports for text renderi
 - NED: 1 - Levenshtein(expected, read) / max(len(expected), len(read)) over the characters, the
   normalised edit *similarity* that CVTG-2K's tables list (higher is better, 1.0 = identical). Extra
   read text lowers it. The plain normalised distance (lower is better) is reported next to it.
+  The read text is taken in reading order (top to bottom, left to right). When several texts are
+  expected, they are first put in the order in which each best matches the read text, so the order the
+  prompt quotes them in (or the quote-kind order of the span rule) does not count as an error.
 
 Normalisation before comparing (the same for both sides): Unicode NFKC (full-width forms become ASCII),
 case folded unless case-sensitive, punctuation and symbols dropped, and words split on white space. Han,
@@ -106,6 +109,26 @@ class TextScore:
         }
 
 
+def _best_match_end(needle: str, haystack: str) -> int:
+    """Where in `haystack` the closest approximate occurrence of `needle` ends (free start, free end)."""
+    previous = [0] * (len(haystack) + 1)  # matching may start anywhere in the haystack
+    for i, cn in enumerate(needle, 1):
+        current = [i]
+        for j, ch in enumerate(haystack, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (cn != ch)))
+        previous = current
+    return min(range(len(previous)), key=lambda j: (previous[j], j))
+
+
+def in_image_order(spans: list[list[str]], read: str) -> list[list[str]]:
+    """The expected spans (as word lists) sorted by where each best matches in the read text, so the order
+    in which a prompt quotes its texts does not count as an error. Ties keep the prompt's order."""
+    if len(spans) < 2 or not read:
+        return spans
+    ends = [_best_match_end("".join(span), read) for span in spans]
+    return [spans[i] for i in sorted(range(len(spans)), key=lambda i: (ends[i], i))]
+
+
 def _misspelling(word: str, candidates: list[str]) -> str | None:
     """The closest unmatched read word when it is near enough to be a misspelling of `word`."""
     best, best_d = None, None
@@ -124,8 +147,9 @@ def score_text(expected: str | list[str], read: str | list[str], case_sensitive:
         expected = [expected]
     if isinstance(read, str):
         read = [read]
-    exp = [w for span in expected for w in words(span, case_sensitive)]
     got = [w for line in read for w in words(line, case_sensitive)]
+    spans = in_image_order([words(span, case_sensitive) for span in expected], "".join(got))
+    exp = [w for span in spans for w in span]
 
     available = Counter(got)
     matched, unmatched = [], []

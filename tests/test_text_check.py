@@ -71,6 +71,13 @@ def test_word_accuracy_and_ned_hand_computed():
     assert (s.word_accuracy, s.ned) == (1.0, 1.0)
     s = score_text("", ["X"])
     assert (s.word_accuracy, s.ned, s.extra) == (1.0, 0.0, ["x"])
+    # several expected texts: the order the prompt quotes them in does not count, only what the image shows
+    s = score_text(["OPEN DAILY", "FRESH COFFEE"], ["FRESH COFFEE", "OPEN DAILY"])
+    assert (s.word_accuracy, s.ned) == (1.0, 1.0) and s.expected_words == ["fresh", "coffee", "open", "daily"]
+    s = score_text(["OPEN DAILY", "FRESH COFFEE"], ["FRESH COFEE", "OPEN DAILY"])  # 1 edit in 20 characters
+    assert s.word_accuracy == approx(3 / 4) and s.ned == approx(0.95) and s.misspelled == [("coffee", "cofee")]
+    s = score_text(["OPEN DAILY", "FRESH COFFEE"], ["FRESH COFFEE"])  # 9 deletions from 20 characters
+    assert s.word_accuracy == approx(0.5) and s.ned == approx(0.55) and s.missing == ["open", "daily"]
     # nothing read: every word missing, NED 0
     s = score_text("HELLO", [])
     assert (s.word_accuracy, s.ned, s.missing) == (0.0, 0.0, ["hello"])
