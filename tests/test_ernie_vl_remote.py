@@ -1,0 +1,177 @@
+"""ERNIE-VL Remote Generate against a small OpenAI-protocol server on 127.0.0.1 (started and stopped here):
+request shape with base64 images, plain and streamed answers, reasoning, HTTP errors, timeouts, Cancel."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from letterpress.loaders.host import Interrupted, LetterpressError
+from letterpress.nodes import NODE_CLASS_MAPPINGS as N
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Behaviour chosen by the requested model name."""
+
+    def log_message(self, *args):
+        pass
+
+    def _json(self, code, data):
+        body = json.dumps(data).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        if self.path != "/v1/chat/completions":
+            return self._json(404, {"detail": "Not Found"})
+        model = body["model"]
+        if model == "needs-key" and self.headers.get("Authorization") != "Bearer secret":
+            return self._json(401, {"error": {"message": "invalid api key"}})
+        if model == "slow":
+            time.sleep(1.5)  # longer than the client's timeout; bounded
+            return
+        if model == "garbage":
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>not json</html>")
+            return
+        if not body["stream"]:
+            content = "<think>look closer</think>A red cat." if model == "inline-think" else "A red cat."
+            message = {"role": "assistant", "content": content}
+            if model == "with-reasoning":
+                message["reasoning_content"] = "I see fur."
+            return self._json(200, {"choices": [{"index": 0, "message": message}], "usage": {"completion_tokens": 4}})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        pieces = [("reasoning_content", "I see "), ("reasoning_content", "fur."), ("content", "A red"), ("content", " cat.")]
+        if model == "endless":
+            pieces = [("content", f"w{i} ") for i in range(40)]
+        for key, text in pieces:
+            chunk = {"choices": [{"index": 0, "delta": {key: text}}]}
+            try:
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.05 if model == "endless" else 0)
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    srv.requests = []
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def url(srv):
+    return f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+
+def images(n=2):
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.integers(0, 256, (n, 20, 24, 3)).astype(np.float32) / 255.0)
+
+
+def remote(base, model, imgs=None, thinking=False, stream=False, timeout=10.0, api_key="", prompt="what is this?",
+           temperature=0.0):
+    return N["LetterpressErnieVLRemoteGenerate"]().run(
+        base, model, api_key, images() if imgs is None else imgs, "free question", prompt, "be brief", thinking, 64,
+        temperature, 0.9, 7, stream, timeout)
+
+
+def test_request_shape(server):
+    imgs = images(2)
+    assert remote(url(server), "plain", imgs, thinking=True, api_key="secret") == ("A red cat.", "")
+    req = server.requests[-1]
+    assert req["path"] == "/v1/chat/completions"
+    assert req["headers"]["Authorization"] == "Bearer secret"
+    body = req["body"]
+    assert body["model"] == "plain" and body["max_tokens"] == 64 and body["stream"] is False
+    assert body["temperature"] == 0.0 and body["seed"] == 7
+    assert body["chat_template_kwargs"] == {"enable_thinking": True}
+    system, user = body["messages"]
+    assert system == {"role": "system", "content": "be brief"}
+    assert [c["type"] for c in user["content"]] == ["image_url", "image_url", "text"]
+    assert user["content"][2]["text"] == "what is this?"
+    for k, part in enumerate(user["content"][:2]):
+        head, data = part["image_url"]["url"].split(",", 1)
+        assert head == "data:image/png;base64"
+        png = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+        assert np.array_equal(png, np.round(imgs[k].numpy() * 255).astype(np.uint8))  # the exact pixels
+
+
+def test_sampling_settings_are_sent(server):
+    remote(url(server), "plain", temperature=0.7)
+    body = server.requests[-1]["body"]
+    assert body["temperature"] == 0.7 and body["top_p"] == 0.9
+
+
+def test_reasoning_from_the_server_or_inline(server):
+    assert remote(url(server), "with-reasoning", thinking=True) == ("A red cat.", "I see fur.")
+    assert remote(url(server), "inline-think", thinking=True) == ("A red cat.", "look closer")
+
+
+def test_streaming_with_progress(server, host):
+    ticks = []
+    host.progress_listeners.append(lambda done, total: ticks.append(done))
+    assert remote(url(server), "streamed", stream=True, thinking=True) == ("A red cat.", "I see fur.")
+    assert server.requests[-1]["body"]["stream"] is True
+    assert ticks == [1, 2, 3, 4]  # one step per streamed chunk
+
+
+def test_cancel_while_streaming(server, host):
+    host.progress_listeners.append(lambda done, total: host.request_interrupt() if done == 2 else None)
+    start = time.monotonic()
+    with pytest.raises(Interrupted):
+        remote(url(server), "endless", stream=True)
+    assert time.monotonic() - start < 1.0  # 40 chunks would take 2 s
+
+
+def test_http_errors_become_clear_node_errors(server):
+    with pytest.raises(LetterpressError, match=r"HTTP 401: invalid api key.*API key"):
+        remote(url(server), "needs-key", api_key="wrong")
+    with pytest.raises(LetterpressError, match="HTTP 404.*base URL"):
+        remote(f"http://127.0.0.1:{server.server_address[1]}/nothing-here", "plain")
+    with pytest.raises(LetterpressError, match="OpenAI chat-completions format"):
+        remote(url(server), "garbage")
+
+
+def test_timeout(server):
+    start = time.monotonic()
+    with pytest.raises(LetterpressError, match=r"No answer from .* within 0.3 s"):
+        remote(url(server), "slow", timeout=0.3)
+    assert time.monotonic() - start < 1.4
+
+
+def test_unreachable_server_and_bad_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nobody listens there
+    with pytest.raises(LetterpressError, match="Could not reach .*Is the server running"):
+        remote(f"http://127.0.0.1:{port}/v1", "plain", timeout=2.0)
+    with pytest.raises(LetterpressError, match="must start with http"):
+        remote("127.0.0.1:8000/v1", "plain")
+    with pytest.raises(LetterpressError, match="model name is empty"):
+        remote("http://127.0.0.1:1/v1", " ")
