@@ -14,6 +14,7 @@ SIGNATURES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("ovis_image", "dit", "Ovis-Image DiT (original names)", ("double_blocks.0.", "single_blocks.0.", "img_mlp.gate_proj")),
     ("flux1", "dit", "FLUX.1 DiT", ("double_blocks.0.", "single_blocks.0.")),
     ("flux1", "dit", "FLUX.1 DiT", ("context_embedder.weight", "single_transformer_blocks.0.")),
+    ("glm_image", "ar", "GLM-Image AR model", ("vqmodel.quantize.embedding.weight", "language_model.")),
     ("glm_image", "dit", "GLM-Image DiT", ("glyph_projector",)),
     ("glm_image", "dit", "GLM-Image DiT", ("prior_token_embedding",)),
     ("flux2_vae", "vae", "Flux2 VAE (ERNIE-Image)", ("bn.running_mean", "decoder.")),

@@ -1,8 +1,8 @@
 """Node classes, one module per model family. Each module exports NODES and DISPLAY_NAMES."""
 
-from . import ernie_image, ovis_image
+from . import ernie_image, glm_image, ovis_image
 
-FAMILIES = [ernie_image, ovis_image]
+FAMILIES = [ernie_image, ovis_image, glm_image]
 from . import ernie_vl  # noqa: E402  (ERNIE-4.5-VL; kept on its own lines so family edits do not collide)
 FAMILIES.append(ernie_vl)
 from . import text_check  # noqa: E402  (Read Text, Text Accuracy, Best of Batch)

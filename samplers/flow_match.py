@@ -25,17 +25,23 @@ def dynamic_shift(sigmas: np.ndarray, mu: float, exponent: float = 1.0) -> np.nd
     return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** exponent)
 
 
+def linear_shift(sigmas: np.ndarray, mu: float, exponent: float = 1.0) -> np.ndarray:
+    """diffusers' `time_shift` with the linear type (CogView4 / GLM-Image scheduler configs)."""
+    return mu / (mu + (1 / sigmas - 1) ** exponent)
+
+
 def calculate_mu(seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
     """The linear mu of FLUX-style pipelines for an image of `seq_len` latent tokens."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return seq_len * m + (base_shift - m * base_seq_len)
 
 
-def schedule(base_sigmas, shift: float | None = None, mu: float | None = None, num_train_timesteps: int = 1000):
+def schedule(base_sigmas, shift: float | None = None, mu: float | None = None, num_train_timesteps: int = 1000,
+             time_shift_type: str = "exponential"):
     """(sigmas with the terminal 0 appended, timesteps = sigma * 1000) as float32 tensors."""
     s = np.array(base_sigmas).astype(np.float32)
     if mu is not None:
-        s = dynamic_shift(s, mu)
+        s = linear_shift(s, mu) if time_shift_type == "linear" else dynamic_shift(s, mu)
     elif shift is not None:
         s = static_shift(s, shift)
     sigmas = torch.from_numpy(np.asarray(s)).to(torch.float32)

@@ -51,6 +51,14 @@ def ernie(models_dir):
 
 
 @pytest.fixture(scope="session")
+def glm(models_dir):
+    """The tiny GLM-Image (diffusers layout under models/diffusers/GLM-Image) and its components."""
+    from fixtures import glm_image
+
+    return glm_image.build(models_dir)
+
+
+@pytest.fixture(scope="session")
 def ernie_vl(models_dir):
     """The tiny ERNIE-4.5-VL (transformers layout under models/LLM/ERNIE-4.5-VL-28B-A3B-PT and -Thinking)."""
     from fixtures import ernie_vl as build_vl

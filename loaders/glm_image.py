@@ -1,0 +1,154 @@
+"""GLM-Image checkpoints: the AR model (vision-language encoder + processor), the ByT5 glyph encoder, the DiT and
+the 16-channel KL VAE.
+
+GLM-Image ships in the Hugging Face diffusers layout only (zai-org/GLM-Image -> models/diffusers/GLM-Image:
+vision_language_encoder/, processor/, text_encoder/, tokenizer/, transformer/, vae/, scheduler/). Every loader
+takes that folder (or the component folder itself) and builds its module on the meta device, then fills it
+tensor by tensor from the memory-mapped safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .detect import expect
+from .files import pipeline_class
+from .host import LetterpressError, ModelHandle, get_host
+from .vae import load_vae
+from .weights import build_empty, fill_module, open_checkpoint, read_json, weight_dtype
+
+FAMILY = "glm_image"
+PIPELINE_CLASSES = ("GlmImagePipeline",)
+# The reference scheduler settings (GlmImagePipeline: dynamic shift from base 0.25 / max 0.75 over 256 tokens).
+DEFAULT_SCHEDULER = dict(num_train_timesteps=1000, base_image_seq_len=256, base_shift=0.25, max_shift=0.75,
+                         use_dynamic_shifting=True, time_shift_type="linear", shift=1.0)
+KL_VAE_TEMPLATE = dict(norm_num_groups=32, act_fn="silu", sample_size=1024)
+
+
+def _component(path: str, sub: str, what: str) -> str:
+    """`path/sub` when `path` is the whole GLM-Image folder, else `path` (a component folder)."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
+        found = pipeline_class(path)
+        if found not in PIPELINE_CLASSES:
+            raise LetterpressError(
+                f"{os.path.basename(path.rstrip(os.sep))} is not a GLM-Image folder ({found or 'unknown pipeline'}). "
+                "Pick the zai-org/GLM-Image folder under models/diffusers."
+            )
+        path = os.path.join(path, sub)
+    if not os.path.isdir(path):
+        raise LetterpressError(
+            f"{what}: {path} does not exist. GLM-Image is published in the diffusers layout only: download "
+            f"zai-org/GLM-Image into models/diffusers/GLM-Image (it must hold {sub}/)."
+        )
+    return path
+
+
+def _sibling(path: str, sub: str) -> str:
+    return os.path.join(os.path.dirname(path.rstrip(os.sep)), sub)
+
+
+def _config(path: str, what: str) -> dict:
+    return {k: v for k, v in read_json(os.path.join(path, "config.json"), what).items() if not k.startswith("_")}
+
+
+# AR model ------------------------------------------------------------------------------------------
+
+
+def load_ar(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    """GlmImageForConditionalGeneration (+ its GlmImageProcessor and generation config)."""
+    from transformers import GenerationConfig, GlmImageConfig, GlmImageForConditionalGeneration, GlmImageProcessor
+
+    what = "GLM-Image AR model"
+    path = _component(path, "vision_language_encoder", what)
+    ck = open_checkpoint(path)
+    expect(ck.keys(), FAMILY, what, os.path.basename(path), "the GLM-Image AR loader")
+    cfg = read_json(os.path.join(path, "config.json"), what)
+    config = GlmImageConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "transformers_version", "dtype")})
+    module = build_empty(lambda: GlmImageForConditionalGeneration(config))
+    fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what)
+    module.eval()
+    if os.path.exists(os.path.join(path, "generation_config.json")):
+        module.generation_config = GenerationConfig.from_pretrained(path)
+    proc_dir = next((p for p in (_sibling(path, "processor"), path)
+                     if os.path.exists(os.path.join(p, "processor_config.json"))
+                     or os.path.exists(os.path.join(p, "preprocessor_config.json"))), None)
+    if proc_dir is None:
+        raise LetterpressError(f"{what}: no processor found next to {path} (the GLM-Image folder needs processor/).")
+    processor = GlmImageProcessor.from_pretrained(proc_dir)
+    return get_host().wrap(ModelHandle(FAMILY, "ar", module, tokenizer=processor, source=path))
+
+
+# Glyph encoder (ByT5) ------------------------------------------------------------------------------
+
+
+def load_glyph_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    what = "GLM-Image glyph encoder (ByT5)"
+    path = _component(path, "text_encoder", what)
+    ck = open_checkpoint(path)
+    expect(ck.keys(), "t5", "T5 / ByT5 encoder", os.path.basename(path), "the GLM-Image glyph encoder loader")
+    config = T5Config(**_config(path, what))
+    module = build_empty(lambda: T5EncoderModel(config))
+    key_map = lambda k: None if k.startswith("decoder.") or k == "lm_head.weight" else k  # noqa: E731
+    fill_module(module, ck, key_map, dtype=weight_dtype(dtype_choice), what=what, optional=("encoder.embed_tokens.",))
+    module.encoder.embed_tokens = module.shared  # tied, as T5EncoderModel ties them
+    module.eval()
+    tok_dir = next((p for p in (_sibling(path, "tokenizer"), path)
+                    if os.path.exists(os.path.join(p, "tokenizer_config.json"))), None)
+    tokenizer = ByT5Tokenizer.from_pretrained(tok_dir) if tok_dir else ByT5Tokenizer()
+    return get_host().wrap(ModelHandle(FAMILY, "glyph_encoder", module, tokenizer=tokenizer, source=path))
+
+
+# DiT -----------------------------------------------------------------------------------------------
+
+
+def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    from diffusers import GlmImageTransformer2DModel
+
+    what = "GLM-Image DiT"
+    path = _component(path, "transformer", what)
+    ck = open_checkpoint(path)
+    expect(ck.keys(), FAMILY, what, os.path.basename(path), "the GLM-Image DiT loader")
+    module = build_empty(lambda: GlmImageTransformer2DModel(**_config(path, what)))
+    fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what)
+    module.eval()
+    scheduler = dict(DEFAULT_SCHEDULER)
+    sched_file = os.path.join(_sibling(path, "scheduler"), "scheduler_config.json")
+    if os.path.exists(sched_file):
+        scheduler.update({k: v for k, v in read_json(sched_file, "GLM-Image scheduler").items() if not k.startswith("_")})
+    return get_host().wrap(ModelHandle(FAMILY, "dit", module, source=path, extras={"scheduler": scheduler}))
+
+
+# VAE -----------------------------------------------------------------------------------------------
+
+
+def load_kl_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
+    from diffusers import AutoencoderKL
+
+    what = "GLM-Image VAE"
+    path = _component(path, "vae", what)
+    ck = open_checkpoint(path)
+    expect(ck.keys(), "kl_vae", "16-channel KL VAE", os.path.basename(path), "the GLM-Image VAE loader")
+    module = load_vae(path, AutoencoderKL, KL_VAE_TEMPLATE, weight_dtype(dtype_choice), what)
+    if module.config.latents_mean is None or module.config.latents_std is None:
+        raise LetterpressError(f"{what}: {path}/config.json has no latents_mean / latents_std; it is not GLM-Image's VAE.")
+    return get_host().wrap(ModelHandle(FAMILY, "vae", module, source=path))
+
+
+# Whole folder --------------------------------------------------------------------------------------
+
+
+def load_folder(folder: str, dtype_choice: str = "auto") -> dict[str, ModelHandle]:
+    if pipeline_class(folder) not in PIPELINE_CLASSES:
+        found = pipeline_class(folder) or "no model_index.json"
+        raise LetterpressError(
+            f"{os.path.basename(folder.rstrip(os.sep))} is not a GLM-Image folder ({found}). "
+            "Pick the zai-org/GLM-Image folder under models/diffusers."
+        )
+    return {
+        "ar": load_ar(folder, dtype_choice),
+        "glyph_encoder": load_glyph_encoder(folder, dtype_choice),
+        "dit": load_dit(folder, dtype_choice),
+        "vae": load_kl_vae(folder, dtype_choice),
+    }

@@ -1,0 +1,248 @@
+"""GLM-Image nodes: AR prior tokens, glyph encoding, DiT sampling and VAE, thin over loaders/ and samplers/."""
+
+from __future__ import annotations
+
+from ..loaders import glm_image as load
+from ..loaders.files import resolve
+from ..loaders.host import get_host
+from ..samplers import glm_image as stage
+from .common import CATEGORY, dtype_input, folder_input, seed_input, size_input
+
+CAT = f"{CATEGORY}/GLM-Image"
+AR, GLYPH, DIT, VAE, PRIOR = "LP_GLM_AR", "LP_GLM_GLYPH_ENCODER", "LP_GLM_DIT", "LP_GLM_VAE", "LP_GLM_PRIOR"
+COND = "LP_CONDITIONING"
+MAX_REFERENCES = 4
+
+
+def _folder():
+    return folder_input(load.PIPELINE_CLASSES, "The GLM-Image folder (zai-org/GLM-Image) under models/diffusers.")
+
+
+class _ComponentLoader:
+    CATEGORY = CAT
+    FUNCTION = "run"
+    LOAD = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"folder": _folder(), "weight_dtype": dtype_input()}}
+
+    def run(self, folder, weight_dtype):
+        return (type(self).LOAD(resolve("diffusers", folder), weight_dtype),)
+
+
+class LetterpressGlmImageARLoader(_ComponentLoader):
+    DESCRIPTION = ("Loads GLM-Image's AR model (vision-language encoder, ~10B: LM, ViT and VQ tokenizer) with its "
+                   "processor, from the GLM-Image folder's vision_language_encoder/ and processor/.")
+    RETURN_TYPES = (AR,)
+    RETURN_NAMES = ("ar_model",)
+    LOAD = staticmethod(load.load_ar)
+
+
+class LetterpressGlmImageGlyphEncoderLoader(_ComponentLoader):
+    DESCRIPTION = "Loads the ByT5 glyph encoder (text_encoder/ + tokenizer/) that encodes the quoted text to render."
+    RETURN_TYPES = (GLYPH,)
+    RETURN_NAMES = ("glyph_encoder",)
+    LOAD = staticmethod(load.load_glyph_encoder)
+
+
+class LetterpressGlmImageDiTLoader(_ComponentLoader):
+    DESCRIPTION = "Loads the GLM-Image DiT (transformer/, ~7B) and its scheduler settings (scheduler/)."
+    RETURN_TYPES = (DIT,)
+    RETURN_NAMES = ("dit",)
+    LOAD = staticmethod(load.load_dit)
+
+
+class LetterpressGlmImageVAELoader(_ComponentLoader):
+    DESCRIPTION = "Loads GLM-Image's 16-channel KL VAE (vae/, with its latents mean and std)."
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    LOAD = staticmethod(load.load_kl_vae)
+
+
+class LetterpressGlmImageFolderLoader:
+    DESCRIPTION = ("Loads every GLM-Image stage from the Hugging Face folder zai-org/GLM-Image placed in "
+                   "models/diffusers/GLM-Image: AR model + processor, ByT5 glyph encoder, DiT, VAE.")
+    CATEGORY = CAT
+    RETURN_TYPES = (AR, GLYPH, DIT, VAE)
+    RETURN_NAMES = ("ar_model", "glyph_encoder", "dit", "vae")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"folder": _folder(), "weight_dtype": dtype_input()}}
+
+    def run(self, folder, weight_dtype):
+        m = load.load_folder(resolve("diffusers", folder), weight_dtype)
+        return (m["ar"], m["glyph_encoder"], m["dit"], m["vae"])
+
+
+class LetterpressGlmImageARTokens:
+    DESCRIPTION = ("Runs the AR model: the prompt (and any reference images) -> the prior image tokens the DiT "
+                   "paints from. Text-to-image generates a small preview grid first, then the d32 grid; editing "
+                   "generates the d32 grid only. One progress tick per token; Cancel stops within one token. "
+                   "Reference images are resized to the size the processor keeps (even multiples of its patch).")
+    CATEGORY = CAT
+    RETURN_TYPES = (PRIOR, "STRING")
+    RETURN_NAMES = ("prior", "prompt")
+    OUTPUT_TOOLTIPS = ("The prior tokens for DiT Sample.", "The prompt, to wire into Glyph Encode so both use the same text.")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        refs = {f"reference_{i}": ("IMAGE", {"tooltip": "A reference image (editing, style, identity, multi-subject). "
+                                                         "Every frame of a batch counts as one reference, in order."})
+                for i in range(1, MAX_REFERENCES + 1)}
+        return {
+            "required": {
+                "ar_model": (AR,),
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                      "tooltip": "Put text to render in quotes: 'like this', \"this\", “this” or 「this」."}),
+                "width": size_input(1024, 32, "Output width"),
+                "height": size_input(1024, 32, "Output height"),
+                "seed": seed_input(),
+                "temperature": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 2.0, "step": 0.05,
+                                          "tooltip": "Sampling temperature (model card: 0.9). 0 = greedy."}),
+                "top_p": ("FLOAT", {"default": 0.75, "min": 0.01, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Nucleus sampling (model card: 0.75)."}),
+            },
+            "optional": refs,
+        }
+
+    def run(self, ar_model, prompt, width, height, seed, temperature, top_p, **references):
+        stage.check_size(width, height)
+        images = []
+        for i in range(1, MAX_REFERENCES + 1):
+            batch = references.get(f"reference_{i}")
+            if batch is not None:
+                images.extend(batch[j] for j in range(batch.shape[0]))
+        get_host().load(ar_model)
+        return (stage.ar_tokens(ar_model, prompt, width, height, seed, temperature, top_p, images), prompt)
+
+
+class LetterpressGlmImagePriorPreview:
+    DESCRIPTION = "Shows the AR prior tokens as an image: one flat colour per codebook entry, one cell per d32 token."
+    CATEGORY = CAT
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "summary")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"prior": (PRIOR,)}}
+
+    def run(self, prior):
+        prior = stage.check_prior(prior)
+        gh, gw = prior.grid
+        summary = (f"{prior.width}x{prior.height}: {gh}x{gw} d32 tokens ({prior.generated.numel()} generated), "
+                   f"{len(prior.reference_tokens)} reference image(s), {len(set(prior.tokens.flatten().tolist()))} distinct codes")
+        return (stage.prior_preview(prior), summary)
+
+
+class LetterpressGlmImageGlyphEncode:
+    DESCRIPTION = ("Finds the quoted text in the prompt exactly as the reference does ('..', “..”, \"..\", 「..」) and "
+                   "encodes it with ByT5. Also returns the spans found, one per line, so you see what will be "
+                   "rendered. No quoted text encodes an empty string; encode an empty prompt for the negative.")
+    CATEGORY = CAT
+    RETURN_TYPES = (COND, "STRING")
+    RETURN_NAMES = ("conditioning", "glyph_text")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "glyph_encoder": (GLYPH,),
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                  "tooltip": "The same prompt as AR Tokens; only its quoted spans are encoded."}),
+        }}
+
+    def run(self, glyph_encoder, prompt):
+        get_host().load(glyph_encoder)
+        cond = stage.encode_glyphs(glyph_encoder, prompt)
+        return (cond, "\n".join(cond.extras["spans"]))
+
+
+class LetterpressGlmImageSampler:
+    DESCRIPTION = ("Paints the image with the GLM-Image DiT from the AR prior tokens and the glyph conditioning "
+                   "(flow matching, Euler, the reference's dynamic shift). CFG runs a second pass without the "
+                   "prior tokens, with the negative glyphs. For editing, wire the references' latents: they fill "
+                   "the DiT's KV cache at t=0 as the reference does. Size comes from the prior.")
+    CATEGORY = CAT
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit": (DIT,),
+                "prior": (PRIOR,),
+                "positive": (COND, {"tooltip": "GLM-Image Glyph Encode of the prompt."}),
+                "seed": seed_input(),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 200, "tooltip": "Reference: 50 (SGLang uses 30)."}),
+                "cfg": ("FLOAT", {"default": 1.5, "min": 1.0, "max": 20.0, "step": 0.1,
+                                  "tooltip": "Reference: 1.5. 1.0 skips the unconditional pass."}),
+            },
+            "optional": {
+                "negative": (COND, {"tooltip": "Glyph Encode of an empty prompt (the reference's negative); needed when cfg > 1."}),
+                "reference_latents": ("LATENT", {"tooltip": "GLM-Image VAE Encode of the prior's reference images (editing)."}),
+            },
+        }
+
+    def run(self, dit, prior, positive, seed, steps, cfg, negative=None, reference_latents=None):
+        get_host().load(dit)
+        return (stage.sample(dit, prior, positive, negative, seed, steps, cfg, reference_latents),)
+
+
+class LetterpressGlmImageVAEDecode:
+    DESCRIPTION = "Decodes GLM-Image latents to an IMAGE with its 16-channel VAE."
+    CATEGORY = CAT
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": (VAE,), "latent": ("LATENT",)}}
+
+    def run(self, vae, latent):
+        get_host().load(vae)
+        return (stage.decode(vae, latent),)
+
+
+class LetterpressGlmImageVAEEncode:
+    DESCRIPTION = ("Encodes images into GLM-Image latents. For editing, wire the prior from AR Tokens: its reference "
+                   "images are encoded at the size the AR model saw them, one latent each, for DiT Sample.")
+    CATEGORY = CAT
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": (VAE,)},
+                "optional": {"prior": (PRIOR, {"tooltip": "Encode this prior's reference images (editing)."}),
+                             "image": ("IMAGE", {"tooltip": "Or encode this image (sizes multiples of 16)."})}}
+
+    def run(self, vae, prior=None, image=None):
+        get_host().load(vae)
+        return (stage.encode(vae, image, prior),)
+
+
+NODES = {c.__name__: c for c in (
+    LetterpressGlmImageFolderLoader, LetterpressGlmImageARLoader, LetterpressGlmImageGlyphEncoderLoader,
+    LetterpressGlmImageDiTLoader, LetterpressGlmImageVAELoader, LetterpressGlmImageARTokens,
+    LetterpressGlmImagePriorPreview, LetterpressGlmImageGlyphEncode, LetterpressGlmImageSampler,
+    LetterpressGlmImageVAEDecode, LetterpressGlmImageVAEEncode,
+)}
+DISPLAY_NAMES = {
+    "LetterpressGlmImageFolderLoader": "GLM-Image Folder Loader",
+    "LetterpressGlmImageARLoader": "GLM-Image AR Loader",
+    "LetterpressGlmImageGlyphEncoderLoader": "GLM-Image Glyph Encoder Loader",
+    "LetterpressGlmImageDiTLoader": "GLM-Image DiT Loader",
+    "LetterpressGlmImageVAELoader": "GLM-Image VAE Loader",
+    "LetterpressGlmImageARTokens": "GLM-Image AR Tokens",
+    "LetterpressGlmImagePriorPreview": "GLM-Image Prior Preview",
+    "LetterpressGlmImageGlyphEncode": "GLM-Image Glyph Encode",
+    "LetterpressGlmImageSampler": "GLM-Image DiT Sample",
+    "LetterpressGlmImageVAEDecode": "GLM-Image VAE Decode",
+    "LetterpressGlmImageVAEEncode": "GLM-Image VAE Encode",
+}

@@ -1,0 +1,355 @@
+"""GLM-Image stages: AR prior tokens, glyph encoding, DiT sampling (with the reference-image KV cache), VAE.
+
+Numerics follow diffusers' GlmImagePipeline (0.42.1) and transformers' GlmImageForConditionalGeneration:
+- AR: the processor's chat template + target grid; `generate()` with the KV cache under a private RNG seeded
+  with the seed (the pipeline seeds torch's global RNG with the generator's seed); for text-to-image the
+  preview grid comes first and only the large d32 grid is kept, upsampled 2x (nearest) to H/16 x W/16.
+- Reference images: ViT -> VQ tokens per image (transformers >= 5.18 returns per-image feature lists, which
+  the pipeline wrongly concatenates; here each image is tokenized on its own), upsampled 2x; and VAE latents
+  (distribution mode, normalised) written into the DiT's KV cache by one pass at t=0 with empty text.
+- Glyphs: quoted spans ('..', “..”, "..", 「..」 in that order), ByT5-encoded, padding positions dropped.
+- DiT: timesteps int(linspace(1000, 1, N+1)[:-1]); the DiT gets t - 1 unshifted; Euler uses sigmas t/1000
+  with the dynamic shift mu = sqrt(seq/256) * 0.75 + 0.25; CFG as two passes, the unconditional one with the
+  prior tokens dropped, the negative glyphs, and the KV cache skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..loaders.host import LetterpressError, ModelHandle
+from . import flow_match
+from .conditioning import Conditioning, check_family, check_latent
+from .generate import generate, sampling_args
+
+FAMILY = "glm_image"
+SCALE = 32  # AR tokens are d32
+VAE_SCALE = 8
+
+
+def check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or v <= 0 or v % SCALE:
+            lower, upper = max(SCALE, int(v) // SCALE * SCALE), (int(v) // SCALE + 1) * SCALE
+            raise LetterpressError(
+                f"GLM-Image needs {name} to be a positive multiple of {SCALE} (its AR tokens cover 32x32 pixels), "
+                f"got {v}. Use {lower} or {upper}."
+            )
+
+
+@dataclass
+class GlmPrior:
+    """What the AR stage hands to the DiT: the target's prior tokens and, for editing, the references'."""
+
+    tokens: torch.Tensor  # (1, H/16 * W/16) long, upsampled
+    width: int
+    height: int
+    grid: tuple[int, int]  # d32 grid (h, w) the AR model generated
+    generated: torch.Tensor  # every token generate() produced (preview grid included), for inspection
+    reference_tokens: list[torch.Tensor] = field(default_factory=list)  # per image, 1-D, upsampled
+    reference_grids: list[tuple[int, int]] = field(default_factory=list)  # per image, upsampled (h, w)
+    reference_images: list[torch.Tensor] = field(default_factory=list)  # per image (1, H, W, 3), as resized
+    prompt: str = ""
+    seed: int = 0
+
+
+def check_prior(prior) -> GlmPrior:
+    if not isinstance(prior, GlmPrior):
+        raise LetterpressError("The prior input is not GLM-Image prior tokens: wire it from GLM-Image AR Tokens.")
+    return prior
+
+
+# Reference images ----------------------------------------------------------------------------------
+
+
+def _to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    arr = (image[..., :3].float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def _from_pil(pil) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(pil.convert("RGB")).astype(np.float32) / 255.0)[None]
+
+
+def reference_size(processor, height: int, width: int) -> tuple[int, int]:
+    """The pixel size a reference image is brought to, so that the AR processor's grid (which halves the
+    image, then rounds to its patch factor) and the VAE latents (f8, DiT patch 2) cover the same cells."""
+    from transformers.models.glm_image.image_processing_pil_glm_image import smart_resize
+
+    ip = processor.image_processor
+    factor = ip.patch_size * ip.merge_size
+    size = ip.size if isinstance(ip.size, dict) else dict(ip.size)
+    lo, hi = size.get("shortest_edge"), size.get("longest_edge")
+    try:
+        h, w = smart_resize(height, width, factor, lo, hi)
+        target = (2 * h, 2 * w)
+        again = smart_resize(*target, factor, lo, hi)
+    except ValueError as e:
+        raise LetterpressError(f"A reference image of {width}x{height} cannot be used: {e}.")
+    if again != (h, w):
+        raise LetterpressError(
+            f"A reference image of {width}x{height} cannot be brought to a size the GLM-Image processor keeps "
+            f"(limits {lo}..{hi} pixels); resize it to a multiple of {2 * factor} first."
+        )
+    return target
+
+
+def prepare_references(processor, images: list[torch.Tensor]):
+    """Each IMAGE frame (H, W, C) -> (PIL image at the processor's size, the same as an IMAGE tensor)."""
+    from PIL import Image
+
+    out = []
+    for img in images:
+        pil = _to_pil(img)
+        th, tw = reference_size(processor, pil.height, pil.width)
+        if (th, tw) != (pil.height, pil.width):
+            pil = pil.resize((tw, th), resample=Image.BICUBIC)
+        out.append((pil, _from_pil(pil)))
+    return out
+
+
+# AR stage ------------------------------------------------------------------------------------------
+
+
+def _upsample(ids: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    ids = ids.view(1, 1, h, w)
+    return torch.nn.functional.interpolate(ids.float(), scale_factor=2, mode="nearest").to(torch.long).view(1, -1)
+
+
+@torch.no_grad()
+def ar_tokens(ar: ModelHandle, prompt: str, width: int, height: int, seed: int, temperature: float, top_p: float,
+              references: list[torch.Tensor] | None = None) -> GlmPrior:
+    check_size(width, height)
+    model, processor, device = ar.module, ar.tokenizer, ar.device
+    refs = prepare_references(processor, references or [])
+    content = [{"type": "image", "image": pil} for pil, _ in refs] + [{"type": "text", "text": prompt}]
+    inputs = processor.apply_chat_template(
+        [[{"role": "user", "content": content}]], tokenize=True, padding=False, target_h=height, target_w=width,
+        return_dict=True, return_tensors="pt",
+    ).to(device)
+    grids = inputs["image_grid_thw"]
+    n_refs = len(refs)
+    if n_refs == 0:  # text-to-image: [large target, small preview]; the preview is generated first
+        (_, gh, gw), preview = grids[0].tolist(), int(grids[1].prod())
+        offset, max_new = preview, int(grids[:2, 1:].prod(-1).sum()) + 1
+    else:  # image-to-image: [references..., target]
+        _, gh, gw = grids[n_refs].tolist()
+        offset, max_new = 0, gh * gw + 1
+
+    ref_tokens, ref_grids = [], []
+    if n_refs:
+        source = grids[:n_refs]
+        feats = model.get_image_features(inputs["pixel_values"], source).pooler_output  # one (C, h, w) per image
+        ids = model.get_image_tokens(feats, source)
+        for part, (_, h, w) in zip(torch.split(ids, source.prod(-1).tolist()), source.tolist()):
+            ref_tokens.append(_upsample(part, h, w).squeeze(0).cpu())
+            ref_grids.append((2 * h, 2 * w))
+
+    out = generate(model, seed, max_new, **inputs, **sampling_args(temperature, top_p))
+    new = out[0][inputs["input_ids"].shape[-1]:].cpu()
+    large = new[offset: offset + gh * gw]
+    if large.numel() != gh * gw:
+        raise LetterpressError(
+            f"The AR model stopped after {new.numel()} tokens, before finishing the {gh}x{gw} token grid. "
+            "Try another seed, or check that the AR model is GLM-Image's."
+        )
+    return GlmPrior(tokens=_upsample(large, gh, gw), width=width, height=height, grid=(gh, gw), generated=new,
+                    reference_tokens=ref_tokens, reference_grids=ref_grids,
+                    reference_images=[img for _, img in refs], prompt=prompt, seed=seed)
+
+
+def prior_preview(prior: GlmPrior) -> torch.Tensor:
+    """The d32 token grid as an IMAGE at the target size: one colour per codebook entry (a fixed hash)."""
+    prior = check_prior(prior)
+    h2, w2 = prior.grid[0] * 2, prior.grid[1] * 2
+    ids = prior.tokens.view(h2, w2)[::2, ::2].to(torch.int64)
+    mix = (ids * 2654435761) % (2**32)
+    rgb = torch.stack([(mix >> s) & 255 for s in (0, 8, 16)], dim=-1).float() / 255.0
+    img = rgb.repeat_interleave(SCALE, 0).repeat_interleave(SCALE, 1)
+    return img[None]
+
+
+# Glyph encoder -------------------------------------------------------------------------------------
+
+
+def glyph_spans(prompt: str) -> list[str]:
+    """The quoted text the reference renders, in the reference's order (quote kinds one after another)."""
+    return (re.findall(r"'([^']*)'", prompt) + re.findall(r"\u201c([^\u201c\u201d]*)\u201d", prompt)
+            + re.findall(r'"([^"]*)"', prompt) + re.findall(r"「([^「」]*)」", prompt))
+
+
+@torch.no_grad()
+def encode_glyphs(te: ModelHandle, prompt: str, max_sequence_length: int = 2048) -> Conditioning:
+    tok, device = te.tokenizer, te.device
+    spans = glyph_spans(prompt)
+    texts = spans or [""]
+    ids = tok(texts, max_length=max_sequence_length, truncation=True).input_ids
+    # The reference pads on the left by (number of spans + 1) % 2, for every span; kept as is.
+    ids = [[tok.pad_token_id] * ((len(ids) + 1) % 2) + x for x in ids]
+    longest = max(len(x) for x in ids)
+    mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids], device=device)
+    input_ids = torch.tensor([x + [tok.pad_token_id] * (longest - len(x)) for x in ids], device=device)
+    hidden = te.module(input_ids, attention_mask=mask).last_hidden_state
+    embeds = hidden[mask.bool()]
+    return Conditioning(FAMILY, te.describe(), [embeds.float().cpu()], prompt=prompt, extras={"spans": spans})
+
+
+# DiT -----------------------------------------------------------------------------------------------
+
+
+def _reference_latents(latent: dict | None, prior: GlmPrior) -> list[torch.Tensor]:
+    n = len(prior.reference_tokens)
+    if latent is None:
+        if n:
+            raise LetterpressError(
+                f"The prior was made with {n} reference image(s): wire their latents (GLM-Image VAE Encode with "
+                "the prior) into reference_latents, so the DiT can read them."
+            )
+        return []
+    samples = check_latent(latent, FAMILY)
+    refs = list(latent.get("references") or [s[None] for s in samples])
+    if not n:
+        raise LetterpressError("reference_latents are wired but the prior has no reference images: give the "
+                               "reference images to AR Tokens too (or unwire reference_latents).")
+    if len(refs) != n:
+        raise LetterpressError(f"The prior was made with {n} reference image(s) but reference_latents hold {len(refs)}.")
+    return refs
+
+
+@torch.no_grad()
+def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: Conditioning | None, seed: int,
+           steps: int, cfg: float, reference_latents: dict | None = None) -> dict:
+    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+    prior = check_prior(prior)
+    check_family(positive, FAMILY, "positive")
+    use_cfg = flow_match.check_cfg(cfg) > 1.0
+    if use_cfg:
+        if negative is None:
+            raise LetterpressError("cfg > 1 needs a negative: wire a GLM-Image Glyph Encode of an empty prompt "
+                                   "(the reference's negative).")
+        check_family(negative, FAMILY, "negative")
+    if steps < 1:
+        raise LetterpressError(f"steps must be at least 1, got {steps}.")
+    model, device, dtype = dit.module, dit.device, dit.dtype
+    cfgm = model.config
+    p = cfgm.patch_size
+    height, width = prior.height, prior.width
+    lh, lw = height // VAE_SCALE, width // VAE_SCALE
+    if prior.tokens.shape[-1] != (lh // p) * (lw // p):
+        raise LetterpressError(
+            f"The prior holds {prior.tokens.shape[-1]} tokens but this DiT needs {(lh // p) * (lw // p)} for "
+            f"{width}x{height}: the AR model and the DiT do not belong together."
+        )
+    if int(prior.tokens.max()) >= cfgm.prior_vq_quantizer_codebook_size:
+        raise LetterpressError("The prior tokens exceed this DiT's codebook: the AR model and the DiT do not belong together.")
+    refs = _reference_latents(reference_latents, prior)
+
+    text_dim = cfgm.text_embed_dim
+    pos = positive.embeds[0].to(device, dtype)[None]
+    neg = negative.embeds[0].to(device, dtype)[None] if use_cfg else None
+    kv = GlmImageKVCache(num_layers=cfgm.num_layers)
+    if refs:
+        kv.set_mode("write")
+        for lat, ids, (gh, gw), img in zip(refs, prior.reference_tokens, prior.reference_grids, prior.reference_images):
+            if lat.shape[-2] // p * (lat.shape[-1] // p) != ids.numel() or lat.shape[-2] // p != gh:
+                raise LetterpressError(
+                    f"A reference latent of {tuple(lat.shape[-2:])} does not match its {gh}x{gw} reference tokens: "
+                    "encode the references with GLM-Image VAE Encode from the same prior."
+                )
+            ids = ids.to(device)
+            model(hidden_states=lat.to(device, dtype), encoder_hidden_states=torch.zeros((1, 0, text_dim), device=device, dtype=dtype),
+                  prior_token_id=ids, prior_token_drop=torch.zeros_like(ids, dtype=torch.bool),
+                  timestep=torch.zeros((1,), device=device), target_size=torch.tensor([list(img.shape[1:3])], device=device),
+                  crop_coords=torch.zeros((1, 2), device=device), kv_caches=kv)
+        kv.next_sample()
+
+    sched = dit.extras.get("scheduler", {})
+    n_train = sched.get("num_train_timesteps", 1000)
+    ts = np.linspace(n_train, 1.0, steps + 1)[:-1].astype(np.int64).astype(np.float32)
+    seq = lh * lw // p**2
+    mu = math.sqrt(seq / sched.get("base_image_seq_len", 256)) * sched.get("max_shift", 0.75) + sched.get("base_shift", 0.25)
+    if sched.get("use_dynamic_shifting", True):
+        sigmas, _ = flow_match.schedule(ts / n_train, mu=mu, time_shift_type=sched.get("time_shift_type", "linear"))
+    else:
+        sigmas, _ = flow_match.schedule(ts / n_train, shift=sched.get("shift", 1.0))
+    timesteps = torch.from_numpy(ts).to(device)
+
+    tokens = prior.tokens.to(device)
+    keep, drop = torch.zeros_like(tokens, dtype=torch.bool), torch.ones_like(tokens, dtype=torch.bool)
+    target_size = torch.tensor([[height, width]], dtype=dtype, device=device)
+    crop = torch.zeros((1, 2), dtype=dtype, device=device)
+
+    def predict(x: torch.Tensor, i: int) -> torch.Tensor:
+        t = timesteps[i].expand(1) - 1
+        xin = x.to(dtype)
+        if refs:
+            kv.set_mode("read")
+        v = model(hidden_states=xin, encoder_hidden_states=pos, prior_token_id=tokens, prior_token_drop=keep,
+                  timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, return_dict=False)[0].float()
+        if use_cfg:
+            if refs:
+                kv.set_mode("skip")
+            u = model(hidden_states=xin, encoder_hidden_states=neg, prior_token_id=tokens, prior_token_drop=drop,
+                      timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, return_dict=False)[0].float()
+            v = flow_match.cfg_combine(u, v, cfg)
+        return v
+
+    noise = flow_match.noise_like((1, cfgm.in_channels, lh, lw), seed, dtype, device)
+    try:
+        out = flow_match.euler_loop(predict, noise, sigmas.to(device), 0)
+    finally:
+        kv.clear()
+    return {"samples": out.cpu(), "family": FAMILY}
+
+
+# VAE -----------------------------------------------------------------------------------------------
+
+
+def _stats(vae: torch.nn.Module, like: torch.Tensor):
+    c = vae.config.latent_channels
+    mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1).to(like)
+    std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1).to(like)
+    return mean, std
+
+
+@torch.no_grad()
+def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
+    lat = check_latent(latent, FAMILY).to(vae.device, vae.dtype)
+    mean, std = _stats(vae.module, lat)
+    image = vae.module.decode(lat * std + mean, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def _encode_one(vae: ModelHandle, image: torch.Tensor) -> torch.Tensor:
+    x = image[..., :3].permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
+    lat = vae.module.encode(x).latent_dist.mode()
+    mean, std = _stats(vae.module, lat)
+    return ((lat - mean) / std).cpu()
+
+
+def encode(vae: ModelHandle, image: torch.Tensor | None = None, prior: GlmPrior | None = None) -> dict:
+    """IMAGE -> normalised latents; with a prior, its reference images (as AR Tokens resized them), one latent
+    each, kept in order under "references" (they may differ in size)."""
+    if prior is not None:
+        prior = check_prior(prior)
+        if not prior.reference_images:
+            raise LetterpressError("This prior has no reference images: give reference images to GLM-Image AR Tokens.")
+        refs = [_encode_one(vae, img) for img in prior.reference_images]
+        return {"samples": refs[0], "references": refs, "family": FAMILY}
+    if image is None:
+        raise LetterpressError("GLM-Image VAE Encode needs an image or a prior with reference images.")
+    _, h, w, _ = image.shape
+    step = VAE_SCALE * 2
+    if h % step or w % step:
+        raise LetterpressError(f"GLM-Image VAE Encode needs sizes that are multiples of {step}, got {w}x{h}. "
+                               "For editing, wire the prior instead: it holds the references at the right size.")
+    return {"samples": _encode_one(vae, image), "family": FAMILY}
