@@ -51,6 +51,14 @@ def ernie(models_dir):
 
 
 @pytest.fixture(scope="session")
+def ovis(models_dir):
+    """The tiny Ovis-Image (models/diffusers/Ovis-Image-7B and the single files) and its components."""
+    from fixtures import ovis_image
+
+    return ovis_image.build(models_dir)
+
+
+@pytest.fixture(scope="session")
 def glm(models_dir):
     """The tiny GLM-Image (diffusers layout under models/diffusers/GLM-Image) and its components."""
     from fixtures import glm_image
