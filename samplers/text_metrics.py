@@ -14,8 +14,9 @@ The two numbers CVTG-2K (TextCrafter, arXiv 2503.23461) reports for text renderi
 Normalisation before comparing (the same for both sides): Unicode NFKC (full-width forms become ASCII),
 case folded unless case-sensitive, punctuation and symbols dropped, and words split on white space. Han,
 Hiragana, Katakana and Bopomofo are written without spaces, so each of those characters counts as one
-word. NED compares the words concatenated without separators, so a merged or split word (an OCR engine
-reading "HELLOWORLD" for "HELLO WORLD") costs nothing there; it does cost words in Word Accuracy.
+word. Spaces are not what is checked: OCR engines often drop the space between widely set capitals
+("BLUENOTEJAZZ"), so a read word that splits exactly into expected words counts as those words, and NED
+compares the words concatenated without separators.
 
 Edge cases (by definition here): with nothing expected, Word Accuracy is 1.0 (nothing was missed) and NED
 is 1.0 when nothing was read either, 0.0 when anything was.
@@ -69,6 +70,21 @@ def words(text: str, case_sensitive: bool = False) -> list[str]:
         if current:
             out.append(current)
     return out
+
+
+def _split_merged(token: str, vocabulary: set[str]) -> list[str] | None:
+    """`token` as a run of two or more vocabulary words ("bluenotejazz" -> blue, note, jazz), else None."""
+    best: list[list[str] | None] = [None] * (len(token) + 1)
+    best[0] = []
+    for end in range(1, len(token) + 1):
+        for start in range(end):
+            piece = token[start:end]
+            if best[start] is not None and piece in vocabulary:
+                candidate = best[start] + [piece]
+                if best[end] is None or len(candidate) < len(best[end]):
+                    best[end] = candidate
+    found = best[-1]
+    return found if found is not None and len(found) >= 2 else None
 
 
 def levenshtein(a, b) -> int:
@@ -150,6 +166,8 @@ def score_text(expected: str | list[str], read: str | list[str], case_sensitive:
     got = [w for line in read for w in words(line, case_sensitive)]
     spans = in_image_order([words(span, case_sensitive) for span in expected], "".join(got))
     exp = [w for span in spans for w in span]
+    vocabulary = set(exp)
+    got = [piece for w in got for piece in ((w in vocabulary and [w]) or _split_merged(w, vocabulary) or [w])]
 
     available = Counter(got)
     matched, unmatched = [], []
