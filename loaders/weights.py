@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import mmap
 import os
 import struct
 from typing import Callable, Iterable, Iterator, Mapping
@@ -67,42 +68,64 @@ def _check_safetensors(path: str) -> dict:
     return header
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
 class Checkpoint(Mapping):
-    """A lazy, read-only state dict over one or more safetensors files (memory mapped)."""
+    """A lazy, read-only state dict over one or more safetensors files.
+
+    Tensors are zero-copy views of a private (copy-on-write) memory map of the file: loading costs no
+    copy, pages are read when first used, and nothing written to a tensor ever reaches the file.
+    """
 
     def __init__(self, files: Iterable[str]):
         self.files = list(files)
-        self._where: dict[str, str] = {}
-        self._shapes: dict[str, tuple] = {}
+        self._info: dict[str, tuple[str, dict, int]] = {}
         self.metadata: dict = {}
         for path in self.files:
             header = _check_safetensors(path)
+            start = 8 + struct.unpack("<Q", open(path, "rb").read(8))[0]
             self.metadata.update(header.get("__metadata__") or {})
             for key, info in header.items():
                 if key != "__metadata__":
-                    self._where[key] = path
-                    self._shapes[key] = tuple(info["shape"])
+                    self._info[key] = (path, info, start)
+        self._maps: dict[str, mmap.mmap] = {}
         self._handles: dict[str, object] = {}
         self.source = self.files[0] if len(self.files) == 1 else os.path.dirname(self.files[0])
 
     def shape(self, key: str) -> tuple:
-        return self._shapes[key]
+        return tuple(self._info[key][1]["shape"])
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        path = self._where[key]
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
-        return handle.get_tensor(key)
+        path, info, start = self._info[key]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        begin, end = info["data_offsets"]
+        offset = start + begin
+        if dtype is None or end == begin or offset % torch.empty((), dtype=dtype).element_size():
+            handle = self._handles.get(path)  # unusual dtype or alignment: let safetensors copy it
+            if handle is None:
+                handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
+            return handle.get_tensor(key)
+        mm = self._maps.get(path)
+        if mm is None:
+            with open(path, "rb") as f:
+                mm = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=offset).view(info["shape"])
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
+        return iter(self._info)
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._info)
 
     def close(self) -> None:
         self._handles.clear()
+        self._maps.clear()
 
 
 def open_checkpoint(path: str) -> Checkpoint:

@@ -174,3 +174,15 @@ def test_shipped_lora_workflow_runs_headless(setup, models_dir, tmp_path, capsys
         args += ["--set", kv]
     assert cli.main(args) == 0
     assert capsys.readouterr().out.strip().endswith("_00001_.png")
+
+
+def test_patching_never_writes_to_the_checkpoint_file(setup, models_dir):
+    """Weights are copy-on-write views of the file: a LoRA applied in place leaves the file as it was."""
+    import hashlib
+
+    path = os.path.join(models_dir, "diffusers", "ERNIE-Image", "transformer", "diffusion_pytorch_model.safetensors")
+    before = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    s = setup
+    patched = ours(s, lora(s, s["dit"], "diffsynth", 2.0))
+    assert (patched - ours(s, s["dit"])).abs().max() > 0.02
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == before
