@@ -123,6 +123,24 @@ def test_single_files_hold_the_same_model(folder_models, file_models):
         assert plain(dit.module.config) == plain(folder_models[0].module.config)
 
 
+def test_text_encoder_inside_a_wrapper_file(folder_models, models_dir):
+    """An Ovis2.5 export with the LM under `llm.model.` beside vision tensors loads the same Qwen3 weights."""
+    from safetensors.torch import load_file, save_file
+
+    src = load_file(os.path.join(models_dir, "text_encoders", "ovis_2.5.safetensors"))
+    wrapped = {"llm." + k: v for k, v in src.items()}
+    wrapped["visual_tokenizer.vit.patch_embed.weight"] = torch.zeros(4, 3)
+    wrapped["vte.weight"] = torch.zeros(8, 32)
+    path = os.path.join(models_dir, "text_encoders", "ovis_2.5_wrapped.safetensors")
+    save_file(wrapped, path)
+    try:
+        te = node("TextEncoderLoader").run("ovis_2.5_wrapped.safetensors", "auto")[0]
+    finally:
+        os.remove(path)
+    sa, sb = folder_models[1].module.state_dict(), te.module.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_parity_single_files(reference, file_models):
     ref = reference_images(reference, OTHER, 48, 32, 2, 5.0, seed=3)
     ours = graph(file_models, OTHER, 48, 32, 2, 5.0, seed=3)
@@ -241,3 +259,21 @@ def test_foreign_conditioning_and_latent(folder_models, ernie):
         node("Sampler").run(dit, pos, lat, 0, 2, 5.0, 1.0)
     with pytest.raises(LetterpressError, match="max_sequence_length must be between 1 and 256"):
         node("TextEncode").run(te, PROMPT, "", 300)
+
+
+def test_flux1_file_and_lone_text_encoder(ovis, models_dir, tmp_path, host):
+    from safetensors.torch import save_file
+
+    flux = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2), "double_blocks.0.img_mlp.0.weight": torch.zeros(8, 2),
+            "single_blocks.0.linear1.weight": torch.zeros(14, 2), "txt_in.weight": torch.zeros(2, 4),
+            "vector_in.in_layer.weight": torch.zeros(2, 3)}
+    save_file(flux, str(tmp_path / "flux1-dev.safetensors"))
+    with pytest.raises(LetterpressError, match="holds a FLUX.1 DiT, not Ovis-Image DiT"):
+        node("DiTLoader").run(str(tmp_path / "flux1-dev.safetensors"), "auto")
+    # A models tree holding only the single-file text encoder, with no Ovis-Image folder to take the tokenizer from.
+    lone = tmp_path / "models" / "text_encoders"
+    lone.mkdir(parents=True)
+    os.symlink(os.path.join(models_dir, "text_encoders", "ovis_2.5.safetensors"), lone / "ovis_2.5.safetensors")
+    host.models_dir = str(tmp_path / "models")
+    with pytest.raises(LetterpressError, match="no tokenizer found.*models/diffusers/Ovis-Image-7B"):
+        node("TextEncoderLoader").run("ovis_2.5.safetensors", "auto")
