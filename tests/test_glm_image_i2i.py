@@ -1,0 +1,159 @@
+"""GLM-Image image-to-image (editing, multi-subject) through the node classes, against diffusers'
+GlmImagePipeline with the minimal correction of its transformers incompatibility applied in the test.
+
+The bug (diffusers 0.42.1 + transformers >= 5.18): `get_image_features(...).pooler_output` is now a list with
+one (C, h, w) tensor per image, which `generate_prior_tokens` concatenates with `torch.cat(..., dim=0)` before
+`get_image_tokens`, which itself iterates over per-image tensors. The correction removes that one line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from letterpress.loaders.host import LetterpressError
+from letterpress.nodes import NODE_CLASS_MAPPINGS as N
+
+BUGGY_LINE = "prior_token_image_embed = torch.cat(prior_token_image_embed, dim=0)"
+PROMPT = 'put the dog on the beach, with a sign that says "open"'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy sizes: a second thread only adds handoff cost on the shared CPU
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(glm, session_host):
+    ar, glyph, dit, vae = N["LetterpressGlmImageFolderLoader"]().run("GLM-Image", "auto")
+    return dict(ar=ar, glyph=glyph, dit=dit, vae=vae)
+
+
+def corrected_generate_prior_tokens():
+    from diffusers.pipelines.glm_image import pipeline_glm_image as mod
+
+    src = textwrap.dedent(inspect.getsource(mod.GlmImagePipeline.generate_prior_tokens))
+    assert src.count(BUGGY_LINE) == 1, "diffusers changed: revisit the correction"
+    namespace: dict = {}
+    exec(compile(src.replace(BUGGY_LINE, "pass  # per-image features go to get_image_tokens as they are"),
+                 mod.__file__, "exec"), mod.__dict__, namespace)
+    return namespace["generate_prior_tokens"]
+
+
+@pytest.fixture(scope="module")
+def pipe(glm):
+    from diffusers import GlmImagePipeline
+
+    p = GlmImagePipeline.from_pretrained(glm["folder"])
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def fixed_pipe(pipe):
+    from diffusers import GlmImagePipeline
+
+    original = GlmImagePipeline.generate_prior_tokens
+    GlmImagePipeline.generate_prior_tokens = corrected_generate_prior_tokens()
+    yield pipe
+    GlmImagePipeline.generate_prior_tokens = original
+
+
+def picture(seed: int, h: int, w: int) -> Image.Image:
+    """A smooth random picture (blobs, not noise), as PNG-exact uint8."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(1, 3, max(2, h // 16), max(2, w // 16), generator=g)
+    big = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return Image.fromarray((big[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def as_image(pil: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(pil).astype(np.float32) / 255.0)[None]
+
+
+def run_nodes(m, prompt, refs, width, height, seed, steps=3, cfg=1.5):
+    kw = {f"reference_{i + 1}": as_image(r) for i, r in enumerate(refs)}
+    prior, text = N["LetterpressGlmImageARTokens"]().run(m["ar"], prompt, width, height, seed, 0.9, 0.75, **kw)
+    pos, _ = N["LetterpressGlmImageGlyphEncode"]().run(m["glyph"], text)
+    neg, _ = N["LetterpressGlmImageGlyphEncode"]().run(m["glyph"], "")
+    ref_lat = N["LetterpressGlmImageVAEEncode"]().run(m["vae"], prior=prior)[0] if refs else None
+    lat = N["LetterpressGlmImageSampler"]().run(m["dit"], prior, pos, seed, steps, cfg, negative=neg,
+                                                 reference_latents=ref_lat)[0]
+    return prior, N["LetterpressGlmImageVAEDecode"]().run(m["vae"], lat)[0]
+
+
+def reference(pipe, prompt, refs, width, height, seed, steps=3, cfg=1.5):
+    tokens, ref_ids, grids = pipe.generate_prior_tokens(prompt, height, width, image=[list(refs)],
+                                                        device=torch.device("cpu"),
+                                                        generator=torch.Generator().manual_seed(seed))
+    image = pipe(prompt, image=list(refs), height=height, width=width, num_inference_steps=steps,
+                 guidance_scale=cfg, prior_token_ids=tokens, prior_token_image_ids=ref_ids,
+                 source_image_grid_thw=grids, generator=torch.Generator().manual_seed(seed),
+                 output_type="pt").images
+    return tokens, ref_ids[0], image.permute(0, 2, 3, 1)
+
+
+def test_reference_pipeline_crashes_without_the_correction(pipe):
+    # The concatenated features reach the VQ model's 1x1 conv with the wrong channel count.
+    with pytest.raises(RuntimeError, match="channels"):
+        pipe.generate_prior_tokens(PROMPT, 64, 64, image=[[picture(1, 64, 64)]], device=torch.device("cpu"),
+                                   generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("case", ["edit", "multi_subject"])
+def test_image_to_image_matches_corrected_reference(models, fixed_pipe, case):
+    if case == "edit":
+        refs, (w, h) = [picture(1, 64, 64)], (64, 64)
+    else:  # two references of different sizes, as in multi-subject composition
+        refs, (w, h) = [picture(1, 64, 64), picture(2, 64, 96)], (96, 64)
+    seed = 7
+    tokens, ref_ids, ref_image = reference(fixed_pipe, PROMPT, refs, w, h, seed)
+    prior, image = run_nodes(models, PROMPT, refs, w, h, seed)
+    assert torch.equal(prior.tokens, tokens)
+    assert torch.equal(torch.cat(prior.reference_tokens), ref_ids)
+    assert len(prior.reference_tokens) == len(refs)
+    diff = (image - ref_image).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_reference_images_change_the_result(models):
+    """The KV cache written from the reference latents reaches the output: another reference with the same
+    prompt and seed gives a clearly different image, and so does dropping the references."""
+    _, a = run_nodes(models, PROMPT, [picture(1, 64, 64)], 64, 64, 3)
+    _, b = run_nodes(models, PROMPT, [picture(9, 64, 64)], 64, 64, 3)
+    _, c = run_nodes(models, PROMPT, [], 64, 64, 3)
+    assert (a - b).abs().mean().item() > 2e-3
+    assert (a - c).abs().mean().item() > 2e-3
+
+
+def test_reference_images_are_resized_the_way_the_processor_expects(models):
+    from transformers.models.glm_image.image_processing_pil_glm_image import smart_resize
+
+    odd = picture(4, 70, 100)
+    prior, image = run_nodes(models, PROMPT, [odd], 64, 64, 1, steps=1, cfg=1.0)
+    ip = models["ar"].tokenizer.image_processor
+    gh, gw = smart_resize(70, 100, ip.patch_size * ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"])
+    assert prior.reference_images[0].shape[1:3] == (2 * gh, 2 * gw)
+    assert prior.reference_grids == [(2 * gh // 16, 2 * gw // 16)]  # AR grid upsampled = VAE latent / DiT patch
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_editing_wiring_errors(models):
+    ref = as_image(picture(1, 64, 64))
+    prior, _ = N["LetterpressGlmImageARTokens"]().run(models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75, reference_1=ref)
+    pos, _ = N["LetterpressGlmImageGlyphEncode"]().run(models["glyph"], PROMPT)
+    with pytest.raises(LetterpressError, match="1 reference image.*VAE Encode"):
+        N["LetterpressGlmImageSampler"]().run(models["dit"], prior, pos, 0, 1, 1.0)
+    two = N["LetterpressGlmImageVAEEncode"]().run(models["vae"], image=torch.cat([ref, ref]))[0]
+    with pytest.raises(LetterpressError, match="1 reference image.*hold 2"):
+        N["LetterpressGlmImageSampler"]().run(models["dit"], prior, pos, 0, 1, 1.0, reference_latents=two)
+    with pytest.raises(LetterpressError, match="multiples of 16"):
+        N["LetterpressGlmImageVAEEncode"]().run(models["vae"], image=as_image(picture(1, 70, 100)))
