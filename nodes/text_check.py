@@ -40,7 +40,8 @@ class LetterpressTextRead:
                                              "tooltip": "PP-OCR drops lines recognised with less confidence than this."}),
             },
             "optional": {
-                "vl_model": (VL, {"tooltip": "An ERNIE-4.5-VL model: when wired, it reads instead of PP-OCR."}),
+                "vl_model": (VL, {"tooltip": "An ERNIE-4.5-VL model (from its loader): when wired, it reads instead "
+                                             "of PP-OCR, greedily, one image at a time; min_confidence does not apply."}),
             },
         }
 

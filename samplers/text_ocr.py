@@ -8,7 +8,7 @@
 
 Every engine returns, per image, a dict {"engine", "width", "height", "lines": [{"text", "score", "box"}]}
 with boxes as four [x, y] corners in pixels of that image, lines in reading order (top to bottom, then
-left to right). A missing engine package is an error that names what to install; there is never a silent
+left to right). The VL engine gives no confidence (score None) and no box when its answer has none. A missing engine package is an error that names what to install; there is never a silent
 fallback to another engine.
 """
 
@@ -120,29 +120,58 @@ def _reading_order(lines: list[dict]) -> list[dict]:
     return [line for row in rows for line in sorted(row, key=lambda ln: min(p[0] for p in ln["box"]))]
 
 
-def read_ernie_vl(images: torch.Tensor, vl_model) -> list[dict]:
-    """ERNIE-4.5-VL reading, through samplers/ernie_vl.py when that module provides it."""
+VL_READ_PROMPT = (
+    "Read all the text in this image. Output a JSON list with one entry per line of text, in reading order, each "
+    "{\"text\": <the line exactly as written>, \"bbox_2d\": [x1, y1, x2, y2]}, with coordinates normalised to 0-1000 "
+    "of the image width and height. Output only the JSON."
+)
+VL_MAX_NEW_TOKENS = 1024
+
+
+def _vl_module():
+    """samplers/ernie_vl.py with the two functions this engine uses, or a clear 'not available' error."""
     try:
         vl = importlib.import_module(".ernie_vl", __package__)
     except ModuleNotFoundError as e:
         if e.name and e.name.endswith("ernie_vl"):
-            raise LetterpressError("The ERNIE-4.5-VL engine of Read Text is not available yet in this version of "
+            raise LetterpressError("The ERNIE-4.5-VL engine of Read Text is not available in this version of "
                                    "Letterpress (samplers/ernie_vl.py is missing). Disconnect vl_model to read with "
                                    "PP-OCR.") from None
         raise
-    reader = getattr(vl, "read_text", None)
-    if reader is None:
-        raise LetterpressError("The ERNIE-4.5-VL engine of Read Text is not available yet: samplers/ernie_vl.py has no "
-                               "read_text(handle, images) function. Disconnect vl_model to read with PP-OCR.")
+    missing = [f for f in ("vl_generate", "parse_boxes") if not hasattr(vl, f)]
+    if missing:
+        raise LetterpressError(f"The ERNIE-4.5-VL engine of Read Text is not available: samplers/ernie_vl.py lacks "
+                               f"{', '.join(missing)}. Disconnect vl_model to read with PP-OCR.")
+    return vl
+
+
+def vl_lines(answer: str, width: int, height: int, parse_boxes) -> list[dict]:
+    """Lines from the VL model's answer: the JSON entries with their boxes when it wrote them, else its plain
+    lines without boxes. Boxes become four corners in pixels, like PP-OCR's; the VL model gives no confidence."""
+    lines = []
+    for b in parse_boxes(answer, width, height) if "bbox" in answer or "box" in answer or "LOC_" in answer else []:
+        x1, y1, x2, y2 = b["box"]
+        if b.get("label", "").strip():
+            lines.append({"text": b["label"].strip(), "score": None, "box": [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]})
+    if lines:
+        return _reading_order(lines)
+    body = answer.replace("```json", "").replace("```", "")
+    return [{"text": ln.strip(), "score": None, "box": None} for ln in body.splitlines() if ln.strip()]
+
+
+def read_ernie_vl(images: torch.Tensor, vl_model) -> list[dict]:
+    """ERNIE-4.5-VL reading (greedy, no thinking), one image at a time, through samplers/ernie_vl.py."""
+    vl = _vl_module()
+    arrays = to_uint8(images)
     host = get_host()
     host.load(vl_model)
-    results = reader(vl_model, images)
     out = []
-    for rgb, res in zip(to_uint8(images), results):
+    for i, rgb in enumerate(arrays):
+        host.check_interrupt()
         h, w = rgb.shape[:2]
-        lines = [{"text": str(ln["text"]), "score": float(ln.get("score", 1.0)), "box": ln.get("box")}
-                 for ln in res.get("lines", [])]
-        out.append({"engine": ERNIE_VL, "width": w, "height": h, "lines": lines})
+        answer, _ = vl.vl_generate(vl_model, images[i:i + 1], VL_READ_PROMPT, "", False, VL_MAX_NEW_TOKENS,
+                                   0.0, 1.0, 0)
+        out.append({"engine": ERNIE_VL, "width": w, "height": h, "lines": vl_lines(answer, w, h, vl.parse_boxes)})
     return out
 
 

@@ -182,3 +182,42 @@ def test_shipped_workflow_is_valid(ernie):
     prompt = next(n for n in wf.values() if n.get("_meta", {}).get("title") == "Prompt")["inputs"]["prompt"]
     accuracy = next(n for n in wf.values() if n["class_type"] == "LetterpressTextAccuracy")["inputs"]
     assert accuracy["prompt"] == prompt and quoted_spans(prompt)
+
+
+def test_vl_answers_become_lines():
+    from letterpress.samplers.ernie_vl import parse_boxes
+
+    answer = ('```json\n[{"text": "FRIDAY 9 PM", "bbox_2d": [300, 400, 700, 520]}, '
+              '{"text": "BLUE NOTE JAZZ", "bbox_2d": [100, 100, 900, 300]}]\n```')
+    lines = text_ocr.vl_lines(answer, 1000, 500, parse_boxes)
+    assert [ln["text"] for ln in lines] == ["BLUE NOTE JAZZ", "FRIDAY 9 PM"]  # reading order
+    assert lines[0]["box"] == [[100.0, 50.0], [900.0, 50.0], [900.0, 150.0], [100.0, 150.0]]  # 0..1000 -> pixels
+    assert lines[0]["score"] is None
+    plain = text_ocr.vl_lines("BLUE NOTE JAZZ\n\nFRIDAY 9 PM\n", 1000, 500, parse_boxes)
+    assert plain == [{"text": "BLUE NOTE JAZZ", "score": None, "box": None},
+                     {"text": "FRIDAY 9 PM", "score": None, "box": None}]
+
+
+def test_vl_engine_reads_without_touching_pp_ocr(ernie_vl, monkeypatch):
+    from letterpress.samplers import ernie_vl as vl
+
+    model = N["LetterpressErnieVLLoader"]().run("ERNIE-4.5-VL-28B-A3B-PT", "auto")[0]
+    monkeypatch.setattr(text_ocr, "VL_MAX_NEW_TOKENS", 6)
+    monkeypatch.setattr(text_ocr, "rapidocr_engine", lambda: pytest.fail("PP-OCR must not run when a VL model is wired"))
+    images = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(0))
+    results, js, plain = N["LetterpressTextRead"]().run(images, 0.5, vl_model=model)
+    assert [r["engine"] for r in results] == ["ERNIE-4.5-VL"] * 2 and results[0]["width"] == 64
+    for i, r in enumerate(results):  # what the VL model answered to the read-text prompt, as lines
+        answer, _ = vl.vl_generate(model, images[i:i + 1], text_ocr.VL_READ_PROMPT, "", False, 6, 0.0, 1.0, 0)
+        assert r["lines"] == text_ocr.vl_lines(answer, 64, 48, vl.parse_boxes)
+    assert json.loads(js) == results
+
+
+def test_vl_engine_missing_is_an_error_not_a_fallback(monkeypatch):
+    def missing(name, package=None):
+        raise ModuleNotFoundError("No module named 'letterpress.samplers.ernie_vl'", name="letterpress.samplers.ernie_vl")
+
+    monkeypatch.setattr(text_ocr.importlib, "import_module", missing)
+    monkeypatch.setattr(text_ocr, "rapidocr_engine", lambda: pytest.fail("no silent fallback to PP-OCR"))
+    with pytest.raises(LetterpressError, match="ERNIE-4.5-VL engine of Read Text is not available"):
+        N["LetterpressTextRead"]().run(torch.zeros(1, 32, 32, 3), 0.5, vl_model=object())
