@@ -100,7 +100,8 @@ class LetterpressGlmImageARTokens:
                                       "tooltip": "Put text to render in quotes: 'like this', \"this\", “this” or 「this」."}),
                 "width": size_input(1024, 32, "Output width"),
                 "height": size_input(1024, 32, "Output height"),
-                "seed": seed_input(),
+                "seed": ("INT", {**seed_input()[1], "tooltip": "AR sampling seed. The reference pipeline uses one seed "
+                                 "for the AR stage and the DiT noise: give DiT Sample the same seed to reproduce it."}),
                 "temperature": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 2.0, "step": 0.05,
                                           "tooltip": "Sampling temperature (model card: 0.9). 0 = greedy."}),
                 "top_p": ("FLOAT", {"default": 0.75, "min": 0.01, "max": 1.0, "step": 0.01,

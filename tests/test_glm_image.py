@@ -186,3 +186,30 @@ def test_wrong_wires_give_clear_errors(models):
         N["LetterpressGlmImageSampler"]().run(models["dit"], "not a prior", pos, 0, 1, 1.0)
     with pytest.raises(LetterpressError, match="no reference images"):
         N["LetterpressGlmImageVAEEncode"]().run(models["vae"], prior=prior)
+
+
+def test_component_loaders_equal_the_folder_loader(models, t2i):
+    ar = N["LetterpressGlmImageARLoader"]().run("GLM-Image", "auto")[0]
+    glyph = N["LetterpressGlmImageGlyphEncoderLoader"]().run("GLM-Image", "auto")[0]
+    dit = N["LetterpressGlmImageDiTLoader"]().run("GLM-Image", "auto")[0]
+    vae = N["LetterpressGlmImageVAELoader"]().run("GLM-Image", "auto")[0]
+    for handle, folder_handle in ((ar, models["ar"]), (glyph, models["glyph"]), (dit, models["dit"]), (vae, models["vae"])):
+        a, b = handle.module.state_dict(), folder_handle.module.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    prior, image = run_nodes(dict(ar=ar, glyph=glyph, dit=dit, vae=vae), PROMPT, t2i["seed"])
+    assert torch.equal(prior.tokens, t2i["prior"].tokens) and torch.equal(image, t2i["image"])
+
+
+def test_not_a_glm_folder_is_refused_clearly(glm, tmp_path):
+    other = tmp_path / "SomethingElse"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "ErnieImagePipeline"}')
+    with pytest.raises(LetterpressError, match="not a GLM-Image folder.*ErnieImagePipeline"):
+        N["LetterpressGlmImageFolderLoader"]().run(str(other), "auto")
+    with pytest.raises(LetterpressError, match="not a GLM-Image folder"):
+        N["LetterpressGlmImageDiTLoader"]().run(str(other), "auto")
+    incomplete = tmp_path / "GLM-Image-partial"
+    incomplete.mkdir()
+    (incomplete / "model_index.json").write_text('{"_class_name": "GlmImagePipeline"}')
+    with pytest.raises(LetterpressError, match="vision_language_encoder/"):
+        N["LetterpressGlmImageARLoader"]().run(str(incomplete), "auto")
