@@ -261,7 +261,7 @@ def test_foreign_conditioning_and_latent(folder_models, ernie):
         node("TextEncode").run(te, PROMPT, "", 300)
 
 
-def test_flux1_file_and_lone_text_encoder(ovis, models_dir, tmp_path, host):
+def test_flux1_file_and_lone_text_encoder(ovis, models_dir, tmp_path, host, monkeypatch):
     from safetensors.torch import save_file
 
     flux = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2), "double_blocks.0.img_mlp.0.weight": torch.zeros(8, 2),
@@ -274,6 +274,6 @@ def test_flux1_file_and_lone_text_encoder(ovis, models_dir, tmp_path, host):
     lone = tmp_path / "models" / "text_encoders"
     lone.mkdir(parents=True)
     os.symlink(os.path.join(models_dir, "text_encoders", "ovis_2.5.safetensors"), lone / "ovis_2.5.safetensors")
-    host.models_dir = str(tmp_path / "models")
+    monkeypatch.setattr(host, "models_dir", str(tmp_path / "models"))  # restored for the module fixtures after
     with pytest.raises(LetterpressError, match="no tokenizer found.*models/diffusers/Ovis-Image-7B"):
         node("TextEncoderLoader").run("ovis_2.5.safetensors", "auto")
