@@ -62,8 +62,10 @@ class ModelHandle:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype (fp8-stored weights compute in the dtype of the other parameters)."""
         for p in self.module.parameters():
-            return p.dtype
+            if p.is_floating_point() and p.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                return p.dtype
         return torch.float32
 
     @property

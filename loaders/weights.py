@@ -21,12 +21,15 @@ from safetensors import safe_open
 from .files import PICKLE_EXTENSIONS
 from .host import LetterpressError, get_host
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-WEIGHT_DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
+WEIGHT_DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
+FP8 = torch.float8_e4m3fn
+FP8_COMPUTE = torch.bfloat16
 
 
 def weight_dtype(choice: str) -> torch.dtype:
-    """'auto' is fp32 on CPU, bf16 on a device that has it, fp16 otherwise."""
+    """'auto' is fp32 on CPU, bf16 on a device that has it, fp16 otherwise. 'fp8_e4m3fn' stores the
+    Linear weights in fp8 (half of bf16) and computes in bf16."""
     if choice in DTYPES:
         return DTYPES[choice]
     device = get_host().compute_device()
@@ -188,6 +191,9 @@ def fill_module(
     `key_map` maps a checkpoint key to the module's key (None drops it). Missing or unexpected keys
     raise a LetterpressError naming them, since they mean the file is not the model the loader expects.
     """
+    store_fp8 = dtype == FP8
+    if store_fp8:
+        dtype = FP8_COMPUTE
     expected = dict(module.state_dict(keep_vars=True))
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -221,6 +227,25 @@ def fill_module(
     for name, p in list(module.named_parameters()):
         if p.is_meta and not any(s in name for s in optional):
             raise LetterpressError(f"{what}: parameter {name} was not filled from the checkpoint.")
+    if store_fp8:
+        to_fp8_storage(module)
+    return module
+
+
+class Fp8Linear(torch.nn.Linear):
+    """A Linear whose weight is stored in fp8 and cast to the input's dtype for each matmul."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def to_fp8_storage(module: torch.nn.Module) -> torch.nn.Module:
+    """Store every Linear weight in fp8 (weights only; norms, embeddings and biases stay in bf16)."""
+    for sub in module.modules():
+        if type(sub) is torch.nn.Linear:
+            sub.weight = torch.nn.Parameter(sub.weight.data.to(FP8), requires_grad=False)
+            sub.__class__ = Fp8Linear
     return module
 
 
