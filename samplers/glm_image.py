@@ -131,7 +131,7 @@ def ar_tokens(ar: ModelHandle, prompt: str, width: int, height: int, seed: int, 
     refs = prepare_references(processor, references or [])
     content = [{"type": "image", "image": pil} for pil, _ in refs] + [{"type": "text", "text": prompt}]
     inputs = processor.apply_chat_template(
-        [[{"role": "user", "content": content}]], tokenize=True, padding=False,
+        [[{"role": "user", "content": content}]], tokenize=True,
         processor_kwargs={"target_h": height, "target_w": width}, return_dict=True, return_tensors="pt",
     ).to(device)
     grids = inputs["image_grid_thw"]
