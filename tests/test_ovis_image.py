@@ -51,13 +51,23 @@ def graph(models, prompt, width, height, steps, cfg, seed, batch=1, msl=256, den
     return node("VAEDecode").run(vae, out)[0]
 
 
+def _on_session_models(session_host):
+    """Module fixtures run before the per-test host is set: load through the session's models tree whatever
+    host an earlier test module left behind."""
+    from letterpress.loaders.host import set_host
+
+    set_host(session_host)
+
+
 @pytest.fixture(scope="module")
-def folder_models(ovis):
+def folder_models(ovis, session_host):
+    _on_session_models(session_host)
     return node("FolderLoader").run("Ovis-Image-7B", "auto")
 
 
 @pytest.fixture(scope="module")
-def file_models(ovis):
+def file_models(ovis, session_host):
+    _on_session_models(session_host)
     return (node("DiTLoader").run("ovis_image.safetensors", "auto")[0],
             node("TextEncoderLoader").run("ovis_2.5.safetensors", "auto")[0],
             node("VAELoader").run("ae.safetensors", "auto")[0])
