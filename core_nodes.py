@@ -92,8 +92,17 @@ class LoadImage:
     def INPUT_TYPES(cls):
         return {"required": {"image": ("STRING", {"image_upload": True})}}
 
+    @classmethod
+    def IS_CHANGED(cls, image):
+        path = cls._path(image)
+        return f"{os.path.getmtime(path)}:{os.path.getsize(path)}" if os.path.exists(path) else "missing"
+
+    @staticmethod
+    def _path(image: str) -> str:
+        return image if os.path.isabs(image) else os.path.join(get_host().input_dir, image)
+
     def load_image(self, image):
-        path = image if os.path.isabs(image) else os.path.join(get_host().input_dir, image)
+        path = self._path(image)
         if not os.path.exists(path):
             raise LetterpressError(f"Image {image} was not found in {get_host().input_dir}. Put it there or pass a full path.")
         img = ImageOps.exif_transpose(Image.open(path))

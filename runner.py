@@ -201,6 +201,9 @@ class Runner:
                 elif name in _all_inputs(cls):
                     kwargs[name] = value
                     sig_parts.append(f"{name}={json.dumps(value, sort_keys=True)}")
+            if hasattr(cls, "IS_CHANGED"):  # e.g. LoadImage: a file changed under the same name
+                literal = {k: v for k, v in kwargs.items() if not _is_link(node["inputs"].get(k))}
+                sig_parts.append(f"changed={cls.IS_CHANGED(**literal)}")
             hidden = cls.INPUT_TYPES().get("hidden", {})
             if "prompt" in hidden:
                 kwargs["prompt"] = wf

@@ -88,12 +88,15 @@ class Progress:
         self._listeners = list(listeners)
 
     def update(self, n: int = 1, preview: Any = None) -> None:
+        """Advance by n; `preview` is a PIL image of the current estimate, shown where the host can."""
         self.done += n
         if self._bar is not None:
             if IN_COMFYUI and hasattr(self._bar, "update_absolute"):
-                self._bar.update_absolute(self.done, self.total, preview)
+                shown = ("JPEG", preview, 512) if preview is not None else None  # ComfyUI's preview tuple
+                self._bar.update_absolute(self.done, self.total, shown)
             else:
                 self._bar.update(n)
+        self.last_preview = preview
         for listener in self._listeners:
             listener(self.done, self.total)
 
@@ -127,6 +130,7 @@ class StandaloneHost:
         self._loaded: list[ModelHandle] = []
         self.progress_listeners: list[Callable[[int, int], None]] = []
         self.show_progress = True
+        self.previews = False  # the standalone host has no screen to show previews on
 
     # devices -------------------------------------------------------------------------------
     def compute_device(self) -> torch.device:
@@ -181,7 +185,7 @@ class StandaloneHost:
             raise Interrupted("Run cancelled.")
 
     def previews_enabled(self) -> bool:
-        return False
+        return self.previews
 
     # model folders -------------------------------------------------------------------------
     def model_folders(self, kind: str) -> list[str]:
@@ -242,7 +246,12 @@ class ComfyHost(StandaloneHost):  # pragma: no cover - exercised only inside a r
         _mm.throw_exception_if_processing_interrupted()
 
     def previews_enabled(self) -> bool:
-        return True
+        try:
+            from comfy.cli_args import LatentPreviewMethod, args
+
+            return args.preview_method != LatentPreviewMethod.NoPreviews
+        except ImportError:
+            return True
 
     def model_folders(self, kind: str) -> list[str]:
         folders: list[str] = []

@@ -17,6 +17,7 @@ from .conditioning import Conditioning, batch_for, check_latent
 from .generate import generate, sampling_args
 from .latents import patchify_2x2, unpatchify_2x2
 from .numerics import check_finite, warn_truncated
+from .previews import latent_rgb_preview
 
 FAMILY = "ernie_image"
 SCALE = 16  # VAE f8 x 2x2 patchify
@@ -102,7 +103,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
             v = flow_match.cfg_combine(uncond, cond_v, cfg)
         return v
 
-    out = flow_match.euler_loop(predict, x, sigmas.to(device), first)
+    out = flow_match.euler_loop(predict, x, sigmas.to(device), first, preview=latent_rgb_preview)
     check_finite(out, "ERNIE-Image DiT", dtype)
     return {"samples": out.cpu(), "family": FAMILY}
 

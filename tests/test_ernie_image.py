@@ -220,3 +220,22 @@ def test_cfg_without_negative_and_foreign_latent(folder_models):
         node("Sampler").run(dit, pos, lat, 0, 2, 1.0, 4.0, 0.0)
     with pytest.raises(LetterpressError, match="finite"):
         node("Sampler").run(dit, pos, lat, 0, 2, float("nan"), 4.0, 1.0)
+
+
+def test_live_previews_when_the_host_shows_them(folder_models, host):
+    shown = []
+    make = host.progress
+
+    def progress(total):
+        bar = make(total)
+        update = bar.update
+        bar.update = lambda n=1, preview=None: (shown.append(preview), update(n, preview))
+        return bar
+
+    host.progress = progress
+    graph(folder_models, PROMPT, 32, 48, 2, 1.0, seed=1)
+    assert shown == [None, None]  # the standalone host shows none, so none are made
+    host.previews = True
+    graph(folder_models, PROMPT, 32, 48, 2, 1.0, seed=1)
+    assert len(shown) == 4 and all(p is not None for p in shown[2:])
+    assert shown[-1].size[0] / shown[-1].size[1] == 32 / 48  # the latent's aspect

@@ -128,3 +128,21 @@ def test_unwritable_output_dir(ernie, models_dir, tmp_path, capsys):
         ro = ro / "sub"
     code = run_cli("ernie_image_turbo_t2i_api.json", models_dir, ro, *SMALL)
     assert code == 2 and "output folder" in capsys.readouterr().err
+
+
+def test_load_image_reruns_when_the_file_changes(tmp_path, host):
+    from PIL import Image as PILImage
+
+    path = tmp_path / "in.png"
+    PILImage.new("RGB", (16, 16), (255, 0, 0)).save(path)
+    wf = {"1": {"class_type": "LoadImage", "inputs": {"image": str(path)}},
+          "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    runner = Runner()
+    first = runner.run(wf)["results"]["1"][0]
+    runner.run(wf)
+    assert runner.executed == ["2"]  # unchanged file: LoadImage cached
+    PILImage.new("RGB", (16, 16), (0, 0, 255)).save(path)
+    os.utime(path, (1, 1))  # a different mtime even within the same second
+    second = runner.run(wf)["results"]["1"][0]
+    assert runner.executed == ["1", "2"]
+    assert first[0, 0, 0, 0] == 1.0 and second[0, 0, 0, 2] == 1.0
