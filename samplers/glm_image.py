@@ -16,7 +16,6 @@ Numerics follow diffusers' GlmImagePipeline (0.42.1) and transformers' GlmImageF
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 
 from ..loaders.host import LetterpressError, ModelHandle
 from . import flow_match
+from .text_spans import quoted_spans
 from .conditioning import Conditioning, check_family, check_latent
 from .generate import generate, sampling_args
 
@@ -180,9 +180,8 @@ def prior_preview(prior: GlmPrior) -> torch.Tensor:
 
 
 def glyph_spans(prompt: str) -> list[str]:
-    """The quoted text the reference renders, in the reference's order (quote kinds one after another)."""
-    return (re.findall(r"'([^']*)'", prompt) + re.findall(r"\u201c([^\u201c\u201d]*)\u201d", prompt)
-            + re.findall(r'"([^"]*)"', prompt) + re.findall(r"「([^「」]*)」", prompt))
+    """The quoted text the reference renders, in the reference's order (shared with the text check nodes)."""
+    return quoted_spans(prompt)
 
 
 @torch.no_grad()
