@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..loaders import glm_image as load
 from ..loaders.files import resolve
-from ..loaders.host import get_host
+from ..loaders.host import LetterpressError, get_host
 from ..samplers import glm_image as stage
 from .common import CATEGORY, dtype_input, folder_input, seed_input, size_input
 
@@ -117,6 +117,11 @@ class LetterpressGlmImageARTokens:
             batch = references.get(f"reference_{i}")
             if batch is not None:
                 images.extend(batch[j] for j in range(batch.shape[0]))
+        if len(images) > MAX_REFERENCES:
+            raise LetterpressError(
+                f"GLM-Image AR Tokens takes at most {MAX_REFERENCES} reference images in all, got {len(images)} "
+                "(a batch counts one per frame). Pass fewer images, or split the batch."
+            )
         get_host().load(ar_model)
         return (stage.ar_tokens(ar_model, prompt, width, height, seed, temperature, top_p, images), prompt)
 

@@ -157,3 +157,7 @@ def test_editing_wiring_errors(models):
         N["LetterpressGlmImageSampler"]().run(models["dit"], prior, pos, 0, 1, 1.0, reference_latents=two)
     with pytest.raises(LetterpressError, match="multiples of 16"):
         N["LetterpressGlmImageVAEEncode"]().run(models["vae"], image=as_image(picture(1, 70, 100)))
+    five = torch.cat([ref] * 3)
+    with pytest.raises(LetterpressError, match="at most 4 reference images in all, got 5"):
+        N["LetterpressGlmImageARTokens"]().run(models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75, reference_1=five,
+                                               reference_2=torch.cat([ref, ref]))
