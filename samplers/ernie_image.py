@@ -18,18 +18,14 @@ from .generate import generate, sampling_args
 from .latents import patchify_2x2, unpatchify_2x2
 from .numerics import check_finite, warn_truncated
 from .previews import latent_rgb_preview
+from .sizes import check_multiple
 
 FAMILY = "ernie_image"
 SCALE = 16  # VAE f8 x 2x2 patchify
 
 
-def check_size(width: int, height: int, step: int = SCALE, model: str = "ERNIE-Image") -> None:
-    for name, v in (("width", width), ("height", height)):
-        if v <= 0 or v % step:
-            lower, upper = max(step, v // step * step), (v // step + 1) * step
-            raise LetterpressError(
-                f"{model} needs {name} to be a positive multiple of {step}, got {v}. Use {lower} or {upper}."
-            )
+def check_size(width: int, height: int) -> None:
+    check_multiple(width, height, SCALE, "ERNIE-Image")
 
 
 # Prompt enhancer ---------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 from ..loaders.host import LetterpressError, ModelHandle
 from . import flow_match
+from .sizes import check_multiple
 from .text_spans import quoted_spans
 from .conditioning import Conditioning, check_family, check_latent
 from .generate import generate, sampling_args
@@ -33,13 +34,7 @@ VAE_SCALE = 8
 
 
 def check_size(width: int, height: int) -> None:
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or v <= 0 or v % SCALE:
-            lower, upper = max(SCALE, int(v) // SCALE * SCALE), (int(v) // SCALE + 1) * SCALE
-            raise LetterpressError(
-                f"GLM-Image needs {name} to be a positive multiple of {SCALE} (its AR tokens cover 32x32 pixels), "
-                f"got {v}. Use {lower} or {upper}."
-            )
+    check_multiple(width, height, SCALE, "GLM-Image", " (its AR tokens cover 32x32 pixels)")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ..loaders.host import LetterpressError, ModelHandle
 from ..loaders.ovis_image import DEFAULT_SCHEDULE
 from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
-from .ernie_image import check_size as _check_size
+from .sizes import check_multiple
 from .latents import pack_2x2_tokens, unpack_2x2_tokens
 
 FAMILY = "ovis_image"
@@ -36,7 +36,7 @@ MAX_SEQUENCE_LENGTH = 256
 
 
 def check_size(width: int, height: int) -> None:
-    _check_size(width, height, SCALE, MODEL)
+    check_multiple(width, height, SCALE, MODEL)
 
 
 # Text encoder --------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
 def encode(vae: ModelHandle, image: torch.Tensor) -> dict:
     """IMAGE (B, H, W, C) -> unpacked, scaled latents (the distribution's mode), for denoise < 1."""
     _, h, w, _ = image.shape
-    _check_size(w, h, 2 * _vae_factor(vae.module), MODEL)
+    check_multiple(w, h, 2 * _vae_factor(vae.module), MODEL)
     cfg = vae.module.config
     x = image[..., :3].permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
     z = vae.module.encode(x).latent_dist.mode()

@@ -38,8 +38,12 @@ def session_host(models_dir, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def host(models_dir, tmp_path, session_host):
-    """A fresh standalone host for each test, reading the session's models, writing to the test's tmp."""
-    return _standalone(models_dir, str(tmp_path))
+    """A fresh standalone host for each test, reading the session's models, writing to the test's tmp;
+    the session host is put back afterwards, for the module fixtures that load next."""
+    from letterpress.loaders.host import set_host
+
+    yield _standalone(models_dir, str(tmp_path))
+    set_host(session_host)
 
 
 @pytest.fixture(scope="session")
