@@ -38,3 +38,71 @@ def require(handle, what: str, wire_from: str):
     if handle is None:
         raise LetterpressError(f"No {what} is loaded: {wire_from}.")
     return handle
+
+
+class FileLoader:
+    """Base of the single-file loader nodes: a file from one model folder + a weight dtype -> one stage.
+
+    Subclasses set CATEGORY, DESCRIPTION, RETURN_TYPES, RETURN_NAMES, KIND (the model folder), INPUT (the
+    widget's name), TOOLTIP (the file users have) and LOAD (loaders function: path, dtype choice -> handle).
+    """
+
+    FUNCTION = "run"
+    KIND = INPUT = TOOLTIP = ""
+    LOAD = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {cls.INPUT: file_input(cls.KIND, cls.TOOLTIP), "weight_dtype": dtype_input()}}
+
+    def run(self, *args, **kwargs):
+        from ..loaders.files import resolve
+
+        values = dict(zip((self.INPUT, "weight_dtype"), args), **kwargs)  # ComfyUI passes keywords
+        return (type(self).LOAD(resolve(self.KIND, values[self.INPUT]), values["weight_dtype"]),)
+
+
+def denoise_input():
+    return ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                      "tooltip": "Below 1 keeps part of the input latent (image-to-image)."})
+
+
+class VAEDecodeNode:
+    """Base of the VAE Decode nodes: VAE + LATENT -> IMAGE through one family's `decode` stage."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    VAE_TYPE = ""
+    DECODE = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": (cls.VAE_TYPE,), "latent": ("LATENT",)}}
+
+    def run(self, vae, latent):
+        from ..loaders.host import get_host
+
+        get_host().load(vae)
+        return (type(self).DECODE(vae, latent),)
+
+
+class EmptyLatentNode:
+    """Base of the Empty Latent nodes: width, height, batch -> one family's empty LATENT."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+    STEP = 16
+    EMPTY = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "width": size_input(1024, cls.STEP, "Image width"),
+            "height": size_input(1024, cls.STEP, "Image height"),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+        }}
+
+    def run(self, width, height, batch_size):
+        return (type(self).EMPTY(width, height, batch_size),)

@@ -2,88 +2,69 @@
 
 from __future__ import annotations
 
-import os
-
 from ..loaders import ernie_image as load
 from ..loaders.files import resolve
 from ..loaders.host import get_host
 from ..samplers import ernie_image as stage
+from .common import (
+    CATEGORY,
+    EmptyLatentNode,
+    FileLoader,
+    VAEDecodeNode,
+    denoise_input,
+    dtype_input,
+    file_input,
+    folder_input,
+    require,
+    seed_input,
+    size_input,
+)
 from .lora import lora_loader
-from .common import CATEGORY, dtype_input, file_input, folder_input, require, seed_input, size_input
 
 CAT = f"{CATEGORY}/ERNIE-Image"
 DIT, TE, VAE, PE = "LP_ERNIE_DIT", "LP_ERNIE_TEXT_ENCODER", "LP_ERNIE_VAE", "LP_ERNIE_PROMPT_ENHANCER"
 COND = "LP_CONDITIONING"
 
 
-class LetterpressErnieImageDiTLoader:
+class LetterpressErnieImageDiTLoader(FileLoader):
     DESCRIPTION = "Loads the ERNIE-Image (or -Turbo) DiT from a single file in models/diffusion_models."
     CATEGORY = CAT
     RETURN_TYPES = (DIT,)
     RETURN_NAMES = ("dit",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "dit_name": file_input("diffusion_models", "ernie-image.safetensors or ernie-image-turbo.safetensors."),
-            "weight_dtype": dtype_input(),
-        }}
-
-    def run(self, dit_name, weight_dtype):
-        return (load.load_dit(resolve("diffusion_models", dit_name), weight_dtype),)
+    KIND, INPUT = "diffusion_models", "dit_name"
+    TOOLTIP = 'ernie-image.safetensors or ernie-image-turbo.safetensors.'
+    LOAD = staticmethod(load.load_dit)
 
 
-class LetterpressErnieImageTextEncoderLoader:
+class LetterpressErnieImageTextEncoderLoader(FileLoader):
     DESCRIPTION = ("Loads the Ministral-3 3B text encoder from models/text_encoders. Its tokenizer comes from "
                    "the ERNIE-Image diffusers folder or a folder named like the file (see README).")
     CATEGORY = CAT
     RETURN_TYPES = (TE,)
     RETURN_NAMES = ("text_encoder",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "text_encoder_name": file_input("text_encoders", "ministral-3-3b.safetensors."),
-            "weight_dtype": dtype_input(),
-        }}
-
-    def run(self, text_encoder_name, weight_dtype):
-        return (load.load_text_encoder(resolve("text_encoders", text_encoder_name), weight_dtype),)
+    KIND, INPUT = "text_encoders", "text_encoder_name"
+    TOOLTIP = 'ministral-3-3b.safetensors.'
+    LOAD = staticmethod(load.load_text_encoder)
 
 
-class LetterpressErnieImagePromptEnhancerLoader:
+class LetterpressErnieImagePromptEnhancerLoader(FileLoader):
     DESCRIPTION = "Loads the optional 3B prompt enhancer (Ministral-3) that rewrites short prompts into detailed ones."
     CATEGORY = CAT
     RETURN_TYPES = (PE,)
     RETURN_NAMES = ("prompt_enhancer",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "prompt_enhancer_name": file_input("text_encoders", "ernie-image-prompt-enhancer.safetensors."),
-            "weight_dtype": dtype_input(),
-        }}
-
-    def run(self, prompt_enhancer_name, weight_dtype):
-        return (load.load_prompt_enhancer(resolve("text_encoders", prompt_enhancer_name), weight_dtype),)
+    KIND, INPUT = "text_encoders", "prompt_enhancer_name"
+    TOOLTIP = 'ernie-image-prompt-enhancer.safetensors.'
+    LOAD = staticmethod(load.load_prompt_enhancer)
 
 
-class LetterpressErnieImageVAELoader:
+class LetterpressErnieImageVAELoader(FileLoader):
     DESCRIPTION = "Loads the Flux2 VAE (32 channels) that ERNIE-Image decodes with, from models/vae."
     CATEGORY = CAT
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae_name": file_input("vae", "flux2-vae.safetensors."), "weight_dtype": dtype_input()}}
-
-    def run(self, vae_name, weight_dtype):
-        return (load.load_flux2_vae(resolve("vae", vae_name), weight_dtype),)
+    KIND, INPUT = "vae", "vae_name"
+    TOOLTIP = 'flux2-vae.safetensors.'
+    LOAD = staticmethod(load.load_flux2_vae)
 
 
 class LetterpressErnieImageFolderLoader:
@@ -155,22 +136,10 @@ class LetterpressErnieImagePromptEnhance:
         return (stage.enhance_prompt(pe, prompt, width, height, seed, temperature, top_p, max_new_tokens),)
 
 
-class LetterpressErnieImageEmptyLatent:
+class LetterpressErnieImageEmptyLatent(EmptyLatentNode):
     DESCRIPTION = "An empty ERNIE-Image latent (128 channels at 1/16 size) for text-to-image."
     CATEGORY = CAT
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "width": size_input(1024, 16, "Image width"),
-            "height": size_input(1024, 16, "Image height"),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
-        }}
-
-    def run(self, width, height, batch_size):
-        return (stage.empty_latent(width, height, batch_size),)
+    EMPTY = staticmethod(stage.empty_latent)
 
 
 class LetterpressErnieImageSampler:
@@ -191,7 +160,7 @@ class LetterpressErnieImageSampler:
                 "steps": ("INT", {"default": 50, "min": 1, "max": 200, "tooltip": "50 for ERNIE-Image, 8 for Turbo."}),
                 "cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "4.0 for ERNIE-Image, 1.0 for Turbo."}),
                 "shift": ("FLOAT", {"default": 4.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": "Static timestep shift (hub scheduler config: 4.0)."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1 keeps part of the input latent (image-to-image)."}),
+                "denoise": denoise_input(),
             },
             "optional": {"negative": (COND, {"tooltip": "Needed when cfg > 1; an empty prompt is the reference default."})},
         }
@@ -201,19 +170,11 @@ class LetterpressErnieImageSampler:
         return (stage.sample(dit, positive, negative, latent, seed, steps, cfg, shift, denoise),)
 
 
-class LetterpressErnieImageVAEDecode:
+class LetterpressErnieImageVAEDecode(VAEDecodeNode):
     DESCRIPTION = "Decodes ERNIE-Image latents to an IMAGE with the Flux2 VAE."
     CATEGORY = CAT
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae": (VAE,), "latent": ("LATENT",)}}
-
-    def run(self, vae, latent):
-        get_host().load(vae)
-        return (stage.decode(vae, latent),)
+    VAE_TYPE = VAE
+    DECODE = staticmethod(stage.decode)
 
 
 class LetterpressErnieImageVAEEncode:

@@ -6,7 +6,7 @@ from ..loaders import glm_image as load
 from ..loaders.files import resolve
 from ..loaders.host import LetterpressError, get_host
 from ..samplers import glm_image as stage
-from .common import CATEGORY, dtype_input, folder_input, seed_input, size_input
+from .common import CATEGORY, VAEDecodeNode, dtype_input, folder_input, seed_input, size_input
 
 CAT = f"{CATEGORY}/GLM-Image"
 AR, GLYPH, DIT, VAE, PRIOR = "LP_GLM_AR", "LP_GLM_GLYPH_ENCODER", "LP_GLM_DIT", "LP_GLM_VAE", "LP_GLM_PRIOR"
@@ -200,19 +200,11 @@ class LetterpressGlmImageSampler:
         return (stage.sample(dit, prior, positive, negative, seed, steps, cfg, reference_latents),)
 
 
-class LetterpressGlmImageVAEDecode:
+class LetterpressGlmImageVAEDecode(VAEDecodeNode):
     DESCRIPTION = "Decodes GLM-Image latents to an IMAGE with its 16-channel VAE."
     CATEGORY = CAT
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae": (VAE,), "latent": ("LATENT",)}}
-
-    def run(self, vae, latent):
-        get_host().load(vae)
-        return (stage.decode(vae, latent),)
+    VAE_TYPE = VAE
+    DECODE = staticmethod(stage.decode)
 
 
 class LetterpressGlmImageVAEEncode:

@@ -6,7 +6,18 @@ from ..loaders import ovis_image as load
 from ..loaders.files import resolve
 from ..loaders.host import get_host
 from ..samplers import ovis_image as stage
-from .common import CATEGORY, dtype_input, file_input, folder_input, seed_input, size_input
+from .common import (
+    CATEGORY,
+    EmptyLatentNode,
+    FileLoader,
+    VAEDecodeNode,
+    denoise_input,
+    dtype_input,
+    file_input,
+    folder_input,
+    seed_input,
+    size_input,
+)
 
 CAT = f"{CATEGORY}/Ovis-Image"
 DIT, TE, VAE = "LP_OVIS_DIT", "LP_OVIS_TEXT_ENCODER", "LP_OVIS_VAE"
@@ -33,58 +44,37 @@ class LetterpressOvisImageFolderLoader:
         return (m["dit"], m["text_encoder"], m["vae"])
 
 
-class LetterpressOvisImageDiTLoader:
+class LetterpressOvisImageDiTLoader(FileLoader):
     DESCRIPTION = ("Loads the Ovis-Image DiT from a single file in models/diffusion_models: the original "
                    "ovis_image.safetensors or ComfyUI's ovis_image_bf16.safetensors (converted on load).")
     CATEGORY = CAT
     RETURN_TYPES = (DIT,)
     RETURN_NAMES = ("dit",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "dit_name": file_input("diffusion_models", "ovis_image.safetensors or ovis_image_bf16.safetensors."),
-            "weight_dtype": dtype_input(),
-        }}
-
-    def run(self, dit_name, weight_dtype):
-        return (load.load_dit(resolve("diffusion_models", dit_name), weight_dtype),)
+    KIND, INPUT = "diffusion_models", "dit_name"
+    TOOLTIP = 'ovis_image.safetensors or ovis_image_bf16.safetensors.'
+    LOAD = staticmethod(load.load_dit)
 
 
-class LetterpressOvisImageTextEncoderLoader:
+class LetterpressOvisImageTextEncoderLoader(FileLoader):
     DESCRIPTION = ("Loads the Ovis2.5 text encoder (a Qwen3 language model) from models/text_encoders, e.g. "
                    "ovis_2.5.safetensors. Its tokenizer comes from the Ovis-Image diffusers folder or a folder named "
                    "like the file.")
     CATEGORY = CAT
     RETURN_TYPES = (TE,)
     RETURN_NAMES = ("text_encoder",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "text_encoder_name": file_input("text_encoders", "ovis_2.5.safetensors."),
-            "weight_dtype": dtype_input(),
-        }}
-
-    def run(self, text_encoder_name, weight_dtype):
-        return (load.load_text_encoder(resolve("text_encoders", text_encoder_name), weight_dtype),)
+    KIND, INPUT = "text_encoders", "text_encoder_name"
+    TOOLTIP = 'ovis_2.5.safetensors.'
+    LOAD = staticmethod(load.load_text_encoder)
 
 
-class LetterpressOvisImageVAELoader:
+class LetterpressOvisImageVAELoader(FileLoader):
     DESCRIPTION = "Loads the FLUX.1 VAE (16 channels) that Ovis-Image decodes with, from models/vae (ae.safetensors)."
     CATEGORY = CAT
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae_name": file_input("vae", "ae.safetensors (the FLUX.1 VAE)."), "weight_dtype": dtype_input()}}
-
-    def run(self, vae_name, weight_dtype):
-        return (load.load_flux1_vae(resolve("vae", vae_name), weight_dtype),)
+    KIND, INPUT = "vae", "vae_name"
+    TOOLTIP = 'ae.safetensors (the FLUX.1 VAE).'
+    LOAD = staticmethod(load.load_flux1_vae)
 
 
 class LetterpressOvisImageTextEncode:
@@ -112,22 +102,10 @@ class LetterpressOvisImageTextEncode:
                 stage.encode_text(text_encoder, negative_prompt, max_sequence_length))
 
 
-class LetterpressOvisImageEmptyLatent:
+class LetterpressOvisImageEmptyLatent(EmptyLatentNode):
     DESCRIPTION = "An empty Ovis-Image latent (16 channels at 1/8 size) for text-to-image."
     CATEGORY = CAT
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "width": size_input(1024, 16, "Image width"),
-            "height": size_input(1024, 16, "Image height"),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
-        }}
-
-    def run(self, width, height, batch_size):
-        return (stage.empty_latent(width, height, batch_size),)
+    EMPTY = staticmethod(stage.empty_latent)
 
 
 class LetterpressOvisImageSampler:
@@ -147,7 +125,7 @@ class LetterpressOvisImageSampler:
                 "seed": seed_input(),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 200, "tooltip": "50 in the model card."}),
                 "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "5.0 in the model card; 1.0 skips the negative pass."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1 keeps part of the input latent (image-to-image)."}),
+                "denoise": denoise_input(),
             },
             "optional": {"negative": (COND, {"tooltip": "Needed when cfg > 1: the negative output of Text Encode."})},
         }
@@ -157,19 +135,11 @@ class LetterpressOvisImageSampler:
         return (stage.sample(dit, positive, negative, latent, seed, steps, cfg, denoise),)
 
 
-class LetterpressOvisImageVAEDecode:
+class LetterpressOvisImageVAEDecode(VAEDecodeNode):
     DESCRIPTION = "Decodes Ovis-Image latents to an IMAGE with the FLUX.1 VAE."
     CATEGORY = CAT
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae": (VAE,), "latent": ("LATENT",)}}
-
-    def run(self, vae, latent):
-        get_host().load(vae)
-        return (stage.decode(vae, latent),)
+    VAE_TYPE = VAE
+    DECODE = staticmethod(stage.decode)
 
 
 class LetterpressOvisImageVAEEncode:
