@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from .detect import expect
-from .files import list_diffusers_folders, pipeline_class
+from .files import check_pipeline, component, list_diffusers_folders
 from .host import LetterpressError, ModelHandle, get_host
 from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer
 from .vae import load_vae
@@ -19,6 +19,7 @@ from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read
 
 FAMILY = "ernie_image"
 PIPELINE_CLASSES = ("ErnieImagePipeline",)
+MODEL, REPO = "an ERNIE-Image", "baidu/ERNIE-Image (or ERNIE-Image-Turbo)"
 
 # Ministral-3 3B text settings that tensor shapes cannot tell (the rest is read off the shapes).
 MINISTRAL3_TEMPLATE = dict(
@@ -51,15 +52,10 @@ TOKENIZER_HINT = (
 
 
 def _component(path: str, sub: str) -> str:
-    """`path` itself, or its `sub` folder when `path` is a whole pipeline folder."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
-        if not os.path.isdir(os.path.join(path, sub)) and sub != "pe":
-            raise LetterpressError(
-                f"{os.path.basename(path.rstrip(os.sep))} lacks its {sub}/ folder: the download is incomplete. "
-                f"Download {sub}/ from the model's Hugging Face repository into it."
-            )
-        return os.path.join(path, sub)
-    return path
+    """`path` itself, or its `sub` folder when `path` is a whole ERNIE-Image folder."""
+    if sub == "pe" and os.path.isdir(path) and not os.path.isdir(os.path.join(path, "pe")):
+        raise LetterpressError(f"{path} has no prompt enhancer (pe/): this ERNIE-Image folder ships without one.")
+    return component(path, sub, PIPELINE_CLASSES, MODEL, REPO)
 
 
 # DiT -------------------------------------------------------------------------------------------
@@ -145,8 +141,6 @@ def load_prompt_enhancer(path: str, dtype_choice: str = "auto") -> ModelHandle:
     from transformers import Ministral3Config, Ministral3ForCausalLM
 
     path = _component(path, "pe")
-    if not os.path.exists(path):
-        raise LetterpressError(f"{path} does not exist: this ERNIE-Image folder has no prompt enhancer (pe/).")
     ck = open_checkpoint(path)
     _check_llm(ck, path, "the ERNIE-Image prompt enhancer loader")
     folder = path if os.path.isdir(path) else None
@@ -173,12 +167,7 @@ def load_flux2_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
 
 
 def load_folder(folder: str, dtype_choice: str = "auto", with_pe: bool = True) -> dict[str, ModelHandle | None]:
-    if pipeline_class(folder) not in PIPELINE_CLASSES:
-        found = pipeline_class(folder) or "no model_index.json"
-        raise LetterpressError(
-            f"{os.path.basename(folder)} is not an ERNIE-Image folder ({found}). "
-            "Pick a folder holding ERNIE-Image or ERNIE-Image-Turbo from Hugging Face."
-        )
+    check_pipeline(folder, PIPELINE_CLASSES, MODEL, REPO)
     out: dict[str, ModelHandle | None] = {
         "dit": load_dit(folder, dtype_choice),
         "text_encoder": load_text_encoder(folder, dtype_choice),

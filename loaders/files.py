@@ -74,3 +74,26 @@ def resolve(kind: str, name: str) -> str:
         f"'{name}' was not found in the {kind} model folders ({', '.join(folders)}). "
         f"Put the file there (or fix the name in the workflow) and refresh."
     )
+
+
+def check_pipeline(folder: str, classes: tuple[str, ...], model: str, repo: str) -> None:
+    """A clear error when `folder` is not a diffusers folder of one of `classes`."""
+    found = pipeline_class(folder)
+    if found not in classes:
+        raise LetterpressError(
+            f"{os.path.basename(folder.rstrip(os.sep))} is not {model} folder ({found or 'no model_index.json'}). "
+            f"Pick the {repo} folder under models/diffusers."
+        )
+
+
+def component(path: str, sub: str, classes: tuple[str, ...], model: str, repo: str) -> str:
+    """`path/sub` when `path` is a whole pipeline folder (checked to be `model`'s), else `path` itself."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
+        check_pipeline(path, classes, model, repo)
+        path = os.path.join(path, sub)
+        if not os.path.isdir(path):
+            raise LetterpressError(
+                f"{os.path.basename(os.path.dirname(path))} lacks its {sub}/ folder: the download is incomplete. "
+                f"Download {sub}/ from {repo} into it."
+            )
+    return path

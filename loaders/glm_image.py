@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 
 from .detect import expect
-from .files import pipeline_class
+from .files import check_pipeline, component
 from .host import LetterpressError, ModelHandle, get_host
 from .vae import load_vae
 from .weights import build_empty, fill_module, open_checkpoint, read_json, weight_dtype
 
 FAMILY = "glm_image"
 PIPELINE_CLASSES = ("GlmImagePipeline",)
+MODEL, REPO = "a GLM-Image", "zai-org/GLM-Image"
 # The reference scheduler settings (GlmImagePipeline: dynamic shift from base 0.25 / max 0.75 over 256 tokens).
 DEFAULT_SCHEDULER = dict(num_train_timesteps=1000, base_image_seq_len=256, base_shift=0.25, max_shift=0.75,
                          use_dynamic_shifting=True, time_shift_type="linear", shift=1.0)
@@ -27,18 +28,11 @@ KL_VAE_TEMPLATE = dict(norm_num_groups=32, act_fn="silu", sample_size=1024)
 
 def _component(path: str, sub: str, what: str) -> str:
     """`path/sub` when `path` is the whole GLM-Image folder, else `path` (a component folder)."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
-        found = pipeline_class(path)
-        if found not in PIPELINE_CLASSES:
-            raise LetterpressError(
-                f"{os.path.basename(path.rstrip(os.sep))} is not a GLM-Image folder ({found or 'unknown pipeline'}). "
-                "Pick the zai-org/GLM-Image folder under models/diffusers."
-            )
-        path = os.path.join(path, sub)
+    path = component(path, sub, PIPELINE_CLASSES, MODEL, REPO)
     if not os.path.isdir(path):
         raise LetterpressError(
             f"{what}: {path} does not exist. GLM-Image is published in the diffusers layout only: download "
-            f"zai-org/GLM-Image into models/diffusers/GLM-Image (it must hold {sub}/)."
+            f"{REPO} into models/diffusers/GLM-Image (it must hold {sub}/)."
         )
     return path
 
@@ -140,12 +134,7 @@ def load_kl_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
 
 
 def load_folder(folder: str, dtype_choice: str = "auto") -> dict[str, ModelHandle]:
-    if pipeline_class(folder) not in PIPELINE_CLASSES:
-        found = pipeline_class(folder) or "no model_index.json"
-        raise LetterpressError(
-            f"{os.path.basename(folder.rstrip(os.sep))} is not a GLM-Image folder ({found}). "
-            "Pick the zai-org/GLM-Image folder under models/diffusers."
-        )
+    check_pipeline(folder, PIPELINE_CLASSES, MODEL, REPO)
     return {
         "ar": load_ar(folder, dtype_choice),
         "glyph_encoder": load_glyph_encoder(folder, dtype_choice),

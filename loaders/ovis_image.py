@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from .detect import expect
-from .files import list_diffusers_folders, pipeline_class
+from .files import check_pipeline, component, list_diffusers_folders
 from .host import LetterpressError, ModelHandle, get_host
 from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer
 from .vae import load_vae
@@ -34,6 +34,7 @@ from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read
 
 FAMILY = "ovis_image"
 PIPELINE_CLASSES = ("OvisImagePipeline",)
+MODEL, REPO = "an Ovis-Image", "AIDC-AI/Ovis-Image-7B"
 
 # Qwen3 settings of the Ovis2.5-2B language model that tensor shapes cannot tell (Qwen3-1.7B base).
 QWEN3_TEMPLATE = dict(
@@ -62,10 +63,8 @@ LATENT_CHANNELS = 16
 
 
 def _component(path: str, sub: str) -> str:
-    """`path` itself, or its `sub` folder when `path` is a whole pipeline folder."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
-        return os.path.join(path, sub)
-    return path
+    """`path` itself, or its `sub` folder when `path` is a whole Ovis-Image folder."""
+    return component(path, sub, PIPELINE_CLASSES, MODEL, REPO)
 
 
 # DiT: original (FLUX-style) names -> diffusers names ------------------------------------------------
@@ -331,12 +330,7 @@ def load_flux1_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
 
 
 def load_folder(folder: str, dtype_choice: str = "auto") -> dict[str, ModelHandle]:
-    if pipeline_class(folder) not in PIPELINE_CLASSES:
-        found = pipeline_class(folder) or "no model_index.json"
-        raise LetterpressError(
-            f"{os.path.basename(folder.rstrip(os.sep))} is not an Ovis-Image folder ({found}). "
-            "Pick a folder holding AIDC-AI/Ovis-Image-7B from Hugging Face."
-        )
+    check_pipeline(folder, PIPELINE_CLASSES, MODEL, REPO)
     return {
         "dit": load_dit(folder, dtype_choice),
         "text_encoder": load_text_encoder(folder, dtype_choice),
