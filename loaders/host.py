@@ -193,6 +193,21 @@ class StandaloneHost:
         return [os.path.join(self.models_dir, n) for n in names]
 
 
+class HostedModule(torch.nn.Module):
+    """The container ComfyUI's ModelPatcher manages: it sets bookkeeping attributes on its model (device,
+    lowvram flags) that diffusers and transformers models refuse, so the stage's module sits inside."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def get_dtype(self) -> torch.dtype:
+        for p in self.inner.parameters():
+            if p.is_floating_point() and p.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                return p.dtype
+        return torch.float32
+
+
 class ComfyHost(StandaloneHost):  # pragma: no cover - exercised only inside a real ComfyUI
     """The host inside ComfyUI: ModelPatcher + load_models_gpu, ProgressBar, ComfyUI's interrupt."""
 
@@ -212,7 +227,7 @@ class ComfyHost(StandaloneHost):  # pragma: no cover - exercised only inside a r
     def wrap(self, handle: ModelHandle) -> ModelHandle:
         handle.module.to(self.offload_device())
         handle.patcher = _model_patcher.ModelPatcher(
-            handle.module, load_device=self.compute_device(), offload_device=self.offload_device()
+            HostedModule(handle.module), load_device=self.compute_device(), offload_device=self.offload_device()
         )
         return handle
 
@@ -224,9 +239,9 @@ class ComfyHost(StandaloneHost):  # pragma: no cover - exercised only inside a r
             try:
                 from comfy.weight_adapter import LoRAAdapter
 
-                patches[f"{name}.weight"] = LoRAAdapter(set(), (b, a, alpha, None, None, None))
+                patches[f"inner.{name}.weight"] = LoRAAdapter(set(), (b, a, alpha, None, None, None))
             except ImportError:
-                patches[f"{name}.weight"] = ("lora", (b, a, alpha, None, None, None))
+                patches[f"inner.{name}.weight"] = ("lora", (b, a, alpha, None, None, None))
         patcher.add_patches(patches, strength)
         return dataclasses.replace(handle, patcher=patcher, patches=handle.patches + ((lora, strength),))
 
