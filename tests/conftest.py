@@ -76,3 +76,17 @@ def ernie_vl(models_dir):
     from fixtures import ernie_vl as build_vl
 
     return build_vl.build(models_dir)
+
+
+@pytest.fixture(scope="session")
+def shipped_models(ernie, ovis, glm, ernie_vl, models_dir):
+    """Every family's tiny model, plus a LoRA under the name the LoRA workflow uses."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    w = ernie["transformer"].layers[0].self_attention.to_q.weight
+    lora = {"transformer.layers.0.self_attention.to_q.lora_A.weight": torch.randn(2, w.shape[1], generator=gen),
+            "transformer.layers.0.self_attention.to_q.lora_B.weight": torch.randn(w.shape[0], 2, generator=gen)}
+    os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
+    save_file(lora, os.path.join(models_dir, "loras", "ernie_image_lora.safetensors"))
+    return models_dir

@@ -1,0 +1,210 @@
+"""The pack inside a real ComfyUI (CPU): /object_info, every API workflow through POST /prompt, Cancel
+through /interrupt, caching on re-queue, and ComfyUI's memory manager holding and freeing the models.
+
+Runs when COMFYUI_PATH points at a ComfyUI checkout whose requirements are installed (PYTHONPATH is
+passed on, for extra packages); skips with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+COMFYUI = os.environ.get("COMFYUI_PATH", "")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(
+    not (COMFYUI and os.path.exists(os.path.join(COMFYUI, "main.py"))),
+    reason="set COMFYUI_PATH to a ComfyUI checkout (with its requirements installed) to run the pack inside it",
+)
+
+# A test-only custom node that reports ComfyUI's loaded models, so the test can see the memory manager.
+PROBE = '''
+import comfy.model_management as mm
+
+class LetterpressTestLoadedModels:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"nonce": ("INT", {"default": 0, "min": 0, "max": 2**31})},
+                "optional": {"after": ("IMAGE",)}}
+
+    @classmethod
+    def IS_CHANGED(cls, nonce, after=None):
+        return float("nan")
+
+    def run(self, nonce, after=None):
+        patchers = [m.model for m in mm.current_loaded_models if m.model is not None]
+        names = [type(p.model.inner).__name__ for p in patchers if hasattr(p.model, "inner")]
+        return {"ui": {"text": [",".join(names)]}, "result": (",".join(names),)}
+
+NODE_CLASS_MAPPINGS = {"LetterpressTestLoadedModels": LetterpressTestLoadedModels}
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Comfy:
+    def __init__(self, port: int):
+        self.url = f"http://127.0.0.1:{port}"
+
+    def get(self, path):
+        return json.load(urllib.request.urlopen(self.url + path, timeout=30))
+
+    def post(self, path, body=None):
+        req = urllib.request.Request(self.url + path, json.dumps(body or {}).encode(), {"Content-Type": "application/json"})
+        data = urllib.request.urlopen(req, timeout=30).read()
+        return json.loads(data) if data.strip() else None
+
+    def queue(self, wf) -> str:
+        try:
+            return self.post("/prompt", {"prompt": wf, "client_id": str(uuid.uuid4())})["prompt_id"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"ComfyUI refused the prompt: {e.read().decode()[:2000]}")
+
+    def wait(self, pid, timeout=240) -> dict:
+        end = time.time() + timeout
+        while time.time() < end:
+            h = self.get(f"/history/{pid}")
+            if pid in h:
+                return h[pid]
+            time.sleep(0.3)
+        raise TimeoutError(pid)
+
+
+@pytest.fixture(scope="module")
+def comfy(shipped_models, models_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    nodes = base / "custom_nodes"
+    nodes.mkdir()
+    os.symlink(ROOT, nodes / "ComfyUI-Letterpress")
+    (nodes / "letterpress_test_probe.py").write_text(PROBE)
+    os.symlink(models_dir, base / "models")
+    inputs = base / "input"
+    inputs.mkdir()
+    from PIL import Image
+
+    for path in glob.glob(os.path.join(ROOT, "workflows", "*_api.json")):
+        for node in json.load(open(path)).values():
+            if node["class_type"] == "LoadImage":
+                Image.new("RGB", (64, 64), (200, 120, 40)).save(inputs / node["inputs"]["image"])
+    port = _free_port()
+    log = open(base / "comfyui.log", "w")
+    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                             "--base-directory", str(base), "--disable-auto-launch"],
+                            cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+    c = Comfy(port)
+    try:
+        for _ in range(240):
+            try:
+                c.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if proc.poll() is not None:
+                    pytest.fail(f"ComfyUI exited; see {base / 'comfyui.log'}")
+                time.sleep(0.5)
+        yield c
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def small(wf: dict, steps: int = 2, size: int = 64) -> dict:
+    wf = json.loads(json.dumps(wf))
+    for node in wf.values():
+        inputs = node["inputs"]
+        for k in ("width", "height"):
+            if isinstance(inputs.get(k), int):
+                inputs[k] = size
+        if isinstance(inputs.get("steps"), int):
+            inputs["steps"] = steps
+        if isinstance(inputs.get("max_new_tokens"), int):
+            inputs["max_new_tokens"] = 8
+    return wf
+
+
+def messages(entry) -> dict:
+    return {m[0]: m[1] for m in entry["status"]["messages"]}
+
+
+def test_object_info_lists_every_node_with_its_inputs(comfy):
+    from letterpress.nodes import NODE_CLASS_MAPPINGS
+
+    info = comfy.get("/object_info")
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert name in info, name
+        ours = cls.INPUT_TYPES()
+        assert set(info[name]["input"]["required"]) == set(ours["required"])
+        assert info[name]["output"] == list(cls.RETURN_TYPES)
+        assert info[name]["category"].startswith("Letterpress")
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "workflows", "*_api.json"))),
+                         ids=lambda p: os.path.basename(p))
+def test_api_workflow_queues_and_returns_images(comfy, path):
+    wf = json.load(open(path))
+    if any(n["class_type"] == "LetterpressTextRead" for n in wf.values()):
+        pytest.importorskip("rapidocr")
+    entry = comfy.wait(comfy.queue(small(wf)))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    assert images
+    first = images[0]
+    png = urllib.request.urlopen(f"{comfy.url}/view?filename={first['filename']}&subfolder={first['subfolder']}"
+                                 f"&type={first['type']}").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_requeue_with_new_seed_uses_the_cache(comfy):
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_t2i_api.json"))))
+    comfy.wait(comfy.queue(wf))
+    wf["5"]["inputs"]["seed"] += 1
+    entry = comfy.wait(comfy.queue(wf))
+    cached = set(messages(entry)["execution_cached"]["nodes"])
+    assert {"1", "2", "3", "4"} <= cached and "5" not in cached
+
+
+def test_interrupt_stops_a_run_and_the_next_one_works(comfy):
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_t2i_api.json"))), steps=200, size=1024)
+    wf["5"]["inputs"]["seed"] = 12345
+    pid = comfy.queue(wf)
+    for _ in range(200):
+        if comfy.get("/queue")["queue_running"]:
+            break
+        time.sleep(0.1)
+    time.sleep(3)  # let it load and enter the sampling loop
+    comfy.post("/interrupt")
+    entry = comfy.wait(pid, timeout=60)
+    assert "execution_interrupted" in messages(entry)
+    again = comfy.wait(comfy.queue(small(wf)))
+    assert again["status"]["status_str"] == "success"
+
+
+def test_memory_manager_holds_the_models_and_free_unloads_them(comfy):
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_t2i_api.json"))))
+    wf["99"] = {"class_type": "LetterpressTestLoadedModels", "inputs": {"nonce": 1, "after": ["6", 0]}}
+    loaded = comfy.wait(comfy.queue(wf))["outputs"]["99"]["text"][0]
+    assert {"ErnieImageTransformer2DModel", "AutoencoderKLFlux2", "Ministral3Model"} <= set(loaded.split(","))
+    comfy.post("/free", {"unload_models": True})  # unload only; free_memory would also reset the cache
+    wf["99"]["inputs"]["nonce"] = 2  # the same graph again: everything cached but the probe
+    entry = comfy.wait(comfy.queue(wf))
+    assert "6" in messages(entry)["execution_cached"]["nodes"]
+    assert entry["outputs"]["99"]["text"][0] == ""
