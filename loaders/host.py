@@ -226,6 +226,7 @@ class ComfyHost(StandaloneHost):  # pragma: no cover - exercised only inside a r
 
     def wrap(self, handle: ModelHandle) -> ModelHandle:
         handle.module.to(self.offload_device())
+        _comfy_cast_layers(handle.module)
         handle.patcher = _model_patcher.ModelPatcher(
             HostedModule(handle.module), load_device=self.compute_device(), offload_device=self.offload_device()
         )
@@ -301,6 +302,24 @@ def _apply_patches(handle: ModelHandle) -> None:
             delta = lora.delta(name).to(weight.device) * strength
             weight.copy_((weight.float() + delta).to(weight.dtype))
     state["applied"] = wanted
+
+
+def _comfy_cast_layers(module: torch.nn.Module) -> None:  # pragma: no cover - inside ComfyUI only
+    """Give the stage's layers ComfyUI's cast-weight forward (comfy.ops), so its memory manager can keep
+    some weights off the GPU and stream them per layer (lowvram) instead of failing or running on CPU.
+    Fully loaded, these layers compute exactly as the torch layers they replace."""
+    import comfy.ops as ops
+
+    from .weights import Fp8Linear
+
+    plain = ops.disable_weight_init
+    swaps = {torch.nn.Linear: plain.Linear, torch.nn.Conv2d: plain.Conv2d, torch.nn.GroupNorm: plain.GroupNorm,
+             torch.nn.LayerNorm: plain.LayerNorm, torch.nn.Embedding: plain.Embedding,
+             Fp8Linear: ops.manual_cast.Linear}  # fp8 storage always casts, as ComfyUI's fp8 does
+    for m in module.modules():
+        target = swaps.get(type(m))
+        if target is not None:
+            m.__class__ = target
 
 
 _HOST: StandaloneHost | None = None

@@ -51,7 +51,41 @@ class LetterpressTestLoadedModels:
         names = [type(p.model.inner).__name__ for p in patchers if hasattr(p.model, "inner")]
         return {"ui": {"text": [",".join(names)]}, "result": (",".join(names),)}
 
-NODE_CLASS_MAPPINGS = {"LetterpressTestLoadedModels": LetterpressTestLoadedModels}
+class LetterpressTestCastLayers:
+    """Runs the ERNIE DiT once as loaded and once with every layer on ComfyUI's weight-streaming path."""
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"dit": ("LP_ERNIE_DIT",)}}
+
+    def run(self, dit):
+        import torch
+
+        model = dit.module
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        castable = [m for m in model.modules() if hasattr(m, "comfy_cast_weights")]
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, model.config.in_channels, 4, 4, generator=gen)
+        text = torch.randn(1, 3, model.config.text_in_dim, generator=gen)
+        args = dict(hidden_states=x, timestep=torch.tensor([500.0]), text_bth=text, text_lens=torch.tensor([3]),
+                    return_dict=False)
+        with torch.no_grad():
+            plain = model(**args)[0]
+            for m in castable:
+                m.comfy_cast_weights = True
+            streamed = model(**args)[0]
+            for m in castable:
+                m.comfy_cast_weights = False
+        report = f"{sum(hasattr(m, 'comfy_cast_weights') for m in linears)}/{len(linears)} {float((plain - streamed).abs().max())}"
+        return {"ui": {"text": [report]}}
+
+
+NODE_CLASS_MAPPINGS = {"LetterpressTestLoadedModels": LetterpressTestLoadedModels,
+                       "LetterpressTestCastLayers": LetterpressTestCastLayers}
 '''
 
 
@@ -208,3 +242,17 @@ def test_memory_manager_holds_the_models_and_free_unloads_them(comfy):
     entry = comfy.wait(comfy.queue(wf))
     assert "6" in messages(entry)["execution_cached"]["nodes"]
     assert entry["outputs"]["99"]["text"][0] == ""
+
+
+def test_layers_take_comfyui_weight_streaming_path(comfy):
+    """Every Linear of the DiT is a comfy.ops layer, and the cast-weight (lowvram streaming) forward gives the
+    same result as the plain one."""
+    wf = {"1": {"class_type": "LetterpressErnieImageDiTLoader", "inputs": {"dit_name": "ernie-image.safetensors",
+                                                                          "weight_dtype": "fp32"}},
+          "2": {"class_type": "LetterpressTestCastLayers", "inputs": {"dit": ["1", 0]}}}
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    counts, diff = entry["outputs"]["2"]["text"][0].split()
+    done, total = counts.split("/")
+    assert done == total and int(total) > 0
+    assert float(diff) == 0.0
