@@ -28,3 +28,98 @@ def test_api_workflow_is_valid_for_the_pack(shipped_models, path):
     for node in wf.values():
         assert node.get("_meta", {}).get("title"), f"{node['class_type']} has no title"
     json.dumps(wf)
+
+
+# UI-format workflows (made in the ComfyUI editor) ---------------------------------------------------------
+
+UI = sorted(p for p in glob.glob(os.path.join(ROOT, "workflows", "*.json")) if not p.endswith("_api.json"))
+CONTROL = {"fixed", "increment", "decrement", "randomize"}
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def _classes():
+    from letterpress.core_nodes import CORE_NODES
+    from letterpress.nodes import NODE_CLASS_MAPPINGS
+
+    return {**CORE_NODES, **NODE_CLASS_MAPPINGS}
+
+
+def widget_slots(cls) -> list[tuple[str, tuple | None]]:
+    """The widgets_values layout the editor writes: one slot per widget input (linked or not), in
+    definition order, plus the control_after_generate slot after a seed and the upload slot of LoadImage."""
+    spec = cls.INPUT_TYPES()
+    slots = []
+    for name, s in {**spec.get("required", {}), **spec.get("optional", {})}.items():
+        opts = s[1] if len(s) > 1 else {}
+        if (isinstance(s[0], list) or s[0] in WIDGET_TYPES) and not opts.get("forceInput"):
+            slots.append((name, s))
+            if opts.get("control_after_generate"):
+                slots.append(("control_after_generate", None))
+            if opts.get("image_upload"):
+                slots.append(("upload", None))
+    return slots
+
+
+def ui_to_api(ui: dict) -> dict:
+    """What the editor queues for this UI workflow (widgets by slot, links by id)."""
+    classes = _classes()
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        cls = classes[node["type"]]
+        inputs = {}
+        values = list(node.get("widgets_values") or [])
+        for (name, _), value in zip(widget_slots(cls), values):
+            if name not in ("control_after_generate", "upload"):
+                inputs[name] = value
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def test_every_ui_workflow_has_an_api_twin():
+    assert {os.path.basename(p)[:-5] for p in UI} == {os.path.basename(p)[:-9] for p in API}
+
+
+@pytest.mark.parametrize("path", UI, ids=[os.path.basename(p) for p in UI])
+def test_ui_workflow_fits_the_node_definitions(shipped_models, path):
+    ui = json.load(open(path))
+    classes = _classes()
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for node in ui["nodes"]:
+        assert node["type"] in classes, f"missing node type {node['type']}"
+        cls = classes[node["type"]]
+        slots = widget_slots(cls)
+        values = node.get("widgets_values") or []
+        assert len(values) == len(slots), f"{node['type']}: {len(values)} widget values for {len(slots)} slots"
+        linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+        for (name, spec), value in zip(slots, values):
+            if name == "control_after_generate":
+                assert value in CONTROL
+            elif spec is not None and name not in linked:
+                kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+                if isinstance(kind, list):
+                    assert value in kind, f"{node['type']}.{name}: {value!r} not among the choices"
+                elif kind in ("INT", "FLOAT"):
+                    assert isinstance(value, (int, float)) and opts.get("min", value) <= value <= opts.get("max", value)
+                elif kind == "BOOLEAN":
+                    assert isinstance(value, bool)
+                else:
+                    assert isinstance(value, str)
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        src_cls, dst_node = classes[by_id[src]["type"]], by_id[dst]
+        assert src_cls.RETURN_TYPES[src_slot] == kind, f"link {link_id} carries {kind}"
+        dst_input = dst_node["inputs"][dst_slot]
+        spec = {**classes[dst_node["type"]].INPUT_TYPES().get("required", {}),
+                **classes[dst_node["type"]].INPUT_TYPES().get("optional", {})}[dst_input["name"]]
+        assert (spec[0] if isinstance(spec[0], str) else "COMBO") == kind or isinstance(spec[0], list)
+
+
+@pytest.mark.parametrize("path", UI, ids=[os.path.basename(p) for p in UI])
+def test_ui_workflow_queues_as_its_api_twin(path):
+    api = load_workflow(path[:-5] + "_api.json")
+    ours = ui_to_api(json.load(open(path)))
+    assert ours == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
