@@ -256,3 +256,31 @@ def test_layers_take_comfyui_weight_streaming_path(comfy):
     done, total = counts.split("/")
     assert done == total and int(total) > 0
     assert float(diff) == 0.0
+
+
+def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
+    """In the real frontend (Debian's chromium through playwright): every UI workflow loads with no missing
+    node, and the prompt the editor would queue equals the API twin."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright for the editor test")
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("the editor test needs Debian's chromium at /usr/bin/chromium")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    ui_files = sorted(p for p in glob.glob(os.path.join(ROOT, "workflows", "*.json")) if not p.endswith("_api.json"))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(comfy.url, wait_until="domcontentloaded")
+        page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120000)
+        for path in ui_files:
+            result = page.evaluate("""async ([ui, name]) => {
+                await window.app.loadGraphData(ui, true, true, name);
+                await new Promise(r => setTimeout(r, 300));
+                const missing = window.app.graph._nodes
+                    .filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type);
+                return {missing, prompt: (await window.app.graphToPrompt()).output};
+            }""", [json.load(open(path)), os.path.basename(path)])
+            assert result["missing"] == [], path
+            api = json.load(open(path[:-5] + "_api.json"))
+            assert {k: v["inputs"] for k, v in result["prompt"].items()} == {k: v["inputs"] for k, v in api.items()}, path
+        browser.close()
