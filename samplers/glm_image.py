@@ -27,6 +27,7 @@ from .sizes import check_multiple
 from .text_spans import quoted_spans
 from .conditioning import Conditioning, check_family, check_latent
 from .generate import generate, sampling_args
+from .numerics import check_finite
 
 FAMILY = "glm_image"
 SCALE = 32  # AR tokens are d32
@@ -301,6 +302,7 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
         out = flow_match.euler_loop(predict, noise, sigmas.to(device), 0)
     finally:
         kv.clear()
+    check_finite(out, "GLM-Image DiT", dtype)
     return {"samples": out.cpu(), "family": FAMILY}
 
 
@@ -318,7 +320,7 @@ def _stats(vae: torch.nn.Module, like: torch.Tensor):
 def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
     lat = check_latent(latent, FAMILY).to(vae.device, vae.dtype)
     mean, std = _stats(vae.module, lat)
-    image = vae.module.decode(lat * std + mean, return_dict=False)[0]
+    image = check_finite(vae.module.decode(lat * std + mean, return_dict=False)[0], "GLM-Image VAE decode", vae.dtype)
     return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 

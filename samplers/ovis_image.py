@@ -21,6 +21,7 @@ from ..loaders.host import LetterpressError, ModelHandle
 from ..loaders.ovis_image import DEFAULT_SCHEDULE
 from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
+from .numerics import check_finite
 from .sizes import check_multiple
 from .latents import pack_2x2_tokens, unpack_2x2_tokens
 
@@ -155,7 +156,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
             v = flow_match.cfg_combine(v_neg, v, cfg)
         return v
 
-    out = flow_match.euler_loop(predict, x, sigmas.to(device), first)
+    out = check_finite(flow_match.euler_loop(predict, x, sigmas.to(device), first), "Ovis-Image DiT", dtype)
     return {"samples": unpack_2x2_tokens(out, h, w).cpu(), "family": FAMILY}
 
 
@@ -176,7 +177,7 @@ def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
             f"The latent has shape {tuple(lat.shape)}; the Ovis-Image VAE decodes {cfg.latent_channels}-channel latents."
         )
     z = lat.to(vae.device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor
-    image = vae.module.decode(z, return_dict=False)[0]
+    image = check_finite(vae.module.decode(z, return_dict=False)[0], "FLUX.1 VAE decode", vae.dtype)
     return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 

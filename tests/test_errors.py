@@ -93,3 +93,35 @@ def test_fp8_weight_storage_halves_dit_weights_and_stays_close(ernie):
     # fp8 keeps 3 mantissa bits: a toy model with large random weights drifts by ~10%, far less than a new seed.
     assert (a - b).abs().mean() < 0.25 * a.abs().mean()
     assert (a - b).abs().mean() < 0.3 * (a - other_seed).abs().mean()
+
+
+def test_ovis_fp16_overflow_is_named_not_a_black_image(ovis):
+    ovis_node = lambda name: N["LetterpressOvisImage" + name]()  # noqa: E731
+    dit, te, vae = ovis_node("FolderLoader").run("Ovis-Image-7B", "fp16")
+    pos, _ = ovis_node("TextEncode").run(te, "x", "", 256)
+    huge = {"samples": torch.full((1, 16, 4, 4), 1e6), "family": "ovis_image"}
+    with pytest.raises(LetterpressError, match="Ovis-Image DiT produced .* non-finite .* float16.*bf16 or fp32"):
+        ovis_node("Sampler").run(dit, pos, huge, 0, 2, 1.0, 0.5)
+    with pytest.raises(LetterpressError, match="FLUX.1 VAE decode produced .* non-finite .* float16.*bf16 or fp32"):
+        ovis_node("VAEDecode").run(vae, huge)
+
+
+def test_glm_fp16_overflow_is_named_not_a_black_image(glm):
+    glm_node = lambda name: N["LetterpressGlmImage" + name]()  # noqa: E731
+    ar, glyph, _, _ = glm_node("FolderLoader").run("GLM-Image", "auto")
+    dit = glm_node("DiTLoader").run("GLM-Image", "fp16")[0]
+    vae = glm_node("VAELoader").run("GLM-Image", "fp16")[0]
+    prior, _ = glm_node("ARTokens").run(ar, "x", 32, 32, 0, 0.9, 0.75)
+    pos, _ = glm_node("GlyphEncode").run(glyph, "x")
+    # A block whose activations leave fp16's range (as large real activations do): inf, then NaN downstream.
+    hook = dit.module.transformer_blocks[0].register_forward_hook(
+        lambda mod, args, out: tuple(o * 1e5 if torch.is_tensor(o) and o.is_floating_point() else o for o in out)
+        if isinstance(out, tuple) else out * 1e5)
+    try:
+        with pytest.raises(LetterpressError, match="GLM-Image DiT produced .* non-finite .* float16.*bf16 or fp32"):
+            glm_node("Sampler").run(dit, prior, pos, 0, 2, 1.0)
+    finally:
+        hook.remove()
+    huge = {"samples": torch.full((1, 16, 4, 4), 1e6), "family": "glm_image"}
+    with pytest.raises(LetterpressError, match="GLM-Image VAE decode produced .* non-finite .* float16.*bf16 or fp32"):
+        glm_node("VAEDecode").run(vae, huge)
