@@ -7,6 +7,7 @@ from ..loaders.files import resolve
 from ..loaders.host import LetterpressError, get_host
 from ..samplers import glm_image as stage
 from .common import CATEGORY, VAEDecodeNode, dtype_input, folder_input, seed_input, size_input
+from .lora import lora_loader
 
 CAT = f"{CATEGORY}/GLM-Image"
 AR, GLYPH, DIT, VAE, PRIOR = "LP_GLM_AR", "LP_GLM_GLYPH_ENCODER", "LP_GLM_DIT", "LP_GLM_VAE", "LP_GLM_PRIOR"
@@ -225,7 +226,10 @@ class LetterpressGlmImageVAEEncode:
         return (stage.encode(vae, image, prior),)
 
 
+LetterpressGlmImageLoraLoader = lora_loader("LetterpressGlmImageLoraLoader", "GLM-Image", DIT)
+
 NODES = {c.__name__: c for c in (
+    LetterpressGlmImageLoraLoader,
     LetterpressGlmImageFolderLoader, LetterpressGlmImageARLoader, LetterpressGlmImageGlyphEncoderLoader,
     LetterpressGlmImageDiTLoader, LetterpressGlmImageVAELoader, LetterpressGlmImageARTokens,
     LetterpressGlmImagePriorPreview, LetterpressGlmImageGlyphEncode, LetterpressGlmImageSampler,
@@ -233,6 +237,7 @@ NODES = {c.__name__: c for c in (
 )}
 DISPLAY_NAMES = {
     "LetterpressGlmImageFolderLoader": "GLM-Image Folder Loader",
+    "LetterpressGlmImageLoraLoader": "GLM-Image LoRA Loader",
     "LetterpressGlmImageARLoader": "GLM-Image AR Loader",
     "LetterpressGlmImageGlyphEncoderLoader": "GLM-Image Glyph Encoder Loader",
     "LetterpressGlmImageDiTLoader": "GLM-Image DiT Loader",

@@ -18,6 +18,7 @@ from .common import (
     seed_input,
     size_input,
 )
+from .lora import lora_loader
 
 CAT = f"{CATEGORY}/Ovis-Image"
 DIT, TE, VAE = "LP_OVIS_DIT", "LP_OVIS_TEXT_ENCODER", "LP_OVIS_VAE"
@@ -157,13 +158,17 @@ class LetterpressOvisImageVAEEncode:
         return (stage.encode(vae, image),)
 
 
+LetterpressOvisImageLoraLoader = lora_loader("LetterpressOvisImageLoraLoader", "Ovis-Image", DIT)
+
 NODES = {c.__name__: c for c in (
+    LetterpressOvisImageLoraLoader,
     LetterpressOvisImageFolderLoader, LetterpressOvisImageDiTLoader, LetterpressOvisImageTextEncoderLoader,
     LetterpressOvisImageVAELoader, LetterpressOvisImageTextEncode, LetterpressOvisImageEmptyLatent,
     LetterpressOvisImageSampler, LetterpressOvisImageVAEDecode, LetterpressOvisImageVAEEncode,
 )}
 DISPLAY_NAMES = {
     "LetterpressOvisImageFolderLoader": "Ovis-Image Folder Loader",
+    "LetterpressOvisImageLoraLoader": "Ovis-Image LoRA Loader",
     "LetterpressOvisImageDiTLoader": "Ovis-Image DiT Loader",
     "LetterpressOvisImageTextEncoderLoader": "Ovis-Image Text Encoder Loader",
     "LetterpressOvisImageVAELoader": "Ovis-Image VAE Loader",

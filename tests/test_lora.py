@@ -186,3 +186,54 @@ def test_patching_never_writes_to_the_checkpoint_file(setup, models_dir):
     patched = ours(s, lora(s, s["dit"], "diffsynth", 2.0))
     assert (patched - ours(s, s["dit"])).abs().max() > 0.02
     assert hashlib.sha256(open(path, "rb").read()).hexdigest() == before
+
+
+# Ovis-Image and GLM-Image: no diffusers LoRA loader exists for them, so the reference is the DiT with the
+# merged weights W + s * B @ A * alpha / rank computed here, run through the same sampler.
+
+def _family_sample(family, dit, models):
+    if family == "ovis":
+        pos, _neg = N["LetterpressOvisImageTextEncode"]().run(models["te"], "a red poster", "", 64)
+        lat = N["LetterpressOvisImageEmptyLatent"]().run(32, 32, 1)[0]
+        return N["LetterpressOvisImageSampler"]().run(dit, pos, lat, 3, 2, 1.0, 1.0)[0]["samples"]
+    prior, prompt = models["prior"]
+    pos = N["LetterpressGlmImageGlyphEncode"]().run(models["glyph"], prompt)[0]
+    return N["LetterpressGlmImageSampler"]().run(dit, prior, pos, 3, 2, 1.0)[0]["samples"]
+
+
+@pytest.fixture(scope="module", params=["ovis", "glm"])
+def family(request, ovis, glm):
+    if request.param == "ovis":
+        dit, te, _vae = N["LetterpressOvisImageFolderLoader"]().run("Ovis-Image-7B", "auto")
+        return request.param, dit, {"te": te}
+    ar, glyph, dit, _vae = N["LetterpressGlmImageFolderLoader"]().run("GLM-Image", "auto")
+    prior = N["LetterpressGlmImageARTokens"]().run(ar, "a red sign that says 'open'", 64, 64, 0, 0.9, 0.75)
+    return request.param, dit, {"glyph": glyph, "prior": prior}
+
+
+def test_family_lora_matches_merged_weights_and_unpatches(family, models_dir):
+    name, dit, models = family
+    targets = [n for n, m in dit.module.named_modules() if n.endswith(("to_q", "to_k", "to_v"))][:4]
+    gen = torch.Generator().manual_seed(5)
+    lora = {}
+    for t in targets:
+        w = dit.module.get_submodule(t).weight
+        lora[t] = (0.3 * torch.randn(RANK, w.shape[1], generator=gen), 0.3 * torch.randn(w.shape[0], RANK, generator=gen))
+    filename = write(models_dir, f"{name}_lora.safetensors", comfy_file(lora, alpha=2.0))
+    node_name = {"ovis": "LetterpressOvisImageLoraLoader", "glm": "LetterpressGlmImageLoraLoader"}[name]
+    base = _family_sample(name, dit, models)
+    patched = _family_sample(name, N[node_name]().run(dit, filename, 0.8)[0], models)
+    from letterpress.loaders.host import get_host
+
+    get_host().load(dit)  # the base weights back in the module before copying it
+    merged_module = copy.deepcopy(dit.module)
+    merged_module.__dict__.pop("_letterpress_patches", None)  # a plain module, not one the host patches
+    with torch.no_grad():
+        for t, (a, b) in lora.items():
+            merged_module.get_submodule(t).weight += 0.8 * (2.0 / RANK) * (b @ a)
+    import dataclasses
+
+    merged = _family_sample(name, dataclasses.replace(dit, module=merged_module, patches=()), models)
+    assert (patched - base).abs().max() > 1e-3  # the LoRA matters
+    assert (patched - merged).abs().max().item() <= 1e-5
+    assert torch.equal(_family_sample(name, dit, models), base)  # base weights back, bit for bit
