@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -127,7 +128,12 @@ class StandaloneHost:
         self.input_dir = os.environ.get("LETTERPRESS_INPUT_DIR", os.path.join(os.getcwd(), "input"))
         self._device = _pick_device()
         self._interrupt = threading.Event()
-        self._loaded: list[ModelHandle] = []
+        # Bytes of weights kept on the compute device between stages (LETTERPRESS_DEVICE_BUDGET, e.g. "12GB");
+        # 0 keeps only the stages of the current load. Least recently used stages leave first.
+        self.device_budget = _parse_bytes(os.environ.get("LETTERPRESS_DEVICE_BUDGET", "0"))
+        # Stages on the compute device, least recently used first, as weak references: the host never keeps a
+        # model alive by itself (what holds models in CPU memory is whoever holds the handles, e.g. a cache).
+        self._loaded: list[tuple[weakref.ref, str, int]] = []
         self.progress_listeners: list[Callable[[int, int], None]] = []
         self.show_progress = True
         self.previews = False  # the standalone host has no screen to show previews on
@@ -147,21 +153,42 @@ class StandaloneHost:
         return dataclasses.replace(handle, patches=handle.patches + ((lora, strength),))
 
     def load(self, *handles: ModelHandle) -> None:
-        """Bring these stages onto the compute device; move every other loaded stage off it."""
+        """Bring these stages onto the compute device; move the least recently used others off it until the
+        weights kept there fit `device_budget` (the stages asked for now always stay)."""
         device = self.compute_device()
-        keep = {id(h.module) for h in handles}
-        for other in self._loaded:
-            if id(other.module) not in keep and device.type != "cpu":
-                other.module.to(self.offload_device())
+        wanted = list({id(h.module): h.module for h in handles}.values())
+        held = [(m, d, n) for m, d, n in self._live() if all(m is not w for w in wanted)]
+        need = sum(_weight_bytes(m) for m in wanted)
+        while held and sum(n for _, _, n in held) + need > self.device_budget:
+            m, _, _ = held.pop(0)
+            if device.type != "cpu":
+                m.to(self.offload_device())
         for h in handles:
             if h.device != device:
                 h.module.to(device)
             _apply_patches(h)
-        self._loaded = [h for h in self._loaded if id(h.module) not in keep] + list(handles)
+        described = {id(h.module): h.describe() for h in handles}
+        self._loaded = [(weakref.ref(m), d, n) for m, d, n in held] + [
+            (weakref.ref(m), described[id(m)], _weight_bytes(m)) for m in wanted]
+
+    def _live(self) -> list[tuple[torch.nn.Module, str, int]]:
+        out = []
+        for ref, what, n in self._loaded:
+            m = ref()
+            if m is not None:
+                out.append((m, what, n))
+        return out
+
+    def loaded_models(self) -> list[str]:
+        """The stages the host keeps on the compute device (still alive), least recently used first."""
+        return [what for _, what, _ in self._live()]
+
+    def loaded_bytes(self) -> int:
+        return sum(n for _, _, n in self._live())
 
     def free(self) -> None:
-        for h in self._loaded:
-            h.module.to(self.offload_device())
+        for m, _, _ in self._live():
+            m.to(self.offload_device())
         self._loaded = []
 
     # progress and interrupt ----------------------------------------------------------------
@@ -252,6 +279,13 @@ class ComfyHost(StandaloneHost):  # pragma: no cover - exercised only inside a r
     def free(self) -> None:
         _mm.unload_all_models()
 
+    def loaded_models(self) -> list[str]:
+        return [type(getattr(lm.model.model, "inner", lm.model.model)).__name__
+                for lm in _mm.current_loaded_models if lm.model is not None]
+
+    def loaded_bytes(self) -> int:
+        return sum(lm.model_loaded_memory() for lm in _mm.current_loaded_models if lm.model is not None)
+
     def progress(self, total: int) -> Progress:
         return Progress(total, _comfy_utils.ProgressBar(total), self.progress_listeners)
 
@@ -277,6 +311,20 @@ class ComfyHost(StandaloneHost):  # pragma: no cover - exercised only inside a r
             except KeyError:
                 folders.append(os.path.join(_folder_paths.models_dir, name))
         return folders
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _parse_bytes(text: str) -> int:
+    """'0', '8000000000', '12GB', '512MB' -> bytes."""
+    t = text.strip().upper().removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if scale > 1 else t or 0) * scale)
+    except ValueError:
+        raise LetterpressError(f"LETTERPRESS_DEVICE_BUDGET={text!r}: give bytes, e.g. 12GB or 512MB.")
 
 
 @torch.no_grad()
