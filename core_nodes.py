@@ -47,11 +47,18 @@ def save_images(images: torch.Tensor, folder: str, prefix: str, prompt=None, ext
             path = os.path.join(target, f"{base}_{counter:05}_.png")
             counter += 1
             try:
-                with open(path, "xb") as f:  # exclusive create: an existing file is never overwritten
-                    Image.fromarray(arr).save(f, format="PNG", pnginfo=_png_info(prompt, extra_pnginfo), compress_level=4)
-                break
+                f = open(path, "xb")  # exclusive create: an existing file is never overwritten
             except FileExistsError:
                 continue
+            try:
+                with f:
+                    Image.fromarray(arr).save(f, format="PNG", pnginfo=_png_info(prompt, extra_pnginfo), compress_level=4)
+            except BaseException as e:
+                os.remove(path)  # never leave a partly written image behind
+                if isinstance(e, OSError):
+                    raise LetterpressError(f"Cannot write {path}: {e.strerror or e}. Free space or choose another --output-dir.")
+                raise
+            break
         written.append(path)
     return written
 

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from .core_nodes import CORE_NODES
-from .loaders.host import LetterpressError
+from .loaders.host import LetterpressError, get_host
 from .nodes import NODE_CLASS_MAPPINGS
 
 
@@ -186,6 +186,7 @@ class Runner:
     # execution ---------------------------------------------------------------------------------
     def run(self, wf: dict, extra_pnginfo: dict | None = None) -> dict[str, Any]:
         order = self.validate(wf)
+        get_host().request_interrupt(False)  # a Cancel that came after the last run does not stop this one (as ComfyUI)
         results: dict[str, tuple] = {}
         sigs: dict[str, str] = {}
         ui: dict[str, Any] = {}

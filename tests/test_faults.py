@@ -4,11 +4,15 @@ and many runs in one process hold steady memory and at most the host's budget of
 from __future__ import annotations
 
 import gc
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from letterpress.loaders.host import Interrupted, LetterpressError
 from letterpress.runner import Runner, load_workflow, set_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,3 +106,114 @@ def test_soak_alternating_families_holds_memory_and_models(ernie, ovis, host):
     assert r["growth"] <= 0.05, r
     assert r["max_held"] <= 3 and r["max_held_bytes"] > 0, r  # the largest load asks for 1 stage at a time
     assert r["dits"][1] <= r["dits"][0], r  # no DiT piles up across runs
+
+
+# Interrupt: nothing leaks into the next run --------------------------------------------------------
+
+ERNIE = ["ernie_image_t2i_api.json", "steps=4", "seed=3"]
+ERNIE_LORA = ["ernie_image_lora_api.json", "steps=4", "seed=3"]
+GLM = ["glm_image_t2i_api.json", "steps=2", "2.seed=4", "6.seed=4"]
+FRESH = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from letterpress.loaders.host import StandaloneHost, set_host
+from letterpress.runner import Runner
+models, out, jobs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+host = StandaloneHost(); host.models_dir = models; host.output_dir = out; host.show_progress = False; set_host(host)
+saved = {}
+for name, (wf, node) in jobs.items():
+    saved[name] = Runner().run(wf)["results"][node][0]
+torch.save(saved, out + "/fresh.pt")
+"""
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The same thread count here and in the fresh process (CPU matmuls may sum in another order), and one
+    thread is what toy-sized models run fastest with on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fresh(shipped_models, models_dir, tmp_path_factory, one_thread):
+    """The images (and GLM prior) the workflows give in a fresh process with the same seeds."""
+    out = str(tmp_path_factory.mktemp("fresh"))
+    jobs = {"ernie": (workflow(*ERNIE), "6"), "glm": (workflow(*GLM), "7"), "glm_prior": (workflow(*GLM), "2")}
+    subprocess.run([sys.executable, "-c", FRESH, models_dir, out, json.dumps(jobs)], check=True, timeout=300,
+                   capture_output=True)
+    return torch.load(os.path.join(out, "fresh.pt"), weights_only=False)
+
+
+def interrupt_at(host, step):
+    """Ask for Cancel from the progress bar when it reaches `step` (once), as the UI's Cancel button would."""
+    fired = []
+
+    def listener(done, total):
+        if done == step and not fired:
+            fired.append(total)
+            host.request_interrupt()
+
+    host.progress_listeners.append(listener)
+    return fired
+
+
+def pngs(folder):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".png"))
+
+
+def test_interrupted_sampling_leaks_nothing_into_the_next_run(fresh, host):
+    """Cancel mid-sampling (with a LoRA patched in, then without): the next run in the same process gives the
+    image a fresh process gives, bit for bit; no image was written, the global RNG was not touched."""
+    runner, rng = Runner(), torch.random.get_rng_state()
+    fired = interrupt_at(host, 2)
+    with pytest.raises(Interrupted):
+        runner.run(workflow(*ERNIE_LORA))
+    assert fired == [4] and pngs(host.output_dir) == []
+    fired.clear()
+    with pytest.raises(Interrupted):
+        runner.run(workflow(*ERNIE))  # the same cached DiT module, LoRA weights still in it
+    assert fired == [4] and pngs(host.output_dir) == []
+    host.progress_listeners.clear()
+    host.request_interrupt()  # a Cancel pressed after the run ended does not stop the next one
+    out = runner.run(workflow(*ERNIE))
+    assert torch.equal(out["results"]["6"][0], fresh["ernie"])
+    assert len(pngs(host.output_dir)) == 1
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    # and with the LoRA again, the same as before: the cancelled LoRA run left no trace either way
+    with_lora = runner.run(workflow(*ERNIE_LORA))["results"]["6"][0]
+    assert not torch.equal(with_lora, fresh["ernie"])
+    assert torch.equal(runner.run(workflow(*ERNIE))["results"]["6"][0], fresh["ernie"])
+
+
+def test_interrupted_ar_generation_leaks_nothing_into_the_next_run(fresh, host):
+    """Cancel GLM-Image AR Tokens mid-generation: the next run gives the fresh process's tokens and image."""
+    runner, rng = Runner(), torch.random.get_rng_state()
+    fired = interrupt_at(host, 3)
+    with pytest.raises(Interrupted):
+        runner.run(workflow(*GLM))
+    assert fired and fired[0] > 3 and pngs(host.output_dir) == []  # stopped inside the AR stage
+    host.progress_listeners.clear()
+    out = runner.run(workflow(*GLM))
+    assert torch.equal(out["results"]["2"][0].generated, fresh["glm_prior"].generated)
+    assert torch.equal(out["results"]["7"][0], fresh["glm"])
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+def test_a_failed_image_write_leaves_no_partial_file(ernie, host, monkeypatch):
+    from PIL import Image
+
+    def disk_full(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG\r\n\x1a\n partial")
+        raise OSError(28, "No space left on device")
+
+    runner = Runner()
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(LetterpressError, match="Cannot write .*_00001_.png: No space left on device"):
+        runner.run(workflow("ernie_image_turbo_t2i_api.json"))
+    assert pngs(host.output_dir) == []
+    monkeypatch.undo()
+    written = runner.run(workflow("ernie_image_turbo_t2i_api.json"))["outputs"]["7"]["images"]
+    assert [os.path.basename(i["path"]) for i in written] == ["ernie_image_turbo_00001_.png"]
