@@ -174,8 +174,6 @@ def load_folder(folder: str, dtype_choice: str = "auto", with_pe: bool = True) -
         "vae": load_flux2_vae(folder, dtype_choice),
         "prompt_enhancer": None,
     }
-    if "turbo" in os.path.basename(folder.rstrip(os.sep)).lower():
-        out["dit"].extras["turbo"] = True
     if with_pe and os.path.isdir(os.path.join(folder, "pe")):
         out["prompt_enhancer"] = load_prompt_enhancer(folder, dtype_choice)
     return out

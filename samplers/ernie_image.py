@@ -16,7 +16,7 @@ from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
 from .generate import generate, sampling_args
 from .latents import patchify_2x2, unpatchify_2x2
-from .numerics import check_finite, warn_truncated
+from .numerics import check_finite, log, warn_truncated
 from .previews import latent_rgb_preview
 from .sizes import check_multiple
 
@@ -76,6 +76,9 @@ def _pad_text(hiddens: list[torch.Tensor], device, dtype, text_in_dim: int):
 def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,
            steps: int, cfg: float, shift: float, denoise: float = 1.0) -> dict:
     model, device, dtype = dit.module, dit.device, dit.dtype
+    if dit.extras.get("turbo") and (cfg > 1.0 or steps > 16):
+        log.warning("ERNIE-Image-Turbo is distilled for 8 steps at cfg 1.0; %d steps at cfg %.1f will be slower "
+                    "and usually worse. Use the Turbo preset (8 steps, cfg 1.0).", steps, cfg)
     init = check_latent(latent, FAMILY)
     b = init.shape[0]
     if use_cfg_needs_negative(cfg, negative):

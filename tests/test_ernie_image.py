@@ -239,3 +239,16 @@ def test_live_previews_when_the_host_shows_them(folder_models, host):
     graph(folder_models, PROMPT, 32, 48, 2, 1.0, seed=1)
     assert len(shown) == 4 and all(p is not None for p in shown[2:])
     assert shown[-1].size[0] / shown[-1].size[1] == 32 / 48  # the latent's aspect
+
+
+def test_turbo_dit_warns_about_base_settings(ernie, caplog):
+    import logging
+
+    dit, te, _, _ = node("FolderLoader").run("ERNIE-Image-Turbo", "auto", False)
+    pos = node("TextEncode").run(te, PROMPT)[0]
+    lat = node("EmptyLatent").run(32, 32, 1)[0]
+    with caplog.at_level(logging.WARNING, logger="letterpress"):
+        node("Sampler").run(dit, pos, lat, 0, 2, 1.0, 4.0, 1.0)
+        assert not caplog.records
+        node("Sampler").run(dit, pos, lat, 0, 2, 4.0, 4.0, 1.0, negative=pos)
+    assert any("Turbo" in r.message for r in caplog.records)
