@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+import traceback
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -91,7 +92,8 @@ class Checkpoint(Mapping):
         self.metadata: dict = {}
         for path in self.files:
             header = _check_safetensors(path)
-            start = 8 + struct.unpack("<Q", open(path, "rb").read(8))[0]
+            with open(path, "rb") as f:
+                start = 8 + struct.unpack("<Q", f.read(8))[0]
             self.metadata.update(header.get("__metadata__") or {})
             for key, info in header.items():
                 if key != "__metadata__":
@@ -191,6 +193,20 @@ def fill_module(
     `key_map` maps a checkpoint key to the module's key (None drops it). Missing or unexpected keys
     raise a LetterpressError naming them, since they mean the file is not the model the loader expects.
     """
+    try:
+        return _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional)
+    except BaseException as e:
+        # A load that fails halfway leaves nothing behind: the module's tensors (views of the file's memory
+        # map) are dropped, the checkpoint's maps closed and the failed frames' locals cleared, so no mapping
+        # outlives the error, even while its traceback is kept.
+        module.to("meta")
+        if hasattr(checkpoint, "close"):
+            checkpoint.close()
+        traceback.clear_frames(e.__traceback__)
+        raise
+
+
+def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional):
     store_fp8 = dtype == FP8
     if store_fp8:
         dtype = FP8_COMPUTE
@@ -212,6 +228,12 @@ def fill_module(
                 "The file is of another size or variant than its config says."
             )
         if tensor.is_floating_point():
+            if isinstance(target, torch.nn.Parameter) and not _finite_sample(tensor):
+                name = os.path.basename(getattr(checkpoint, "source", "") or "") or "the checkpoint"
+                raise LetterpressError(
+                    f"{what}: tensor {ck} in {name} holds NaN/inf values: the file is corrupt (a damaged "
+                    "download or disk). Download it again."
+                )
             want = torch.float32 if any(s in mk for s in keep_fp32) else dtype
             tensor = tensor.to(want)
         _assign(module, mk, tensor)
@@ -230,6 +252,17 @@ def fill_module(
     if store_fp8:
         to_fp8_storage(module)
     return module
+
+
+def _finite_sample(tensor: torch.Tensor, width: int = 256) -> bool:
+    """Whether the first and last `width` values of a weight are finite (all of a small tensor). Garbage bytes
+    are NaN/inf one time in 256 (fp32, bf16) or 32 (fp16), so garbage over any whole tensor, or over the
+    start or end of one, is caught. It reads two pages per tensor, so the memory map stays lazy (a full check
+    of a large model would take as long as the load itself, and page in the whole file)."""
+    flat = tensor.reshape(-1)
+    if flat.numel() <= 2 * width:
+        return bool(torch.isfinite(flat).all())
+    return bool(torch.isfinite(flat[:width]).all()) and bool(torch.isfinite(flat[-width:]).all())
 
 
 class Fp8Linear(torch.nn.Linear):

@@ -217,3 +217,52 @@ def test_a_failed_image_write_leaves_no_partial_file(ernie, host, monkeypatch):
     monkeypatch.undo()
     written = runner.run(workflow("ernie_image_turbo_t2i_api.json"))["outputs"]["7"]["images"]
     assert [os.path.basename(i["path"]) for i in written] == ["ernie_image_turbo_00001_.png"]
+
+
+# A load that fails halfway -----------------------------------------------------------------------
+
+
+def mappings_of(path) -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line for line in f if line.rstrip().endswith(os.path.realpath(path))]
+
+
+def corrupt_copy(good, bad):
+    """A copy whose header is intact and whose data from the middle to three quarters of the file reads 0xFF
+    (NaN as fp32/bf16/fp16), as from a failing disk or a badly resumed download."""
+    data = bytearray(open(good, "rb").read())
+    a, b = len(data) // 2, len(data) * 3 // 4
+    data[a:b] = b"\xff" * (b - a)
+    with open(bad, "wb") as f:
+        f.write(data)
+
+
+def test_a_load_that_fails_halfway_leaves_nothing_behind(ernie, models_dir, tmp_path, host):
+    tree = tmp_path / "models"
+    (tree / "diffusion_models").mkdir(parents=True)
+    for kind in ("text_encoders", "vae", "diffusers"):
+        os.symlink(os.path.join(models_dir, kind), tree / kind)
+    good = os.path.join(models_dir, "diffusion_models", "ernie-image.safetensors")
+    os.symlink(good, tree / "diffusion_models" / "ernie-image.safetensors")
+    bad = tree / "diffusion_models" / "ernie-image-bad.safetensors"
+    corrupt_copy(good, bad)
+    host.models_dir = str(tree)
+
+    runner = Runner()
+    wf = workflow("ernie_image_single_files_api.json", "dit_name=ernie-image-bad.safetensors", "steps=2")
+    with pytest.raises(LetterpressError, match="ERNIE-Image DiT: tensor .* in ernie-image-bad.safetensors holds "
+                                               "NaN/inf values: the file is corrupt.*Download it again") as err:
+        runner.run(wf)
+    # While the error (and its traceback) is still held: no mapping of the bad file, no model, no cache entry.
+    assert mappings_of(bad) == []
+    assert "1" not in runner.cache and "5" not in runner.cache
+    assert not any("bad" in m for m in host.loaded_models())
+    del err
+    out = runner.run(set_values(wf, ["dit_name=ernie-image.safetensors"]))
+    assert out["results"]["6"][0].shape == (1, 32, 32, 3)
+    # A file cut short mid-data is refused before anything is mapped.
+    cut = tree / "diffusion_models" / "ernie-image-cut.safetensors"
+    cut.write_bytes(open(good, "rb").read()[: os.path.getsize(good) // 2])
+    with pytest.raises(LetterpressError, match="truncated"):
+        runner.run(set_values(wf, ["dit_name=ernie-image-cut.safetensors"]))
+    assert mappings_of(cut) == []
