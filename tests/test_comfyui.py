@@ -284,3 +284,31 @@ def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
             api = json.load(open(path[:-5] + "_api.json"))
             assert {k: v["inputs"] for k, v in result["prompt"].items()} == {k: v["inputs"] for k, v in api.items()}, path
         browser.close()
+
+
+def _image(comfy, entry, node_id):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    info = entry["outputs"][node_id]["images"][0]
+    data = urllib.request.urlopen(f"{comfy.url}/view?filename={info['filename']}&subfolder={info['subfolder']}"
+                                  f"&type={info['type']}").read()
+    return np.asarray(Image.open(io.BytesIO(data))).astype(int)
+
+
+def test_lora_applies_through_modelpatcher_and_strength_zero_is_the_base(comfy):
+    """The LoRA goes through ComfyUI's ModelPatcher patches: a strength changes the image, and strength 0
+    run after it gives the base image exactly (the strong patch was taken off the loaded weights)."""
+    base_wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_t2i_api.json"))))
+    lora_wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_lora_api.json"))))
+    for wf in (base_wf, lora_wf):
+        wf["5"]["inputs"]["seed"] = 777
+    base = _image(comfy, comfy.wait(comfy.queue(base_wf)), "7")
+    lora_wf["8"]["inputs"]["strength"] = 3.0
+    strong = _image(comfy, comfy.wait(comfy.queue(lora_wf)), "7")
+    lora_wf["8"]["inputs"]["strength"] = 0.0
+    zero = _image(comfy, comfy.wait(comfy.queue(lora_wf)), "7")
+    assert abs(strong - base).max() > 2
+    assert (zero == base).all()
