@@ -1,0 +1,357 @@
+"""End to end and re-queue speed of the pack's staged graph against each family's diffusers pipeline:
+same weights (a small-but-real random model per family), same settings and seeds, interleaved runs, medians,
+as ratios.
+
+    python benchmarks/end_to_end.py --model ernie|ovis|glm|all [--runs 3] [--size 256] [--steps 8]
+
+The pack side runs the shipped API workflow (workflows/<family>_t2i_api.json) through letterpress.runner.Runner
+with sizes, steps and seeds set by set_values, exactly as `python -m letterpress run` does (SaveImage included).
+The reference is the family's diffusers pipeline, `from_pretrained` on the same folder, called with the same
+settings (GLM-Image: the pipeline runs its own AR stage; the pack runs AR Tokens + Glyph Encode + DiT).
+
+Figures per family:
+  end-to-end ratio = fresh Runner (load + encode + sample + decode) / from_pretrained + pipeline call
+  re-queue ratio   = second run of one Runner with a new seed (models and text encodings cached)
+                     / pipeline call on an already loaded pipeline (the stricter reference: it excludes loading)
+Also printed: the re-queue time over a fresh pipeline (from_pretrained + call), and the largest pixel
+difference between the pack's image and the pipeline's for the warm-up seed (both must draw the same image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Family:
+    label: str
+    folder: str
+    workflow: str  # file under workflows/
+    decode_node: str  # node id whose IMAGE output is compared with the reference
+    config: str  # one line describing the model sizes
+    build: Callable[[str], None]  # writes models_dir/diffusers/<folder>
+    pipeline: str  # diffusers class name
+    settings: Callable[[argparse.Namespace], list[str]]  # set_values for the size and steps
+    seed_keys: tuple[str, ...]  # where the seed goes (GLM: AR Tokens and DiT Sample)
+    ref_call: Callable  # (pipe, args, prompt, seed) -> images (B, H, W, C) float numpy
+
+
+# Builders: the test fixtures' tiny models, with the text encoder, DiT and VAE replaced by bigger ones ------------
+
+
+def build_ernie(models_dir: str) -> None:
+    from diffusers import AutoencoderKLFlux2, ErnieImagePipeline, ErnieImageTransformer2DModel
+    from fixtures import ernie_image as fx
+    from fixtures.common import reinit
+    from transformers import Mistral3Config, Mistral3Model, PixtralVisionConfig
+
+    c = fx.build_components(0)
+    cfg = fx.text_config(4).to_dict()
+    cfg.update(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=8, head_dim=8)
+    c["text_encoder"] = reinit(Mistral3Model(Mistral3Config(text_config=cfg, vision_config=vision.to_dict())).eval(), 1)
+    c["transformer"] = reinit(ErnieImageTransformer2DModel(
+        hidden_size=512, num_attention_heads=8, num_layers=4, ffn_hidden_size=1536, in_channels=128, out_channels=128,
+        patch_size=1, text_in_dim=256, rope_theta=256, rope_axes_dim=(16, 24, 24)).eval(), 2)
+    c["vae"] = AutoencoderKLFlux2(block_out_channels=(64, 128, 128, 128), layers_per_block=1, norm_num_groups=32).eval()
+    c["pe"] = c["pe_tokenizer"] = None
+    ErnieImagePipeline(**c).save_pretrained(os.path.join(models_dir, "diffusers", fx.FOLDER))
+
+
+def build_ovis(models_dir: str) -> None:
+    from diffusers import AutoencoderKL, OvisImagePipeline, OvisImageTransformer2DModel
+    from fixtures import ovis_image as fx
+    from fixtures.common import reinit
+    from transformers import Qwen3Config, Qwen3Model
+
+    c = fx.build_components(0)
+    cfg = fx.text_config().to_dict()
+    cfg.update(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=64, layer_types=["full_attention"] * 4)
+    c["text_encoder"] = reinit(Qwen3Model(Qwen3Config(**cfg)).eval(), 1)
+    c["transformer"] = reinit(OvisImageTransformer2DModel(
+        patch_size=1, in_channels=64, out_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
+        num_attention_heads=8, joint_attention_dim=256, axes_dims_rope=(8, 28, 28)).eval(), 2)
+    c["vae"] = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(64, 128, 128, 128), layers_per_block=1,
+        latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        use_post_quant_conv=False).eval()
+    OvisImagePipeline(**c).save_pretrained(os.path.join(models_dir, "diffusers", fx.FOLDER))
+
+
+@torch.no_grad()
+def _glm_ar_model(seed: int):
+    from fixtures import glm_image as fx
+    from fixtures.common import reinit
+    from transformers import GenerationConfig, GlmImageConfig, GlmImageForConditionalGeneration
+
+    cfg = GlmImageConfig(
+        text_config={
+            "vocab_size": fx.TEXT_VOCAB, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+            "vision_vocab_size": fx.CODEBOOK, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                   "mrope_section": [16, 8, 8]},
+        },
+        vision_config={"depth": 1, "hidden_size": 32, "num_heads": 2, "image_size": 64, "patch_size": 16,
+                       "intermediate_size": 64, "spatial_merge_size": 1},
+        vq_config={"embed_dim": 16, "num_embeddings": fx.CODEBOOK, "latent_channels": 32},
+    )
+    torch.manual_seed(seed)
+    model = GlmImageForConditionalGeneration(cfg).eval()
+    reinit(model, seed)
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.9, top_p=0.75, top_k=None,
+                                               eos_token_id=16385, pad_token_id=16385, bos_token_id=16384)
+    return model
+
+
+def build_glm(models_dir: str) -> None:
+    from diffusers import AutoencoderKL, GlmImagePipeline, GlmImageTransformer2DModel
+    from fixtures import glm_image as fx
+    from fixtures.common import reinit
+    from transformers import T5Config, T5EncoderModel
+
+    c = fx.build_components(0)
+    c["vision_language_encoder"] = _glm_ar_model(2)
+    c["text_encoder"] = reinit(T5EncoderModel(T5Config(
+        vocab_size=384, d_model=256, d_kv=64, d_ff=768, num_layers=4, num_heads=4, feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32, is_encoder_decoder=False, use_cache=False)).eval(), 1, std=0.1)
+    c["transformer"] = reinit(GlmImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64, num_attention_heads=8,
+        text_embed_dim=256, time_embed_dim=128, condition_dim=64, prior_vq_quantizer_codebook_size=fx.CODEBOOK,
+    ).eval(), 3)
+    old = c["vae"].config
+    c["vae"] = AutoencoderKL(
+        block_out_channels=(64, 128, 128, 128), in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32,
+        layers_per_block=1, sample_size=256, latents_mean=old.latents_mean, latents_std=old.latents_std).eval()
+    folder = os.path.join(models_dir, "diffusers", fx.FOLDER)
+    GlmImagePipeline(**c).save_pretrained(folder)
+    c["vision_language_encoder"].generation_config.save_pretrained(os.path.join(folder, "vision_language_encoder"))
+
+
+# Reference calls -------------------------------------------------------------------------------------------------
+
+
+def _gen(seed):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def ref_ernie(pipe, args, prompt, seed):
+    return pipe(prompt, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=4.0,
+                generator=_gen(seed), output_type="np", use_pe=False).images
+
+
+def ref_ovis(pipe, args, prompt, seed):
+    return pipe(prompt, negative_prompt="", height=args.size, width=args.size, num_inference_steps=args.steps,
+                guidance_scale=5.0, generator=_gen(seed), output_type="np", max_sequence_length=256).images
+
+
+def ref_glm(pipe, args, prompt, seed):
+    return pipe(prompt, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=1.5,
+                generator=_gen(seed), output_type="np").images
+
+
+def _size_steps(cfg: float):
+    return lambda a: [f"width={a.size}", f"height={a.size}", f"steps={a.steps}", f"cfg={cfg}"]
+
+
+FAMILIES = {
+    "ernie": Family("ERNIE-Image", "ERNIE-Image", "ernie_image_t2i_api.json", "6",
+                    "DiT hidden 512 x 4 layers, Mistral3 text encoder hidden 256 x 4 layers, Flux2 VAE 64-128 ch, CFG 4",
+                    build_ernie, "ErnieImagePipeline", _size_steps(4.0), ("seed",), ref_ernie),
+    "ovis": Family("Ovis-Image", "Ovis-Image-7B", "ovis_image_t2i_api.json", "5",
+                   "DiT hidden 512 (8x64), 2 double + 2 single blocks, Qwen3 text encoder hidden 256 x 4 layers "
+                   "(284-token padded prompt), FLUX.1-style VAE 64-128 ch, CFG 5",
+                   build_ovis, "OvisImagePipeline", _size_steps(5.0), ("seed",), ref_ovis),
+    "glm": Family("GLM-Image", "GLM-Image", "glm_image_t2i_api.json", "7",
+                  "DiT hidden 512 (8x64) x 4 layers, AR model hidden 256 x 4 layers (168k text vocab), ByT5-style "
+                  "glyph encoder d_model 256 x 4 layers, VAE 64-128 ch, CFG 1.5",
+                  build_glm, "GlmImagePipeline", _size_steps(1.5), ("2.seed", "6.seed"), ref_glm),
+}
+
+
+# Timing ------------------------------------------------------------------------------------------------------------
+
+
+def run_family(key: str, args: argparse.Namespace) -> dict:
+    import diffusers
+    from letterpress.loaders.host import StandaloneHost, set_host
+    from letterpress.runner import Runner, load_workflow, set_values
+
+    fam = FAMILIES[key]
+    tmp = tempfile.mkdtemp(prefix=f"lp_bench_{key}_")
+    fam.build(tmp)
+    host = StandaloneHost()
+    host.models_dir, host.output_dir, host.show_progress = tmp, os.path.join(tmp, "out"), False
+    set_host(host)
+    wf = set_values(load_workflow(os.path.join(HERE, "..", "workflows", fam.workflow)), fam.settings(args))
+    prompt = next(n["inputs"]["prompt"] for n in wf.values() if isinstance(n["inputs"].get("prompt"), str))
+    pipe_cls = getattr(diffusers, fam.pipeline)
+    folder = os.path.join(tmp, "diffusers", fam.folder)
+
+    def seeded(seed):
+        return set_values(wf, [f"{k}={seed}" for k in fam.seed_keys])
+
+    def load_pipe():
+        pipe = pipe_cls.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # Warm-up of both sides, and the check that both draw the same image for the same seed.
+    loaded = load_pipe()
+    warm = Runner()
+    ours = warm.run(seeded(0))["results"][fam.decode_node][0]
+    ref = torch.from_numpy(fam.ref_call(loaded, args, prompt, 0))
+    diff = (ours - ref).abs().max().item()
+
+    times = {"pack_fresh": [], "ref_fresh": [], "pack_requeue": [], "ref_loaded": []}
+    steps = {
+        "pack_fresh": lambda s: Runner().run(seeded(s)),
+        "ref_fresh": lambda s: fam.ref_call(load_pipe(), args, prompt, s),
+        "pack_requeue": lambda s: warm.run(seeded(s)),
+        "ref_loaded": lambda s: fam.ref_call(loaded, args, prompt, s),
+    }
+    for i in range(args.runs):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn(100 + i)
+            times[name].append(time.perf_counter() - start)
+        if warm.executed and "1" in warm.executed:
+            raise RuntimeError("the re-queue reloaded the models: the runner cache did not hold")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    if args.profile:
+        profile_requeue(warm, seeded, loaded, lambda: fam.ref_call(loaded, args, prompt, 999))
+    return {"family": fam, "med": med, "mins": {k: min(v) for k, v in times.items()}, "diff": diff}
+
+
+def _timed_components(pipe) -> tuple[dict, Callable]:
+    """Accumulate the seconds a pipeline spends in each model (forward hooks; the VAE's decode method)."""
+    spent, undo = {}, []
+    for name in ("text_encoder", "vision_language_encoder", "transformer"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        starts = []
+        undo.append(module.register_forward_pre_hook(lambda *_a, _s=starts: _s.append(time.perf_counter())).remove)
+        undo.append(module.register_forward_hook(
+            lambda *_a, _s=starts, _n=name: spent.__setitem__(_n, spent.get(_n, 0.0) + time.perf_counter() - _s.pop())
+        ).remove)
+    decode = pipe.vae.decode
+
+    def timed_decode(*a, **k):
+        start = time.perf_counter()
+        try:
+            return decode(*a, **k)
+        finally:
+            spent["vae decode"] = spent.get("vae decode", 0.0) + time.perf_counter() - start
+
+    pipe.vae.decode = timed_decode
+    undo.append(lambda: delattr(pipe.vae, "decode"))
+    return spent, lambda: [u() for u in undo]
+
+
+def profile_requeue(runner, seeded: Callable, pipe, ref_call: Callable) -> None:
+    """Where one re-queue's time goes: seconds per node (the runner's cache skips the loaders and text encoders)
+    and per model of the reference call, then the top operators of both (torch.profiler, self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_node, originals, wf = {}, {}, seeded(997)
+    for node in wf.values():
+        cls = runner.nodes[node["class_type"]]
+        if cls in originals:
+            continue
+        originals[cls] = getattr(cls, cls.FUNCTION)
+
+        def timed(self, *a, _f=originals[cls], _name=node["class_type"], **k):
+            start = time.perf_counter()
+            try:
+                return _f(self, *a, **k)
+            finally:
+                per_node[_name] = per_node.get(_name, 0.0) + time.perf_counter() - start
+
+        setattr(cls, cls.FUNCTION, timed)
+    try:
+        start = time.perf_counter()
+        runner.run(wf)
+        total = time.perf_counter() - start
+    finally:
+        for cls, f in originals.items():
+            setattr(cls, cls.FUNCTION, f)
+    print(f"  profile of one re-queue ({total:.3f} s): " + ", ".join(
+        f"{k.replace('Letterpress', '')} {v:.3f} s" for k, v in per_node.items()))
+    spent, undo = _timed_components(pipe)
+    try:
+        start = time.perf_counter()
+        ref_call()
+        total = time.perf_counter() - start
+    finally:
+        undo()
+    print(f"  profile of one diffusers call ({total:.3f} s): " + ", ".join(f"{k} {v:.3f} s" for k, v in spent.items())
+          + f", rest {total - sum(spent.values()):.3f} s")
+    for name, fn in (("pack re-queue", lambda: runner.run(seeded(998))), ("diffusers call", ref_call)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        print(f"  top operators, {name} ({total:.3f} s self CPU): " + ", ".join(
+            f"{e.key.replace('aten::', '')} {e.self_cpu_time_total / 1e6:.3f}" for e in events[:8]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=[*FAMILIES, "all"], default="all")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--profile", action="store_true", help="also profile one re-queue and one reference call")
+    args = ap.parse_args()
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    torch.set_num_threads(os.cpu_count() or 1)
+    keys = list(FAMILIES) if args.model == "all" else [args.model]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{args.size}x{args.size}, {args.steps} steps, fp32 CPU, {torch.get_num_threads()} threads, "
+          f"{args.runs} interleaved runs, medians (load average at start {load:.1f})")
+    rows = []
+    for key in keys:
+        r = run_family(key, args)
+        fam, med = r["family"], r["med"]
+        print(f"\n{fam.label}: {fam.config}")
+        for k, v in med.items():
+            print(f"  {k:13s} {v:7.3f} s")
+        print("  ratio of the fastest runs (least disturbed by other load): end-to-end "
+              f"{r['mins']['pack_fresh'] / r['mins']['ref_fresh']:.3f}, re-queue "
+              f"{r['mins']['pack_requeue'] / r['mins']['ref_loaded']:.3f}")
+        print(f"  max |pack - diffusers| image difference, same seed: {r['diff']:.2e}")
+        e2e, rq = med["pack_fresh"] / med["ref_fresh"], med["pack_requeue"] / med["ref_loaded"]
+        print(f"  end-to-end ratio (pack fresh / diffusers from_pretrained + call)  {e2e:.3f}  (goal <= 1.00)")
+        print(f"  re-queue ratio   (pack re-run / diffusers call, loaded pipeline)   {rq:.3f}  (goal <= 0.70)")
+        print(f"  re-queue / diffusers from_pretrained + call                        "
+              f"{med['pack_requeue'] / med['ref_fresh']:.3f}")
+        rows.append((fam.label, e2e, rq))
+    if len(rows) > 1:
+        print("\nfamily        end-to-end  re-queue")
+        for label, e2e, rq in rows:
+            print(f"{label:13s} {e2e:10.3f} {rq:9.3f}")
+
+
+if __name__ == "__main__":
+    main()
