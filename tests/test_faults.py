@@ -67,14 +67,15 @@ def test_host_keeps_stages_within_its_budget_and_keeps_none_alive(ernie, host):
 # Soak -------------------------------------------------------------------------------------------
 
 
-def soak(runs: int, warmup: int = 4, report=None) -> dict:
-    """Alternate ERNIE-Image-Turbo and Ovis-Image workflows through one Runner; RSS after warm-up."""
+def soak(runs: int, warmup: int = 4, report=None, sets=()) -> dict:
+    """Alternate ERNIE-Image-Turbo and Ovis-Image workflows through one Runner; RSS after warm-up.
+    (benchmarks/soak.py runs the long version.)"""
     from diffusers import ErnieImageTransformer2DModel, OvisImageTransformer2DModel
 
     from letterpress.loaders.host import get_host
 
     host = get_host()
-    flows = [workflow("ernie_image_turbo_t2i_api.json"), workflow("ovis_image_t2i_api.json", "cfg=1.0")]
+    flows = [workflow("ernie_image_turbo_t2i_api.json", *sets), workflow("ovis_image_t2i_api.json", "cfg=1.0", *sets)]
     runner = Runner()
     rss, held, dits = [], [], []
     for i in range(runs):
@@ -88,7 +89,7 @@ def soak(runs: int, warmup: int = 4, report=None) -> dict:
         if report:
             report(i, rss[-1], held[-1])
     base = rss[warmup - 1]
-    return dict(base=base, peak_after=max(rss[warmup:]), last=rss[-1], growth=max(rss[warmup:]) / base - 1,
+    return dict(base=base, peak_after=max(rss[warmup:]), last=rss[-1], growth=max(rss[warmup:]) / base - 1, rss=rss,
                 max_held=max(n for n, _ in held), max_held_bytes=max(b for _, b in held),
                 budget=host.device_budget, dits=dits)
 
