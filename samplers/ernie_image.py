@@ -15,7 +15,7 @@ from ..loaders.host import LetterpressError, ModelHandle, get_host
 from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
 from .generate import generate, sampling_args
-from .latents import patchify_2x2, unpatchify_2x2
+from .latents import patchify_2x2, unpatchify_2x2, vae_layout
 from .numerics import check_finite, log, warn_truncated
 from .previews import latent_rgb_preview
 from .sizes import check_multiple
@@ -125,7 +125,8 @@ def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
     """Patchified, normalised latents -> IMAGE (B, H, W, C) in 0..1."""
     lat = check_latent(latent, FAMILY).to(vae.device, vae.dtype)
     mean, std = _bn_stats(vae.module, lat)
-    image = check_finite(vae.module.decode(unpatchify_2x2(lat * std + mean), return_dict=False)[0], "Flux2 VAE decode", vae.dtype)
+    z = vae_layout(unpatchify_2x2(lat * std + mean))
+    image = check_finite(vae.module.decode(z, return_dict=False)[0], "Flux2 VAE decode", vae.dtype)
     return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 

@@ -26,6 +26,7 @@ from . import flow_match
 from .sizes import check_multiple
 from .text_spans import quoted_spans
 from .conditioning import Conditioning, check_family, check_latent
+from .latents import vae_layout
 from .generate import generate, sampling_args
 from .numerics import check_finite
 
@@ -282,22 +283,27 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
     target_size = torch.tensor([[height, width]], dtype=dtype, device=device)
     crop = torch.zeros((1, 2), dtype=dtype, device=device)
 
+    noise = flow_match.noise_like((1, cfgm.in_channels, lh, lw), seed, dtype, device)
+    # The rotary embedding depends only on the latent grid: computed once, not in each of the 2 x steps passes.
+    rope = tuple(r.to(device) for r in model.rope(noise))
+
     def predict(x: torch.Tensor, i: int) -> torch.Tensor:
         t = timesteps[i].expand(1) - 1
         xin = x.to(dtype)
         if refs:
             kv.set_mode("read")
         v = model(hidden_states=xin, encoder_hidden_states=pos, prior_token_id=tokens, prior_token_drop=keep,
-                  timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, return_dict=False)[0].float()
+                  timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, image_rotary_emb=rope,
+                  return_dict=False)[0].float()
         if use_cfg:
             if refs:
                 kv.set_mode("skip")
             u = model(hidden_states=xin, encoder_hidden_states=neg, prior_token_id=tokens, prior_token_drop=drop,
-                      timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, return_dict=False)[0].float()
+                      timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, image_rotary_emb=rope,
+                      return_dict=False)[0].float()
             v = flow_match.cfg_combine(u, v, cfg)
         return v
 
-    noise = flow_match.noise_like((1, cfgm.in_channels, lh, lw), seed, dtype, device)
     try:
         out = flow_match.euler_loop(predict, noise, sigmas.to(device), 0)
     finally:
@@ -320,7 +326,7 @@ def _stats(vae: torch.nn.Module, like: torch.Tensor):
 def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
     lat = check_latent(latent, FAMILY).to(vae.device, vae.dtype)
     mean, std = _stats(vae.module, lat)
-    image = check_finite(vae.module.decode(lat * std + mean, return_dict=False)[0], "GLM-Image VAE decode", vae.dtype)
+    image = check_finite(vae.module.decode(vae_layout(lat * std + mean), return_dict=False)[0], "GLM-Image VAE decode", vae.dtype)
     return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 

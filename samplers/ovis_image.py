@@ -23,7 +23,7 @@ from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
 from .numerics import check_finite
 from .sizes import check_multiple
-from .latents import pack_2x2_tokens, unpack_2x2_tokens
+from .latents import pack_2x2_tokens, unpack_2x2_tokens, vae_layout
 
 FAMILY = "ovis_image"
 MODEL = "Ovis-Image"
@@ -176,7 +176,7 @@ def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
         raise LetterpressError(
             f"The latent has shape {tuple(lat.shape)}; the Ovis-Image VAE decodes {cfg.latent_channels}-channel latents."
         )
-    z = lat.to(vae.device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor
+    z = vae_layout(lat.to(vae.device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor)
     image = check_finite(vae.module.decode(z, return_dict=False)[0], "FLUX.1 VAE decode", vae.dtype)
     return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
