@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import traceback
+import weakref
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -98,7 +99,8 @@ class Checkpoint(Mapping):
             for key, info in header.items():
                 if key != "__metadata__":
                     self._info[key] = (path, info, start)
-        self._maps: dict[str, mmap.mmap] = {}
+        # Held weakly: a mapping lives as long as a tensor views it, never because the checkpoint is kept.
+        self._maps: weakref.WeakValueDictionary[str, mmap.mmap] = weakref.WeakValueDictionary()
         self._handles: dict[str, object] = {}
         self.source = self.files[0] if len(self.files) == 1 else os.path.dirname(self.files[0])
 
