@@ -74,6 +74,10 @@ def load_vae(path: str, vae_cls, template: dict, dtype: torch.dtype, what: str) 
     else:
         cfg = infer_vae_config(shapes, template)
     module = build_empty(lambda: vae_cls(**cfg))
-    fill_module(module, state, dtype=dtype, what=what, keep_fp32=("bn.running",))
+    try:
+        fill_module(module, state, dtype=dtype, what=what, keep_fp32=("bn.running",), source=path)
+    except BaseException:
+        state = ck = None  # converted tensors view the file's memory map: none outlives a failed load
+        raise
     module.eval()
     return module

@@ -189,6 +189,7 @@ def fill_module(
     keep_fp32: tuple[str, ...] = (),
     what: str = "model",
     optional: tuple[str, ...] = (),
+    source: str = "",
 ) -> torch.nn.Module:
     """Assign every parameter and persistent buffer of `module` from `checkpoint`, tensor by tensor.
 
@@ -196,7 +197,7 @@ def fill_module(
     raise a LetterpressError naming them, since they mean the file is not the model the loader expects.
     """
     try:
-        return _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional)
+        return _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
     except BaseException as e:
         # A load that fails halfway leaves nothing behind: the module's tensors (views of the file's memory
         # map) are dropped, the checkpoint's maps closed and the failed frames' locals cleared, so no mapping
@@ -204,11 +205,12 @@ def fill_module(
         module.to("meta")
         if hasattr(checkpoint, "close"):
             checkpoint.close()
+        checkpoint = None  # this frame stays in the traceback: let it hold no tensors of the file
         traceback.clear_frames(e.__traceback__)
         raise
 
 
-def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional):
+def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source):
     store_fp8 = dtype == FP8
     if store_fp8:
         dtype = FP8_COMPUTE
@@ -231,7 +233,7 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional):
             )
         if tensor.is_floating_point():
             if isinstance(target, torch.nn.Parameter) and not _finite_sample(tensor):
-                name = os.path.basename(getattr(checkpoint, "source", "") or "") or "the checkpoint"
+                name = os.path.basename(source or getattr(checkpoint, "source", "") or "") or "the checkpoint"
                 raise LetterpressError(
                     f"{what}: tensor {ck} in {name} holds NaN/inf values: the file is corrupt (a damaged "
                     "download or disk). Download it again."

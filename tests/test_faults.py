@@ -267,3 +267,18 @@ def test_a_load_that_fails_halfway_leaves_nothing_behind(ernie, models_dir, tmp_
     with pytest.raises(LetterpressError, match="truncated"):
         runner.run(set_values(wf, ["dit_name=ernie-image-cut.safetensors"]))
     assert mappings_of(cut) == []
+
+
+@pytest.mark.parametrize("node_id,file", [("LetterpressOvisImageDiTLoader", "ovis_image.safetensors"),
+                                          ("LetterpressErnieImageVAELoader", "flux2-vae.safetensors")])
+def test_other_loaders_leave_no_mapping_after_a_corrupt_file(ernie, ovis, models_dir, tmp_path, host, node_id, file):
+    from letterpress.nodes import NODE_CLASS_MAPPINGS as N
+
+    kind = N[node_id].KIND
+    (tmp_path / kind).mkdir()
+    bad = tmp_path / kind / ("bad-" + file)
+    corrupt_copy(os.path.join(models_dir, kind, file), bad)
+    host.models_dir = str(tmp_path)
+    with pytest.raises(LetterpressError, match="holds NaN/inf values: the file is corrupt") as err:
+        N[node_id]().run(bad.name, "auto")
+    assert err.value.__traceback__ is not None and mappings_of(bad) == []  # while the traceback is still held
