@@ -94,6 +94,7 @@ def soak(runs: int, warmup: int = 4, report=None, sets=()) -> dict:
                 budget=host.device_budget, dits=dits)
 
 
+@pytest.mark.soak
 def test_soak_alternating_families_holds_memory_and_models(ernie, ovis, host):
     """30 runs in one process, ERNIE-Image and Ovis-Image alternating (tiny models, 32px, 1 step): resident
     memory after warm-up stays within 5%, the host holds at most one load's stages (budget 0) and no
