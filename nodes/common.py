@@ -87,6 +87,26 @@ class VAEDecodeNode:
         return (type(self).DECODE(vae, latent),)
 
 
+class VAEEncodeNode:
+    """Base of the VAE Encode nodes: VAE + IMAGE -> one family's LATENT through its `encode` stage."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+    VAE_TYPE = ""
+    ENCODE = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": (cls.VAE_TYPE,), "image": ("IMAGE",)}}
+
+    def run(self, vae, image):
+        from ..loaders.host import get_host
+
+        get_host().load(vae)
+        return (type(self).ENCODE(vae, image),)
+
+
 class EmptyLatentNode:
     """Base of the Empty Latent nodes: width, height, batch -> one family's empty LATENT."""
 

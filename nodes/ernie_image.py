@@ -11,6 +11,7 @@ from .common import (
     EmptyLatentNode,
     FileLoader,
     VAEDecodeNode,
+    VAEEncodeNode,
     denoise_input,
     dtype_input,
     file_input,
@@ -177,19 +178,11 @@ class LetterpressErnieImageVAEDecode(VAEDecodeNode):
     DECODE = staticmethod(stage.decode)
 
 
-class LetterpressErnieImageVAEEncode:
+class LetterpressErnieImageVAEEncode(VAEEncodeNode):
     DESCRIPTION = "Encodes an IMAGE into ERNIE-Image latents, for image-to-image with denoise below 1."
     CATEGORY = CAT
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae": (VAE,), "image": ("IMAGE",)}}
-
-    def run(self, vae, image):
-        get_host().load(vae)
-        return (stage.encode(vae, image),)
+    VAE_TYPE = VAE
+    ENCODE = staticmethod(stage.encode)
 
 
 LetterpressErnieImageLoraLoader = lora_loader("LetterpressErnieImageLoraLoader", "ERNIE-Image", DIT)

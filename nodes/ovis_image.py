@@ -11,6 +11,7 @@ from .common import (
     EmptyLatentNode,
     FileLoader,
     VAEDecodeNode,
+    VAEEncodeNode,
     denoise_input,
     dtype_input,
     file_input,
@@ -143,19 +144,11 @@ class LetterpressOvisImageVAEDecode(VAEDecodeNode):
     DECODE = staticmethod(stage.decode)
 
 
-class LetterpressOvisImageVAEEncode:
+class LetterpressOvisImageVAEEncode(VAEEncodeNode):
     DESCRIPTION = "Encodes an IMAGE into Ovis-Image latents with the FLUX.1 VAE, for image-to-image with denoise below 1."
     CATEGORY = CAT
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae": (VAE,), "image": ("IMAGE",)}}
-
-    def run(self, vae, image):
-        get_host().load(vae)
-        return (stage.encode(vae, image),)
+    VAE_TYPE = VAE
+    ENCODE = staticmethod(stage.encode)
 
 
 LetterpressOvisImageLoraLoader = lora_loader("LetterpressOvisImageLoraLoader", "Ovis-Image", DIT)
