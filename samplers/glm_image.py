@@ -28,7 +28,7 @@ from .text_spans import quoted_spans
 from .conditioning import Conditioning, check_family, check_latent
 from .latents import vae_layout
 from .generate import generate, sampling_args
-from .numerics import check_finite
+from .numerics import check_finite, warn_truncated
 
 FAMILY = "glm_image"
 SCALE = 32  # AR tokens are d32
@@ -186,6 +186,8 @@ def encode_glyphs(te: ModelHandle, prompt: str, max_sequence_length: int = 2048)
     tok, device = te.tokenizer, te.device
     spans = glyph_spans(prompt)
     texts = spans or [""]
+    for span, n in zip(texts, (len(x) for x in tok(texts).input_ids)):
+        warn_truncated(n, max_sequence_length, f"GLM-Image Glyph Encode, span {span[:20]!r}")
     ids = tok(texts, max_length=max_sequence_length, truncation=True).input_ids
     # The reference pads on the left by (number of spans + 1) % 2, for every span; kept as is.
     ids = [[tok.pad_token_id] * ((len(ids) + 1) % 2) + x for x in ids]

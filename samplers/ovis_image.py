@@ -21,7 +21,7 @@ from ..loaders.host import LetterpressError, ModelHandle
 from ..loaders.ovis_image import DEFAULT_SCHEDULE
 from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
-from .numerics import check_finite
+from .numerics import check_finite, warn_truncated
 from .sizes import check_multiple
 from .latents import pack_2x2_tokens, unpack_2x2_tokens, vae_layout
 
@@ -65,7 +65,9 @@ def encode_text(te: ModelHandle, prompt: str, max_sequence_length: int = MAX_SEQ
     hidden = te.module(input_ids=ids, attention_mask=mask).last_hidden_state
     hidden = (hidden * mask[..., None])[:, USER_PROMPT_BEGIN_ID:]
     # Like the reference, a longer prompt is cut (the end of the chat template with it); record it for messages.
-    truncated = len(tok(text, add_special_tokens=False).input_ids) > total
+    n_tokens = len(tok(text, add_special_tokens=False).input_ids)
+    warn_truncated(n_tokens, total, "Ovis-Image Text Encode (instruction prefix and chat template included)")
+    truncated = n_tokens > total
     return Conditioning(FAMILY, te.describe(), [hidden[0].cpu()], prompt=prompt,
                         extras={"max_sequence_length": max_sequence_length, "truncated": truncated})
 

@@ -103,12 +103,16 @@ def test_parity_diffusers_layout(reference, folder_models, width, height, steps,
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
-def test_prompt_longer_than_max_sequence_length(reference, folder_models):
+def test_prompt_longer_than_max_sequence_length(reference, folder_models, caplog):
+    import logging
+
     _, te, _ = folder_models
     from letterpress.samplers.ovis_image import chat_text
 
     assert len(te.tokenizer(LONG, add_special_tokens=False).input_ids) > 256
-    pos = node("TextEncode").run(te, LONG, "", 256)[0]
+    with caplog.at_level(logging.WARNING, logger="letterpress"):
+        pos = node("TextEncode").run(te, LONG, "", 256)[0]
+    assert any("tokens are dropped" in r.message for r in caplog.records)  # the user is told how much
     assert pos.embeds[0].shape[0] == 256 and pos.extras["truncated"]
     # Cut like the reference: words past the limit change nothing, the first words do.
     assert torch.equal(node("TextEncode").run(te, LONG + " and a red balloon", "", 256)[0].embeds[0], pos.embeds[0])
