@@ -29,6 +29,7 @@ from .conditioning import Conditioning, check_family, check_latent
 from .latents import vae_layout
 from .generate import generate, sampling_args
 from .numerics import check_finite, warn_truncated
+from .previews import latent_rgb_preview
 
 FAMILY = "glm_image"
 SCALE = 32  # AR tokens are d32
@@ -307,7 +308,7 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
         return v
 
     try:
-        out = flow_match.euler_loop(predict, noise, sigmas.to(device), 0)
+        out = flow_match.euler_loop(predict, noise, sigmas.to(device), 0, preview=latent_rgb_preview)
     finally:
         kv.clear()
     check_finite(out, "GLM-Image DiT", dtype)

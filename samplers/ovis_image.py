@@ -22,6 +22,7 @@ from ..loaders.ovis_image import DEFAULT_SCHEDULE
 from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
 from .numerics import check_finite, warn_truncated
+from .previews import latent_rgb_preview
 from .sizes import check_multiple
 from .latents import pack_2x2_tokens, unpack_2x2_tokens, vae_layout
 
@@ -158,7 +159,10 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
             v = flow_match.cfg_combine(v_neg, v, cfg)
         return v
 
-    out = check_finite(flow_match.euler_loop(predict, x, sigmas.to(device), first), "Ovis-Image DiT", dtype)
+    def preview(x0: torch.Tensor):
+        return latent_rgb_preview(unpack_2x2_tokens(x0, h, w))
+
+    out = check_finite(flow_match.euler_loop(predict, x, sigmas.to(device), first, preview=preview), "Ovis-Image DiT", dtype)
     return {"samples": unpack_2x2_tokens(out, h, w).cpu(), "family": FAMILY}
 
 

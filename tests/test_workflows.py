@@ -123,3 +123,25 @@ def test_ui_workflow_queues_as_its_api_twin(path):
     api = load_workflow(path[:-5] + "_api.json")
     ours = ui_to_api(json.load(open(path)))
     assert ours == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
+
+@pytest.mark.parametrize("workflow", ["ovis_image_t2i_api.json", "glm_image_t2i_api.json"])
+def test_other_families_send_live_previews(shipped_models, host, workflow):
+    from letterpress.runner import set_values
+
+    shown = []
+    make = host.progress
+
+    def progress(total):
+        bar = make(total)
+        update = bar.update
+        bar.update = lambda n=1, preview=None: (shown.append(preview), update(n, preview))
+        return bar
+
+    host.progress, host.previews = progress, True
+    wf = load_workflow(os.path.join(ROOT, "workflows", workflow))
+    sizes = [f"{nid}.{k}={64}" for nid, n in wf.items() for k in ("width", "height")
+             if isinstance(n["inputs"].get(k), int)]
+    Runner().run(set_values(wf, sizes + [f"{nid}.steps=2" for nid, n in wf.items() if "steps" in n["inputs"]]))
+    images = [p for p in shown if p is not None]
+    assert len(images) == 2 and images[0].size[0] == images[0].size[1]
