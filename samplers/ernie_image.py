@@ -81,9 +81,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
                     "and usually worse. Use the Turbo preset (8 steps, cfg 1.0).", steps, cfg)
     init = check_latent(latent, FAMILY)
     b = init.shape[0]
-    if use_cfg_needs_negative(cfg, negative):
-        raise LetterpressError("cfg > 1 needs a negative conditioning: wire a Text Encode (an empty prompt is fine).")
-    use_cfg = flow_match.check_cfg(cfg) > 1.0
+    use_cfg = flow_match.uses_cfg(cfg, negative, "wire a Text Encode (an empty prompt is fine)")
     cond = batch_for(positive, b, FAMILY, "positive")
     text = ([h for h in batch_for(negative, b, FAMILY, "negative")] if use_cfg else []) + cond
     text_bth, text_lens = _pad_text(text, device, dtype, model.config.text_in_dim)
@@ -105,10 +103,6 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     out = flow_match.euler_loop(predict, x, sigmas.to(device), first, preview=latent_rgb_preview)
     check_finite(out, "ERNIE-Image DiT", dtype)
     return {"samples": out.cpu(), "family": FAMILY}
-
-
-def use_cfg_needs_negative(cfg: float, negative) -> bool:
-    return cfg > 1.0 and negative is None
 
 
 # VAE ---------------------------------------------------------------------------------------------

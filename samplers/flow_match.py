@@ -78,10 +78,13 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch
     return uncond + scale * (cond - uncond)
 
 
-def check_cfg(cfg: float) -> float:
+def uses_cfg(cfg: float, negative, wire_hint: str) -> bool:
+    """Whether this cfg runs the negative pass; a clear error for a non-finite cfg or a missing negative."""
     if not math.isfinite(cfg):
         raise LetterpressError(f"cfg must be a finite number, got {cfg}.")
-    return cfg
+    if cfg > 1.0 and negative is None:
+        raise LetterpressError(f"cfg > 1 needs a negative conditioning: {wire_hint}.")
+    return cfg > 1.0
 
 
 def euler_loop(

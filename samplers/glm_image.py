@@ -229,11 +229,8 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
 
     prior = check_prior(prior)
     check_family(positive, FAMILY, "positive")
-    use_cfg = flow_match.check_cfg(cfg) > 1.0
+    use_cfg = flow_match.uses_cfg(cfg, negative, "wire a GLM-Image Glyph Encode of an empty prompt (the reference's negative)")
     if use_cfg:
-        if negative is None:
-            raise LetterpressError("cfg > 1 needs a negative: wire a GLM-Image Glyph Encode of an empty prompt "
-                                   "(the reference's negative).")
         check_family(negative, FAMILY, "negative")
     if steps < 1:
         raise LetterpressError(f"steps must be at least 1, got {steps}.")

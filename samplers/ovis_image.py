@@ -133,9 +133,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
         raise LetterpressError(f"The latent is {w}x{h}; Ovis-Image needs even latent sizes (images in multiples of 16).")
     if steps < 1:
         raise LetterpressError(f"steps must be at least 1, got {steps}.")
-    use_cfg = flow_match.check_cfg(cfg) > 1.0
-    if use_cfg and negative is None:
-        raise LetterpressError("cfg > 1 needs a negative conditioning: wire the negative output of Ovis-Image Text Encode.")
+    use_cfg = flow_match.uses_cfg(cfg, negative, "wire the negative output of Ovis-Image Text Encode")
     width = model.config.joint_attention_dim
     cond = _embeds(positive, b, "positive", width, device, dtype)
     uncond = _embeds(negative, b, "negative", width, device, dtype) if use_cfg else None
