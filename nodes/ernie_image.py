@@ -20,6 +20,7 @@ from .common import (
     seed_input,
     size_input,
 )
+from .compile import compile_node
 from .lora import lora_loader
 
 CAT = f"{CATEGORY}/ERNIE-Image"
@@ -186,9 +187,10 @@ class LetterpressErnieImageVAEEncode(VAEEncodeNode):
 
 
 LetterpressErnieImageLoraLoader = lora_loader("LetterpressErnieImageLoraLoader", "ERNIE-Image", DIT)
+LetterpressErnieImageCompile = compile_node("LetterpressErnieImageCompile", "ERNIE-Image", DIT)
 
 NODES = {c.__name__: c for c in (
-    LetterpressErnieImageLoraLoader,
+    LetterpressErnieImageLoraLoader, LetterpressErnieImageCompile,
     LetterpressErnieImageFolderLoader, LetterpressErnieImageDiTLoader, LetterpressErnieImageTextEncoderLoader,
     LetterpressErnieImageVAELoader, LetterpressErnieImagePromptEnhancerLoader, LetterpressErnieImageTextEncode,
     LetterpressErnieImagePromptEnhance, LetterpressErnieImageEmptyLatent, LetterpressErnieImageSampler,
@@ -207,4 +209,5 @@ DISPLAY_NAMES = {
     "LetterpressErnieImageVAEDecode": "ERNIE-Image VAE Decode",
     "LetterpressErnieImageVAEEncode": "ERNIE-Image VAE Encode",
     "LetterpressErnieImageLoraLoader": "ERNIE-Image LoRA Loader",
+    "LetterpressErnieImageCompile": "ERNIE-Image Torch Compile",
 }

@@ -7,6 +7,7 @@ from ..loaders.files import resolve
 from ..loaders.host import LetterpressError, get_host
 from ..samplers import glm_image as stage
 from .common import CATEGORY, VAEDecodeNode, dtype_input, folder_input, seed_input, size_input
+from .compile import compile_node
 from .lora import lora_loader
 
 CAT = f"{CATEGORY}/GLM-Image"
@@ -227,9 +228,10 @@ class LetterpressGlmImageVAEEncode:
 
 
 LetterpressGlmImageLoraLoader = lora_loader("LetterpressGlmImageLoraLoader", "GLM-Image", DIT)
+LetterpressGlmImageCompile = compile_node("LetterpressGlmImageCompile", "GLM-Image", DIT)
 
 NODES = {c.__name__: c for c in (
-    LetterpressGlmImageLoraLoader,
+    LetterpressGlmImageLoraLoader, LetterpressGlmImageCompile,
     LetterpressGlmImageFolderLoader, LetterpressGlmImageARLoader, LetterpressGlmImageGlyphEncoderLoader,
     LetterpressGlmImageDiTLoader, LetterpressGlmImageVAELoader, LetterpressGlmImageARTokens,
     LetterpressGlmImagePriorPreview, LetterpressGlmImageGlyphEncode, LetterpressGlmImageSampler,
@@ -238,6 +240,7 @@ NODES = {c.__name__: c for c in (
 DISPLAY_NAMES = {
     "LetterpressGlmImageFolderLoader": "GLM-Image Folder Loader",
     "LetterpressGlmImageLoraLoader": "GLM-Image LoRA Loader",
+    "LetterpressGlmImageCompile": "GLM-Image Torch Compile",
     "LetterpressGlmImageARLoader": "GLM-Image AR Loader",
     "LetterpressGlmImageGlyphEncoderLoader": "GLM-Image Glyph Encoder Loader",
     "LetterpressGlmImageDiTLoader": "GLM-Image DiT Loader",

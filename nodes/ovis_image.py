@@ -19,6 +19,7 @@ from .common import (
     seed_input,
     size_input,
 )
+from .compile import compile_node
 from .lora import lora_loader
 
 CAT = f"{CATEGORY}/Ovis-Image"
@@ -152,9 +153,10 @@ class LetterpressOvisImageVAEEncode(VAEEncodeNode):
 
 
 LetterpressOvisImageLoraLoader = lora_loader("LetterpressOvisImageLoraLoader", "Ovis-Image", DIT)
+LetterpressOvisImageCompile = compile_node("LetterpressOvisImageCompile", "Ovis-Image", DIT)
 
 NODES = {c.__name__: c for c in (
-    LetterpressOvisImageLoraLoader,
+    LetterpressOvisImageLoraLoader, LetterpressOvisImageCompile,
     LetterpressOvisImageFolderLoader, LetterpressOvisImageDiTLoader, LetterpressOvisImageTextEncoderLoader,
     LetterpressOvisImageVAELoader, LetterpressOvisImageTextEncode, LetterpressOvisImageEmptyLatent,
     LetterpressOvisImageSampler, LetterpressOvisImageVAEDecode, LetterpressOvisImageVAEEncode,
@@ -162,6 +164,7 @@ NODES = {c.__name__: c for c in (
 DISPLAY_NAMES = {
     "LetterpressOvisImageFolderLoader": "Ovis-Image Folder Loader",
     "LetterpressOvisImageLoraLoader": "Ovis-Image LoRA Loader",
+    "LetterpressOvisImageCompile": "Ovis-Image Torch Compile",
     "LetterpressOvisImageDiTLoader": "Ovis-Image DiT Loader",
     "LetterpressOvisImageTextEncoderLoader": "Ovis-Image Text Encoder Loader",
     "LetterpressOvisImageVAELoader": "Ovis-Image VAE Loader",

@@ -11,6 +11,7 @@ import json
 
 import torch
 
+from ..loaders import compiled
 from ..loaders.host import LetterpressError, ModelHandle, get_host
 from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
@@ -76,6 +77,7 @@ def _pad_text(hiddens: list[torch.Tensor], device, dtype, text_in_dim: int):
 def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,
            steps: int, cfg: float, shift: float, denoise: float = 1.0) -> dict:
     model, device, dtype = dit.module, dit.device, dit.dtype
+    run = compiled.forward(dit)  # the module, or its compiled form (Torch Compile node)
     if dit.extras.get("turbo") and (cfg > 1.0 or steps > 16):
         log.warning("ERNIE-Image-Turbo is distilled for 8 steps at cfg 1.0; %d steps at cfg %.1f will be slower "
                     "and usually worse. Use the Turbo preset (8 steps, cfg 1.0).", steps, cfg)
@@ -94,7 +96,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     def predict(x: torch.Tensor, i: int) -> torch.Tensor:
         xin = torch.cat([x, x]) if use_cfg else x
         t = torch.full((xin.shape[0],), timesteps[i].item(), device=device, dtype=dtype)
-        v = model(hidden_states=xin, timestep=t, text_bth=text_bth, text_lens=text_lens, return_dict=False)[0]
+        v = run(hidden_states=xin, timestep=t, text_bth=text_bth, text_lens=text_lens, return_dict=False)[0]
         if use_cfg:
             uncond, cond_v = v.chunk(2)
             v = flow_match.cfg_combine(uncond, cond_v, cfg)

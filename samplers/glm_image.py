@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..loaders import compiled
 from ..loaders.host import LetterpressError, ModelHandle
 from . import flow_match
 from .sizes import check_multiple
@@ -235,6 +236,7 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
     if steps < 1:
         raise LetterpressError(f"steps must be at least 1, got {steps}.")
     model, device, dtype = dit.module, dit.device, dit.dtype
+    run = compiled.forward(dit)  # the module, or its compiled form (Torch Compile node)
     cfgm = model.config
     p = cfgm.patch_size
     height, width = prior.height, prior.width
@@ -292,15 +294,15 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
         xin = x.to(dtype)
         if refs:
             kv.set_mode("read")
-        v = model(hidden_states=xin, encoder_hidden_states=pos, prior_token_id=tokens, prior_token_drop=keep,
-                  timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, image_rotary_emb=rope,
-                  return_dict=False)[0].float()
+        v = run(hidden_states=xin, encoder_hidden_states=pos, prior_token_id=tokens, prior_token_drop=keep,
+                timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, image_rotary_emb=rope,
+                return_dict=False)[0].float()
         if use_cfg:
             if refs:
                 kv.set_mode("skip")
-            u = model(hidden_states=xin, encoder_hidden_states=neg, prior_token_id=tokens, prior_token_drop=drop,
-                      timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, image_rotary_emb=rope,
-                      return_dict=False)[0].float()
+            u = run(hidden_states=xin, encoder_hidden_states=neg, prior_token_id=tokens, prior_token_drop=drop,
+                    timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, image_rotary_emb=rope,
+                    return_dict=False)[0].float()
             v = flow_match.cfg_combine(u, v, cfg)
         return v
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..loaders import compiled
 from ..loaders.host import LetterpressError, ModelHandle
 from ..loaders.ovis_image import DEFAULT_SCHEDULE
 from . import flow_match
@@ -120,6 +121,7 @@ def sigmas_for(steps: int, image_seq_len: int, schedule: dict):
 def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,
            steps: int, cfg: float, denoise: float = 1.0) -> dict:
     model, device, dtype = dit.module, dit.device, dit.dtype
+    run = compiled.forward(dit)  # the module, or its compiled form (Torch Compile node)
     init = check_latent(latent, FAMILY)
     if init.dim() != 4:
         raise LetterpressError(f"The latent has shape {tuple(init.shape)}; Ovis-Image needs (batch, 16, H/8, W/8).")
@@ -149,11 +151,11 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
 
     def predict(x: torch.Tensor, i: int) -> torch.Tensor:
         t = timesteps[i].to(device).expand(x.shape[0]).to(x.dtype) / 1000
-        v = model(hidden_states=x, timestep=t, encoder_hidden_states=cond, txt_ids=cond_ids, img_ids=img_ids,
-                  return_dict=False)[0]
+        v = run(hidden_states=x, timestep=t, encoder_hidden_states=cond, txt_ids=cond_ids, img_ids=img_ids,
+                return_dict=False)[0]
         if use_cfg:
-            v_neg = model(hidden_states=x, timestep=t, encoder_hidden_states=uncond, txt_ids=uncond_ids,
-                          img_ids=img_ids, return_dict=False)[0]
+            v_neg = run(hidden_states=x, timestep=t, encoder_hidden_states=uncond, txt_ids=uncond_ids,
+                        img_ids=img_ids, return_dict=False)[0]
             v = flow_match.cfg_combine(v_neg, v, cfg)
         return v
 
