@@ -3,7 +3,7 @@ same weights (a small-but-real random model per family), same settings and seeds
 as ratios.
 
     python benchmarks/end_to_end.py --model ernie|ovis|glm|all [--runs 3] [--size 256] [--steps 8] [--threads N]
-                                    [--profile]
+                                    [--profile] [--compile]
 
 The pack side runs the shipped API workflow (workflows/<family>_t2i_api.json) through letterpress.runner.Runner
 with sizes, steps and seeds set by set_values, exactly as `python -m letterpress run` does (SaveImage included).
@@ -15,6 +15,8 @@ Each figure is the median over runs of the ratio of two adjacent runs (pack, ref
   end-to-end ratio = fresh Runner (load + encode + sample + decode) / from_pretrained + pipeline call
   re-queue ratio   = second run of one Runner with a new seed (models and text encodings cached)
                      / pipeline call on an already loaded pipeline (the stricter reference: it excludes loading)
+  re-queue ratio, Torch Compile (--compile): the same with the family's Torch Compile node before the sampler
+                     (its own runner; its first run, which compiles, is printed apart and not in the ratio)
 Also printed: the re-queue time over a fresh pipeline (from_pretrained + call), and the largest pixel
 difference between the pack's image and the pipeline's for the warm-up seed (both must draw the same image).
 """
@@ -48,6 +50,7 @@ class Family:
     settings: Callable[[argparse.Namespace], list[str]]  # set_values for the size and steps
     seed_keys: tuple[str, ...]  # where the seed goes (GLM: AR Tokens and DiT Sample)
     ref_call: Callable  # (pipe, args, prompt, seed) -> images (B, H, W, C) float numpy
+    compile_node: str  # the family's Torch Compile node (--compile)
 
 
 # Builders: the test fixtures' tiny models, with the text encoder, DiT and VAE replaced by bigger ones ------------
@@ -174,15 +177,18 @@ def _size_steps(cfg: float):
 FAMILIES = {
     "ernie": Family("ERNIE-Image", "ERNIE-Image", "ernie_image_t2i_api.json", "6",
                     "DiT hidden 512 x 4 layers, Mistral3 text encoder hidden 256 x 4 layers, Flux2 VAE 64-128 ch, CFG 4",
-                    build_ernie, "ErnieImagePipeline", _size_steps(4.0), ("seed",), ref_ernie),
+                    build_ernie, "ErnieImagePipeline", _size_steps(4.0), ("seed",), ref_ernie,
+                    "LetterpressErnieImageCompile"),
     "ovis": Family("Ovis-Image", "Ovis-Image-7B", "ovis_image_t2i_api.json", "5",
                    "DiT hidden 512 (8x64), 2 double + 2 single blocks, Qwen3 text encoder hidden 256 x 4 layers "
                    "(284-token padded prompt), FLUX.1-style VAE 64-128 ch, CFG 5",
-                   build_ovis, "OvisImagePipeline", _size_steps(5.0), ("seed",), ref_ovis),
+                   build_ovis, "OvisImagePipeline", _size_steps(5.0), ("seed",), ref_ovis,
+                   "LetterpressOvisImageCompile"),
     "glm": Family("GLM-Image", "GLM-Image", "glm_image_t2i_api.json", "7",
                   "DiT hidden 512 (8x64) x 4 layers, AR model hidden 256 x 4 layers (168k text vocab), ByT5-style "
                   "glyph encoder d_model 256 x 4 layers, VAE 64-128 ch, CFG 1.5",
-                  build_glm, "GlmImagePipeline", _size_steps(1.5), ("2.seed", "6.seed"), ref_glm),
+                  build_glm, "GlmImagePipeline", _size_steps(1.5), ("2.seed", "6.seed"), ref_glm,
+                  "LetterpressGlmImageCompile"),
 }
 
 
@@ -205,8 +211,8 @@ def run_family(key: str, args: argparse.Namespace) -> dict:
     pipe_cls = getattr(diffusers, fam.pipeline)
     folder = os.path.join(tmp, "diffusers", fam.folder)
 
-    def seeded(seed):
-        return set_values(wf, [f"{k}={seed}" for k in fam.seed_keys])
+    def seeded(seed, graph=wf):
+        return set_values(graph, [f"{k}={seed}" for k in fam.seed_keys])
 
     def load_pipe():
         pipe = pipe_cls.from_pretrained(folder)
@@ -227,7 +233,18 @@ def run_family(key: str, args: argparse.Namespace) -> dict:
         "pack_requeue": lambda s: warm.run(seeded(s)),
         "ref_loaded": lambda s: fam.ref_call(loaded, args, prompt, s),
     }
-    pairs = (("pack_fresh", "ref_fresh"), ("pack_requeue", "ref_loaded"))
+    pairs = [("pack_fresh", "ref_fresh"), ("pack_requeue", "ref_loaded")]
+    extra = {}
+    if args.compile:  # a second runner whose graph has the Torch Compile node before the sampler
+        graph = with_compile(wf, fam.compile_node)
+        compiled = Runner()
+        start = time.perf_counter()
+        out = compiled.run(seeded(0, graph))["results"][fam.decode_node][0]
+        extra = {"first_compiled_run": time.perf_counter() - start, "diff_compiled": (out - ref).abs().max().item()}
+        steps["pack_requeue_compiled"] = lambda s: compiled.run(seeded(s, graph))
+        steps["ref_loaded_2"] = steps["ref_loaded"]
+        times["pack_requeue_compiled"], times["ref_loaded_2"] = [], []
+        pairs.append(("pack_requeue_compiled", "ref_loaded_2"))
     for i in range(args.runs):
         for pair in pairs:  # each ratio from two adjacent runs; the order alternates (ABBA) to cancel drift in load
             for name in (pair if i % 2 == 0 else pair[::-1]):
@@ -240,7 +257,19 @@ def run_family(key: str, args: argparse.Namespace) -> dict:
     if args.profile:
         profile_requeue(warm, seeded, loaded, lambda: fam.ref_call(loaded, args, prompt, 999))
     paired = {a: statistics.median(x / y for x, y in zip(times[a], times[b])) for a, b in pairs}
-    return {"family": fam, "med": med, "paired": paired, "mins": {k: min(v) for k, v in times.items()}, "diff": diff}
+    return {"family": fam, "med": med, "paired": paired, "mins": {k: min(v) for k, v in times.items()}, "diff": diff,
+            **extra}
+
+
+def with_compile(wf: dict, compile_node: str) -> dict:
+    """The API workflow with the family's Torch Compile node inserted before every DiT input."""
+    wf = {k: {**n, "inputs": dict(n["inputs"])} for k, n in wf.items()}
+    for node in list(wf.values()):
+        src = node["inputs"].get("dit")
+        if isinstance(src, list):
+            wf["compile"] = {"class_type": compile_node, "inputs": {"dit": src, "mode": "default"}}
+            node["inputs"]["dit"] = ["compile", 0]
+    return wf
 
 
 def _timed_components(pipe) -> tuple[dict, Callable]:
@@ -325,6 +354,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads for both sides (1 gives comparable runs on a machine shared with other jobs)")
     ap.add_argument("--profile", action="store_true", help="also profile one re-queue and one reference call")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time re-queues of the graph with the family's Torch Compile node before the sampler")
     args = ap.parse_args()
     import diffusers
     import transformers
@@ -355,11 +386,18 @@ def main() -> None:
               f"{med['pack_fresh'] / med['ref_fresh']:.3f}, re-queue {med['pack_requeue'] / med['ref_loaded']:.3f})")
         print(f"  re-queue / diffusers from_pretrained + call                        "
               f"{med['pack_requeue'] / med['ref_fresh']:.3f}")
-        rows.append((fam.label, e2e, rq))
+        rqc = r["paired"].get("pack_requeue_compiled")
+        if rqc is not None:
+            print(f"  with Torch Compile: first run (compiles) {r['first_compiled_run']:.1f} s, max image difference "
+                  f"to diffusers {r['diff_compiled']:.2e}")
+            print(f"  re-queue ratio, Torch Compile (pack re-run / diffusers call)     {rqc:.3f}  (goal <= 0.70)")
+            print(f"  re-queue, Torch Compile / diffusers from_pretrained + call       "
+                  f"{med['pack_requeue_compiled'] / med['ref_fresh']:.3f}")
+        rows.append((fam.label, e2e, rq, rqc))
     if len(rows) > 1:
-        print("\nfamily        end-to-end  re-queue")
-        for label, e2e, rq in rows:
-            print(f"{label:13s} {e2e:10.3f} {rq:9.3f}")
+        print("\nfamily        end-to-end  re-queue  re-queue compiled")
+        for label, e2e, rq, rqc in rows:
+            print(f"{label:13s} {e2e:10.3f} {rq:9.3f} " + (f"{rqc:18.3f}" if rqc is not None else f"{'-':>18s}"))
 
 
 if __name__ == "__main__":
