@@ -312,3 +312,21 @@ def test_lora_applies_through_modelpatcher_and_strength_zero_is_the_base(comfy):
     zero = _image(comfy, comfy.wait(comfy.queue(lora_wf)), "7")
     assert abs(strong - base).max() > 2
     assert (zero == base).all()
+
+
+def test_torch_compile_node_runs_inside_comfyui_and_follows_lora_strength(comfy):
+    """The Torch Compile node compiles the DiT with ComfyUI's cast layers and ModelPatcher LoRA patches in place:
+    the compiled images match the eager ones (to a PNG level or so), and a strength change is followed."""
+    eager_wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_lora_api.json"))))
+    eager_wf["5"]["inputs"]["seed"] = 4242
+    compiled_wf = json.loads(json.dumps(eager_wf))
+    compiled_wf["50"] = {"class_type": "LetterpressErnieImageCompile",
+                         "inputs": {"dit": compiled_wf["5"]["inputs"]["dit"], "mode": "default"}}
+    compiled_wf["5"]["inputs"]["dit"] = ["50", 0]
+    for strength in (0.0, 3.0):
+        for wf in (eager_wf, compiled_wf):
+            wf["8"]["inputs"]["strength"] = strength
+        eager = _image(comfy, comfy.wait(comfy.queue(eager_wf)), "7")
+        entry = comfy.wait(comfy.queue(compiled_wf), timeout=600)
+        assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+        assert abs(_image(comfy, entry, "7") - eager).max() <= 1
