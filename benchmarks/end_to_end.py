@@ -254,11 +254,13 @@ def run_family(key: str, args: argparse.Namespace) -> dict:
         if warm.executed and "1" in warm.executed:
             raise RuntimeError("the re-queue reloaded the models: the runner cache did not hold")
     med = {k: statistics.median(v) for k, v in times.items()}
+    extra_profile = {}
     if args.profile:
-        profile_requeue(warm, seeded, loaded, lambda: fam.ref_call(loaded, args, prompt, 999))
+        gflop = profile_requeue(warm, seeded, loaded, lambda: fam.ref_call(loaded, args, prompt, 999)) / 1e9
+        extra_profile = {"gflop": gflop, "peak": peak_gemm_rate()}
     paired = {a: statistics.median(x / y for x, y in zip(times[a], times[b])) for a, b in pairs}
     return {"family": fam, "med": med, "paired": paired, "mins": {k: min(v) for k, v in times.items()}, "diff": diff,
-            **extra}
+            **extra, **extra_profile}
 
 
 def with_compile(wf: dict, compile_node: str) -> dict:
@@ -298,9 +300,10 @@ def _timed_components(pipe) -> tuple[dict, Callable]:
     return spent, lambda: [u() for u in undo]
 
 
-def profile_requeue(runner, seeded: Callable, pipe, ref_call: Callable) -> None:
+def profile_requeue(runner, seeded: Callable, pipe, ref_call: Callable) -> float:
     """Where one re-queue's time goes: seconds per node (the runner's cache skips the loaders and text encoders)
-    and per model of the reference call, then the top operators of both (torch.profiler, self CPU time)."""
+    and per model of the reference call, then the top operators of both (torch.profiler, self CPU time).
+    Returns the FLOPs of the re-queue's matrix multiplies and convolutions (as torch.profiler counts them)."""
     from torch.profiler import ProfilerActivity, profile
 
     per_node, originals, wf = {}, {}, seeded(997)
@@ -336,13 +339,31 @@ def profile_requeue(runner, seeded: Callable, pipe, ref_call: Callable) -> None:
         undo()
     print(f"  profile of one diffusers call ({total:.3f} s): " + ", ".join(f"{k} {v:.3f} s" for k, v in spent.items())
           + f", rest {total - sum(spent.values()):.3f} s")
+    flops = {}
     for name, fn in (("pack re-queue", lambda: runner.run(seeded(998))), ("diffusers call", ref_call)):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
             fn()
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         total = sum(e.self_cpu_time_total for e in events) / 1e6
+        flops[name] = sum(e.flops for e in events)
         print(f"  top operators, {name} ({total:.3f} s self CPU): " + ", ".join(
             f"{e.key.replace('aten::', '')} {e.self_cpu_time_total / 1e6:.3f}" for e in events[:8]))
+    return flops["pack re-queue"]
+
+
+def peak_gemm_rate() -> float:
+    """The best fp32 matrix multiply rate this machine reaches (GFLOP/s), over the shapes a small DiT uses."""
+    best = 0.0
+    for m, k, n in ((592, 512, 1536), (592, 1536, 512), (592, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        runs = 10
+        start = time.perf_counter()
+        for _ in range(runs):
+            a @ b
+        best = max(best, 2 * m * k * n * runs / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def main() -> None:
@@ -386,6 +407,11 @@ def main() -> None:
               f"{med['pack_fresh'] / med['ref_fresh']:.3f}, re-queue {med['pack_requeue'] / med['ref_loaded']:.3f})")
         print(f"  re-queue / diffusers from_pretrained + call                        "
               f"{med['pack_requeue'] / med['ref_fresh']:.3f}")
+        if "gflop" in r:
+            floor = r["gflop"] / r["peak"]
+            print(f"  compute floor: a re-queue does {r['gflop']:.0f} GFLOP of matmuls and convolutions (attention "
+                  f"not counted); at this machine's best GEMM rate ({r['peak']:.0f} GFLOP/s) that alone takes "
+                  f"{floor:.2f} s = {floor / med['ref_loaded']:.2f} of the median diffusers call")
         rqc = r["paired"].get("pack_requeue_compiled")
         if rqc is not None:
             print(f"  with Torch Compile: first run (compiles) {r['first_compiled_run']:.1f} s, max image difference "
