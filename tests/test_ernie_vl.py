@@ -14,6 +14,8 @@ from PIL import Image
 from letterpress.loaders.host import Interrupted, LetterpressError, ModelHandle, get_host
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
+from fixtures.ernie_vl import ScriptedModel
+
 QUESTION = "describe this image"
 SEEDS = {1: 11, 2: 13}  # image seeds whose reference answers hold no framing token
 PT, THINKING = "ERNIE-4.5-VL-28B-A3B-PT", "ERNIE-4.5-VL-28B-A3B-Thinking"
@@ -124,34 +126,11 @@ def test_thinking_variant_folder_loads(ernie_vl):
 
 
 # scripted sequences -----------------------------------------------------------------------------------------
-class Scripted(torch.nn.Module):
-    """Stands in for the model: emits a fixed token sequence through the same stopping criteria."""
-
-    def __init__(self, script):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.script = script
-        self.prompts = []
-
-    @property
-    def device(self):
-        return self.anchor.device
-
-    def generate(self, input_ids, max_new_tokens, stopping_criteria, **kwargs):
-        self.prompts.append(input_ids[0].tolist())
-        seq = input_ids
-        for t in self.script[:max_new_tokens]:
-            seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
-            if all(c(seq, None).all() for c in stopping_criteria):
-                break
-        return seq
-
-
 def scripted(vl, text):
     tok = vl.extras["processor"].tokenizer
     ids = tok.convert_tokens_to_ids(text.split())
     assert tok.unk_token_id not in ids
-    return ModelHandle(family="ernie_vl", role="vl_model", module=Scripted(ids), tokenizer=tok, extras=vl.extras)
+    return ModelHandle(family="ernie_vl", role="vl_model", module=ScriptedModel(ids), tokenizer=tok, extras=vl.extras)
 
 
 @pytest.mark.parametrize("script,thinking,answer,reasoning", [

@@ -10,6 +10,8 @@ import torch
 from letterpress.loaders.host import LetterpressError, ModelHandle
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
+from fixtures.ernie_vl import ScriptedModel
+
 W, H = 200, 100  # pixel = value * W / 1000 horizontally, value * H / 1000 vertically
 
 
@@ -75,29 +77,11 @@ def test_draw_labels_writes_inside_the_box():
     assert inside.abs().sum() > 0
 
 
-class Answer(torch.nn.Module):
-    """Emits a fixed token sequence as the model's answer."""
-
-    def __init__(self, ids):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.ids = ids
-        self.prompts = []
-
-    @property
-    def device(self):
-        return self.anchor.device
-
-    def generate(self, input_ids, max_new_tokens, stopping_criteria, **kwargs):
-        self.prompts.append(input_ids[0].tolist())
-        return torch.cat([input_ids, torch.tensor([self.ids])], dim=1)
-
-
 def test_ground_node_on_the_model_answer(ernie_vl):
     vl = N["LetterpressErnieVLLoader"]().run("ERNIE-4.5-VL-28B-A3B-PT", "auto")[0]
     tok = vl.extras["processor"].tokenizer
     answer = "cat <|LOC_BEGIN|> <|LOC_100|> <|LOC_200|> <|LOC_500|> <|LOC_600|> <|LOC_END|> <|end_of_sentence|>"
-    fake = ModelHandle(family="ernie_vl", role="vl_model", module=Answer(tok.convert_tokens_to_ids(answer.split())),
+    fake = ModelHandle(family="ernie_vl", role="vl_model", module=ScriptedModel(tok.convert_tokens_to_ids(answer.split())),
                        tokenizer=tok, extras=vl.extras)
     boxes, text = N["LetterpressErnieVLGround"]().run(fake, torch.rand(2, H, W, 3), "cat, dog", False, 64, 0.0, 0.8, 0)
     data = json.loads(boxes)
