@@ -33,8 +33,8 @@ def load_workflow(path: str) -> dict:
         raise WorkflowError(f"Workflow {path} is not valid JSON: {e}.")
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise WorkflowError(
-            f"{path} is a UI-format workflow (for the editor). The runner takes the API format: use the *_api.json "
-            "twin, or export it from ComfyUI with 'Export (API)'."
+            f"{path} is a UI-format workflow (for the editor). The runner takes the API format: use its twin in "
+            "workflows/api/ (the same name ending in _api.json), or export it from ComfyUI with 'Export (API)'."
         )
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
         data = data["prompt"]  # a /prompt request body

@@ -5,7 +5,7 @@ as ratios.
     python benchmarks/end_to_end.py --model ernie|ovis|glm|all [--runs 3] [--size 256] [--steps 8] [--threads N]
                                     [--profile] [--compile]
 
-The pack side runs the shipped API workflow (workflows/<family>_t2i_api.json) through letterpress.runner.Runner
+The pack side runs the shipped API workflow (workflows/api/<family>_t2i_api.json) through letterpress.runner.Runner
 with sizes, steps and seeds set by set_values, exactly as `python -m letterpress run` does (SaveImage included).
 The reference is the family's diffusers pipeline, `from_pretrained` on the same folder, called with the same
 settings (GLM-Image: the pipeline runs its own AR stage; the pack runs AR Tokens + Glyph Encode + DiT).
@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Family:
     label: str
     folder: str
-    workflow: str  # file under workflows/
+    workflow: str  # file under workflows/api/
     decode_node: str  # node id whose IMAGE output is compared with the reference
     config: str  # one line describing the model sizes
     build: Callable[[str], None]  # writes models_dir/diffusers/<folder>
@@ -206,7 +206,7 @@ def run_family(key: str, args: argparse.Namespace) -> dict:
     host = StandaloneHost()
     host.models_dir, host.output_dir, host.show_progress = tmp, os.path.join(tmp, "out"), False
     set_host(host)
-    wf = set_values(load_workflow(os.path.join(HERE, "..", "workflows", fam.workflow)), fam.settings(args))
+    wf = set_values(load_workflow(os.path.join(HERE, "..", "workflows", "api", fam.workflow)), fam.settings(args))
     prompt = next(n["inputs"]["prompt"] for n in wf.values() if isinstance(n["inputs"].get("prompt"), str))
     pipe_cls = getattr(diffusers, fam.pipeline)
     folder = os.path.join(tmp, "diffusers", fam.folder)

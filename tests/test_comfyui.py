@@ -19,6 +19,7 @@ import urllib.request
 import uuid
 
 import pytest
+from test_workflows import api_twin
 
 COMFYUI = os.environ.get("COMFYUI_PATH", "")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +136,7 @@ def comfy(shipped_models, models_dir, tmp_path_factory):
     inputs.mkdir()
     from PIL import Image
 
-    for path in glob.glob(os.path.join(ROOT, "workflows", "*_api.json")):
+    for path in glob.glob(os.path.join(ROOT, "workflows", "api", "*_api.json")):
         for node in json.load(open(path)).values():
             if node["class_type"] == "LoadImage":
                 Image.new("RGB", (64, 64), (200, 120, 40)).save(inputs / node["inputs"]["image"])
@@ -191,7 +192,7 @@ def test_object_info_lists_every_node_with_its_inputs(comfy):
         assert info[name]["category"].startswith("Letterpress")
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "workflows", "*_api.json"))),
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*_api.json"))),
                          ids=lambda p: os.path.basename(p))
 def test_api_workflow_queues_and_returns_images(comfy, path):
     wf = json.load(open(path))
@@ -208,7 +209,7 @@ def test_api_workflow_queues_and_returns_images(comfy, path):
 
 
 def test_requeue_with_new_seed_uses_the_cache(comfy):
-    wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_t2i_api.json"))))
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))))
     comfy.wait(comfy.queue(wf))
     wf["5"]["inputs"]["seed"] += 1
     entry = comfy.wait(comfy.queue(wf))
@@ -217,7 +218,7 @@ def test_requeue_with_new_seed_uses_the_cache(comfy):
 
 
 def test_interrupt_stops_a_run_and_the_next_one_works(comfy):
-    wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_t2i_api.json"))), steps=200, size=1024)
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))), steps=200, size=1024)
     wf["5"]["inputs"]["seed"] = 12345
     pid = comfy.queue(wf)
     for _ in range(200):
@@ -233,7 +234,7 @@ def test_interrupt_stops_a_run_and_the_next_one_works(comfy):
 
 
 def test_memory_manager_holds_the_models_and_free_unloads_them(comfy):
-    wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_t2i_api.json"))))
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))))
     wf["99"] = {"class_type": "LetterpressTestLoadedModels", "inputs": {"nonce": 1, "after": ["6", 0]}}
     loaded = comfy.wait(comfy.queue(wf))["outputs"]["99"]["text"][0]
     assert {"ErnieImageTransformer2DModel", "AutoencoderKLFlux2", "Ministral3Model"} <= set(loaded.split(","))
@@ -266,7 +267,7 @@ def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
         pytest.skip("the editor test needs Debian's chromium at /usr/bin/chromium")
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    ui_files = sorted(p for p in glob.glob(os.path.join(ROOT, "workflows", "*.json")) if not p.endswith("_api.json"))
+    ui_files = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
@@ -281,7 +282,7 @@ def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
                 return {missing, prompt: (await window.app.graphToPrompt()).output};
             }""", [json.load(open(path)), os.path.basename(path)])
             assert result["missing"] == [], path
-            api = json.load(open(path[:-5] + "_api.json"))
+            api = json.load(open(api_twin(path)))
             assert {k: v["inputs"] for k, v in result["prompt"].items()} == {k: v["inputs"] for k, v in api.items()}, path
         browser.close()
 
@@ -301,8 +302,8 @@ def _image(comfy, entry, node_id):
 def test_lora_applies_through_modelpatcher_and_strength_zero_is_the_base(comfy):
     """The LoRA goes through ComfyUI's ModelPatcher patches: a strength changes the image, and strength 0
     run after it gives the base image exactly (the strong patch was taken off the loaded weights)."""
-    base_wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_t2i_api.json"))))
-    lora_wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_lora_api.json"))))
+    base_wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))))
+    lora_wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_lora_api.json"))))
     for wf in (base_wf, lora_wf):
         wf["5"]["inputs"]["seed"] = 777
     base = _image(comfy, comfy.wait(comfy.queue(base_wf)), "7")
@@ -317,7 +318,7 @@ def test_lora_applies_through_modelpatcher_and_strength_zero_is_the_base(comfy):
 def test_torch_compile_node_runs_inside_comfyui_and_follows_lora_strength(comfy):
     """The Torch Compile node compiles the DiT with ComfyUI's cast layers and ModelPatcher LoRA patches in place:
     the compiled images match the eager ones (to a PNG level or so), and a strength change is followed."""
-    eager_wf = small(json.load(open(os.path.join(ROOT, "workflows", "ernie_image_lora_api.json"))))
+    eager_wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_lora_api.json"))))
     eager_wf["5"]["inputs"]["seed"] = 4242
     compiled_wf = json.loads(json.dumps(eager_wf))
     compiled_wf["50"] = {"class_type": "LetterpressErnieImageCompile",
@@ -330,3 +331,9 @@ def test_torch_compile_node_runs_inside_comfyui_and_follows_lora_strength(comfy)
         entry = comfy.wait(comfy.queue(compiled_wf), timeout=600)
         assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
         assert abs(_image(comfy, entry, "7") - eager).max() <= 1
+
+
+def test_template_browser_lists_the_editor_workflows_only(comfy):
+    listed = comfy.get("/workflow_templates")["ComfyUI-Letterpress"]
+    ui = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "workflows", "*.json"))}
+    assert set(listed) == ui and not any(name.endswith("_api") for name in listed)

@@ -13,7 +13,7 @@ from letterpress import cli
 from letterpress.runner import Runner, load_workflow, set_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOWS = os.path.join(ROOT, "workflows")
+WORKFLOWS = os.path.join(ROOT, "workflows", "api")
 I2P = os.path.join(WORKFLOWS, "ernie_vl_image_to_prompt_to_image_api.json")
 GROUND = os.path.join(WORKFLOWS, "ernie_vl_grounding_api.json")
 SMALL = ["width=32", "height=32", "steps=2", "3.max_new_tokens=8"]

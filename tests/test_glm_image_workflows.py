@@ -14,7 +14,7 @@ from letterpress import cli
 from letterpress.runner import load_workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOWS = os.path.join(ROOT, "workflows")
+WORKFLOWS = os.path.join(ROOT, "workflows", "api")
 
 
 @pytest.fixture(autouse=True)

@@ -168,7 +168,7 @@ def test_foreign_loras_are_refused(setup, models_dir):
 def test_shipped_lora_workflow_runs_headless(setup, models_dir, tmp_path, capsys):
     from letterpress import cli
 
-    wf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "ernie_image_lora_api.json")
+    wf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "api", "ernie_image_lora_api.json")
     args = ["run", wf, "--models-dir", models_dir, "--output-dir", str(tmp_path), "--quiet"]
     for kv in ("width=32", "height=32", "steps=2", f"lora_name={setup['files']['peft']}", "strength=0.5"):
         args += ["--set", kv]

@@ -20,7 +20,7 @@ OTHER = "neon sign that says open late, rainy street at night"
 # Far longer than max_sequence_length (256) in the tiny tokenizer; the reference cuts it.
 LONG = " ".join(["the quick brown fox jumps over the lazy dog 0123456789, a vintage letterpress print"] * 12)
 WORKFLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
-                        "ovis_image_t2i_api.json")
+                        "api", "ovis_image_t2i_api.json")
 
 
 def node(name):

@@ -14,7 +14,7 @@ from letterpress import cli
 from letterpress.runner import Runner, WorkflowError, load_workflow, set_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOWS = os.path.join(ROOT, "workflows")
+WORKFLOWS = os.path.join(ROOT, "workflows", "api")
 SMALL = ["width=32", "height=32", "steps=2"]
 
 

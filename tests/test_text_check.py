@@ -172,7 +172,7 @@ def test_bad_image_input():
 
 
 def test_shipped_workflow_is_valid(ernie):
-    wf = load_workflow(os.path.join(ROOT, "workflows", "text_best_of_4_api.json"))
+    wf = load_workflow(os.path.join(ROOT, "workflows", "api", "text_best_of_4_api.json"))
     order = Runner().validate(wf)
     types = [wf[n]["class_type"] for n in order]
     assert types.index("LetterpressTextRead") < types.index("LetterpressTextAccuracy") < \

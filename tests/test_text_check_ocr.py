@@ -150,7 +150,7 @@ def test_best_of_batch_keeps_the_correctly_spelled_candidate():
 
 
 def test_best_of_4_workflow_runs_headless(ernie, host):
-    wf = load_workflow(os.path.join(ROOT, "workflows", "text_best_of_4_api.json"))
+    wf = load_workflow(os.path.join(ROOT, "workflows", "api", "text_best_of_4_api.json"))
     wf = set_values(wf, ["width=32", "height=32", "steps=2"])
     out = Runner().run(wf)
     results = out["results"]

@@ -11,7 +11,7 @@ import pytest
 from letterpress.runner import Runner, load_workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-API = sorted(glob.glob(os.path.join(ROOT, "workflows", "*_api.json")))
+API = sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*_api.json")))
 
 
 def test_every_family_has_a_shipped_api_workflow():
@@ -32,7 +32,14 @@ def test_api_workflow_is_valid_for_the_pack(shipped_models, path):
 
 # UI-format workflows (made in the ComfyUI editor) ---------------------------------------------------------
 
-UI = sorted(p for p in glob.glob(os.path.join(ROOT, "workflows", "*.json")) if not p.endswith("_api.json"))
+UI = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+
+
+def api_twin(ui_path: str) -> str:
+    """workflows/NAME.json -> workflows/api/NAME_api.json (kept apart: ComfyUI's template browser lists only
+    the files directly in workflows/, which the editor can open)."""
+    folder, name = os.path.split(ui_path)
+    return os.path.join(folder, "api", name[:-5] + "_api.json")
 CONTROL = {"fixed", "increment", "decrement", "randomize"}
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
@@ -84,6 +91,13 @@ def test_every_ui_workflow_has_an_api_twin():
     assert {os.path.basename(p)[:-5] for p in UI} == {os.path.basename(p)[:-9] for p in API}
 
 
+def test_the_template_folder_holds_only_editor_files():
+    """ComfyUI lists every workflows/*.json of a pack in its template browser, which opens UI-format files only."""
+    for path in UI:
+        data = json.load(open(path))
+        assert "nodes" in data and "links" in data, f"{path} is not a UI-format workflow"
+
+
 @pytest.mark.parametrize("path", UI, ids=[os.path.basename(p) for p in UI])
 def test_ui_workflow_fits_the_node_definitions(shipped_models, path):
     ui = json.load(open(path))
@@ -120,7 +134,7 @@ def test_ui_workflow_fits_the_node_definitions(shipped_models, path):
 
 @pytest.mark.parametrize("path", UI, ids=[os.path.basename(p) for p in UI])
 def test_ui_workflow_queues_as_its_api_twin(path):
-    api = load_workflow(path[:-5] + "_api.json")
+    api = load_workflow(api_twin(path))
     ours = ui_to_api(json.load(open(path)))
     assert ours == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
 
@@ -139,7 +153,7 @@ def test_other_families_send_live_previews(shipped_models, host, workflow):
         return bar
 
     host.progress, host.previews = progress, True
-    wf = load_workflow(os.path.join(ROOT, "workflows", workflow))
+    wf = load_workflow(os.path.join(ROOT, "workflows", "api", workflow))
     sizes = [f"{nid}.{k}={64}" for nid, n in wf.items() for k in ("width", "height")
              if isinstance(n["inputs"].get(k), int)]
     Runner().run(set_values(wf, sizes + [f"{nid}.steps=2" for nid, n in wf.items() if "steps" in n["inputs"]]))
