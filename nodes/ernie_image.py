@@ -20,8 +20,7 @@ from .common import (
     seed_input,
     size_input,
 )
-from .compile import compile_node
-from .lora import lora_loader
+from .dit_options import compile_node, lora_loader
 
 CAT = f"{CATEGORY}/ERNIE-Image"
 DIT, TE, VAE, PE = "LP_ERNIE_DIT", "LP_ERNIE_TEXT_ENCODER", "LP_ERNIE_VAE", "LP_ERNIE_PROMPT_ENHANCER"

@@ -7,8 +7,7 @@ from ..loaders.files import resolve
 from ..loaders.host import LetterpressError, get_host
 from ..samplers import glm_image as stage
 from .common import CATEGORY, VAEDecodeNode, dtype_input, folder_input, seed_input, size_input
-from .compile import compile_node
-from .lora import lora_loader
+from .dit_options import compile_node, lora_loader
 
 CAT = f"{CATEGORY}/GLM-Image"
 AR, GLYPH, DIT, VAE, PRIOR = "LP_GLM_AR", "LP_GLM_GLYPH_ENCODER", "LP_GLM_DIT", "LP_GLM_VAE", "LP_GLM_PRIOR"

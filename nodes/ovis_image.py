@@ -19,8 +19,7 @@ from .common import (
     seed_input,
     size_input,
 )
-from .compile import compile_node
-from .lora import lora_loader
+from .dit_options import compile_node, lora_loader
 
 CAT = f"{CATEGORY}/Ovis-Image"
 DIT, TE, VAE = "LP_OVIS_DIT", "LP_OVIS_TEXT_ENCODER", "LP_OVIS_VAE"
