@@ -28,6 +28,14 @@ def seed_input():
                     "tooltip": "Noise seed; the same seed gives the same image as the reference pipeline."})
 
 
+def steps_input(default: int, tooltip: str):
+    return ("INT", {"default": default, "min": 1, "max": 200, "tooltip": tooltip})
+
+
+def cfg_input(default: float, tooltip: str):
+    return ("FLOAT", {"default": default, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": tooltip})
+
+
 def size_input(default: int, step: int, what: str):
     return ("INT", {"default": default, "min": step, "max": MAX_SIZE, "step": step,
                     "tooltip": f"{what} in pixels, a multiple of {step}."})

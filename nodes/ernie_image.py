@@ -12,6 +12,7 @@ from .common import (
     FileLoader,
     VAEDecodeNode,
     VAEEncodeNode,
+    cfg_input,
     denoise_input,
     dtype_input,
     file_input,
@@ -19,6 +20,7 @@ from .common import (
     require,
     seed_input,
     size_input,
+    steps_input,
 )
 from .dit_options import compile_node, lora_loader
 
@@ -158,8 +160,8 @@ class LetterpressErnieImageSampler:
                 "positive": (COND,),
                 "latent": ("LATENT",),
                 "seed": seed_input(),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 200, "tooltip": "50 for ERNIE-Image, 8 for Turbo."}),
-                "cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "4.0 for ERNIE-Image, 1.0 for Turbo."}),
+                "steps": steps_input(50, "50 for ERNIE-Image, 8 for Turbo."),
+                "cfg": cfg_input(4.0, "4.0 for ERNIE-Image, 1.0 for Turbo."),
                 "shift": ("FLOAT", {"default": 4.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": "Static timestep shift (hub scheduler config: 4.0)."}),
                 "denoise": denoise_input(),
             },

@@ -6,7 +6,16 @@ from ..loaders import glm_image as load
 from ..loaders.files import resolve
 from ..loaders.host import LetterpressError, get_host
 from ..samplers import glm_image as stage
-from .common import CATEGORY, VAEDecodeNode, dtype_input, folder_input, seed_input, size_input
+from .common import (
+    CATEGORY,
+    VAEDecodeNode,
+    cfg_input,
+    dtype_input,
+    folder_input,
+    seed_input,
+    size_input,
+    steps_input,
+)
 from .dit_options import compile_node, lora_loader
 
 CAT = f"{CATEGORY}/GLM-Image"
@@ -186,9 +195,8 @@ class LetterpressGlmImageSampler:
                 "prior": (PRIOR,),
                 "positive": (COND, {"tooltip": "GLM-Image Glyph Encode of the prompt."}),
                 "seed": seed_input(),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 200, "tooltip": "Reference: 50 (SGLang uses 30)."}),
-                "cfg": ("FLOAT", {"default": 1.5, "min": 1.0, "max": 20.0, "step": 0.1,
-                                  "tooltip": "Reference: 1.5. 1.0 skips the unconditional pass."}),
+                "steps": steps_input(50, "Reference: 50 (SGLang uses 30)."),
+                "cfg": cfg_input(1.5, "Reference: 1.5. 1.0 skips the unconditional pass."),
             },
             "optional": {
                 "negative": (COND, {"tooltip": "Glyph Encode of an empty prompt (the reference's negative); needed when cfg > 1."}),

@@ -12,12 +12,14 @@ from .common import (
     FileLoader,
     VAEDecodeNode,
     VAEEncodeNode,
+    cfg_input,
     denoise_input,
     dtype_input,
     file_input,
     folder_input,
     seed_input,
     size_input,
+    steps_input,
 )
 from .dit_options import compile_node, lora_loader
 
@@ -125,8 +127,8 @@ class LetterpressOvisImageSampler:
                 "positive": (COND,),
                 "latent": ("LATENT",),
                 "seed": seed_input(),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 200, "tooltip": "50 in the model card."}),
-                "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "5.0 in the model card; 1.0 skips the negative pass."}),
+                "steps": steps_input(50, "50 in the model card."),
+                "cfg": cfg_input(5.0, "5.0 in the model card; 1.0 skips the negative pass."),
                 "denoise": denoise_input(),
             },
             "optional": {"negative": (COND, {"tooltip": "Needed when cfg > 1: the negative output of Text Encode."})},
