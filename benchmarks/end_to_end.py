@@ -264,13 +264,14 @@ def run_family(key: str, args: argparse.Namespace) -> dict:
 
 
 def with_compile(wf: dict, compile_node: str) -> dict:
-    """The API workflow with the family's Torch Compile node inserted before every DiT input."""
+    """The API workflow with the family's Torch Compile node inserted after every DiT that feeds a `dit` input."""
     wf = {k: {**n, "inputs": dict(n["inputs"])} for k, n in wf.items()}
     for node in list(wf.values()):
         src = node["inputs"].get("dit")
         if isinstance(src, list):
-            wf["compile"] = {"class_type": compile_node, "inputs": {"dit": src, "mode": "default"}}
-            node["inputs"]["dit"] = ["compile", 0]
+            nid = f"compile_{src[0]}_{src[1]}"  # one compile node per DiT source
+            wf[nid] = {"class_type": compile_node, "inputs": {"dit": src, "mode": "default"}}
+            node["inputs"]["dit"] = [nid, 0]
     return wf
 
 
@@ -345,10 +346,16 @@ def profile_requeue(runner, seeded: Callable, pipe, ref_call: Callable) -> float
             fn()
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         total = sum(e.self_cpu_time_total for e in events) / 1e6
-        flops[name] = sum(e.flops for e in events)
+        flops[name] = sum(e.flops for e in events if e.key in MATMUL_AND_CONV)
         print(f"  top operators, {name} ({total:.3f} s self CPU): " + ", ".join(
             f"{e.key.replace('aten::', '')} {e.self_cpu_time_total / 1e6:.3f}" for e in events[:8]))
     return flops["pack re-queue"]
+
+
+# The operators whose FLOPs torch.profiler counts that are matrix multiplies or convolutions (elementwise
+# operators such as mul and add are counted by the profiler too, and left out here).
+MATMUL_AND_CONV = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+                   "aten::conv2d", "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution"}
 
 
 def peak_gemm_rate() -> float:

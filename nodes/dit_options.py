@@ -28,7 +28,12 @@ def _dit_node(class_name: str, family_title: str, dit_type: str, description: st
             return {"required": {"dit": (dit_type,), **widgets()}}
 
         def run(self, dit, *args, **kwargs):
-            kwargs.update(zip(widgets(), args))  # ComfyUI passes keywords; scripts may pass the widgets in order
+            if args:  # ComfyUI passes keywords; scripts may pass the widgets in order
+                names = list(widgets())
+                if len(args) > len(names):
+                    raise TypeError(f"{class_name}.run takes dit and {len(names)} widgets ({', '.join(names)}), "
+                                    f"got {len(args)} after dit")
+                kwargs.update(zip(names, args))
             return (apply(dit, **kwargs),)
 
     DiTNode.__name__ = DiTNode.__qualname__ = class_name

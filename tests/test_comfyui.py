@@ -97,8 +97,12 @@ def _free_port() -> int:
 
 
 class Comfy:
-    def __init__(self, port: int):
+    def __init__(self, port: int, log_path=None):
         self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return open(self.log_path, errors="replace").read()
 
     def get(self, path):
         return json.load(urllib.request.urlopen(self.url + path, timeout=30))
@@ -145,7 +149,7 @@ def comfy(shipped_models, models_dir, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                              "--base-directory", str(base), "--disable-auto-launch"],
                             cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
-    c = Comfy(port)
+    c = Comfy(port, base / "comfyui.log")
     try:
         for _ in range(240):
             try:
@@ -331,6 +335,7 @@ def test_torch_compile_node_runs_inside_comfyui_and_follows_lora_strength(comfy)
         entry = comfy.wait(comfy.queue(compiled_wf), timeout=600)
         assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
         assert abs(_image(comfy, entry, "7") - eager).max() <= 1
+    assert "First compiled pass of the ernie_image dit" in comfy.log()  # the sampler took the compiled path
 
 
 def test_template_browser_lists_the_editor_workflows_only(comfy):

@@ -1,12 +1,16 @@
-"""Torch Compile nodes: the compiled DiT draws what the eager one draws, is compiled once per loaded model, and
-always computes with the current weights when a LoRA changes them in place."""
+"""Torch Compile nodes: the compiled DiT draws what the eager one draws, is compiled once and reused, always
+computes with the current weights when a LoRA changes them in place, and does not keep a dropped model alive."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from letterpress.loaders.compiled import _CACHE
+from letterpress.loaders.compiled import ran_compiled
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 from test_lora import _family_sample, comfy_file, random_lora, write
 
@@ -31,10 +35,12 @@ def test_compiled_ernie_dit_matches_eager_and_follows_lora_changes(ernie, models
     assert compiled.module is dit.module and "compile" not in dit.extras  # the input handle is left as it was
 
     base = ernie_sample(dit, te)
+    assert not ran_compiled(dit.module)
     assert close(ernie_sample(compiled, te), base)
-    fn = dit.module.__dict__[_CACHE][1]
+    assert ran_compiled(dit.module)  # the sampler took the compiled path
+    graphs = counters["stats"]["unique_graphs"]
     other_seed = ernie_sample(compiled, te, seed=9)
-    assert dit.module.__dict__[_CACHE][1] is fn  # a re-queue with a new seed reuses the compiled code
+    assert counters["stats"]["unique_graphs"] == graphs  # a re-queue with a new seed reuses the compiled code
     assert close(other_seed, ernie_sample(dit, te, seed=9))
 
     lora_file = write(models_dir, "compile_lora.safetensors", comfy_file(random_lora(dit.module, 7), alpha=4.0))
@@ -44,6 +50,21 @@ def test_compiled_ernie_dit_matches_eager_and_follows_lora_changes(ernie, models
     compiled_lora = compile_node.run(with_lora, "default")[0]
     assert close(ernie_sample(compiled_lora, te), eager_lora)  # not the frozen base weights
     assert close(ernie_sample(compiled, te), base)  # and back: not the frozen LoRA weights
+
+
+def test_a_compiled_dit_is_freed_when_dropped(ernie):
+    """Nothing the compile path keeps refers to the model: dropping the last handle frees it at once (no
+    reference cycle waiting for the garbage collector), so reloading a model does not pile up old copies."""
+    dit, te, _vae, _pe = N["LetterpressErnieImageFolderLoader"]().run("ERNIE-Image", "auto", False)
+    compiled = N["LetterpressErnieImageCompile"]().run(dit, "default")[0]
+    ernie_sample(compiled, te)
+    gone = weakref.ref(dit.module)
+    gc.disable()
+    try:
+        del dit, compiled
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_unknown_compile_mode_is_refused(ernie):
@@ -68,6 +89,7 @@ def test_compiled_ovis_and_glm_dits_match_eager(name, ovis, glm):
     eager = _family_sample(name, dit, models)
     assert eager.abs().max() > 0
     assert close(_family_sample(name, compiled, models), eager)
+    assert ran_compiled(dit.module)
 
 
 def test_a_failing_compiler_gives_a_clear_error(ernie, tmp_path, monkeypatch):

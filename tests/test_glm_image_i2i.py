@@ -172,4 +172,7 @@ def test_torch_compile_follows_the_reference_kv_cache(models):
     _, ours = run_nodes(compiled, PROMPT, refs, 64, 64, 5)
     _, other = run_nodes(compiled, PROMPT, [picture(9, 64, 64)], 64, 64, 5)
     assert (ours - eager).abs().max().item() <= 1e-4
+    from letterpress.loaders.compiled import ran_compiled
+
+    assert ran_compiled(models["dit"].module)
     assert (other - ours).abs().mean().item() > 2e-3  # another reference still changes the compiled result
