@@ -5,14 +5,21 @@ time (the host offloads the others), so the resident peak is the largest stage p
 
     python benchmarks/real_size_accounting.py [--size 1024]
 
-Activations are estimates (stated per stage below), not measurements: a GPU is needed for those.
+Activations are measured without memory: the stage's real module runs one forward in bf16 under torch's
+FakeTensorMode (shapes only), and a dispatch mode adds up the bytes of every tensor the forward creates while it
+is alive (freed when Python drops it, as eager execution frees it). That is the peak of live activations as
+torch allocates them (flash attention on CPU, as on a GPU); allocator caching, fragmentation and kernel
+workspaces are not in it. The GLM-Image AR stage is the exception: its KV cache is computed from the config.
 """
 
 from __future__ import annotations
 
 import argparse
+import weakref
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 GB = 1e9
 
@@ -44,46 +51,96 @@ def qwen3_2b():
                                   num_attention_heads=16, num_key_value_heads=8, head_dim=128))
 
 
-def dit_activations(batch: int, tokens: int, hidden: int, ffn: int) -> float:
-    """Largest per-layer working set: q, k, v, attention out and the two MLP halves, bf16, flash attention."""
-    return batch * tokens * (4 * hidden + 2 * ffn) * 2
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors that operators create while this mode is active (views not counted again)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                n = t.untyped_storage().nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
 
 
-def vae_decode_activations(size: int, widest: int = 128, live: int = 6) -> float:
-    """Full-resolution decoder blocks: `live` feature maps of `widest` channels at size x size, bf16."""
-    return size * size * widest * live * 2
+def fake_forward_peak(factory, forward) -> tuple[int, int, int]:
+    """(bf16 weight bytes, fp8-storage weight bytes, peak live activation bytes) of one forward of the real-size
+    module, run on fake tensors in bf16."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            module = factory().eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+        tracker = LiveBytes()
+        with torch.no_grad(), tracker:
+            forward(module)
+    return (*weight_bytes(module), tracker.peak)
+
+
+def _bf16(*shape):
+    return torch.randn(*shape, dtype=torch.bfloat16)
+
+
+def _ids(*shape):
+    return torch.zeros(*shape, dtype=torch.long)
 
 
 def models(size: int):
+    """Per model: published figure, and stages as (name, factory, forward on fake inputs or a byte count)."""
     from diffusers import (AutoencoderKL, AutoencoderKLFlux2, ErnieImageTransformer2DModel,
                            GlmImageTransformer2DModel, OvisImageTransformer2DModel)
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration, T5Config, T5EncoderModel
 
-    t16 = (size // 16) ** 2
+    lat8, img16 = size // 8, (size // 16) ** 2  # VAE latent side; image tokens after the 2x2 patch
+    flux_vae = lambda: AutoencoderKL(  # noqa: E731  (the FLUX.1 VAE's config; GLM-Image's has the same shape)
+        latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        use_quant_conv=False, use_post_quant_conv=False)
+    glm_ar = GlmImageConfig()
+    text = glm_ar.text_config
+    kv_tokens = 512 + img16 // 4 + img16  # prompt, the preview grid, the target grid (AR tokens are 32 px)
+    head_dim = text.hidden_size // text.num_attention_heads
+    kv_cache = text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * kv_tokens * 2  # k and v, bf16
     return {
         "ERNIE-Image": ("published: '24 GB' claimed, 34.9 GB measured elsewhere", [
-            ("text encoder (Ministral-3 3B)", lambda: ministral3_3b(), 512 * 3072 * 2 * 8),
-            ("DiT (8B)", lambda: ErnieImageTransformer2DModel(hidden_size=4096, num_attention_heads=32, num_layers=36,
-                                                              ffn_hidden_size=12288, text_in_dim=3072),
-             dit_activations(2, t16 + 512, 4096, 12288)),
-            ("VAE decode (Flux2)", lambda: AutoencoderKLFlux2(), vae_decode_activations(size)),
+            ("text encoder (Ministral-3 3B)", ministral3_3b,
+             lambda m: m(input_ids=_ids(1, 512), output_hidden_states=True)),
+            ("DiT (8B), CFG batch of 2", lambda: ErnieImageTransformer2DModel(
+                hidden_size=4096, num_attention_heads=32, num_layers=36, ffn_hidden_size=12288, text_in_dim=3072),
+             lambda m: m(hidden_states=_bf16(2, 128, size // 16, size // 16), timestep=_bf16(2),
+                         text_bth=_bf16(2, 512, 3072), text_lens=torch.tensor([8, 512]), return_dict=False)),
+            ("VAE decode (Flux2)", AutoencoderKLFlux2, lambda m: m.decode(_bf16(1, 32, lat8, lat8))),
         ]),
         "Ovis-Image": ("published: 24.3 GB peak at 1024^2 (H100, bf16)", [
-            ("text encoder (Qwen3 2B)", lambda: qwen3_2b(), 284 * 2048 * 2 * 8),
-            ("DiT (7B)", lambda: OvisImageTransformer2DModel(), dit_activations(1, t16 + 256, 3072, 12288)),
-            ("VAE decode (FLUX.1)", lambda: AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512)),
-             vae_decode_activations(size)),
+            ("text encoder (Qwen3 2B)", qwen3_2b, lambda m: m(input_ids=_ids(1, 284), attention_mask=_ids(1, 284) + 1)),
+            ("DiT (7B), one CFG pass", OvisImageTransformer2DModel,
+             lambda m: m(hidden_states=_bf16(1, img16, 64), timestep=_bf16(1), encoder_hidden_states=_bf16(1, 284, 2048),
+                         txt_ids=torch.zeros(284, 3), img_ids=torch.zeros(img16, 3), return_dict=False)),
+            ("VAE decode (FLUX.1)", flux_vae, lambda m: m.decode(_bf16(1, 16, lat8, lat8))),
         ]),
         "GLM-Image": ("published: 37.8 GB peak at 1024^2 (H100, diffusers)", [
-            ("AR generator (9B + ViT + VQ)", lambda: GlmImageForConditionalGeneration(GlmImageConfig()),
-             # KV cache: 40 layers x 2 KV heads x 128 x (prefix + 256 + 1024 tokens) x k,v, bf16
-             40 * 2 * 128 * 2 * 2 * (512 + 256 + t16 // 4 * 4)),
+            ("AR generator (9B + ViT + VQ), KV cache", lambda: GlmImageForConditionalGeneration(glm_ar), kv_cache),
             ("glyph encoder (ByT5)", lambda: T5EncoderModel(T5Config(vocab_size=384, d_model=1472, d_ff=3584, d_kv=64,
-                                                                     num_layers=12, num_heads=6)), 2048 * 1472 * 2 * 8),
-            ("DiT (7B)", lambda: GlmImageTransformer2DModel(num_attention_heads=32, attention_head_dim=128),
-             dit_activations(1, (size // 16) ** 2 + 512, 4096, 4 * 4096)),
-            ("VAE decode (16 ch)", lambda: AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512)),
-             vae_decode_activations(size)),
+                                                                     num_layers=12, num_heads=6)),
+             lambda m: m(input_ids=_ids(1, 512))),
+            ("DiT (7B), one CFG pass", lambda: GlmImageTransformer2DModel(num_attention_heads=32, attention_head_dim=128),
+             # prior_token_drop as an empty index: the conditional pass (a boolean mask needs nonzero, which
+             # fake tensors cannot size)
+             lambda m: m(hidden_states=_bf16(1, 16, lat8, lat8), encoder_hidden_states=_bf16(1, 64, 1472),
+                         prior_token_id=_ids(1, img16), prior_token_drop=_ids(0), timestep=torch.tensor([500.0]),
+                         target_size=torch.tensor([[float(size), float(size)]]), crop_coords=torch.zeros(1, 2),
+                         return_dict=False)),
+            ("VAE decode (16 ch)", flux_vae, lambda m: m.decode(_bf16(1, 16, lat8, lat8))),
         ]),
     }
 
@@ -93,14 +150,19 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     args = ap.parse_args()
     budget = 24 * GB
-    print(f"Real-size accounting at {args.size}x{args.size}; GB = 1e9 bytes; activations are estimates")
+    print(f"Real-size accounting at {args.size}x{args.size}; GB = 1e9 bytes; activations: peak live bytes of one "
+          "bf16 forward on fake tensors (GLM-Image AR: its KV cache, from the config)")
     for name, (published, stages) in models(args.size).items():
         print(f"\n{name}  ({published})")
         rows = []
-        for stage, factory, act in stages:
-            bf16, fp8 = weight_bytes(on_meta(factory))
+        for stage, factory, forward in stages:
+            if callable(forward):
+                bf16, fp8, act = fake_forward_peak(factory, forward)
+            else:
+                (bf16, fp8), act = weight_bytes(on_meta(factory)), forward
             rows.append((stage, bf16, fp8, act))
-            print(f"  {stage:32s} weights bf16 {bf16 / GB:6.2f} | fp8 storage {fp8 / GB:6.2f} | activations ~{act / GB:5.2f}")
+            print(f"  {stage:40s} weights bf16 {bf16 / GB:6.2f} | fp8 storage {fp8 / GB:6.2f} | "
+                  f"activations {act / GB:5.2f}")
         all_bf16 = sum(r[1] for r in rows)
         peak_bf16 = max(r[1] + r[3] for r in rows)
         peak_fp8 = max(r[2] + r[3] for r in rows)
