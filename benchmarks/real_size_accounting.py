@@ -52,23 +52,38 @@ def qwen3_2b():
 
 
 class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensors that operators create while this mode is active (views not counted again)."""
+    """Peak bytes of the storages that operators create while this mode is active. A storage counts once however
+    many tensors view it, and stops counting when the last of them is gone."""
 
-    def __init__(self):
+    def __init__(self, weights: torch.nn.Module | None = None):
         super().__init__()
         self.live = self.peak = 0
+        self.users: dict[int, list] = {}  # storage key -> [tensors alive on it, bytes]
+        # Weights are counted apart: an operator handing out a view of one (a transpose in a linear) adds nothing.
+        self.weights = {t.untyped_storage()._cdata for t in (*weights.parameters(), *weights.buffers())} if weights else set()
 
-    def _free(self, n: int) -> None:
-        self.live -= n
+    def _drop(self, key: int) -> None:
+        entry = self.users[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.users[key]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and not t._is_view():
-                n = t.untyped_storage().nbytes()
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, n)
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key in self.weights:
+                    continue
+                if key in self.users:
+                    self.users[key][0] += 1
+                else:
+                    self.users[key] = [1, storage.nbytes()]
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._drop, key)
         return out
 
 
@@ -81,7 +96,7 @@ def fake_forward_peak(factory, forward) -> tuple[int, int, int]:
             module = factory().eval()
         finally:
             torch.set_default_dtype(torch.float32)
-        tracker = LiveBytes()
+        tracker = LiveBytes(module)
         with torch.no_grad(), tracker:
             forward(module)
     return (*weight_bytes(module), tracker.peak)
