@@ -25,19 +25,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_device(name: str) -> None:
+    """A clear error, before anything loads, for a device this torch cannot use."""
+    import torch
+
+    try:
+        torch.empty(1, device=torch.device(name))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise LetterpressError(
+            f"--device {name}: this torch ({torch.__version__}) cannot use it ({str(e).splitlines()[0]}). "
+            "Use cpu, leave --device out for the best available, or install a torch build for that device."
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.device:
-        os.environ["LETTERPRESS_DEVICE"] = args.device
-    host = StandaloneHost()
-    host.models_dir = os.path.abspath(args.models_dir)
-    host.output_dir = os.path.abspath(args.output_dir)
-    host.input_dir = os.path.abspath(args.input_dir)
-    host.show_progress = not args.quiet
-    set_host(host)
     from .runner import Runner, load_workflow, set_values
 
     try:
+        if args.device:
+            check_device(args.device)
+            os.environ["LETTERPRESS_DEVICE"] = args.device
+        host = StandaloneHost()
+        host.models_dir = os.path.abspath(args.models_dir)
+        host.output_dir = os.path.abspath(args.output_dir)
+        host.input_dir = os.path.abspath(args.input_dir)
+        host.show_progress = not args.quiet
+        set_host(host)
         wf = set_values(load_workflow(args.workflow), args.set)
         result = Runner().run(wf)
     except LetterpressError as e:

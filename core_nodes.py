@@ -28,8 +28,9 @@ def _png_info(prompt, extra_pnginfo) -> PngInfo:
 
 def save_images(images: torch.Tensor, folder: str, prefix: str, prompt=None, extra_pnginfo=None) -> list[str]:
     """Write each image as <prefix>_NNNNN_.png, never replacing a file that exists."""
-    if not re.fullmatch(r"[\w\- ./]*", prefix) or ".." in prefix.split("/"):
-        raise LetterpressError(f"filename_prefix '{prefix}' may only hold letters, digits, -, _, space and /.")
+    if not re.fullmatch(r"[\w\- ./]*", prefix) or ".." in prefix.split("/") or prefix.startswith("/"):
+        raise LetterpressError(f"filename_prefix '{prefix}' may only hold letters, digits, -, _, space and /, and "
+                               "names a place inside the output folder (no leading / or ..).")
     sub, base = os.path.split(prefix)
     target = os.path.join(folder, sub)
     try:
@@ -112,8 +113,11 @@ class LoadImage:
         path = self._path(image)
         if not os.path.exists(path):
             raise LetterpressError(f"Image {image} was not found in {get_host().input_dir}. Put it there or pass a full path.")
-        img = ImageOps.exif_transpose(Image.open(path))
-        rgba = img.convert("RGBA")
+        try:
+            img = ImageOps.exif_transpose(Image.open(path))
+            rgba = img.convert("RGBA")
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise LetterpressError(f"Image {path} is not a readable image ({e}): give a PNG, JPEG or WebP file.") from None
         arr = np.asarray(rgba).astype(np.float32) / 255.0
         t = torch.from_numpy(arr)
         return (t[None, ..., :3], 1.0 - t[None, ..., 3])

@@ -11,8 +11,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from typing import Any
+
+import torch
 
 from .core_nodes import CORE_NODES
 from .loaders.host import LetterpressError, get_host
@@ -60,33 +63,55 @@ def set_values(workflow: dict, assignments: list[str]) -> dict:
         if "=" not in item:
             raise WorkflowError(f"--set {item}: use KEY=VALUE.")
         key, value = item.split("=", 1)
-        if "." in key and key.split(".", 1)[0] in wf:
-            targets = [tuple(key.split(".", 1))]
+        if "." in key:  # NODE_ID.input
+            nid, name = key.split(".", 1)
+            if nid not in wf:
+                raise WorkflowError(f"--set {key}: this workflow has no node {nid} (nodes: {', '.join(wf)}).")
+            inputs = wf[nid].get("inputs", {})
+            if name not in inputs or _is_link(inputs[name]):
+                settable = ", ".join(k for k, v in inputs.items() if not _is_link(v)) or "none"
+                raise WorkflowError(f"--set {key}: node {nid} ({wf[nid].get('class_type')}) has no input '{name}' "
+                                    f"to set (its inputs: {settable}).")
+            targets = [(nid, name)]
         else:
             having = [nid for nid, n in wf.items() if key in n.get("inputs", {}) and not _is_link(n["inputs"][key])]
             titled = [nid for nid in having if wf[nid].get("_meta", {}).get("title", "").lower().replace(" ", "_") == key.lower()]
             chosen = titled or having
+            if not having:
+                names = sorted({k for n in wf.values() for k, v in n.get("inputs", {}).items() if not _is_link(v)})
+                raise WorkflowError(f"--set {key}: no node of this workflow has an input '{key}' "
+                                    f"(inputs you can set: {', '.join(names)}).")
             if len(chosen) != 1:
-                opts = ", ".join(f"{nid}.{key}" for nid in having) or "none"
+                opts = ", ".join(f"{nid}.{key}" for nid in having)
                 raise WorkflowError(f"--set {key}: {len(chosen)} nodes take '{key}' (choices: {opts}). Name one as ID.{key}.")
             targets = [(chosen[0], key)]
         for nid, name in targets:
-            inputs = wf[nid].setdefault("inputs", {})
-            old = inputs.get(name)
-            inputs[name] = _convert(value, old, f"{nid}.{name}")
+            inputs = wf[nid]["inputs"]
+            inputs[name] = _convert(value, inputs.get(name), f"{nid}.{name}")
     return wf
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def _convert(value: str, old: Any, where: str) -> Any:
     try:
         if isinstance(old, bool):
-            return value.lower() in ("1", "true", "yes", "on")
+            if value.lower() not in _TRUE + _FALSE:
+                raise ValueError(value)
+            return value.lower() in _TRUE
         if isinstance(old, int):
             return int(value)
         if isinstance(old, float):
             return float(value)
     except ValueError:
-        raise WorkflowError(f"--set {where}={value}: expected a {type(old).__name__}.")
+        expected = {bool: "true or false", int: "an integer", float: "a number"}[type(old)]
+        raise WorkflowError(f"--set {where}={value}: expected {expected}.")
     return value
 
 
@@ -141,13 +166,18 @@ class Runner:
             return []
         if isinstance(kind, list):
             if value not in kind:
-                shown = ", ".join(map(str, kind[:8])) or "nothing: the folder is empty"
+                if not kind:
+                    return [f"{where}: '{value}' is not available: nothing of that kind was found. Check --models-dir "
+                            f"({get_host().models_dir}): it should be a folder laid out like ComfyUI's models/"]
+                shown = ", ".join(map(str, kind[:8])) + (f", ... ({len(kind)} in all)" if len(kind) > 8 else "")
                 return [f"{where}: '{value}' is not available (choices: {shown})"]
         elif kind == "INT" and (not isinstance(value, int) or isinstance(value, bool)):
             return [f"{where}: expected an integer, got {value!r}"]
         elif kind == "FLOAT" and not isinstance(value, (int, float)):
             return [f"{where}: expected a number, got {value!r}"]
         elif kind in ("INT", "FLOAT"):
+            if not math.isfinite(value):
+                return [f"{where}: expected a finite number, got {value}"]
             lo, hi = opts.get("min"), opts.get("max")
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 return [f"{where}: {value} is outside [{lo}, {hi}]"]
@@ -217,7 +247,15 @@ class Runner:
             if cached and cached[0] == sig and not is_output:
                 results[nid] = cached[1]
                 continue
-            out = getattr(cls(), cls.FUNCTION)(**kwargs)
+            try:
+                out = getattr(cls(), cls.FUNCTION)(**kwargs)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not _is_out_of_memory(e):
+                    raise
+                raise LetterpressError(
+                    f"Out of memory in node {nid} ({node['class_type']}): {str(e).splitlines()[0][:200]}. Lower the "
+                    "size or the batch, load the weights as bf16 or fp8_e4m3fn, or close other programs."
+                ) from None
             self.executed.append(nid)
             if isinstance(out, dict):
                 ui[nid] = out.get("ui")

@@ -63,8 +63,14 @@ def test_ambiguous_set_names_the_choices():
     wf = load_workflow(os.path.join(WORKFLOWS, "ernie_image_t2i_api.json"))
     assert set_values(wf, ["prompt=x"])["2"]["inputs"]["prompt"] == "x"  # the node titled Prompt
     assert set_values(wf, ["3.prompt=blurry"])["3"]["inputs"]["prompt"] == "blurry"
-    with pytest.raises(WorkflowError, match="0 nodes take 'nonexistent'"):
+    with pytest.raises(WorkflowError, match=r"no node of this workflow has an input 'nonexistent' \(inputs you can set: .*seed"):
         set_values(wf, ["nonexistent=1"])
+    with pytest.raises(WorkflowError, match=r"node 5 \(LetterpressErnieImageSampler\) has no input 'stepz' .*steps"):
+        set_values(wf, ["5.stepz=3"])  # a typo after a node id is refused, not silently added
+    with pytest.raises(WorkflowError, match="this workflow has no node 99"):
+        set_values(wf, ["99.seed=1"])
+    with pytest.raises(WorkflowError, match="expected true or false"):
+        set_values(wf, ["load_prompt_enhancer=maybe"])
     files = load_workflow(os.path.join(WORKFLOWS, "ernie_image_single_files_api.json"))
     with pytest.raises(WorkflowError, match=r"3 nodes take 'weight_dtype' \(choices: 1.weight_dtype, 8.weight_dtype, 9"):
         set_values(files, ["weight_dtype=fp32"])
@@ -146,3 +152,57 @@ def test_load_image_reruns_when_the_file_changes(tmp_path, host):
     second = runner.run(wf)["results"]["1"][0]
     assert runner.executed == ["1", "2"]
     assert first[0, 0, 0, 0] == 1.0 and second[0, 0, 0, 2] == 1.0
+
+
+def test_cli_refuses_a_device_torch_cannot_use_before_loading(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    code = cli.main(["run", os.path.join(WORKFLOWS, "ernie_image_t2i_api.json"), "--device", "cuda:7",
+                     "--models-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --device cuda:7: this torch") and "use cpu" in err.lower()
+
+
+def test_cli_names_the_models_dir_when_nothing_is_found(tmp_path, capsys):
+    code = run_cli("ernie_image_t2i_api.json", str(tmp_path / "nowhere"), tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and f"Check --models-dir ({tmp_path / 'nowhere'})" in err
+
+
+def test_non_finite_numbers_are_refused_before_running(ernie, models_dir, host):
+    wf = load_workflow(os.path.join(WORKFLOWS, "ernie_image_t2i_api.json"))
+    with pytest.raises(WorkflowError, match="input 'shift': expected a finite number, got nan"):
+        Runner().validate(set_values(wf, ["shift=nan"]))
+
+
+def test_unreadable_input_image_and_absolute_output_prefix(tmp_path, host):
+    from letterpress.core_nodes import LoadImage, save_images
+    from letterpress.loaders.host import LetterpressError
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    with pytest.raises(LetterpressError, match="notes.png is not a readable image"):
+        LoadImage().load_image(str(not_an_image))
+    with pytest.raises(LetterpressError, match="inside the output folder"):
+        save_images(torch.zeros(1, 8, 8, 3), str(tmp_path / "out"), str(tmp_path / "elsewhere" / "x"))
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_out_of_memory_names_the_node_and_the_way_out(host):
+    class Hungry:
+        RETURN_TYPES = ("IMAGE",)
+        FUNCTION = "run"
+        OUTPUT_NODE = True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def run(self):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 68719476736 bytes.")
+
+    from letterpress.loaders.host import LetterpressError
+
+    with pytest.raises(LetterpressError, match=r"Out of memory in node 1 \(Hungry\).*Lower the size or the batch"):
+        Runner(nodes={"Hungry": Hungry}).run({"1": {"class_type": "Hungry", "inputs": {}}})
