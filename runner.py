@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -142,6 +143,12 @@ class Runner:
                 if ispec is None:
                     continue  # extra widgets (e.g. control_after_generate) are ignored, as ComfyUI does
                 problems.extend(self._check_input(wf, nid, ctype, name, value, ispec))
+            if hasattr(cls, "VALIDATE_INPUTS"):  # the node's own checks, as ComfyUI runs them: literal values only
+                wanted = inspect.signature(cls.VALIDATE_INPUTS).parameters
+                literal = {k: v for k, v in inputs.items() if k in wanted and not _is_link(v)}
+                verdict = cls.VALIDATE_INPUTS(**literal)
+                if verdict is not True:
+                    problems.append(f"node {nid} ({ctype}): {verdict}")
         if problems:
             raise WorkflowError("The workflow cannot run:\n- " + "\n- ".join(problems))
         return self._order(wf)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ..loaders.files import list_diffusers_folders, list_files
 from ..loaders.host import LetterpressError
 from ..loaders.weights import WEIGHT_DTYPE_CHOICES
@@ -39,6 +41,25 @@ def cfg_input(default: float, tooltip: str):
 def size_input(default: int, step: int, what: str):
     return ("INT", {"default": default, "min": step, "max": MAX_SIZE, "step": step,
                     "tooltip": f"{what} in pixels, a multiple of {step}."})
+
+
+def size_validator(check: Callable[[int, int], None], step: int):
+    """A VALIDATE_INPUTS classmethod for a width/height pair: ComfyUI (and the headless runner) call it before
+    anything runs, so a wrong size is refused before any model loads. ComfyUI then skips its own range check
+    for these two inputs, so the range is checked here too; a linked width or height is checked when it runs."""
+
+    def VALIDATE_INPUTS(cls, width=None, height=None):
+        for name, value in (("width", width), ("height", height)):
+            if isinstance(value, int) and not step <= value <= MAX_SIZE:
+                return f"{name} {value} is outside [{step}, {MAX_SIZE}]"
+        if isinstance(width, int) and isinstance(height, int):
+            try:
+                check(width, height)
+            except LetterpressError as e:
+                return str(e)
+        return True
+
+    return classmethod(VALIDATE_INPUTS)
 
 
 def require(handle, what: str, wire_from: str):

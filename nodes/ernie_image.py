@@ -20,6 +20,7 @@ from .common import (
     require,
     seed_input,
     size_input,
+    size_validator,
     steps_input,
 )
 from .dit_options import compile_node, lora_loader
@@ -143,6 +144,7 @@ class LetterpressErnieImageEmptyLatent(EmptyLatentNode):
     DESCRIPTION = "An empty ERNIE-Image latent (128 channels at 1/16 size) for text-to-image."
     CATEGORY = CAT
     EMPTY = staticmethod(stage.empty_latent)
+    VALIDATE_INPUTS = size_validator(stage.check_size, 16)
 
 
 class LetterpressErnieImageSampler:

@@ -14,6 +14,7 @@ from .common import (
     folder_input,
     seed_input,
     size_input,
+    size_validator,
     steps_input,
 )
 from .dit_options import compile_node, lora_loader
@@ -97,6 +98,7 @@ class LetterpressGlmImageARTokens:
     RETURN_NAMES = ("prior", "prompt")
     OUTPUT_TOOLTIPS = ("The prior tokens for DiT Sample.", "The prompt, to wire into Glyph Encode so both use the same text.")
     FUNCTION = "run"
+    VALIDATE_INPUTS = size_validator(stage.check_size, 32)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -19,6 +19,7 @@ from .common import (
     folder_input,
     seed_input,
     size_input,
+    size_validator,
     steps_input,
 )
 from .dit_options import compile_node, lora_loader
@@ -110,6 +111,7 @@ class LetterpressOvisImageEmptyLatent(EmptyLatentNode):
     DESCRIPTION = "An empty Ovis-Image latent (16 channels at 1/8 size) for text-to-image."
     CATEGORY = CAT
     EMPTY = staticmethod(stage.empty_latent)
+    VALIDATE_INPUTS = size_validator(stage.check_size, 16)
 
 
 class LetterpressOvisImageSampler:

@@ -342,3 +342,10 @@ def test_template_browser_lists_the_editor_workflows_only(comfy):
     listed = comfy.get("/workflow_templates")["ComfyUI-Letterpress"]
     ui = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "workflows", "*.json"))}
     assert set(listed) == ui and not any(name.endswith("_api") for name in listed)
+
+
+def test_a_wrong_size_is_refused_at_queue_time(comfy):
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))))
+    wf["4"]["inputs"]["width"] = 40
+    with pytest.raises(AssertionError, match="positive multiple of 16"):
+        comfy.queue(wf)  # ComfyUI calls the node's VALIDATE_INPUTS and refuses the prompt before running it

@@ -206,3 +206,12 @@ def test_out_of_memory_names_the_node_and_the_way_out(host):
 
     with pytest.raises(LetterpressError, match=r"Out of memory in node 1 \(Hungry\).*Lower the size or the batch"):
         Runner(nodes={"Hungry": Hungry}).run({"1": {"class_type": "Hungry", "inputs": {}}})
+
+
+@pytest.mark.parametrize("workflow,size,step", [("ernie_image_t2i_api.json", 40, 16), ("glm_image_t2i_api.json", 48, 32)])
+def test_a_wrong_size_is_refused_before_any_model_loads(ernie, glm, models_dir, host, workflow, size, step):
+    wf = set_values(load_workflow(os.path.join(WORKFLOWS, workflow)), [f"width={size}"])
+    runner = Runner()
+    with pytest.raises(WorkflowError, match=f"width to be a positive multiple of {step}.*got {size}"):
+        runner.run(wf)
+    assert runner.executed == []
