@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         host.output_dir = os.path.abspath(args.output_dir)
         host.input_dir = os.path.abspath(args.input_dir)
         host.show_progress = not args.quiet
+        if args.quiet:  # also the loading bars of diffusers and transformers
+            import diffusers
+            import transformers
+
+            for lib in (diffusers, transformers):
+                lib.utils.logging.disable_progress_bar()
         set_host(host)
         wf = set_values(load_workflow(args.workflow), args.set)
         result = Runner().run(wf)

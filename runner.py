@@ -33,6 +33,8 @@ def load_workflow(path: str) -> dict:
             data = json.load(f)
     except FileNotFoundError:
         raise WorkflowError(f"Workflow {path} does not exist.")
+    except OSError as e:  # a folder, an unreadable file
+        raise WorkflowError(f"Workflow {path} cannot be read ({e.strerror or e}): give an API-format .json file.")
     except ValueError as e:
         raise WorkflowError(f"Workflow {path} is not valid JSON: {e}.")
     if isinstance(data, dict) and "nodes" in data and "links" in data:
@@ -42,7 +44,8 @@ def load_workflow(path: str) -> dict:
         )
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
         data = data["prompt"]  # a /prompt request body
-    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v
+                                             and isinstance(v.get("inputs", {}), dict) for v in data.values()):
         raise WorkflowError(f"{path} is not an API-format workflow (node id -> {{class_type, inputs}}).")
     return data
 

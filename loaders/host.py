@@ -322,9 +322,12 @@ def _parse_bytes(text: str) -> int:
     t = text.strip().upper().removesuffix("B")
     scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
     try:
-        return int(float(t[:-1] if scale > 1 else t or 0) * scale)
+        n = int(float(t[:-1] if scale > 1 else t or 0) * scale)
     except ValueError:
-        raise LetterpressError(f"LETTERPRESS_DEVICE_BUDGET={text!r}: give bytes, e.g. 12GB or 512MB.")
+        n = -1
+    if n < 0:
+        raise LetterpressError(f"LETTERPRESS_DEVICE_BUDGET={text!r}: give bytes, e.g. 12GB or 512MB (0 or more).")
+    return n
 
 
 @torch.no_grad()

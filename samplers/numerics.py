@@ -14,8 +14,12 @@ log = logging.getLogger("letterpress")
 def check_finite(x: torch.Tensor, stage: str, dtype: torch.dtype) -> torch.Tensor:
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
-        fix = ("load the model with weight_dtype bf16 or fp32 (fp16 overflows in this model)"
-               if dtype == torch.float16 else "check the inputs of this stage; if it persists, load it in fp32")
+        if dtype == torch.float16:
+            fix = "load the model with weight_dtype bf16 or fp32 (fp16 overflows in this model)"
+        elif dtype == torch.float32:
+            fix = "check the inputs of this stage (a LoRA, a shift or strength far out of range, a broken file)"
+        else:
+            fix = "check the inputs of this stage; if it persists, load it in fp32"
         raise LetterpressError(f"The {stage} produced {bad} non-finite values (NaN/inf) running in {str(dtype).replace('torch.', '')}: {fix}.")
     return x
 

@@ -9,6 +9,5 @@ def check_multiple(width: int, height: int, step: int, model: str, why: str = ""
     for name, v in (("width", width), ("height", height)):
         if not isinstance(v, int) or v <= 0 or v % step:
             lower, upper = max(step, int(v) // step * step), (int(v) // step + 1) * step
-            raise LetterpressError(
-                f"{model} needs {name} to be a positive multiple of {step}{why}, got {v}. Use {lower} or {upper}."
-            )
+            use = f"{lower}" if lower >= upper else f"{lower} or {upper}"
+            raise LetterpressError(f"{model} needs {name} to be a positive multiple of {step}{why}, got {v}. Use {use}.")

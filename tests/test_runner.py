@@ -215,3 +215,20 @@ def test_a_wrong_size_is_refused_before_any_model_loads(ernie, glm, models_dir, 
     with pytest.raises(WorkflowError, match=f"width to be a positive multiple of {step}.*got {size}"):
         runner.run(wf)
     assert runner.executed == []
+
+
+def test_odd_workflow_files_and_settings_get_clear_errors(tmp_path, monkeypatch):
+    from letterpress.loaders.host import LetterpressError, StandaloneHost
+    from letterpress.samplers.sizes import check_multiple
+
+    with pytest.raises(WorkflowError, match="cannot be read"):
+        load_workflow(str(tmp_path))  # a folder
+    listed = tmp_path / "list_inputs.json"
+    listed.write_text(json.dumps({"1": {"class_type": "SaveImage", "inputs": [1, 2]}}))
+    with pytest.raises(WorkflowError, match="not an API-format workflow"):
+        load_workflow(str(listed))
+    monkeypatch.setenv("LETTERPRESS_DEVICE_BUDGET", "-5")
+    with pytest.raises(LetterpressError, match="0 or more"):
+        StandaloneHost()
+    with pytest.raises(LetterpressError, match=r"got 8\. Use 32\.$"):
+        check_multiple(8, 64, 32, "GLM-Image")
