@@ -48,13 +48,21 @@ def batch_for(cond: Conditioning, batch: int, family: str, which: str) -> list[t
     return [e for e in cond.embeds for _ in range(batch // n)]
 
 
-def check_latent(latent: dict, family: str) -> torch.Tensor:
+def check_latent(latent: dict, family: str, channels: int | None = None) -> torch.Tensor:
+    """The latent's samples, after checking it belongs to this family (and, given `channels`, its shape)."""
     if not isinstance(latent, dict) or "samples" not in latent:
         raise LetterpressError("The latent input is not a LATENT.")
+    name = FAMILY_NAMES.get(family, family)
     got = latent.get("family")
     if got is not None and got != family:
         raise LetterpressError(
-            f"This latent was made for {FAMILY_NAMES.get(got, got)}; the {FAMILY_NAMES.get(family, family)} "
-            f"sampler needs one from a {FAMILY_NAMES.get(family, family)} Empty Latent or VAE Encode node."
+            f"This latent was made for {FAMILY_NAMES.get(got, got)}; {name} nodes need one from a {name} "
+            "Empty Latent, DiT Sample or VAE Encode node."
         )
-    return latent["samples"]
+    samples = latent["samples"]
+    if channels is not None and (samples.dim() != 4 or samples.shape[1] != channels):
+        raise LetterpressError(
+            f"The latent has shape {tuple(samples.shape)}; {name} needs (batch, {channels}, H, W) latents: use a "
+            f"{name} Empty Latent, DiT Sample or VAE Encode node (not ComfyUI's own Empty Latent Image)."
+        )
+    return samples

@@ -119,7 +119,7 @@ def _bn_stats(vae: torch.nn.Module, like: torch.Tensor):
 @torch.no_grad()
 def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
     """Patchified, normalised latents -> IMAGE (B, H, W, C) in 0..1."""
-    lat = check_latent(latent, FAMILY).to(vae.device, vae.dtype)
+    lat = check_latent(latent, FAMILY, 4 * vae.module.config.latent_channels).to(vae.device, vae.dtype)
     mean, std = _bn_stats(vae.module, lat)
     z = vae_layout(unpatchify_2x2(lat * std + mean))
     image = check_finite(vae.module.decode(z, return_dict=False)[0], "Flux2 VAE decode", vae.dtype)

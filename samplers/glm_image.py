@@ -326,7 +326,7 @@ def _stats(vae: torch.nn.Module, like: torch.Tensor):
 
 @torch.no_grad()
 def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
-    lat = check_latent(latent, FAMILY).to(vae.device, vae.dtype)
+    lat = check_latent(latent, FAMILY, vae.module.config.latent_channels).to(vae.device, vae.dtype)
     mean, std = _stats(vae.module, lat)
     image = check_finite(vae.module.decode(vae_layout(lat * std + mean), return_dict=False)[0], "GLM-Image VAE decode", vae.dtype)
     return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()

@@ -125,3 +125,14 @@ def test_glm_fp16_overflow_is_named_not_a_black_image(glm):
     huge = {"samples": torch.full((1, 16, 4, 4), 1e6), "family": "glm_image"}
     with pytest.raises(LetterpressError, match="GLM-Image VAE decode produced .* non-finite .* float16.*bf16 or fp32"):
         glm_node("VAEDecode").run(vae, huge)
+
+
+def test_a_foreign_latent_into_vae_decode_is_named(ernie, glm):
+    """A LATENT without a family (e.g. ComfyUI's own Empty Latent Image, 4 channels) is refused by shape."""
+    core_latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    vae = node("FolderLoader").run("ERNIE-Image", "auto", False)[2]
+    with pytest.raises(LetterpressError, match=r"ERNIE-Image needs \(batch, 128, H, W\) latents"):
+        node("VAEDecode").run(vae, core_latent)
+    glm_vae = N["LetterpressGlmImageFolderLoader"]().run("GLM-Image", "auto")[3]
+    with pytest.raises(LetterpressError, match=r"GLM-Image needs \(batch, 16, H, W\) latents"):
+        N["LetterpressGlmImageVAEDecode"]().run(glm_vae, core_latent)
