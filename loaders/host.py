@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .cpu_linear import use_onednn
+
 try:  # pragma: no cover - exercised only inside a real ComfyUI
     import comfy.model_management as _mm
     import comfy.model_patcher as _model_patcher
@@ -146,6 +148,8 @@ class StandaloneHost:
         return torch.device("cpu")
 
     def wrap(self, handle: ModelHandle) -> ModelHandle:
+        if self.compute_device().type == "cpu":
+            use_onednn(handle.module)  # fp32 Linear products through oneDNN (faster than MKL's on AMD CPUs)
         return handle
 
     def add_patches(self, handle: ModelHandle, lora, strength: float) -> ModelHandle:

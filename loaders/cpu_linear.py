@@ -1,0 +1,82 @@
+"""fp32 Linear layers on CPU through oneDNN instead of torch's default BLAS (the standalone host's CPU path).
+
+torch computes an fp32 `nn.Linear` on CPU with the BLAS it was built with (MKL in the PyPI wheels). oneDNN, which
+torch also ships and already uses for convolutions and bf16 matmuls, reaches a higher fp32 GEMM rate on CPUs
+where MKL does not pick its fastest kernels (AMD: 1.3-1.5x on the project machine's EPYC, and ~3x for the
+one-row products of token-by-token decoding). Same math, different summation order: outputs differ from
+MKL's at float rounding (~1e-6 relative), as two BLAS libraries do.
+
+`use_onednn(module)` switches a module's plain Linear layers to `OneDnnLinear` (a class swap, like ComfyUI's own
+cast layers: same parameters, same state dict). Each call still falls back to `F.linear` when oneDNN does not
+apply: another device, another dtype (bf16 already goes to oneDNN; fp8 storage has its own layer), autograd,
+or a product so small that oneDNN's per-call overhead outweighs it. Weights are read as they are at each call,
+so a LoRA patched in place is followed. Inside `torch.compile` the product goes through a custom op (inductor's
+own lowering of the oneDNN op wants frozen weights). `LETTERPRESS_ONEDNN_LINEAR=0` keeps torch's default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+# Below this many multiply-adds per call (rows x in x out) oneDNN's fixed overhead (~8 us) costs more than its
+# faster kernel gains (measured: (1, 768) x (768, 256) is slower, (1, 256) x (256, 16512) 3x faster).
+MIN_MACS = 1 << 22
+
+
+def _supported() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _register_op():
+    """The oneDNN product as an opaque op for torch.compile (once per process, whichever copy of the pack)."""
+    if hasattr(torch.ops.letterpress, "onednn_linear"):
+        return torch.ops.letterpress.onednn_linear
+
+    @torch.library.custom_op("letterpress::onednn_linear", mutates_args=())
+    def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _onednn(x, weight, bias)
+
+    @onednn_linear.register_fake
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return torch.ops.letterpress.onednn_linear
+
+
+_COMPILED_OP = _register_op() if _supported() else None
+
+
+def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.layout == torch.strided and weight.is_contiguous()
+            and (bias is None or bias.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and x.numel() * weight.shape[0] >= MIN_MACS)
+
+
+class OneDnnLinear(torch.nn.Linear):
+    """A Linear whose fp32 CPU products go through oneDNN (see the module docstring); otherwise F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _applies(x, self.weight, self.bias):
+            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return _COMPILED_OP(x, self.weight, self.bias)
+        return _onednn(x, self.weight, self.bias)
+
+
+def use_onednn(module: torch.nn.Module) -> torch.nn.Module:
+    """Switch the module's plain Linear layers to OneDnnLinear (no-op where oneDNN is not available)."""
+    if _COMPILED_OP is None or os.environ.get("LETTERPRESS_ONEDNN_LINEAR", "1") == "0":
+        return module
+    for sub in module.modules():
+        if type(sub) is torch.nn.Linear:
+            sub.__class__ = OneDnnLinear
+    return module

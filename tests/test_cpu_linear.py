@@ -1,0 +1,118 @@
+"""fp32 Linear products on CPU through oneDNN (the standalone host's CPU path): same numbers as torch's default
+up to float rounding, eager and compiled, in a whole staged graph against diffusers; falls back where it does
+not apply; follows weights changed in place (LoRA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from letterpress.loaders import cpu_linear
+from letterpress.loaders.cpu_linear import OneDnnLinear, use_onednn
+from letterpress.nodes import NODE_CLASS_MAPPINGS as N
+
+pytestmark = pytest.mark.skipif(cpu_linear._COMPILED_OP is None, reason="this torch has no oneDNN")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many products went through oneDNN (eager or inside compiled code: both end in `_onednn`)."""
+    seen = []
+    real = cpu_linear._onednn
+
+    def spy(x, weight, bias):
+        seen.append(tuple(x.shape))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(cpu_linear, "_onednn", spy)
+    return seen
+
+
+def close(a, b, rel=1e-5):
+    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+
+
+def test_matches_f_linear_and_follows_in_place_weight_changes(calls):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 384)
+    keys = set(layer.state_dict())
+    use_onednn(layer)
+    assert type(layer) is OneDnnLinear and set(layer.state_dict()) == keys
+    x = torch.randn(2, 40, 256)
+    with torch.no_grad():
+        assert close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert calls == [(2, 40, 256)]
+        layer.weight.add_(torch.randn_like(layer.weight))  # what a LoRA patch does
+        assert close(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.bias = None
+        flat = x.reshape(80, 256)
+        assert close(layer(flat.t().contiguous().t()), F.linear(flat, layer.weight))  # strided input, no bias
+    assert len(calls) == 3
+
+
+def test_falls_back_where_onednn_does_not_apply(calls, monkeypatch):
+    torch.manual_seed(0)
+    layer = use_onednn(torch.nn.Linear(256, 384))
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        layer.to(torch.bfloat16)(x.bfloat16())  # bf16 goes to oneDNN through torch already
+        layer.float()
+        monkeypatch.setattr(cpu_linear, "MIN_MACS", 64 * 256 * 384 + 1)
+        layer(x)  # too small a product to pay oneDNN's per-call overhead
+    monkeypatch.setattr(cpu_linear, "MIN_MACS", 0)
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # autograd: F.linear, which has a backward
+    assert x.grad is not None and not calls
+    with torch.no_grad():
+        layer(x)
+    assert calls
+
+
+def test_only_plain_linears_are_switched_and_the_switch_can_be_turned_off(monkeypatch):
+    from letterpress.loaders.weights import Fp8Linear, to_fp8_storage
+
+    fp8 = to_fp8_storage(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    use_onednn(fp8)
+    assert type(fp8[0]) is Fp8Linear  # fp8 storage keeps its own cast-per-layer forward
+    monkeypatch.setenv("LETTERPRESS_ONEDNN_LINEAR", "0")
+    assert type(use_onednn(torch.nn.Linear(8, 8))) is torch.nn.Linear
+
+
+PROMPT = "a poster with the words hello world in bold red letters"
+
+
+def test_staged_graph_with_onednn_products_matches_diffusers(ernie, models_dir, calls, monkeypatch):
+    """Every Linear of the text encoder, DiT and VAE through oneDNN (no size threshold): the staged ERNIE-Image
+    graph still draws diffusers' image, eager and with Torch Compile."""
+    import os
+
+    from diffusers import ErnieImagePipeline
+
+    monkeypatch.setattr(cpu_linear, "MIN_MACS", 0)
+    pipe = ErnieImagePipeline.from_pretrained(os.path.join(models_dir, "diffusers", "ERNIE-Image"))
+    pipe.set_progress_bar_config(disable=True)
+    assert not any(type(m) is OneDnnLinear for m in pipe.transformer.modules())  # the reference stays on torch's
+    ref = torch.from_numpy(pipe(PROMPT, height=48, width=32, num_inference_steps=3, guidance_scale=4.0,
+                                generator=torch.Generator("cpu").manual_seed(5), output_type="np",
+                                use_pe=False).images)
+
+    dit, te, vae, _pe = N["LetterpressErnieImageFolderLoader"]().run("ERNIE-Image", "auto", False)
+    assert any(type(m) is OneDnnLinear for m in dit.module.modules())
+    assert any(type(m) is OneDnnLinear for m in te.module.modules())
+    pos = N["LetterpressErnieImageTextEncode"]().run(te, PROMPT)[0]
+    neg = N["LetterpressErnieImageTextEncode"]().run(te, "")[0]
+    lat = N["LetterpressErnieImageEmptyLatent"]().run(32, 48, 1)[0]
+
+    def draw(model):
+        out = N["LetterpressErnieImageSampler"]().run(model, pos, lat, 5, 3, 4.0, 4.0, 1.0, neg)[0]
+        return N["LetterpressErnieImageVAEDecode"]().run(vae, out)[0]
+
+    eager = draw(dit)
+    assert len(calls) > 0
+    assert (eager - ref).abs().max().item() <= 1e-4
+
+    before = len(calls)
+    compiled = draw(N["LetterpressErnieImageCompile"]().run(dit, "default")[0])
+    assert len(calls) > before  # the compiled DiT calls the oneDNN op too
+    assert (compiled - ref).abs().max().item() <= 1e-4
