@@ -57,15 +57,15 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.layout == torch.strided and weight.is_contiguous()
             and (bias is None or bias.dtype == torch.float32)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and x.numel() * weight.shape[0] >= MIN_MACS)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 class OneDnnLinear(torch.nn.Linear):
     """A Linear whose fp32 CPU products go through oneDNN (see the module docstring); otherwise F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(x, self.weight, self.bias):
+        # The size test first: it is the cheapest, and it sends token-by-token decoding straight to F.linear.
+        if x.numel() * self.out_features < MIN_MACS or not _applies(x, self.weight, self.bias):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
             return _COMPILED_OP(x, self.weight, self.bias)
