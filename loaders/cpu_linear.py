@@ -16,6 +16,7 @@ own lowering of the oneDNN op wants frozen weights). `LETTERPRESS_ONEDNN_LINEAR=
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -50,7 +51,18 @@ def _register_op():
     return torch.ops.letterpress.onednn_linear
 
 
-_COMPILED_OP = _register_op() if _supported() else None
+def _op_or_none():
+    """The op, or None (Linear layers then stay torch's) if this torch cannot register it: never an import error."""
+    if not _supported():
+        return None
+    try:
+        return _register_op()
+    except Exception as e:  # an older or unusual torch build
+        logging.getLogger("letterpress").info("oneDNN Linear layers not used: %s", e)
+        return None
+
+
+_COMPILED_OP = _op_or_none()
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
