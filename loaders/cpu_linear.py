@@ -8,16 +8,19 @@ MKL's at float rounding (~1e-6 relative), as two BLAS libraries do.
 
 `use_onednn(module)` switches a module's plain Linear layers to `OneDnnLinear` (a class swap, like ComfyUI's own
 cast layers: same parameters, same state dict). Each call still falls back to `F.linear` when oneDNN does not
-apply: another device, another dtype (bf16 already goes to oneDNN; fp8 storage has its own layer), autograd,
-or a product so small that oneDNN's per-call overhead outweighs it. Weights are read as they are at each call,
-so a LoRA patched in place is followed. Inside `torch.compile` the product goes through a custom op (inductor's
-own lowering of the oneDNN op wants frozen weights). `LETTERPRESS_ONEDNN_LINEAR=0` keeps torch's default.
+apply: another device, another dtype (bf16 already goes to oneDNN; fp8 storage has its own layer), a bias that
+is not one dense row, autograd, autocast, `torch.backends.mkldnn.enabled = False`, or a product so small that
+oneDNN's per-call overhead outweighs it. Weights are read as they are at each call, so a LoRA patched in place
+is followed. Inside `torch.compile` the product goes through a custom op (inductor's own lowering of the oneDNN
+op wants frozen weights). `LETTERPRESS_ONEDNN_LINEAR=0` keeps torch's default. Used on x86 CPUs only, where it
+was measured.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,13 @@ MIN_MACS = 1 << 22
 
 
 def _supported() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    # Measured only on x86 (AMD); elsewhere (Arm, Apple) torch's own BLAS is left alone.
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _turned_off() -> bool:
+    return os.environ.get("LETTERPRESS_ONEDNN_LINEAR", "1").strip().lower() in ("0", "false", "off", "no")
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -40,7 +49,8 @@ def _register_op():
     if hasattr(torch.ops.letterpress, "onednn_linear"):
         return torch.ops.letterpress.onednn_linear
 
-    @torch.library.custom_op("letterpress::onednn_linear", mutates_args=())
+    @torch.library.custom_op("letterpress::onednn_linear", mutates_args=(),
+                             schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
     def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _onednn(x, weight, bias)
 
@@ -66,10 +76,21 @@ _COMPILED_OP = _op_or_none()
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.layout == torch.strided and weight.is_contiguous()
-            and (bias is None or bias.dtype == torch.float32)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and x.layout == torch.strided and weight.is_contiguous()
+            # oneDNN reads the bias as one dense row: anything else goes to F.linear
+            and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.dim() == 1
+                                  and bias.is_contiguous()))
+            # the oneDNN op has no backward (training, e.g. a LoRA with trainable biases, stays on F.linear)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+            and not _autocast_cpu() and torch.backends.mkldnn.enabled)
+
+
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 spelling
+        return torch.is_autocast_cpu_enabled()
 
 
 class OneDnnLinear(torch.nn.Linear):
@@ -86,7 +107,7 @@ class OneDnnLinear(torch.nn.Linear):
 
 def use_onednn(module: torch.nn.Module) -> torch.nn.Module:
     """Switch the module's plain Linear layers to OneDnnLinear (no-op where oneDNN is not available)."""
-    if _COMPILED_OP is None or os.environ.get("LETTERPRESS_ONEDNN_LINEAR", "1") == "0":
+    if _COMPILED_OP is None or _turned_off():
         return module
     for sub in module.modules():
         if type(sub) is torch.nn.Linear:
