@@ -99,31 +99,6 @@ def build_ovis(models_dir: str) -> None:
     OvisImagePipeline(**c).save_pretrained(os.path.join(models_dir, "diffusers", fx.FOLDER))
 
 
-@torch.no_grad()
-def _glm_ar_model(seed: int):
-    from fixtures import glm_image as fx
-    from fixtures.common import reinit
-    from transformers import GenerationConfig, GlmImageConfig, GlmImageForConditionalGeneration
-
-    cfg = GlmImageConfig(
-        text_config={
-            "vocab_size": fx.TEXT_VOCAB, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
-            "vision_vocab_size": fx.CODEBOOK, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                                   "mrope_section": [16, 8, 8]},
-        },
-        vision_config={"depth": 1, "hidden_size": 32, "num_heads": 2, "image_size": 64, "patch_size": 16,
-                       "intermediate_size": 64, "spatial_merge_size": 1},
-        vq_config={"embed_dim": 16, "num_embeddings": fx.CODEBOOK, "latent_channels": 32},
-    )
-    torch.manual_seed(seed)
-    model = GlmImageForConditionalGeneration(cfg).eval()
-    reinit(model, seed)
-    model.generation_config = GenerationConfig(do_sample=True, temperature=0.9, top_p=0.75, top_k=None,
-                                               eos_token_id=16385, pad_token_id=16385, bos_token_id=16384)
-    return model
-
-
 def build_glm(models_dir: str) -> None:
     from diffusers import AutoencoderKL, GlmImagePipeline, GlmImageTransformer2DModel
     from fixtures import glm_image as fx
@@ -131,7 +106,10 @@ def build_glm(models_dir: str) -> None:
     from transformers import T5Config, T5EncoderModel
 
     c = fx.build_components(0)
-    c["vision_language_encoder"] = _glm_ar_model(2)
+    c["vision_language_encoder"] = fx.ar_model(
+        2, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [16, 8, 8]})
     c["text_encoder"] = reinit(T5EncoderModel(T5Config(
         vocab_size=384, d_model=256, d_kv=64, d_ff=768, num_layers=4, num_heads=4, feed_forward_proj="gated-gelu",
         relative_attention_num_buckets=32, is_encoder_decoder=False, use_cache=False)).eval(), 1, std=0.1)

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from fixtures.common import capture_previews
 from letterpress.loaders.host import Interrupted, LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
@@ -223,16 +224,7 @@ def test_cfg_without_negative_and_foreign_latent(folder_models):
 
 
 def test_live_previews_when_the_host_shows_them(folder_models, host):
-    shown = []
-    make = host.progress
-
-    def progress(total):
-        bar = make(total)
-        update = bar.update
-        bar.update = lambda n=1, preview=None: (shown.append(preview), update(n, preview))
-        return bar
-
-    host.progress = progress
+    shown = capture_previews(host)
     graph(folder_models, PROMPT, 32, 48, 2, 1.0, seed=1)
     assert shown == [None, None]  # the standalone host shows none, so none are made
     host.previews = True

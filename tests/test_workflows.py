@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from fixtures.common import capture_previews
 from letterpress.runner import Runner, load_workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,16 +144,8 @@ def test_ui_workflow_queues_as_its_api_twin(path):
 def test_other_families_send_live_previews(shipped_models, host, workflow):
     from letterpress.runner import set_values
 
-    shown = []
-    make = host.progress
-
-    def progress(total):
-        bar = make(total)
-        update = bar.update
-        bar.update = lambda n=1, preview=None: (shown.append(preview), update(n, preview))
-        return bar
-
-    host.progress, host.previews = progress, True
+    shown = capture_previews(host)
+    host.previews = True
     wf = load_workflow(os.path.join(ROOT, "workflows", "api", workflow))
     sizes = [f"{nid}.{k}={64}" for nid, n in wf.items() for k in ("width", "height")
              if isinstance(n["inputs"].get(k), int)]
