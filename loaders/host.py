@@ -365,13 +365,11 @@ def _comfy_cast_layers(module: torch.nn.Module) -> None:  # pragma: no cover - i
     Fully loaded, these layers compute exactly as the torch layers they replace."""
     import comfy.ops as ops
 
-    from .cpu_linear import OneDnnLinear
     from .weights import Fp8Linear
 
     plain = ops.disable_weight_init
     swaps = {torch.nn.Linear: plain.Linear, torch.nn.Conv2d: plain.Conv2d, torch.nn.GroupNorm: plain.GroupNorm,
              torch.nn.LayerNorm: plain.LayerNorm, torch.nn.Embedding: plain.Embedding,
-             OneDnnLinear: plain.Linear,  # never set inside ComfyUI; mapped in case a module crosses hosts
              Fp8Linear: ops.manual_cast.Linear}  # fp8 storage always casts, as ComfyUI's fp8 does
     for m in module.modules():
         target = swaps.get(type(m))
