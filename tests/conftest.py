@@ -90,3 +90,24 @@ def shipped_models(ernie, ovis, glm, ernie_vl, models_dir):
     os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
     save_file(lora, os.path.join(models_dir, "loras", "ernie_image_lora.safetensors"))
     return models_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    toy-sized matmuls gain nothing from a second thread, a busy shared CPU makes the thread handoff in every
+    attention call cost milliseconds, and a fresh process a test starts runs with the same count (CPU matmuls
+    may sum in another order with another)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def glm_models(glm, session_host):
+    """The tiny GLM-Image's four stages, from the folder loader (once per test module)."""
+    from letterpress.nodes import NODE_CLASS_MAPPINGS
+
+    ar, glyph, dit, vae = NODE_CLASS_MAPPINGS["LetterpressGlmImageFolderLoader"]().run("GLM-Image", "auto")
+    return dict(ar=ar, glyph=glyph, dit=dit, vae=vae)

@@ -130,16 +130,6 @@ torch.save(saved, out + "/fresh.pt")
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """The same thread count here and in the fresh process (CPU matmuls may sum in another order), and one
-    thread is what toy-sized models run fastest with on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def fresh(shipped_models, models_dir, tmp_path_factory, one_thread):
     """The images (and GLM prior) the workflows give in a fresh process with the same seeds."""
     out = str(tmp_path_factory.mktemp("fresh"))

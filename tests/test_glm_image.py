@@ -9,25 +9,11 @@ import torch
 from letterpress.loaders.host import Interrupted, LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 W, H = 96, 64
 PROMPT = 'a vintage poster that says "hello world" in red'
 OTHER = "a cat sitting on a wooden table, photo, soft light"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy-sized matmuls gain nothing from a second thread, and a busy shared CPU makes the thread handoff
-    in every attention call cost milliseconds: run these tests on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def models(glm, session_host):
-    ar, glyph, dit, vae = N["LetterpressGlmImageFolderLoader"]().run("GLM-Image", "auto")
-    return dict(ar=ar, glyph=glyph, dit=dit, vae=vae)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +34,7 @@ def run_nodes(m, prompt, seed, steps=3, cfg=1.5, width=W, height=H):
 
 
 @pytest.fixture(scope="module")
-def t2i(models, pipe):
+def t2i(glm_models, pipe):
     """One reference run and one node-graph run with the same weights, seed and settings (CPU, fp32)."""
     seed = 5
     # The pipeline's own AR stage, then the pipeline with those tokens (what __call__ does in one go).
@@ -56,7 +42,7 @@ def t2i(models, pipe):
                                                   generator=torch.Generator().manual_seed(seed))
     ref = pipe(PROMPT, height=H, width=W, num_inference_steps=3, guidance_scale=1.5, prior_token_ids=ref_tokens,
                generator=torch.Generator().manual_seed(seed), output_type="pt").images
-    prior, image = run_nodes(models, PROMPT, seed)
+    prior, image = run_nodes(glm_models, PROMPT, seed)
     return dict(seed=seed, ref_tokens=ref_tokens, ref=ref.permute(0, 2, 3, 1), prior=prior, image=image)
 
 
@@ -73,35 +59,35 @@ def test_reference_call_with_its_own_ar_stage_gives_the_same_image(t2i, pipe):
     assert (t2i["image"] - ref.permute(0, 2, 3, 1)).abs().max().item() <= 1e-4
 
 
-def test_cfg_one_matches_reference_without_uncond_pass(models, pipe, t2i):
+def test_cfg_one_matches_reference_without_uncond_pass(glm_models, pipe, t2i):
     prior = t2i["prior"]
     ref = pipe(PROMPT, height=H, width=W, num_inference_steps=2, guidance_scale=1.0, prior_token_ids=prior.tokens,
                generator=torch.Generator().manual_seed(3), output_type="pt").images
-    pos, _ = N["LetterpressGlmImageGlyphEncode"]().run(models["glyph"], PROMPT)
-    lat = N["LetterpressGlmImageSampler"]().run(models["dit"], prior, pos, 3, 2, 1.0)[0]
-    image = N["LetterpressGlmImageVAEDecode"]().run(models["vae"], lat)[0]
+    pos, _ = N["LetterpressGlmImageGlyphEncode"]().run(glm_models["glyph"], PROMPT)
+    lat = N["LetterpressGlmImageSampler"]().run(glm_models["dit"], prior, pos, 3, 2, 1.0)[0]
+    image = N["LetterpressGlmImageVAEDecode"]().run(glm_models["vae"], lat)[0]
     assert (image - ref.permute(0, 2, 3, 1)).abs().max().item() <= 1e-4
 
 
-def test_conditioning_reaches_the_image(models, t2i):
+def test_conditioning_reaches_the_image(glm_models, t2i):
     """The tiny model is re-initialised so that prompt and glyphs matter; otherwise parity proves little."""
     prior_a, img_a = t2i["prior"], t2i["image"]
-    prior_b, img_b = run_nodes(models, OTHER, t2i["seed"])
+    prior_b, img_b = run_nodes(glm_models, OTHER, t2i["seed"])
     assert not torch.equal(prior_a.tokens, prior_b.tokens)
     assert (img_a - img_b).abs().mean().item() > 0.02
     # Same prior, other glyph text: the glyph path alone changes the picture too.
-    glyph_b, _ = N["LetterpressGlmImageGlyphEncode"]().run(models["glyph"], 'a poster that says "goodbye"')
-    neg, _ = N["LetterpressGlmImageGlyphEncode"]().run(models["glyph"], "")
-    lat = N["LetterpressGlmImageSampler"]().run(models["dit"], prior_a, glyph_b, t2i["seed"], 3, 1.5, negative=neg)[0]
-    img_c = N["LetterpressGlmImageVAEDecode"]().run(models["vae"], lat)[0]
+    glyph_b, _ = N["LetterpressGlmImageGlyphEncode"]().run(glm_models["glyph"], 'a poster that says "goodbye"')
+    neg, _ = N["LetterpressGlmImageGlyphEncode"]().run(glm_models["glyph"], "")
+    lat = N["LetterpressGlmImageSampler"]().run(glm_models["dit"], prior_a, glyph_b, t2i["seed"], 3, 1.5, negative=neg)[0]
+    img_c = N["LetterpressGlmImageVAEDecode"]().run(glm_models["vae"], lat)[0]
     # Far above the 1e-4 parity tolerance, so a wrong glyph encoding could not pass the parity test.
     assert (img_a - img_c).abs().mean().item() > 2e-3
 
 
-def test_ar_tokens_equal_transformers_generate(models, glm, host):
+def test_ar_tokens_equal_transformers_generate(glm_models, glm, host):
     """Token for token against GlmImageForConditionalGeneration.generate() with the model's own sampling
     settings, seeded the way the pipeline seeds it; one progress tick per token; the prefix runs once."""
-    model, processor = models["ar"].module, models["ar"].tokenizer
+    model, processor = glm_models["ar"].module, glm_models["ar"].tokenizer
     msgs = [[{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]]
     inputs = processor.apply_chat_template(msgs, tokenize=True, target_h=H, target_w=W, return_dict=True,
                                            return_tensors="pt")
@@ -115,7 +101,7 @@ def test_ar_tokens_equal_transformers_generate(models, glm, host):
     hook = model.model.language_model.register_forward_pre_hook(
         lambda mod, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
     try:
-        prior, _ = N["LetterpressGlmImageARTokens"]().run(models["ar"], PROMPT, W, H, 11, 0.9, 0.75)
+        prior, _ = N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, W, H, 11, 0.9, 0.75)
     finally:
         hook.remove()
     assert torch.equal(prior.generated, expected)
@@ -125,9 +111,9 @@ def test_ar_tokens_equal_transformers_generate(models, glm, host):
     assert lengths[0] == inputs["input_ids"].shape[-1] and set(lengths[1:]) == {1}  # KV cache: one token a step
 
 
-def test_ar_tokens_cancel_stops_within_one_token(models, host):
+def test_ar_tokens_cancel_stops_within_one_token(glm_models, host):
     lengths = []
-    model = models["ar"].module
+    model = glm_models["ar"].module
 
     def cancel_at_5(done, total):
         if done == 5:
@@ -138,28 +124,28 @@ def test_ar_tokens_cancel_stops_within_one_token(models, host):
         lambda mod, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
     try:
         with pytest.raises(Interrupted):
-            N["LetterpressGlmImageARTokens"]().run(models["ar"], PROMPT, W, H, 1, 0.9, 0.75)
+            N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, W, H, 1, 0.9, 0.75)
     finally:
         hook.remove()
     assert len(lengths) <= 5  # the prefill + 4 decode steps made tokens 1..5; nothing ran after token 5
     host.check_interrupt()  # the flag was consumed: the next run is not cancelled
 
 
-def test_glyph_spans_and_embeddings_match_reference(models, pipe):
+def test_glyph_spans_and_embeddings_match_reference(glm_models, pipe):
     prompt = "a sign 'OPEN' and “late” with \"24/7\" and 「营业中」 and 'x'"
-    cond, shown = N["LetterpressGlmImageGlyphEncode"]().run(models["glyph"], prompt)
+    cond, shown = N["LetterpressGlmImageGlyphEncode"]().run(glm_models["glyph"], prompt)
     assert shown.split("\n") == pipe.get_glyph_texts(prompt)[0] == ["OPEN", "x", "late", "24/7", "营业中"]
     with torch.no_grad():  # as in the pipeline's __call__
         ref = pipe._get_glyph_embeds(prompt, device=torch.device("cpu"))
         ref_empty = pipe._get_glyph_embeds("", device=torch.device("cpu"))
     assert torch.equal(cond.embeds[0][None], ref)
-    empty, shown = N["LetterpressGlmImageGlyphEncode"]().run(models["glyph"], "no quotes here")
+    empty, shown = N["LetterpressGlmImageGlyphEncode"]().run(glm_models["glyph"], "no quotes here")
     assert shown == ""
     assert torch.equal(empty.embeds[0][None], ref_empty)
 
 
-def test_prior_preview_shows_the_grid(models):
-    prior, _ = N["LetterpressGlmImageARTokens"]().run(models["ar"], PROMPT, W, H, 2, 0.9, 0.75)
+def test_prior_preview_shows_the_grid(glm_models):
+    prior, _ = N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, W, H, 2, 0.9, 0.75)
     image, summary = N["LetterpressGlmImagePriorPreview"]().run(prior)
     assert image.shape == (1, H, W, 3)
     cells = image[0, ::32, ::32]  # one colour per d32 token
@@ -170,30 +156,30 @@ def test_prior_preview_shows_the_grid(models):
     assert "2x3 d32 tokens" in summary
 
 
-def test_sizes_must_be_multiples_of_32(models):
+def test_sizes_must_be_multiples_of_32(glm_models):
     with pytest.raises(LetterpressError, match="multiple of 32.*Use 64 or 96"):
-        N["LetterpressGlmImageARTokens"]().run(models["ar"], PROMPT, 80, 64, 0, 0.9, 0.75)
+        N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, 80, 64, 0, 0.9, 0.75)
     with pytest.raises(LetterpressError, match="height.*multiple of 32"):
-        N["LetterpressGlmImageARTokens"]().run(models["ar"], PROMPT, 64, 48, 0, 0.9, 0.75)
+        N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, 64, 48, 0, 0.9, 0.75)
 
 
-def test_wrong_wires_give_clear_errors(models):
-    prior, _ = N["LetterpressGlmImageARTokens"]().run(models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75)
-    pos, _ = N["LetterpressGlmImageGlyphEncode"]().run(models["glyph"], PROMPT)
+def test_wrong_wires_give_clear_errors(glm_models):
+    prior, _ = N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75)
+    pos, _ = N["LetterpressGlmImageGlyphEncode"]().run(glm_models["glyph"], PROMPT)
     with pytest.raises(LetterpressError, match="negative"):
-        N["LetterpressGlmImageSampler"]().run(models["dit"], prior, pos, 0, 1, 1.5)
+        N["LetterpressGlmImageSampler"]().run(glm_models["dit"], prior, pos, 0, 1, 1.5)
     with pytest.raises(LetterpressError, match="prior"):
-        N["LetterpressGlmImageSampler"]().run(models["dit"], "not a prior", pos, 0, 1, 1.0)
+        N["LetterpressGlmImageSampler"]().run(glm_models["dit"], "not a prior", pos, 0, 1, 1.0)
     with pytest.raises(LetterpressError, match="no reference images"):
-        N["LetterpressGlmImageVAEEncode"]().run(models["vae"], prior=prior)
+        N["LetterpressGlmImageVAEEncode"]().run(glm_models["vae"], prior=prior)
 
 
-def test_component_loaders_equal_the_folder_loader(models, t2i):
+def test_component_loaders_equal_the_folder_loader(glm_models, t2i):
     ar = N["LetterpressGlmImageARLoader"]().run("GLM-Image", "auto")[0]
     glyph = N["LetterpressGlmImageGlyphEncoderLoader"]().run("GLM-Image", "auto")[0]
     dit = N["LetterpressGlmImageDiTLoader"]().run("GLM-Image", "auto")[0]
     vae = N["LetterpressGlmImageVAELoader"]().run("GLM-Image", "auto")[0]
-    for handle, folder_handle in ((ar, models["ar"]), (glyph, models["glyph"]), (dit, models["dit"]), (vae, models["vae"])):
+    for handle, folder_handle in ((ar, glm_models["ar"]), (glyph, glm_models["glyph"]), (dit, glm_models["dit"]), (vae, glm_models["vae"])):
         a, b = handle.module.state_dict(), folder_handle.module.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     prior, image = run_nodes(dict(ar=ar, glyph=glyph, dit=dit, vae=vae), PROMPT, t2i["seed"])

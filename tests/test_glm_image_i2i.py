@@ -19,22 +19,10 @@ from PIL import Image
 from letterpress.loaders.host import LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BUGGY_LINE = "prior_token_image_embed = torch.cat(prior_token_image_embed, dim=0)"
 PROMPT = 'put the dog on the beach, with a sign that says "open"'
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy sizes: a second thread only adds handoff cost on the shared CPU
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def models(glm, session_host):
-    ar, glyph, dit, vae = N["LetterpressGlmImageFolderLoader"]().run("GLM-Image", "auto")
-    return dict(ar=ar, glyph=glyph, dit=dit, vae=vae)
 
 
 def corrected_generate_prior_tokens():
@@ -109,14 +97,14 @@ def test_reference_pipeline_crashes_without_the_correction(pipe):
 
 
 @pytest.mark.parametrize("case", ["edit", "multi_subject"])
-def test_image_to_image_matches_corrected_reference(models, fixed_pipe, case):
+def test_image_to_image_matches_corrected_reference(glm_models, fixed_pipe, case):
     if case == "edit":
         refs, (w, h) = [picture(1, 64, 64)], (64, 64)
     else:  # two references of different sizes, as in multi-subject composition
         refs, (w, h) = [picture(1, 64, 64), picture(2, 64, 96)], (96, 64)
     seed = 7
     tokens, ref_ids, ref_image = reference(fixed_pipe, PROMPT, refs, w, h, seed)
-    prior, image = run_nodes(models, PROMPT, refs, w, h, seed)
+    prior, image = run_nodes(glm_models, PROMPT, refs, w, h, seed)
     assert torch.equal(prior.tokens, tokens)
     assert torch.equal(torch.cat(prior.reference_tokens), ref_ids)
     assert len(prior.reference_tokens) == len(refs)
@@ -124,55 +112,55 @@ def test_image_to_image_matches_corrected_reference(models, fixed_pipe, case):
     assert diff <= 1e-4, diff
 
 
-def test_reference_images_change_the_result(models):
+def test_reference_images_change_the_result(glm_models):
     """The KV cache written from the reference latents reaches the output: another reference with the same
     prompt and seed gives a clearly different image, and so does dropping the references."""
-    _, a = run_nodes(models, PROMPT, [picture(1, 64, 64)], 64, 64, 3)
-    _, b = run_nodes(models, PROMPT, [picture(9, 64, 64)], 64, 64, 3)
-    _, c = run_nodes(models, PROMPT, [], 64, 64, 3)
+    _, a = run_nodes(glm_models, PROMPT, [picture(1, 64, 64)], 64, 64, 3)
+    _, b = run_nodes(glm_models, PROMPT, [picture(9, 64, 64)], 64, 64, 3)
+    _, c = run_nodes(glm_models, PROMPT, [], 64, 64, 3)
     assert (a - b).abs().mean().item() > 2e-3
     assert (a - c).abs().mean().item() > 2e-3
 
 
-def test_reference_images_are_resized_the_way_the_processor_expects(models):
+def test_reference_images_are_resized_the_way_the_processor_expects(glm_models):
     from transformers.models.glm_image.image_processing_pil_glm_image import smart_resize
 
     odd = picture(4, 70, 100)
-    prior, image = run_nodes(models, PROMPT, [odd], 64, 64, 1, steps=1, cfg=1.0)
-    ip = models["ar"].tokenizer.image_processor
+    prior, image = run_nodes(glm_models, PROMPT, [odd], 64, 64, 1, steps=1, cfg=1.0)
+    ip = glm_models["ar"].tokenizer.image_processor
     gh, gw = smart_resize(70, 100, ip.patch_size * ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"])
     assert prior.reference_images[0].shape[1:3] == (2 * gh, 2 * gw)
     assert prior.reference_grids == [(2 * gh // 16, 2 * gw // 16)]  # AR grid upsampled = VAE latent / DiT patch
     assert image.shape == (1, 64, 64, 3)
 
 
-def test_editing_wiring_errors(models):
+def test_editing_wiring_errors(glm_models):
     ref = as_image(picture(1, 64, 64))
-    prior, _ = N["LetterpressGlmImageARTokens"]().run(models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75, reference_1=ref)
-    pos, _ = N["LetterpressGlmImageGlyphEncode"]().run(models["glyph"], PROMPT)
+    prior, _ = N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75, reference_1=ref)
+    pos, _ = N["LetterpressGlmImageGlyphEncode"]().run(glm_models["glyph"], PROMPT)
     with pytest.raises(LetterpressError, match="1 reference image.*VAE Encode"):
-        N["LetterpressGlmImageSampler"]().run(models["dit"], prior, pos, 0, 1, 1.0)
-    two = N["LetterpressGlmImageVAEEncode"]().run(models["vae"], image=torch.cat([ref, ref]))[0]
+        N["LetterpressGlmImageSampler"]().run(glm_models["dit"], prior, pos, 0, 1, 1.0)
+    two = N["LetterpressGlmImageVAEEncode"]().run(glm_models["vae"], image=torch.cat([ref, ref]))[0]
     with pytest.raises(LetterpressError, match="1 reference image.*hold 2"):
-        N["LetterpressGlmImageSampler"]().run(models["dit"], prior, pos, 0, 1, 1.0, reference_latents=two)
+        N["LetterpressGlmImageSampler"]().run(glm_models["dit"], prior, pos, 0, 1, 1.0, reference_latents=two)
     with pytest.raises(LetterpressError, match="multiples of 16"):
-        N["LetterpressGlmImageVAEEncode"]().run(models["vae"], image=as_image(picture(1, 70, 100)))
+        N["LetterpressGlmImageVAEEncode"]().run(glm_models["vae"], image=as_image(picture(1, 70, 100)))
     five = torch.cat([ref] * 3)
     with pytest.raises(LetterpressError, match="at most 4 reference images in all, got 5"):
-        N["LetterpressGlmImageARTokens"]().run(models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75, reference_1=five,
+        N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75, reference_1=five,
                                                reference_2=torch.cat([ref, ref]))
 
 
-def test_torch_compile_follows_the_reference_kv_cache(models):
+def test_torch_compile_follows_the_reference_kv_cache(glm_models):
     """Image-to-image through the Torch Compile node: the compiled DiT reads the references' KV cache in the
     conditional pass and skips it in the unconditional one, as the eager DiT does."""
-    compiled = dict(models, dit=N["LetterpressGlmImageCompile"]().run(models["dit"], "default")[0])
+    compiled = dict(glm_models, dit=N["LetterpressGlmImageCompile"]().run(glm_models["dit"], "default")[0])
     refs = [picture(1, 64, 64)]
-    _, eager = run_nodes(models, PROMPT, refs, 64, 64, 5)
+    _, eager = run_nodes(glm_models, PROMPT, refs, 64, 64, 5)
     _, ours = run_nodes(compiled, PROMPT, refs, 64, 64, 5)
     _, other = run_nodes(compiled, PROMPT, [picture(9, 64, 64)], 64, 64, 5)
     assert (ours - eager).abs().max().item() <= 1e-4
     from letterpress.loaders.compiled import ran_compiled
 
-    assert ran_compiled(models["dit"].module)
+    assert ran_compiled(glm_models["dit"].module)
     assert (other - ours).abs().mean().item() > 2e-3  # another reference still changes the compiled result

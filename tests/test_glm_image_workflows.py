@@ -7,22 +7,15 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from letterpress import cli
 from letterpress.runner import load_workflow
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = os.path.join(ROOT, "workflows", "api")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy sizes: a second thread only adds handoff cost on the shared CPU
-    yield
-    torch.set_num_threads(before)
 
 
 def write_inputs(workflow: dict, folder) -> None:
