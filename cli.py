@@ -1,4 +1,4 @@
-"""`python -m letterpress run WORKFLOW_api.json --models-dir DIR --set prompt="..."`"""
+"""`python -m letterpress run WORKFLOW_api.json [--models-dir DIR] --set prompt="..."`"""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from .loaders.host import LetterpressError, StandaloneHost, set_host
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m letterpress", description="Run Letterpress workflows headless.")
+    prog = "letterpress" if os.path.basename(sys.argv[0]) == "letterpress" else "python -m letterpress"
+    p = argparse.ArgumentParser(prog=prog, description="Run Letterpress workflows headless.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an API-format workflow JSON")
     run.add_argument("workflow", help="API-format workflow (e.g. workflows/api/ernie_image_t2i_api.json)")
-    run.add_argument("--models-dir", default=os.environ.get("LETTERPRESS_MODELS_DIR", "models"),
-                     help="a folder laid out like ComfyUI's models/ (diffusers/, diffusion_models/, text_encoders/, vae/)")
-    run.add_argument("--output-dir", default="output", help="where images are written (never overwritten)")
-    run.add_argument("--input-dir", default="input", help="where LoadImage looks for images")
+    run.add_argument("--models-dir", help="a folder laid out like ComfyUI's models/ (diffusers/, diffusion_models/, "
+                     "text_encoders/, vae/); default $LETTERPRESS_MODELS_DIR, else ./models")
+    run.add_argument("--output-dir", help="where images are written (never overwritten); default "
+                     "$LETTERPRESS_OUTPUT_DIR, else ./output")
+    run.add_argument("--input-dir", help="where LoadImage looks for images; default $LETTERPRESS_INPUT_DIR, else ./input")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="change an input: NODE_ID.input=value, or an input name such as prompt, seed, width")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
@@ -47,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             check_device(args.device)
             os.environ["LETTERPRESS_DEVICE"] = args.device
         host = StandaloneHost()
-        host.models_dir = os.path.abspath(args.models_dir)
-        host.output_dir = os.path.abspath(args.output_dir)
-        host.input_dir = os.path.abspath(args.input_dir)
+        for name in ("models_dir", "output_dir", "input_dir"):  # a flag wins over the host's environment default
+            setattr(host, name, os.path.abspath(getattr(args, name) or getattr(host, name)))
         host.show_progress = not args.quiet
         if args.quiet:  # also the loading bars of diffusers and transformers
             import diffusers

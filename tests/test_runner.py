@@ -163,6 +163,16 @@ def test_cli_refuses_a_device_torch_cannot_use_before_loading(tmp_path, capsys):
     assert code == 2 and err.startswith("error: --device cuda:7: this torch") and "use cpu" in err.lower()
 
 
+def test_cli_folders_default_to_the_environment(ernie, models_dir, tmp_path, monkeypatch, capsys):
+    """Without --models-dir / --output-dir the CLI uses LETTERPRESS_MODELS_DIR / LETTERPRESS_OUTPUT_DIR."""
+    monkeypatch.setenv("LETTERPRESS_MODELS_DIR", models_dir)
+    monkeypatch.setenv("LETTERPRESS_OUTPUT_DIR", str(tmp_path / "from_env"))
+    args = ["run", os.path.join(WORKFLOWS, "ernie_image_turbo_t2i_api.json"), "--quiet"]
+    assert cli.main(args + [a for s in SMALL for a in ("--set", s)]) == 0
+    written = capsys.readouterr().out.split()
+    assert len(written) == 1 and written[0].startswith(str(tmp_path / "from_env") + os.sep)
+
+
 def test_cli_names_the_models_dir_when_nothing_is_found(tmp_path, capsys):
     code = run_cli("ernie_image_t2i_api.json", str(tmp_path / "nowhere"), tmp_path)
     err = capsys.readouterr().err
