@@ -6,6 +6,7 @@ from ..loaders import glm_image as load
 from ..loaders.files import resolve
 from ..loaders.host import LetterpressError, get_host
 from ..samplers import glm_image as stage
+from ..samplers.images import check_image
 from .common import (
     CATEGORY,
     VAEDecodeNode,
@@ -128,6 +129,7 @@ class LetterpressGlmImageARTokens:
         for i in range(1, MAX_REFERENCES + 1):
             batch = references.get(f"reference_{i}")
             if batch is not None:
+                batch = check_image(batch, f"GLM-Image AR Tokens reference_{i}")
                 images.extend(batch[j] for j in range(batch.shape[0]))
         if len(images) > MAX_REFERENCES:
             raise LetterpressError(

@@ -14,6 +14,12 @@ FAMILY_NAMES = {
     "ovis_image": "Ovis-Image",
     "glm_image": "GLM-Image",
 }
+# The nodes that make each family's conditioning and latents, as the editor shows them.
+ENCODE_NODES = {"ernie_image": "ERNIE-Image Text Encode", "ovis_image": "Ovis-Image Text Encode",
+                "glm_image": "GLM-Image Glyph Encode"}
+LATENT_NODES = {"ernie_image": "ERNIE-Image Empty Latent, DiT Sample or VAE Encode",
+                "ovis_image": "Ovis-Image Empty Latent, DiT Sample or VAE Encode",
+                "glm_image": "GLM-Image VAE Encode or DiT Sample"}
 
 
 @dataclass
@@ -28,14 +34,13 @@ class Conditioning:
 def check_family(cond: Conditioning, family: str, which: str) -> None:
     if not isinstance(cond, Conditioning):
         raise LetterpressError(
-            f"The {which} input is not Letterpress conditioning: wire it from a "
-            f"{FAMILY_NAMES.get(family, family)} Text Encode node."
+            f"The {which} input is not Letterpress conditioning: wire it from a {ENCODE_NODES.get(family, family)} node."
         )
     if cond.family != family:
         raise LetterpressError(
             f"The {which} conditioning came from the {FAMILY_NAMES.get(cond.family, cond.family)} text encoder "
             f"({cond.encoder}); the {FAMILY_NAMES.get(family, family)} sampler needs conditioning from a "
-            f"{FAMILY_NAMES.get(family, family)} Text Encode node."
+            f"{ENCODE_NODES.get(family, family)} node."
         )
 
 
@@ -48,21 +53,28 @@ def batch_for(cond: Conditioning, batch: int, family: str, which: str) -> list[t
     return [e for e in cond.embeds for _ in range(batch // n)]
 
 
-def check_latent(latent: dict, family: str, channels: int | None = None) -> torch.Tensor:
-    """The latent's samples, after checking it belongs to this family (and, given `channels`, its shape)."""
-    if not isinstance(latent, dict) or "samples" not in latent:
+def check_latent(latent: dict, family: str, channels: int | None = None, sampling: bool = False) -> torch.Tensor:
+    """The latent's samples, after checking it belongs to this family, holds at least one image, (given
+    `channels`) its shape, and (`sampling`) that it asks for nothing a sampler here ignores."""
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise LetterpressError("The latent input is not a LATENT.")
-    name = FAMILY_NAMES.get(family, family)
+    name, sources = FAMILY_NAMES.get(family, family), LATENT_NODES.get(family, family)
     got = latent.get("family")
     if got is not None and got != family:
         raise LetterpressError(
-            f"This latent was made for {FAMILY_NAMES.get(got, got)}; {name} nodes need one from a {name} "
-            "Empty Latent, DiT Sample or VAE Encode node."
+            f"This latent was made for {FAMILY_NAMES.get(got, got)}; {name} nodes need one from a {sources} node."
         )
     samples = latent["samples"]
     if channels is not None and (samples.dim() != 4 or samples.shape[1] != channels):
         raise LetterpressError(
             f"The latent has shape {tuple(samples.shape)}; {name} needs (batch, {channels}, H, W) latents: use a "
-            f"{name} Empty Latent, DiT Sample or VAE Encode node (not ComfyUI's own Empty Latent Image)."
+            f"{sources} node (not ComfyUI's own Empty Latent Image or VAE Encode)."
+        )
+    if samples.dim() == 0 or samples.shape[0] < 1:
+        raise LetterpressError(f"The latent holds no image (shape {tuple(samples.shape)}); use a batch size of 1 or more.")
+    if sampling and latent.get("noise_mask") is not None:
+        raise LetterpressError(
+            f"This latent carries a noise mask (Set Latent Noise Mask): the {name} sampler does not inpaint, and "
+            "would redraw the whole image. Remove the mask node, or composite the result with the mask after decoding."
         )
     return samples

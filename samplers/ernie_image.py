@@ -16,6 +16,7 @@ from ..loaders.host import LetterpressError, ModelHandle, get_host
 from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
 from .generate import generate, sampling_args
+from .images import check_image
 from .latents import patchify_2x2, unpatchify_2x2, vae_layout
 from .numerics import check_finite, log, warn_truncated
 from .previews import latent_rgb_preview
@@ -81,7 +82,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     if dit.extras.get("turbo") and (cfg > 1.0 or steps > 16):
         log.warning("ERNIE-Image-Turbo is distilled for 8 steps at cfg 1.0; %d steps at cfg %.1f will be slower "
                     "and usually worse. Use the Turbo preset (8 steps, cfg 1.0).", steps, cfg)
-    init = check_latent(latent, FAMILY)
+    init = check_latent(latent, FAMILY, model.config.in_channels, sampling=True)
     b = init.shape[0]
     use_cfg = flow_match.uses_cfg(cfg, negative, "wire a Text Encode (an empty prompt is fine)")
     cond = batch_for(positive, b, FAMILY, "positive")
@@ -129,9 +130,10 @@ def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
 @torch.no_grad()
 def encode(vae: ModelHandle, image: torch.Tensor) -> dict:
     """IMAGE (B, H, W, C) -> patchified, normalised latents (the distribution's mode)."""
+    image = check_image(image, "ERNIE-Image VAE Encode")
     b, h, w, _ = image.shape
     check_size(w, h)
-    x = image[..., :3].permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
+    x = image.permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
     lat = patchify_2x2(vae.module.encode(x).latent_dist.mode())
     mean, std = _bn_stats(vae.module, lat)
     return {"samples": ((lat - mean) / std).cpu(), "family": FAMILY}

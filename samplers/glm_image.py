@@ -27,6 +27,7 @@ from . import flow_match
 from .sizes import check_multiple
 from .text_spans import quoted_spans
 from .conditioning import Conditioning, check_family, check_latent
+from .images import check_image
 from .latents import vae_layout
 from .generate import generate, sampling_args
 from .numerics import check_finite, warn_truncated
@@ -204,7 +205,7 @@ def encode_glyphs(te: ModelHandle, prompt: str, max_sequence_length: int = 2048)
 # DiT -----------------------------------------------------------------------------------------------
 
 
-def _reference_latents(latent: dict | None, prior: GlmPrior) -> list[torch.Tensor]:
+def _reference_latents(latent: dict | None, prior: GlmPrior, channels: int) -> list[torch.Tensor]:
     n = len(prior.reference_tokens)
     if latent is None:
         if n:
@@ -213,13 +214,19 @@ def _reference_latents(latent: dict | None, prior: GlmPrior) -> list[torch.Tenso
                 "the prior) into reference_latents, so the DiT can read them."
             )
         return []
-    samples = check_latent(latent, FAMILY)
+    samples = check_latent(latent, FAMILY, sampling=True)
     refs = list(latent.get("references") or [s[None] for s in samples])
     if not n:
         raise LetterpressError("reference_latents are wired but the prior has no reference images: give the "
                                "reference images to AR Tokens too (or unwire reference_latents).")
     if len(refs) != n:
         raise LetterpressError(f"The prior was made with {n} reference image(s) but reference_latents hold {len(refs)}.")
+    for ref in refs:
+        if ref.dim() != 4 or ref.shape[:2] != (1, channels):
+            raise LetterpressError(
+                f"reference_latents hold a latent of shape {tuple(ref.shape)}; this DiT reads (1, {channels}, H, W): "
+                "wire GLM-Image VAE Encode with the prior (not ComfyUI's own VAE Encode)."
+            )
     return refs
 
 
@@ -248,7 +255,7 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
         )
     if int(prior.tokens.max()) >= cfgm.prior_vq_quantizer_codebook_size:
         raise LetterpressError("The prior tokens exceed this DiT's codebook: the AR model and the DiT do not belong together.")
-    refs = _reference_latents(reference_latents, prior)
+    refs = _reference_latents(reference_latents, prior, cfgm.in_channels)
 
     text_dim = cfgm.text_embed_dim
     pos = positive.embeds[0].to(device, dtype)[None]
@@ -351,6 +358,7 @@ def encode(vae: ModelHandle, image: torch.Tensor | None = None, prior: GlmPrior 
         return {"samples": refs[0], "references": refs, "family": FAMILY}
     if image is None:
         raise LetterpressError("GLM-Image VAE Encode needs an image or a prior with reference images.")
+    image = check_image(image, "GLM-Image VAE Encode")
     _, h, w, _ = image.shape
     step = VAE_SCALE * 2
     if h % step or w % step:

@@ -22,6 +22,7 @@ from ..loaders.host import LetterpressError, ModelHandle
 from ..loaders.ovis_image import DEFAULT_SCHEDULE
 from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
+from .images import check_image
 from .numerics import check_finite, warn_truncated
 from .previews import latent_rgb_preview
 from .sizes import check_multiple
@@ -122,7 +123,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
            steps: int, cfg: float, denoise: float = 1.0) -> dict:
     model, device, dtype = dit.module, dit.device, dit.dtype
     run = compiled.forward(dit)  # the module, or its compiled form (Torch Compile node)
-    init = check_latent(latent, FAMILY)
+    init = check_latent(latent, FAMILY, sampling=True)
     if init.dim() != 4:
         raise LetterpressError(f"The latent has shape {tuple(init.shape)}; Ovis-Image needs (batch, 16, H/8, W/8).")
     b, c, h, w = init.shape
@@ -190,10 +191,11 @@ def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
 @torch.no_grad()
 def encode(vae: ModelHandle, image: torch.Tensor) -> dict:
     """IMAGE (B, H, W, C) -> unpacked, scaled latents (the distribution's mode), for denoise < 1."""
+    image = check_image(image, "Ovis-Image VAE Encode")
     _, h, w, _ = image.shape
     check_multiple(w, h, 2 * _vae_factor(vae.module), MODEL)
     cfg = vae.module.config
-    x = image[..., :3].permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
+    x = image.permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
     z = vae.module.encode(x).latent_dist.mode()
     return {"samples": ((z - cfg.shift_factor) * cfg.scaling_factor).cpu(), "family": FAMILY}
 

@@ -136,3 +136,45 @@ def test_a_foreign_latent_into_vae_decode_is_named(ernie, glm):
     glm_vae = N["LetterpressGlmImageFolderLoader"]().run("GLM-Image", "auto")[3]
     with pytest.raises(LetterpressError, match=r"GLM-Image needs \(batch, 16, H, W\) latents"):
         N["LetterpressGlmImageVAEDecode"]().run(glm_vae, core_latent)
+
+
+def test_latents_a_sampler_cannot_use_are_named(ernie, ovis):
+    """ComfyUI's own 4-channel latent, a latent without batch or image dims, an empty batch, and a latent with an
+    inpainting mask (which the samplers would ignore, redrawing everything) are refused before any compute."""
+    dit, te, _, _ = node("FolderLoader").run("ERNIE-Image", "auto", False)
+    pos = node("TextEncode").run(te, "x")[0]
+    lat = node("EmptyLatent").run(32, 32, 1)[0]
+    cases = [
+        ({"samples": torch.zeros(1, 4, 4, 4)}, r"\(1, 4, 4, 4\); ERNIE-Image needs \(batch, 128, H, W\)"),
+        ({"samples": torch.zeros(128, 2, 2)}, r"needs \(batch, 128, H, W\)"),
+        ({**lat, "samples": lat["samples"][:0]}, "holds no image.*batch size of 1 or more"),
+        ({**lat, "noise_mask": torch.ones(1, 1, 32, 32)}, "noise mask.*does not inpaint"),
+    ]
+    for latent, message in cases:
+        with pytest.raises(LetterpressError, match=message):
+            node("Sampler").run(dit, pos, latent, 0, 1, 1.0, 1.0, 1.0)
+    o = {k: N["LetterpressOvisImage" + k]() for k in ("FolderLoader", "TextEncode", "EmptyLatent", "Sampler")}
+    odit, ote, _ = o["FolderLoader"].run("Ovis-Image-7B", "auto")
+    opos, oneg = o["TextEncode"].run(ote, "x", "", 256)
+    olat = o["EmptyLatent"].run(32, 32, 1)[0]
+    for latent, message in (({**olat, "samples": olat["samples"][:0]}, "holds no image"),
+                            ({**olat, "noise_mask": torch.ones(1, 1, 32, 32)}, "Ovis-Image sampler does not inpaint")):
+        with pytest.raises(LetterpressError, match=message):
+            o["Sampler"].run(odit, opos, latent, 0, 1, 5.0, 1.0, negative=oneg)
+
+
+def test_image_inputs_are_checked_and_grey_or_alpha_pictures_work(ernie, ovis):
+    vae = node("FolderLoader").run("ERNIE-Image", "auto", False)[2]
+    rgb = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    grey = rgb[..., :1]
+    as_rgb = node("VAEEncode").run(vae, grey.expand(-1, -1, -1, 3).contiguous())[0]["samples"]
+    same = lambda a, b: torch.allclose(a, b, atol=1e-5, rtol=0)  # memory layout may change the summation order
+    assert same(node("VAEEncode").run(vae, grey)[0]["samples"], as_rgb)
+    rgba = torch.cat([rgb, torch.zeros_like(grey)], -1)
+    assert same(node("VAEEncode").run(vae, rgba)[0]["samples"], node("VAEEncode").run(vae, rgb)[0]["samples"])
+    for bad in (rgb[0], rgb[..., :2], rgb[:0], rgb[None]):
+        with pytest.raises(LetterpressError, match=r"ERNIE-Image VAE Encode: an IMAGE is \(batch >= 1, height, width"):
+            node("VAEEncode").run(vae, bad)
+    ovae = N["LetterpressOvisImageFolderLoader"]().run("Ovis-Image-7B", "auto")[2]
+    with pytest.raises(LetterpressError, match="Ovis-Image VAE Encode: an IMAGE is"):
+        N["LetterpressOvisImageVAEEncode"]().run(ovae, rgb[0])

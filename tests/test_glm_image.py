@@ -172,6 +172,8 @@ def test_wrong_wires_give_clear_errors(glm_models):
         N["LetterpressGlmImageSampler"]().run(glm_models["dit"], "not a prior", pos, 0, 1, 1.0)
     with pytest.raises(LetterpressError, match="no reference images"):
         N["LetterpressGlmImageVAEEncode"]().run(glm_models["vae"], prior=prior)
+    with pytest.raises(LetterpressError, match="not Letterpress conditioning: wire it from a GLM-Image Glyph Encode node"):
+        N["LetterpressGlmImageSampler"]().run(glm_models["dit"], prior, "a prompt", 0, 1, 1.0)
 
 
 def test_component_loaders_equal_the_folder_loader(glm_models, t2i):

@@ -145,6 +145,14 @@ def test_editing_wiring_errors(glm_models):
         N["LetterpressGlmImageSampler"]().run(glm_models["dit"], prior, pos, 0, 1, 1.0, reference_latents=two)
     with pytest.raises(LetterpressError, match="multiples of 16"):
         N["LetterpressGlmImageVAEEncode"]().run(glm_models["vae"], image=as_image(picture(1, 70, 100)))
+    core = {"samples": torch.zeros(1, 4, 8, 8)}  # ComfyUI's own VAE Encode / Empty Latent Image
+    with pytest.raises(LetterpressError, match=r"shape \(1, 4, 8, 8\); this DiT reads \(1, 16, H, W\)"):
+        N["LetterpressGlmImageSampler"]().run(glm_models["dit"], prior, pos, 0, 1, 1.0, reference_latents=core)
+    with pytest.raises(LetterpressError, match="reference_1: an IMAGE is"):
+        N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75, reference_1=ref[..., :2])
+    grey, _ = N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75,
+                                                     reference_1=ref[..., :1])
+    assert len(grey.reference_images) == 1 and grey.reference_images[0].shape[-1] == 3
     five = torch.cat([ref] * 3)
     with pytest.raises(LetterpressError, match="at most 4 reference images in all, got 5"):
         N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, 64, 64, 0, 0.9, 0.75, reference_1=five,

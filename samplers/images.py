@@ -1,0 +1,22 @@
+"""IMAGE inputs as ComfyUI passes them: (batch, height, width, channels) floats in 0..1. One check for every
+node that reads one, so a grey or transparent picture works and a malformed tensor gets a clear error."""
+
+from __future__ import annotations
+
+import torch
+
+from ..loaders.host import LetterpressError
+
+
+def check_image(image, what: str) -> torch.Tensor:
+    """`image` as RGB (B, H, W, 3): grey (1 channel) is repeated, alpha (4th channel) dropped."""
+    if not isinstance(image, torch.Tensor):
+        raise LetterpressError(f"{what}: the image input is not an IMAGE; wire it from Load Image or a decoder.")
+    if image.dim() != 4 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:3]) < 1:
+        raise LetterpressError(
+            f"{what}: an IMAGE is (batch >= 1, height, width, 1, 3 or 4 channels); this one has shape "
+            f"{tuple(image.shape)}. Wire it from Load Image or a VAE Decode node."
+        )
+    if image.shape[-1] == 1:
+        return image.expand(-1, -1, -1, 3)
+    return image[..., :3]
