@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..loaders.host import LetterpressError, get_host
+from .images import check_image
 
 PP_OCR = "PP-OCR (rapidocr)"
 ERNIE_VL = "ERNIE-4.5-VL"
@@ -34,15 +35,9 @@ _engine_lock = threading.Lock()
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     """IMAGE (B,H,W,C float 0..1) -> RGB uint8 arrays."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise LetterpressError(f"Read Text needs an IMAGE batch (B, H, W, C with C = 3), got {shape}.")
-    if images.shape[0] == 0:
-        raise LetterpressError("Read Text got an empty IMAGE batch.")
+    images = check_image(images, "Read Text")
     arr = (images.detach().cpu().float().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    return [np.ascontiguousarray(a[..., :3]) for a in arr]
+    return [np.ascontiguousarray(a) for a in arr]
 
 
 def _rapidocr_models(package_dir: str) -> dict[str, str]:

@@ -167,8 +167,9 @@ def test_missing_ocr_package_names_what_to_install(monkeypatch):
 
 
 def test_bad_image_input():
-    with pytest.raises(LetterpressError, match="IMAGE batch"):
-        N["LetterpressTextRead"]().run(torch.zeros(32, 32, 3), 0.5)
+    for bad in (torch.zeros(32, 32, 3), torch.zeros(0, 32, 32, 3), torch.zeros(1, 32, 32, 2)):
+        with pytest.raises(LetterpressError, match=r"Read Text: an IMAGE is \(batch >= 1, height, width"):
+            N["LetterpressTextRead"]().run(bad, 0.5)
 
 
 def test_shipped_workflow_is_valid(ernie):
