@@ -7,6 +7,7 @@ without config, whose architecture is read off the tensor shapes over a template
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
@@ -104,8 +105,36 @@ def load_tokenizer(folders: list[str], what: str, hint: str) -> object:
             os.path.exists(os.path.join(folder, "tokenizer.json"))
             or os.path.exists(os.path.join(folder, "tokenizer_config.json"))
         ):
-            return AutoTokenizer.from_pretrained(folder)
+            return read_tokenizer(AutoTokenizer.from_pretrained, folder, what)
     raise LetterpressError(f"{what}: no tokenizer found (looked in: {', '.join(f for f in folders if f)}). {hint}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def read_tokenizer(load: Callable[[str], object], folder: str, what: str) -> object:
+    """`load(folder)` (a tokenizer's or processor's from_pretrained); a damaged or incomplete folder becomes a
+    clear error naming the file to download again, not transformers' or the tokenizers library's traceback."""
+    try:
+        return load(folder)
+    except Exception as e:  # JSONDecodeError, KeyError, tokenizers' plain Exception, "Couldn't instantiate ..."
+        reason, files = _tokenizer_problem(folder, e)
+        raise LetterpressError(f"{what}: the tokenizer in {folder} cannot be read ({reason}): download {files} again.") from e
+
+
+def _tokenizer_problem(folder: str, error: Exception) -> tuple[str, str]:
+    """(short reason, files to download): the first missing or unreadable tokenizer file, else the error's first line."""
+    for name in TOKENIZER_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            return f"{name} is missing", name
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            return f"{name} is cut short or not JSON: {e}", name
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"{type(error).__name__}: {first[:200]}", " and ".join(TOKENIZER_FILES)
 
 
 def find_tokenizer_folders(path: str, sibling_names: Callable[[str], list[str]]) -> list[str]:

@@ -9,6 +9,7 @@ Formats:
   saved with `pipe.dit.` removed, alpha = rank);
 - ComfyUI style: `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight` or `.lora_down.weight` /
   `.lora_up.weight`, optional `.alpha`.
+kohya / sd-scripts LoRAs (flattened `lora_unet_<module>` keys) are refused with a message naming these formats.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ _PATTERNS = [
     ("ComfyUI", re.compile(r"^diffusion_model\.(?P<m>.+)\.lora_(?P<s>A|B|up|down)\.weight$")),
     ("diffusers/PEFT", re.compile(r"^(?:transformer\.|base_model\.model\.)?(?P<m>.+)\.lora_(?P<s>A|B|up|down)\.weight$")),
 ]
+FORMATS = ("diffusers/PEFT (transformer.<layer>.lora_A.weight), DiffSynth-Studio (<layer>.lora_A.default.weight) "
+           "or ComfyUI (diffusion_model.<layer>.lora_down.weight)")
+_KOHYA = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _ALPHA = re.compile(r"^(?:diffusion_model\.|transformer\.|base_model\.model\.)?(?P<m>.+)\.alpha$")
 
 
@@ -49,9 +53,17 @@ def read_lora(path: str) -> LoraWeights:
     alphas: dict[str, float] = {}
     fmt = None
     unknown = []
+    kohya = next((k for k in ck if k.startswith(_KOHYA)), None)
+    if kohya:
+        raise LetterpressError(
+            f"LoRA {name} is in the kohya / sd-scripts format (lora_unet_ keys such as {kohya}), which Letterpress "
+            f"does not read. Use a LoRA in a format it reads: {FORMATS}."
+        )
     for key in ck:
         a = _ALPHA.match(key)
         if a:
+            if ck[key].numel() != 1:
+                raise LetterpressError(f"LoRA {name}: {key} holds {ck[key].numel()} values, not one alpha; the file is damaged.")
             alphas[a.group("m")] = float(ck[key].float().item())
             continue
         for fname, pattern in _PATTERNS:
@@ -66,7 +78,7 @@ def read_lora(path: str) -> LoraWeights:
     if unknown:
         raise LetterpressError(
             f"LoRA {name}: {len(unknown)} tensors are not LoRA weights Letterpress knows "
-            f"({', '.join(unknown[:5])}). Nothing was applied; use a diffusers/PEFT, DiffSynth-Studio or ComfyUI LoRA."
+            f"({', '.join(unknown[:5])}). Nothing was applied; use a LoRA in {FORMATS}."
         )
     if not sides:
         raise LetterpressError(f"LoRA {name} holds no LoRA weights (lora_A/lora_B or lora_down/lora_up).")
@@ -75,6 +87,8 @@ def read_lora(path: str) -> LoraWeights:
         if set(ab) != {"A", "B"}:
             raise LetterpressError(f"LoRA {name}: {module} has only its lora_{''.join(ab)} half; the file is damaged.")
         rank = ab["A"].shape[0]
+        if rank == 0:
+            raise LetterpressError(f"LoRA {name}: {module} has rank 0 (empty lora_A/lora_B); the file is damaged or empty.")
         if ab["B"].shape[1] != rank:
             raise LetterpressError(f"LoRA {name}: {module} has mismatched ranks {rank} and {ab['B'].shape[1]}.")
         scale = alphas.get(module, rank) / rank

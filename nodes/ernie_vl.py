@@ -29,7 +29,7 @@ def _generation_inputs(max_tokens: int = 1024) -> dict:
                                  "ends it before it closes, the answer is empty."}),
         "max_new_tokens": ("INT", {"default": max_tokens, "min": 1, "max": 32768, "tooltip": "Upper limit on generated tokens (reasoning included)."}),
         "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "0 = greedy decoding (reproducible); above 0 samples."}),
-        "top_p": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Nucleus sampling; used when temperature > 0."}),
+        "top_p": ("FLOAT", {"default": 0.8, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Nucleus sampling; used when temperature > 0."}),
         "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                          "tooltip": "Sampling seed (no effect with temperature 0)."}),
     }
@@ -113,18 +113,18 @@ class LetterpressErnieVLGround:
         labels = [o.strip() for o in objects.split(",") if o.strip()]
         get_host().load(model)
         height, width = int(images.shape[1]), int(images.shape[2])
-        boxes, answers = [], []
+        boxes, answers, dropped = [], [], []
         for k in range(images.shape[0]):
             answer, _ = vl.vl_generate(model, images[k:k + 1], text, "", thinking, max_new_tokens, temperature, top_p, seed)
             answers.append(answer)
-            boxes += vl.parse_boxes(answer, width, height, labels, image=k)
-        return (vl.boxes_json(boxes, width, height), "\n".join(answers))
+            boxes += vl.parse_boxes(answer, width, height, labels, image=k, dropped=dropped)
+        return (vl.boxes_json(boxes, width, height, dropped), "\n".join(answers))
 
 
 class LetterpressErnieVLParseBoxes:
     DESCRIPTION = ("Reads boxes out of a model answer (ERNIE <|LOC_n|> tokens, JSON with bbox_2d, or [x1, y1, x2, y2] "
                    "lists, on the 0..1000 scale) and returns them as pixel boxes of the image, e.g. for an answer from "
-                   "ERNIE-VL Remote Generate.")
+                   "ERNIE-VL Remote Generate. Boxes with no area inside the image are left out and listed under 'dropped'.")
     CATEGORY = CAT
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("boxes",)
@@ -141,7 +141,9 @@ class LetterpressErnieVLParseBoxes:
     def run(self, answer, images, labels):
         height, width = int(images.shape[1]), int(images.shape[2])
         names = [o.strip() for o in labels.split(",") if o.strip()]
-        return (vl.boxes_json(vl.parse_boxes(answer, width, height, names), width, height),)
+        dropped = []
+        boxes = vl.parse_boxes(answer, width, height, names, dropped=dropped)
+        return (vl.boxes_json(boxes, width, height, dropped),)
 
 
 class LetterpressErnieVLDrawBoxes:

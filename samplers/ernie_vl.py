@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import math
 import re
 
 import numpy as np
@@ -41,6 +42,7 @@ GROUNDING_PROMPT = (
     "to 0-1000 of the image width and height. Output only the JSON."
 )
 COORD_SCALE = 1000.0
+MAX_ASPECT = 200  # the image processor refuses images more elongated than this
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -56,6 +58,16 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
             arr = np.repeat(arr, 3, axis=-1)
         out.append(Image.fromarray(arr[..., :3]))
     return out
+
+
+def check_aspect(images: list[Image.Image]) -> None:
+    for k, img in enumerate(images):
+        w, h = img.size
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise LetterpressError(
+                f"Image {k + 1} is {w}x{h} pixels, too narrow for ERNIE-VL: its image processor takes aspect ratios "
+                f"up to {MAX_ASPECT}:1. Crop it or pad it to a less elongated shape."
+            )
 
 
 def compose_prompt(preset: str, prompt: str) -> str:
@@ -125,6 +137,7 @@ def vl_generate(handle: ModelHandle, images: torch.Tensor, text: str, system_pro
                 max_new_tokens: int, temperature: float, top_p: float, seed: int) -> tuple[str, str]:
     """One answer to `text` about all the images of the batch; returns (answer, reasoning)."""
     pil = to_pil(images)
+    check_aspect(pil)
     inputs = prepare_inputs(handle, pil, text, system_prompt, thinking)
     tok = handle.extras["processor"].tokenizer
     out = generate(handle.module, seed, max_new_tokens, **inputs, **sampling_args(temperature, top_p),
@@ -204,8 +217,10 @@ def _from_plain(text: str) -> list[tuple[str, list[float]]]:
     return found
 
 
-def parse_boxes(text: str, width: int, height: int, labels: list[str] | None = None, image: int = 0) -> list[dict]:
-    """Boxes in `text` (model output) as dicts {image, label, box (pixels x1,y1,x2,y2), box_1000}."""
+def parse_boxes(text: str, width: int, height: int, labels: list[str] | None = None, image: int = 0,
+                dropped: list | None = None) -> list[dict]:
+    """Boxes in `text` (model output) as dicts {image, label, box (pixels x1,y1,x2,y2), box_1000}. Boxes with no
+    area once clamped to the image (e.g. wholly outside 0..1000) are left out, and added to `dropped` if given."""
     raw = _from_loc_tokens(text) or _from_json(text) or _from_plain(text)
     labels = labels or []
     boxes = []
@@ -215,14 +230,25 @@ def parse_boxes(text: str, width: int, height: int, labels: list[str] | None = N
               norm[2] * width / COORD_SCALE, norm[3] * height / COORD_SCALE]
         if not label:
             label = labels[n] if n < len(labels) else (labels[0] if len(labels) == 1 else "object")
+        if norm[0] == norm[2] or norm[1] == norm[3]:
+            if dropped is not None:
+                dropped.append({"image": image, "label": label, "box_1000": [x1, y1, x2, y2],
+                                "reason": "no area inside the image (outside 0..1000 or zero width/height)"})
+            continue
         boxes.append({"image": image, "label": label, "box": [round(v, 2) for v in px],
                       "box_1000": [round(v, 2) for v in norm]})
     return boxes
 
 
-def boxes_json(boxes: list[dict], width: int, height: int) -> str:
-    return json.dumps({"width": width, "height": height, "coordinates": "pixels x1, y1, x2, y2 (top-left origin)",
-                       "boxes": boxes}, ensure_ascii=False)
+def boxes_json(boxes: list[dict], width: int, height: int, dropped: list | None = None) -> str:
+    data = {"width": width, "height": height, "coordinates": "pixels x1, y1, x2, y2 (top-left origin)", "boxes": boxes}
+    if dropped:
+        data["dropped"] = dropped
+    return json.dumps(data, ensure_ascii=False)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def read_boxes(boxes: str) -> list[dict]:
@@ -233,9 +259,16 @@ def read_boxes(boxes: str) -> list[dict]:
     items = data.get("boxes") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise LetterpressError("The boxes JSON needs a 'boxes' list (as ERNIE-VL Ground writes it).")
-    for b in items:
+    for n, b in enumerate(items, 1):
         if not isinstance(b, dict) or not isinstance(b.get("box"), list) or len(b["box"]) != 4:
             raise LetterpressError(f"Box {b!r} has no 'box': [x1, y1, x2, y2] in pixels.")
+        if not all(_is_number(v) for v in b["box"]):
+            raise LetterpressError(f"Box {n} ({b!r:.100}): 'box' must be four numbers [x1, y1, x2, y2] in pixels, "
+                                   f"got {b['box']!r}.")
+        k = b.get("image", 0)
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise LetterpressError(f"Box {n} ({b!r:.100}): 'image' must be the image's index in the batch "
+                                   f"(0, 1, ...), got {k!r}.")
     return items
 
 
@@ -256,11 +289,13 @@ def draw_boxes(images: torch.Tensor, boxes: list[dict], line_width: int = 3, sho
         if not 0 <= k < len(pil):
             continue
         draw = ImageDraw.Draw(pil[k])
-        x1, y1, x2, y2 = b["box"]
+        x1, x2 = sorted((round(b["box"][0]), round(b["box"][2])))
+        y1, y2 = sorted((round(b["box"][1]), round(b["box"][3])))
         c = color or _color(str(b.get("label", "")))
-        draw.rectangle([round(x1), round(y1), round(x2) - 1, round(y2) - 1], outline=c, width=line_width)
+        # x2, y2 are exclusive; a box under 1 px (or swapped corners) still gets one pixel
+        draw.rectangle([x1, y1, max(x2 - 1, x1), max(y2 - 1, y1)], outline=c, width=line_width)
         if show_labels and b.get("label"):
-            tx, ty = round(x1) + line_width + 1, round(y1) + line_width + 1
+            tx, ty = x1 + line_width + 1, y1 + line_width + 1
             draw.text((tx, ty), str(b["label"]), fill=c)
     out = torch.from_numpy(np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in pil]))
     return out.to(images.dtype)

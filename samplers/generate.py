@@ -3,9 +3,11 @@ Cancel within one token. Shared by the prompt enhancer, the AR-token stage and t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..loaders.host import get_host
+from ..loaders.host import LetterpressError, get_host
 
 
 class _HostTicks:
@@ -25,6 +27,10 @@ def generate(model, seed: int | None, max_new_tokens: int, **kwargs) -> torch.Te
     """`model.generate(...)` under a private RNG seeded with `seed`; returns the full sequences."""
     from transformers import StoppingCriteriaList
 
+    if not max_new_tokens >= 1:
+        raise LetterpressError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise LetterpressError(f"seed must be between 0 and 2^64-1, got {seed}.")
     ticks = _HostTicks(max_new_tokens)
     criteria = StoppingCriteriaList([ticks] + list(kwargs.pop("stopping_criteria", []) or []))
     devices = [model.device] if model.device.type == "cuda" else []
@@ -38,7 +44,11 @@ def generate(model, seed: int | None, max_new_tokens: int, **kwargs) -> torch.Te
 
 
 def sampling_args(temperature: float, top_p: float) -> dict:
-    """temperature 0 means greedy decoding; anything else samples with these settings."""
-    if temperature <= 0:
+    """temperature 0 means greedy decoding; above 0 samples with these settings (top_p in (0, 1])."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise LetterpressError(f"temperature must be 0 (greedy) or a positive number, got {temperature}.")
+    if temperature == 0:
         return {"do_sample": False}
+    if not 0 < top_p <= 1:
+        raise LetterpressError(f"top_p must be above 0 and at most 1 when temperature is above 0, got {top_p}.")
     return {"do_sample": True, "temperature": temperature, "top_p": top_p}
