@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..loaders.host import LetterpressError, get_host
+from .numerics import check_seed
 
 
 def static_shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
@@ -61,8 +62,7 @@ def start_index(steps: int, denoise: float) -> int:
 
 def noise_like(shape, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The reference's noise: one CPU generator seeded with the node's seed, drawn in the model dtype."""
-    if not 0 <= seed < 2**64:
-        raise LetterpressError(f"seed must be between 0 and 2^64-1, got {seed}.")
+    check_seed(seed)
     gen = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(tuple(shape), generator=gen, dtype=dtype).to(device)
 

@@ -8,6 +8,7 @@ import math
 import torch
 
 from ..loaders.host import LetterpressError, get_host
+from .numerics import check_seed
 
 
 class _HostTicks:
@@ -29,8 +30,8 @@ def generate(model, seed: int | None, max_new_tokens: int, **kwargs) -> torch.Te
 
     if not max_new_tokens >= 1:
         raise LetterpressError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise LetterpressError(f"seed must be between 0 and 2^64-1, got {seed}.")
+    if seed is not None:
+        check_seed(seed)
     ticks = _HostTicks(max_new_tokens)
     criteria = StoppingCriteriaList([ticks] + list(kwargs.pop("stopping_criteria", []) or []))
     devices = [model.device] if model.device.type == "cuda" else []

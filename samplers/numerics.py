@@ -1,4 +1,5 @@
-"""Checks on stage outputs, so an fp16 overflow surfaces as a clear error rather than a black image."""
+"""Checks on numbers: stage outputs (so an fp16 overflow surfaces as a clear error rather than a black image) and
+seeds."""
 
 from __future__ import annotations
 
@@ -28,3 +29,9 @@ def warn_truncated(n_tokens: int, limit: int, what: str) -> None:
     if n_tokens > limit:
         log.warning("%s: the prompt is %d tokens; the encoder keeps the first %d, so %d tokens are dropped.",
                     what, n_tokens, limit, n_tokens - limit)
+
+
+def check_seed(seed: int) -> None:
+    """Seeds are what torch's generators take: 0 .. 2^64-1."""
+    if not 0 <= seed < 2**64:
+        raise LetterpressError(f"seed must be between 0 and 2^64-1, got {seed}.")
