@@ -92,11 +92,12 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
     ck = open_checkpoint(path)
     expect(ck.keys(), FAMILY, "ERNIE-Image DiT", os.path.basename(path), "the ERNIE-Image DiT loader")
     prefix = strip_prefix(ck.keys(), "x_embedder.proj.weight")
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        cfg = {k: v for k, v in read_json(os.path.join(path, "config.json"), "ERNIE-Image DiT").items() if not k.startswith("_")}
+    cfg_file = os.path.join(path, "config.json") if os.path.isdir(path) else None
+    if cfg_file and os.path.exists(cfg_file):
+        cfg = {k: v for k, v in read_json(cfg_file, "ERNIE-Image DiT").items() if not k.startswith("_")}
     else:
-        cfg = dit_config_from_shapes(ck, prefix)
-    module = build_empty(lambda: ErnieImageTransformer2DModel(**cfg))
+        cfg, cfg_file = dit_config_from_shapes(ck, prefix), None
+    module = build_empty(lambda: ErnieImageTransformer2DModel(**cfg), cfg_file)
     key_map = lambda k: k[len(prefix) :] if k.startswith(prefix) else None  # noqa: E731
     fill_module(module, ck, key_map, dtype=weight_dtype(dtype_choice), what="ERNIE-Image DiT")
     module.eval()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from typing import Iterator
 
 from .host import LetterpressError, get_host
 
@@ -51,11 +53,38 @@ def list_subfolders(kind: str, marker: str = "config.json") -> list[str]:
     return sorted(found)
 
 
-def pipeline_class(folder: str) -> str:
+@contextlib.contextmanager
+def readable(path: str) -> Iterator[None]:
+    """Turn the OS refusing to read `path` (or a file or folder in it) into a clear error."""
     try:
-        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-            return json.load(f).get("_class_name", "")
-    except (OSError, ValueError):
+        yield
+    except PermissionError as e:
+        raise LetterpressError(
+            f"cannot read {e.filename or path}: permission denied. Give your user read access to the model files "
+            "and their folders (e.g. chmod -R u+rX on the model folder)."
+        ) from None
+
+
+def read_json(path: str, what: str = "") -> dict:
+    """The JSON object in `path`; a clear error when it is missing, unreadable, not JSON or not an object."""
+    label = f"{what}: {path}" if what else path
+    try:
+        with readable(path), open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise LetterpressError(f"{label} is missing. The folder is incomplete; download it again.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LetterpressError(f"{label} is not valid JSON ({e}): download it again.") from None
+    if not isinstance(data, dict):
+        raise LetterpressError(f"{label} holds a JSON {type(data).__name__}, not an object: download it again.")
+    return data
+
+
+def pipeline_class(folder: str) -> str:
+    """The pipeline class the folder's model_index.json names ('' when there is none to read)."""
+    try:
+        return str(read_json(os.path.join(folder, "model_index.json")).get("_class_name", ""))
+    except (LetterpressError, OSError):
         return ""
 
 
@@ -78,7 +107,10 @@ def resolve(kind: str, name: str) -> str:
 
 def check_pipeline(folder: str, classes: tuple[str, ...], model: str, repo: str) -> None:
     """A clear error when `folder` is not a diffusers folder of one of `classes`."""
-    found = pipeline_class(folder)
+    with readable(folder):
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+    index = os.path.join(folder, "model_index.json")
+    found = str(read_json(index).get("_class_name", "")) if "model_index.json" in names else ""
     if found not in classes:
         raise LetterpressError(
             f"{os.path.basename(folder.rstrip(os.sep))} is not {model} folder ({found or 'no model_index.json'}). "

@@ -56,9 +56,9 @@ def load_ar(path: str, dtype_choice: str = "auto") -> ModelHandle:
     path = _component(path, "vision_language_encoder", what)
     ck = open_checkpoint(path)
     expect(ck.keys(), FAMILY, what, os.path.basename(path), "the GLM-Image AR loader")
-    cfg = read_json(os.path.join(path, "config.json"), what)
-    config = GlmImageConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "transformers_version", "dtype")})
-    module = build_empty(lambda: GlmImageForConditionalGeneration(config))
+    cfg_file = os.path.join(path, "config.json")
+    cfg = {k: v for k, v in read_json(cfg_file, what).items() if k not in ("architectures", "model_type", "transformers_version", "dtype")}
+    module = build_empty(lambda: GlmImageForConditionalGeneration(GlmImageConfig(**cfg)), cfg_file)
     fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what)
     module.eval()
     if os.path.exists(os.path.join(path, "generation_config.json")):
@@ -82,8 +82,8 @@ def load_glyph_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
     path = _component(path, "text_encoder", what)
     ck = open_checkpoint(path)
     expect(ck.keys(), "t5", "T5 / ByT5 encoder", os.path.basename(path), "the GLM-Image glyph encoder loader")
-    config = T5Config(**_config(path, what))
-    module = build_empty(lambda: T5EncoderModel(config))
+    cfg = _config(path, what)
+    module = build_empty(lambda: T5EncoderModel(T5Config(**cfg)), os.path.join(path, "config.json"))
     key_map = lambda k: None if k.startswith("decoder.") or k == "lm_head.weight" else k  # noqa: E731
     fill_module(module, ck, key_map, dtype=weight_dtype(dtype_choice), what=what, optional=("encoder.embed_tokens.",))
     module.encoder.embed_tokens = module.shared  # tied, as T5EncoderModel ties them
@@ -104,7 +104,8 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
     path = _component(path, "transformer", what)
     ck = open_checkpoint(path)
     expect(ck.keys(), FAMILY, what, os.path.basename(path), "the GLM-Image DiT loader")
-    module = build_empty(lambda: GlmImageTransformer2DModel(**_config(path, what)))
+    cfg = _config(path, what)
+    module = build_empty(lambda: GlmImageTransformer2DModel(**cfg), os.path.join(path, "config.json"))
     fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what)
     module.eval()
     scheduler = dict(DEFAULT_SCHEDULER)
@@ -125,8 +126,17 @@ def load_kl_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
     ck = open_checkpoint(path)
     expect(ck.keys(), "kl_vae", "16-channel KL VAE", os.path.basename(path), "the GLM-Image VAE loader")
     module = load_vae(path, AutoencoderKL, KL_VAE_TEMPLATE, weight_dtype(dtype_choice), what)
-    if module.config.latents_mean is None or module.config.latents_std is None:
+    c = module.config
+    if c.latents_mean is None or c.latents_std is None:
         raise LetterpressError(f"{what}: {path}/config.json has no latents_mean / latents_std; it is not GLM-Image's VAE.")
+    for key in ("latents_mean", "latents_std"):
+        values = c[key]
+        if not isinstance(values, (list, tuple)) or len(values) != c.latent_channels or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise LetterpressError(
+                f"{os.path.join(path, 'config.json')}: {key} must list one number per latent channel "
+                f"({c.latent_channels}), not {values!r}. The file is damaged or was edited: download it again."
+            )
     return get_host().wrap(ModelHandle(FAMILY, "vae", module, source=path))
 
 

@@ -87,6 +87,9 @@ class _Converted(Mapping):
     def __len__(self) -> int:
         return len(self.plan)
 
+    def file_of(self, key: str) -> str:
+        return self.ck.file_of(self.plan[key][0][0])
+
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
@@ -246,6 +249,7 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
     ck = open_checkpoint(path)
     expect(ck.keys(), FAMILY, "Ovis-Image DiT", os.path.basename(path), "the Ovis-Image DiT loader")
     original = any(".img_attn.qkv." in k for k in ck)
+    cfg_file = None  # the config.json the architecture comes from, if any
     if original:
         prefix = strip_prefix(ck.keys(), "double_blocks.0.")
         keys = {k[len(prefix):] for k in ck if k.startswith(prefix)}
@@ -265,12 +269,13 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
         prefix = strip_prefix(ck.keys(), "x_embedder.weight")
         keys = {k[len(prefix):] for k in ck if k.startswith(prefix)}
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-            cfg = {k: v for k, v in read_json(os.path.join(path, "config.json"), "Ovis-Image DiT").items() if not k.startswith("_")}
+            cfg_file = os.path.join(path, "config.json")
+            cfg = {k: v for k, v in read_json(cfg_file, "Ovis-Image DiT").items() if not k.startswith("_")}
         else:
             cfg = _config_from_diffusers_names(lambda k: ck.shape(prefix + k), keys)
         state = ck
         key_map = lambda k: k[len(prefix):] if k.startswith(prefix) else None  # noqa: E731
-    module = build_empty(lambda: OvisImageTransformer2DModel(**cfg))
+    module = build_empty(lambda: OvisImageTransformer2DModel(**cfg), cfg_file)
     fill_module(module, state, key_map, dtype=weight_dtype(dtype_choice), what="Ovis-Image DiT")
     module.eval()
     return get_host().wrap(ModelHandle(FAMILY, "dit", module, source=path, extras={"schedule": _schedule_for(path)}))

@@ -68,12 +68,12 @@ def load_vae(path: str, vae_cls, template: dict, dtype: torch.dtype, what: str) 
     else:
         state = ck
         shapes = {k: ck.shape(k) for k in ck}
-    if folder and os.path.exists(os.path.join(folder, "config.json")):
-        cfg = read_json(os.path.join(folder, "config.json"), what)
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg_file = os.path.join(folder, "config.json") if folder else None
+    if cfg_file and os.path.exists(cfg_file):
+        cfg = {k: v for k, v in read_json(cfg_file, what).items() if not k.startswith("_")}
     else:
-        cfg = infer_vae_config(shapes, template)
-    module = build_empty(lambda: vae_cls(**cfg))
+        cfg, cfg_file = infer_vae_config(shapes, template), None
+    module = build_empty(lambda: vae_cls(**cfg), cfg_file)
     try:
         fill_module(module, state, dtype=dtype, what=what, keep_fp32=("bn.running",), source=path)
     except BaseException:

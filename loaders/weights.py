@@ -8,8 +8,8 @@ copies of the weights in memory.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
+import math
 import mmap
 import os
 import struct
@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from .files import PICKLE_EXTENSIONS
+from .files import PICKLE_EXTENSIONS, read_json, readable
 from .host import LetterpressError, get_host
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
@@ -42,42 +42,82 @@ def weight_dtype(choice: str) -> torch.dtype:
     return torch.bfloat16
 
 
-def _check_safetensors(path: str) -> dict:
-    """Read and validate the header of a safetensors file; clear errors for the usual breakages."""
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _check_safetensors(path: str) -> tuple[dict, int]:
+    """Read and validate the header of a safetensors file: (header, offset of the data), or a clear error for
+    the usual breakages (cut short, garbage, entries that do not describe the bytes they point at)."""
     if path.lower().endswith(PICKLE_EXTENSIONS):
         raise LetterpressError(
             f"{os.path.basename(path)} is a pickle checkpoint, which can run arbitrary code when loaded. "
             "Letterpress loads .safetensors only: use the .safetensors release of this model."
         )
-    size = os.path.getsize(path)
     name = os.path.basename(path)
-    if size == 0:
-        raise LetterpressError(f"{name} is empty (0 bytes): the download did not finish. Download it again.")
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise LetterpressError(f"{name} is not a safetensors file (too short). Download it again.")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise LetterpressError(f"{name} is not a valid safetensors file (corrupt header). Download it again.")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise LetterpressError(f"{name} is not a valid safetensors file (unreadable header). Download it again.")
+    with readable(path):
+        size = os.path.getsize(path)
+        if size == 0:
+            raise LetterpressError(f"{name} is empty (0 bytes): the download did not finish. Download it again.")
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LetterpressError(f"{name} is not a safetensors file (too short). Download it again.")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise LetterpressError(f"{name} is not a valid safetensors file (corrupt header). Download it again.")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                raise LetterpressError(f"{name} is not a valid safetensors file (unreadable header). Download it again.")
+    problem = _header_problem(header)
+    if problem:
+        raise LetterpressError(f"{name} has a corrupt header ({problem}). Download it again.")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise LetterpressError(
             f"{name} is truncated: it holds {size} bytes but its header needs {8 + n + end}. "
             "The download did not finish; download it again."
         )
-    return header
+    return header, 8 + n
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+def _header_problem(header) -> str | None:
+    """What is wrong with a parsed safetensors header, or None."""
+    if not isinstance(header, dict):
+        return f"a JSON {type(header).__name__}, not an object"
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        return "__metadata__ is not a map of text to text"
+    for key, info in header.items():
+        problem = None if key == "__metadata__" else _entry_problem(info)
+        if problem:
+            return f"tensor {key}: {problem}"
+    return None
+
+
+def _is_size(x) -> bool:
+    return type(x) is int and x >= 0  # not a bool, not a float
+
+
+def _entry_problem(info) -> str | None:
+    if not isinstance(info, dict):
+        return "its entry is not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        return f"unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"data_offsets {offsets!r} is not [start, end] with 0 <= start <= end"
+    need = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != need:
+        return f"{dtype} of shape {shape} takes {need} bytes, but its data_offsets span {offsets[1] - offsets[0]}"
+    return None
 
 
 class Checkpoint(Mapping):
@@ -92,9 +132,7 @@ class Checkpoint(Mapping):
         self._info: dict[str, tuple[str, dict, int]] = {}
         self.metadata: dict = {}
         for path in self.files:
-            header = _check_safetensors(path)
-            with open(path, "rb") as f:
-                start = 8 + struct.unpack("<Q", f.read(8))[0]
+            header, start = _check_safetensors(path)
             self.metadata.update(header.get("__metadata__") or {})
             for key, info in header.items():
                 if key != "__metadata__":
@@ -103,6 +141,9 @@ class Checkpoint(Mapping):
         self._maps: weakref.WeakValueDictionary[str, mmap.mmap] = weakref.WeakValueDictionary()
         self._handles: dict[str, object] = {}
         self.source = self.files[0] if len(self.files) == 1 else os.path.dirname(self.files[0])
+
+    def file_of(self, key: str) -> str:
+        return self._info[key][0]
 
     def shape(self, key: str) -> tuple:
         return tuple(self._info[key][1]["shape"])
@@ -140,13 +181,29 @@ def open_checkpoint(path: str) -> Checkpoint:
     if not os.path.exists(path):
         raise LetterpressError(f"{path} does not exist.")
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        with readable(path):
+            names = sorted(os.listdir(path))
+        _check_shards(path, names)
+        files = [os.path.join(path, f) for f in names if f.endswith(".safetensors") and not f.startswith(".")]
         if not files:
-            pickles = [f for f in os.listdir(path) if f.endswith(PICKLE_EXTENSIONS)]
+            pickles = [f for f in names if f.endswith(PICKLE_EXTENSIONS)]
             hint = " It only holds pickle files, which Letterpress does not load." if pickles else ""
             raise LetterpressError(f"{path} holds no .safetensors weights.{hint}")
         return Checkpoint(files)
     return Checkpoint([path])
+
+
+def _check_shards(folder: str, names: list[str]) -> None:
+    """Every shard a `*.safetensors.index.json` in the folder lists is there."""
+    for index in (os.path.join(folder, f) for f in names if f.endswith(".safetensors.index.json")):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LetterpressError(f"{index} has no weight_map: download it again.")
+        for shard in sorted(set(map(str, weight_map.values()))):
+            if not os.path.isfile(os.path.join(folder, shard)):
+                raise LetterpressError(
+                    f"{shard} listed in {index} is missing: the download is incomplete. Download {shard} again."
+                )
 
 
 def strip_prefix(keys: Iterable[str], marker: str) -> str:
@@ -176,9 +233,22 @@ def empty_weights() -> Iterator[None]:
         torch.nn.Module.register_parameter = original
 
 
-def build_empty(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    with empty_weights():
-        return factory()
+def build_empty(factory: Callable[[], torch.nn.Module], config_file: str | None = None) -> torch.nn.Module:
+    """`factory()` on the meta device. `config_file`: the config.json its settings came from, named in a clear
+    error when they do not build the model (a value of the wrong type, a size that does not divide, ...)."""
+    try:
+        with empty_weights():
+            return factory()
+    except LetterpressError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, AssertionError,
+            RuntimeError) as e:
+        if config_file is None:
+            raise
+        raise LetterpressError(
+            f"{config_file}: its settings do not build the model ({type(e).__name__}: {e}). "
+            "The file is damaged or was edited: download it again."
+        ) from None
 
 
 def fill_module(
@@ -217,6 +287,7 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
     expected = dict(module.state_dict(keep_vars=True))
     seen: set[str] = set()
     unexpected: list[str] = []
+    nonzero: dict[str, bool] = {}  # file -> whether any sampled weight matrix in it is not all zeros
     for ck in checkpoint.keys():
         mk = key_map(ck)
         if mk is None:
@@ -231,17 +302,32 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
                 f"{what}: tensor {ck} has shape {tuple(tensor.shape)} but the model needs {tuple(target.shape)}. "
                 "The file is of another size or variant than its config says."
             )
-        if tensor.is_floating_point():
-            if isinstance(target, torch.nn.Parameter) and not _finite_sample(tensor):
-                name = os.path.basename(source or getattr(checkpoint, "source", "") or "") or "the checkpoint"
+        if isinstance(target, torch.nn.Parameter) and target.is_floating_point():
+            name = _file_name(checkpoint, ck, source)
+            if not tensor.is_floating_point():
+                raise LetterpressError(
+                    f"{what}: tensor {ck} in {name} is stored as {str(tensor.dtype).replace('torch.', '')}, but it is "
+                    "a weight, which is floating point: the file is corrupt. Download it again."
+                )
+            sample = _sample(tensor)
+            if not bool(torch.isfinite(sample).all()):
                 raise LetterpressError(
                     f"{what}: tensor {ck} in {name} holds NaN/inf values: the file is corrupt (a damaged "
                     "download or disk). Download it again."
                 )
+            if tensor.dim() >= 2:
+                nonzero[name] = nonzero.get(name, False) or bool(sample.any())
+        if tensor.is_floating_point():
             want = torch.float32 if any(s in mk for s in keep_fp32) else dtype
             tensor = tensor.to(want)
         _assign(module, mk, tensor)
         seen.add(mk)
+    for name, any_nonzero in nonzero.items():
+        if not any_nonzero:
+            raise LetterpressError(
+                f"{name}: its weights are all zeros, the download is incomplete (an interrupted download leaves "
+                "the file full of zeros). Download it again."
+            )
     missing = [k for k in expected if k not in seen and not any(s in k for s in optional)]
     if unexpected or missing:
         parts = []
@@ -258,15 +344,23 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
     return module
 
 
-def _finite_sample(tensor: torch.Tensor, width: int = 256) -> bool:
-    """Whether the first and last `width` values of a weight are finite (all of a small tensor). Garbage bytes
-    are NaN/inf one time in 256 (fp32, bf16) or 32 (fp16), so garbage over any whole tensor, or over the
-    start or end of one, is caught. It reads two pages per tensor, so the memory map stays lazy (a full check
-    of a large model would take as long as the load itself, and page in the whole file)."""
+def _file_name(checkpoint, key: str, source: str) -> str:
+    """The name of the file `key` is read from, for messages."""
+    file_of = getattr(checkpoint, "file_of", None)
+    path = file_of(key) if file_of else source or getattr(checkpoint, "source", "")
+    return os.path.basename(path or "") or "the checkpoint"
+
+
+def _sample(tensor: torch.Tensor, width: int = 256) -> torch.Tensor:
+    """The first and last `width` values of a weight (all of a small tensor), in fp32, to check for NaN/inf and
+    all-zero data. Garbage bytes are NaN/inf one time in 256 (fp32, bf16) or 32 (fp16), so garbage over any whole
+    tensor, or over the start or end of one, is caught; a preallocated file the download never filled is zeros.
+    It reads two pages per tensor, so the memory map stays lazy (a full check of a large model would take as long
+    as the load itself, and page in the whole file)."""
     flat = tensor.reshape(-1)
-    if flat.numel() <= 2 * width:
-        return bool(torch.isfinite(flat).all())
-    return bool(torch.isfinite(flat[:width]).all()) and bool(torch.isfinite(flat[-width:]).all())
+    if flat.numel() > 2 * width:
+        flat = torch.cat([flat[:width], flat[-width:]])
+    return flat.float()
 
 
 class Fp8Linear(torch.nn.Linear):
@@ -296,13 +390,3 @@ def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
         owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False if old is None else False)
     else:
         owner._buffers[leaf] = tensor
-
-
-def read_json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise LetterpressError(f"{what}: {path} is missing. The folder is incomplete; download it again.")
-    except ValueError as e:
-        raise LetterpressError(f"{what}: {path} is not valid JSON ({e}).")
