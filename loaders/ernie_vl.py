@@ -18,6 +18,7 @@ import os
 
 from .files import PICKLE_EXTENSIONS, list_subfolders
 from .host import LetterpressError, ModelHandle, get_host
+from .llm import read_tokenizer
 from .weights import read_json, weight_dtype
 
 FAMILY = "ernie_vl"
@@ -92,11 +93,9 @@ def load_processor(folder: str):
     if not os.path.exists(os.path.join(folder, "preprocessor_config.json")):
         raise LetterpressError(f"ERNIE-4.5-VL: {folder} has no preprocessor_config.json (the image processor). "
                                "Download the whole model folder.")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise LetterpressError(f"ERNIE-4.5-VL: the tokenizer in {folder} could not be loaded ({e}).")
-    image_processor = Ernie4_5_VLMoeImageProcessorPil.from_pretrained(folder)
+    tokenizer = read_tokenizer(AutoTokenizer.from_pretrained, folder, "ERNIE-4.5-VL")
+    image_processor = read_tokenizer(Ernie4_5_VLMoeImageProcessorPil.from_pretrained, folder, "ERNIE-4.5-VL",
+                                     ("preprocessor_config.json",), "image processor")
     return _processor_class()(image_processor, tokenizer, chat_template=_chat_template(folder, tokenizer))
 
 

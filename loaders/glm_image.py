@@ -14,6 +14,7 @@ import os
 from .detect import expect
 from .files import check_pipeline, component
 from .host import LetterpressError, ModelHandle, get_host
+from .llm import TOKENIZER_FILES, read_tokenizer
 from .vae import load_vae
 from .weights import build_empty, fill_module, open_checkpoint, read_json, weight_dtype
 
@@ -68,7 +69,8 @@ def load_ar(path: str, dtype_choice: str = "auto") -> ModelHandle:
                      or os.path.exists(os.path.join(p, "preprocessor_config.json"))), None)
     if proc_dir is None:
         raise LetterpressError(f"{what}: no processor found next to {path} (the GLM-Image folder needs processor/).")
-    processor = GlmImageProcessor.from_pretrained(proc_dir)
+    processor = read_tokenizer(GlmImageProcessor.from_pretrained, proc_dir, what,
+                               TOKENIZER_FILES + ("processor_config.json",), "processor")
     return get_host().wrap(ModelHandle(FAMILY, "ar", module, tokenizer=processor, source=path))
 
 
@@ -90,7 +92,8 @@ def load_glyph_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
     module.eval()
     tok_dir = next((p for p in (_sibling(path, "tokenizer"), path)
                     if os.path.exists(os.path.join(p, "tokenizer_config.json"))), None)
-    tokenizer = ByT5Tokenizer.from_pretrained(tok_dir) if tok_dir else ByT5Tokenizer()
+    tokenizer = read_tokenizer(ByT5Tokenizer.from_pretrained, tok_dir, what, ("tokenizer_config.json",)) if tok_dir \
+        else ByT5Tokenizer()
     return get_host().wrap(ModelHandle(FAMILY, "glyph_encoder", module, tokenizer=tokenizer, source=path))
 
 

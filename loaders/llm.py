@@ -112,19 +112,20 @@ def load_tokenizer(folders: list[str], what: str, hint: str) -> object:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def read_tokenizer(load: Callable[[str], object], folder: str, what: str) -> object:
-    """`load(folder)` (a tokenizer's or processor's from_pretrained); a damaged or incomplete folder becomes a
-    clear error naming the file to download again, not transformers' or the tokenizers library's traceback."""
+def read_tokenizer(load: Callable[[str], object], folder: str, what: str, files: tuple[str, ...] = TOKENIZER_FILES,
+                   kind: str = "tokenizer") -> object:
+    """`load(folder)` (a tokenizer's or processor's from_pretrained, which reads `files`); a damaged or incomplete
+    folder becomes a clear error naming the file to download again, not transformers' or tokenizers' traceback."""
     try:
         return load(folder)
     except Exception as e:  # JSONDecodeError, KeyError, tokenizers' plain Exception, "Couldn't instantiate ..."
-        reason, files = _tokenizer_problem(folder, e)
-        raise LetterpressError(f"{what}: the tokenizer in {folder} cannot be read ({reason}): download {files} again.") from e
+        reason, names = _tokenizer_problem(folder, e, files)
+        raise LetterpressError(f"{what}: the {kind} in {folder} cannot be read ({reason}): download {names} again.") from e
 
 
-def _tokenizer_problem(folder: str, error: Exception) -> tuple[str, str]:
-    """(short reason, files to download): the first missing or unreadable tokenizer file, else the error's first line."""
-    for name in TOKENIZER_FILES:
+def _tokenizer_problem(folder: str, error: Exception, files: tuple[str, ...]) -> tuple[str, str]:
+    """(short reason, files to download): the first missing or unreadable of `files`, else the error's first line."""
+    for name in files:
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             return f"{name} is missing", name
@@ -134,7 +135,7 @@ def _tokenizer_problem(folder: str, error: Exception) -> tuple[str, str]:
         except (OSError, ValueError) as e:
             return f"{name} is cut short or not JSON: {e}", name
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return f"{type(error).__name__}: {first[:200]}", " and ".join(TOKENIZER_FILES)
+    return f"{type(error).__name__}: {first[:200]}", " and ".join(files)
 
 
 def find_tokenizer_folders(path: str, sibling_names: Callable[[str], list[str]]) -> list[str]:

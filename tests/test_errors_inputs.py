@@ -41,6 +41,25 @@ def test_tokenizer_without_tokenizer_json(ernie, models_dir, tmp_path):
         load_tokenizer([str(tmp_path)], "tok", "")
 
 
+@pytest.mark.parametrize("family", ["glm", "ernie_vl"])
+def test_damaged_processor_files_name_the_file(family, glm, ernie_vl, models_dir, tmp_path, host):
+    """GLM-Image's processor (its tokenizer.json) and ERNIE-VL's image processor (preprocessor_config.json)."""
+    sub, name, damaged, loader, args = {
+        "glm": ("diffusers/GLM-Image", "GLM-Image", "processor/tokenizer.json", "GlmImageARLoader", ("auto",)),
+        "ernie_vl": ("LLM/ERNIE-4.5-VL-28B-A3B-PT", "ERNIE-4.5-VL-28B-A3B-PT", "preprocessor_config.json",
+                     "ErnieVLLoader", ("auto",)),
+    }[family]
+    folder = tmp_path / "models" / sub
+    shutil.copytree(os.path.join(models_dir, sub), folder)
+    path = folder / damaged
+    path.write_text(path.read_text()[: path.stat().st_size // 2])
+    host.models_dir = str(tmp_path / "models")
+    leaf = os.path.basename(damaged)
+    with pytest.raises(LetterpressError, match=rf"(processor|image processor) in .* cannot be read \({leaf} is cut short "
+                                               rf"or not JSON: .*\): download {leaf} again"):
+        node(loader).run(name, *args)
+
+
 # 2. LoRA files ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dit(ernie):
