@@ -16,7 +16,7 @@ from ..loaders.host import LetterpressError, ModelHandle, get_host
 from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
 from .generate import generate, sampling_args
-from .images import check_image
+from .images import check_image, vae_input, vae_output
 from .latents import patchify_2x2, unpatchify_2x2, vae_layout
 from .numerics import check_finite, log, warn_truncated
 from .previews import latent_rgb_preview
@@ -124,7 +124,7 @@ def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
     mean, std = _bn_stats(vae.module, lat)
     z = vae_layout(unpatchify_2x2(lat * std + mean))
     image = check_finite(vae.module.decode(z, return_dict=False)[0], "Flux2 VAE decode", vae.dtype)
-    return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    return vae_output(image)
 
 
 @torch.no_grad()
@@ -133,7 +133,7 @@ def encode(vae: ModelHandle, image: torch.Tensor) -> dict:
     image = check_image(image, "ERNIE-Image VAE Encode")
     b, h, w, _ = image.shape
     check_size(w, h)
-    x = image.permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
+    x = vae_input(image, vae.device, vae.dtype)
     lat = patchify_2x2(vae.module.encode(x).latent_dist.mode())
     mean, std = _bn_stats(vae.module, lat)
     return {"samples": ((lat - mean) / std).cpu(), "family": FAMILY}

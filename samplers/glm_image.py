@@ -27,7 +27,7 @@ from . import flow_match
 from .sizes import check_multiple
 from .text_spans import quoted_spans
 from .conditioning import Conditioning, check_family, check_latent
-from .images import check_image
+from .images import check_image, vae_input, vae_output
 from .latents import vae_layout
 from .generate import generate, sampling_args
 from .numerics import check_finite, warn_truncated
@@ -336,12 +336,12 @@ def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
     lat = check_latent(latent, FAMILY, vae.module.config.latent_channels).to(vae.device, vae.dtype)
     mean, std = _stats(vae.module, lat)
     image = check_finite(vae.module.decode(vae_layout(lat * std + mean), return_dict=False)[0], "GLM-Image VAE decode", vae.dtype)
-    return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    return vae_output(image)
 
 
 @torch.no_grad()
 def _encode_one(vae: ModelHandle, image: torch.Tensor) -> torch.Tensor:
-    x = image[..., :3].permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
+    x = vae_input(image[..., :3], vae.device, vae.dtype)
     lat = vae.module.encode(x).latent_dist.mode()
     mean, std = _stats(vae.module, lat)
     return ((lat - mean) / std).cpu()

@@ -20,3 +20,13 @@ def check_image(image, what: str) -> torch.Tensor:
     if image.shape[-1] == 1:
         return image.expand(-1, -1, -1, 3)
     return image[..., :3]
+
+
+def vae_input(image: torch.Tensor, device, dtype) -> torch.Tensor:
+    """A checked RGB IMAGE (B, H, W, 3) in 0..1 -> what the VAEs encode: (B, 3, H, W) in -1..1."""
+    return image.permute(0, 3, 1, 2).to(device, dtype) * 2 - 1
+
+
+def vae_output(decoded: torch.Tensor) -> torch.Tensor:
+    """What the VAEs decode, (B, 3, H, W) in -1..1 -> an IMAGE (B, H, W, 3) in 0..1 on the CPU."""
+    return (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()

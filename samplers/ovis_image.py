@@ -22,7 +22,7 @@ from ..loaders.host import LetterpressError, ModelHandle
 from ..loaders.ovis_image import DEFAULT_SCHEDULE
 from . import flow_match
 from .conditioning import Conditioning, batch_for, check_latent
-from .images import check_image
+from .images import check_image, vae_input, vae_output
 from .numerics import check_finite, warn_truncated
 from .previews import latent_rgb_preview
 from .sizes import check_multiple
@@ -177,15 +177,11 @@ def _vae_factor(vae: torch.nn.Module) -> int:
 @torch.no_grad()
 def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
     """Unpacked, scaled latents -> IMAGE (B, H, W, C) in 0..1."""
-    lat = check_latent(latent, FAMILY)
     cfg = vae.module.config
-    if lat.dim() != 4 or lat.shape[1] != cfg.latent_channels:
-        raise LetterpressError(
-            f"The latent has shape {tuple(lat.shape)}; the Ovis-Image VAE decodes {cfg.latent_channels}-channel latents."
-        )
+    lat = check_latent(latent, FAMILY, cfg.latent_channels)
     z = vae_layout(lat.to(vae.device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor)
     image = check_finite(vae.module.decode(z, return_dict=False)[0], "FLUX.1 VAE decode", vae.dtype)
-    return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    return vae_output(image)
 
 
 @torch.no_grad()
@@ -195,7 +191,7 @@ def encode(vae: ModelHandle, image: torch.Tensor) -> dict:
     _, h, w, _ = image.shape
     check_multiple(w, h, 2 * _vae_factor(vae.module), MODEL)
     cfg = vae.module.config
-    x = image.permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
+    x = vae_input(image, vae.device, vae.dtype)
     z = vae.module.encode(x).latent_dist.mode()
     return {"samples": ((z - cfg.shift_factor) * cfg.scaling_factor).cpu(), "family": FAMILY}
 
