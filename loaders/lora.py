@@ -69,6 +69,9 @@ def read_lora(path: str) -> LoraWeights:
         for fname, pattern in _PATTERNS:
             m = pattern.match(key)
             if m:
+                if not ck[key].is_floating_point():
+                    raise LetterpressError(f"LoRA {name}: {key} is stored as {str(ck[key].dtype).replace('torch.', '')}, "
+                                           "not as floating-point weights; the file is damaged. Download it again.")
                 fmt = fmt or fname
                 side = {"up": "B", "down": "A"}.get(m.group("s"), m.group("s"))
                 sides.setdefault(m.group("m"), {})[side] = ck[key]

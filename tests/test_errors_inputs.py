@@ -85,7 +85,10 @@ LAYER = "layers.0.self_attention.to_q"
       "lora_unet_layers_0_self_attention_to_q.lora_up.weight": torch.zeros(64, 2),
       "lora_unet_layers_0_self_attention_to_q.alpha": torch.tensor(2.0)},
      r"kohya / sd-scripts format \(lora_unet_ keys .*does not read.*diffusers/PEFT .*DiffSynth-Studio .*ComfyUI"),
-], ids=["rank0", "alpha2", "kohya"])
+    ({f"transformer.{LAYER}.lora_A.weight": torch.zeros(2, 64, dtype=torch.int32),
+      f"transformer.{LAYER}.lora_B.weight": torch.zeros(64, 2)},
+     f"transformer.{LAYER}.lora_A.weight is stored as int32, not as floating-point weights"),
+], ids=["rank0", "alpha2", "kohya", "int32"])
 def test_odd_lora_files(dit, tmp_path, tensors, message):
     with pytest.raises(LetterpressError, match=message):
         apply_lora(dit, tmp_path, tensors)
