@@ -97,7 +97,7 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
         cfg = {k: v for k, v in read_json(cfg_file, "ERNIE-Image DiT").items() if not k.startswith("_")}
     else:
         cfg, cfg_file = dit_config_from_shapes(ck, prefix), None
-    module = build_empty(lambda: ErnieImageTransformer2DModel(**cfg), cfg_file)
+    module = build_empty(lambda: ErnieImageTransformer2DModel.from_config(cfg), cfg_file)
     key_map = lambda k: k[len(prefix) :] if k.startswith(prefix) else None  # noqa: E731
     fill_module(module, ck, key_map, dtype=weight_dtype(dtype_choice), what="ERNIE-Image DiT")
     module.eval()

@@ -108,7 +108,7 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
     ck = open_checkpoint(path)
     expect(ck.keys(), FAMILY, what, os.path.basename(path), "the GLM-Image DiT loader")
     cfg = _config(path, what)
-    module = build_empty(lambda: GlmImageTransformer2DModel(**cfg), os.path.join(path, "config.json"))
+    module = build_empty(lambda: GlmImageTransformer2DModel.from_config(cfg), os.path.join(path, "config.json"))
     fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what)
     module.eval()
     scheduler = dict(DEFAULT_SCHEDULER)

@@ -275,7 +275,7 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
             cfg = _config_from_diffusers_names(lambda k: ck.shape(prefix + k), keys)
         state = ck
         key_map = lambda k: k[len(prefix):] if k.startswith(prefix) else None  # noqa: E731
-    module = build_empty(lambda: OvisImageTransformer2DModel(**cfg), cfg_file)
+    module = build_empty(lambda: OvisImageTransformer2DModel.from_config(cfg), cfg_file)
     fill_module(module, state, key_map, dtype=weight_dtype(dtype_choice), what="Ovis-Image DiT")
     module.eval()
     return get_host().wrap(ModelHandle(FAMILY, "dit", module, source=path, extras={"schedule": _schedule_for(path)}))

@@ -73,7 +73,7 @@ def load_vae(path: str, vae_cls, template: dict, dtype: torch.dtype, what: str) 
         cfg = {k: v for k, v in read_json(cfg_file, what).items() if not k.startswith("_")}
     else:
         cfg, cfg_file = infer_vae_config(shapes, template), None
-    module = build_empty(lambda: vae_cls(**cfg), cfg_file)
+    module = build_empty(lambda: vae_cls.from_config(cfg), cfg_file)
     try:
         fill_module(module, state, dtype=dtype, what=what, keep_fp32=("bn.running",), source=path)
     except BaseException:

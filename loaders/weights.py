@@ -47,6 +47,10 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+# Bits per element of every dtype the safetensors format defines (the ones torch lacks are read by safetensors).
+_ST_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+            "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+            "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
 def _check_safetensors(path: str) -> tuple[dict, int]:
@@ -89,7 +93,7 @@ def _header_problem(header) -> str | None:
     """What is wrong with a parsed safetensors header, or None."""
     if not isinstance(header, dict):
         return f"a JSON {type(header).__name__}, not an object"
-    meta = header.get("__metadata__", {})
+    meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         return "__metadata__ is not a map of text to text"
     for key, info in header.items():
@@ -107,15 +111,16 @@ def _entry_problem(info) -> str | None:
     if not isinstance(info, dict):
         return "its entry is not an object"
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+    if not isinstance(dtype, str) or dtype not in _ST_BITS:
         return f"unknown dtype {dtype!r}"
     if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
         return f"shape {shape!r} is not a list of sizes"
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
             and offsets[0] <= offsets[1]):
         return f"data_offsets {offsets!r} is not [start, end] with 0 <= start <= end"
-    need = math.prod(shape) * _ST_DTYPES[dtype].itemsize
-    if offsets[1] - offsets[0] != need:
+    bits = _ST_BITS[dtype]
+    need = math.prod(shape) * bits // 8
+    if bits % 8 == 0 and offsets[1] - offsets[0] != need:  # sub-byte types are packed: not checked
         return f"{dtype} of shape {shape} takes {need} bytes, but its data_offsets span {offsets[1] - offsets[0]}"
     return None
 
@@ -194,16 +199,18 @@ def open_checkpoint(path: str) -> Checkpoint:
 
 
 def _check_shards(folder: str, names: list[str]) -> None:
-    """Every shard a `*.safetensors.index.json` in the folder lists is there."""
+    """Every shard a `*.safetensors.index.json` in the folder lists is there, once any of them is (an index left
+    beside a consolidated file, with none of its shards, is stale and ignored, as transformers does)."""
     for index in (os.path.join(folder, f) for f in names if f.endswith(".safetensors.index.json")):
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise LetterpressError(f"{index} has no weight_map: download it again.")
-        for shard in sorted(set(map(str, weight_map.values()))):
-            if not os.path.isfile(os.path.join(folder, shard)):
-                raise LetterpressError(
-                    f"{shard} listed in {index} is missing: the download is incomplete. Download {shard} again."
-                )
+        shards = sorted(set(map(str, weight_map.values())))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing and len(missing) < len(shards):
+            raise LetterpressError(
+                f"{missing[0]} listed in {index} is missing: the download is incomplete. Download {missing[0]} again."
+            )
 
 
 def strip_prefix(keys: Iterable[str], marker: str) -> str:
@@ -239,16 +246,15 @@ def build_empty(factory: Callable[[], torch.nn.Module], config_file: str | None 
     try:
         with empty_weights():
             return factory()
-    except LetterpressError:
-        raise
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, AssertionError,
-            RuntimeError) as e:
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # what a bad value in a config raises; not bugs
         if config_file is None:
             raise
-        raise LetterpressError(
-            f"{config_file}: its settings do not build the model ({type(e).__name__}: {e}). "
-            "The file is damaged or was edited: download it again."
-        ) from None
+        if "unexpected keyword argument" in str(e):
+            fix = ("It names a setting this version of diffusers/transformers does not know: update them "
+                   "(pip install -U diffusers transformers), or download the file again if it was edited.")
+        else:
+            fix = "The file is damaged or was edited: download it again."
+        raise LetterpressError(f"{config_file}: its settings do not build the model ({type(e).__name__}: {e}). {fix}") from e
 
 
 def fill_module(
@@ -287,7 +293,9 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
     expected = dict(module.state_dict(keep_vars=True))
     seen: set[str] = set()
     unexpected: list[str] = []
-    nonzero: dict[str, bool] = {}  # file -> whether any sampled weight matrix in it is not all zeros
+    # file -> whether any sampled weight in it is not zero. Trained weights never are, norm weights are about 1,
+    # while a file whose download was preallocated and never filled is zeros throughout.
+    nonzero: dict[str, bool] = {}
     for ck in checkpoint.keys():
         mk = key_map(ck)
         if mk is None:
@@ -315,8 +323,7 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
                     f"{what}: tensor {ck} in {name} holds NaN/inf values: the file is corrupt (a damaged "
                     "download or disk). Download it again."
                 )
-            if tensor.dim() >= 2:
-                nonzero[name] = nonzero.get(name, False) or bool(sample.any())
+            nonzero[name] = nonzero.get(name, False) or bool(sample.any())
         if tensor.is_floating_point():
             want = torch.float32 if any(s in mk for s in keep_fp32) else dtype
             tensor = tensor.to(want)
@@ -325,8 +332,8 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
     for name, any_nonzero in nonzero.items():
         if not any_nonzero:
             raise LetterpressError(
-                f"{name}: its weights are all zeros, the download is incomplete (an interrupted download leaves "
-                "the file full of zeros). Download it again."
+                f"{name}: every weight value sampled from it (the first and last values of each tensor) is zero, so "
+                "the download is incomplete (an interrupted download leaves the file full of zeros). Download it again."
             )
     missing = [k for k in expected if k not in seen and not any(s in k for s in optional)]
     if unexpected or missing:

@@ -77,7 +77,7 @@ HEADER_CASES = {
     "shape_doubled": (_set("shape", lambda e: [e["shape"][0] * 2, e["shape"][1]]),
                       r"tensor \S+: F32 of shape \[\d+, \d+\] takes \d+ bytes, but its data_offsets span \d+"),
     "f32_relabelled_f64": (_set("dtype", "F64"), r"tensor \S+: F64 of shape .* takes \d+ bytes, but its data_offsets span"),
-    "unknown_dtype": (_set("dtype", "U16"), r"tensor \S+: unknown dtype 'U16'"),
+    "unknown_dtype": (_set("dtype", "X99"), r"tensor \S+: unknown dtype 'X99'"),
     "reversed_offsets": (_set("data_offsets", lambda e: e["data_offsets"][::-1]), r"tensor \S+: data_offsets \[\d+, \d+\] is not"),
 }
 
@@ -92,6 +92,20 @@ def test_a_corrupt_safetensors_header_is_named(ernie, models_dir, tmp_path, case
     with pytest.raises(LetterpressError, match=rf"bad\.safetensors has a corrupt header \({problem}.*\)\. {DOWNLOAD}"):
         node("DiTLoader").run(str(bad), "auto")
     assert digest(bad) == before
+
+
+def test_valid_but_unusual_headers_still_load(ernie, models_dir, tmp_path):
+    """Every dtype of the safetensors format (here U32 and the packed F4, which torch has no type for), and a null
+    __metadata__, are valid: extra tensors in them do not make a file "corrupt"."""
+    header, data = split_file(dit_file(models_dir))
+    end = len(data)
+    header["__metadata__"] = None
+    header["extra.index"] = {"dtype": "U32", "shape": [4], "data_offsets": [end, end + 16]}
+    header["extra.packed"] = {"dtype": "F4", "shape": [8], "data_offsets": [end + 16, end + 20]}
+    unusual = tmp_path / "unusual.safetensors"
+    write_file(unusual, header, data + bytes(24))
+    dit = node("DiTLoader").run(str(unusual), "auto")[0]
+    assert dit.module.x_embedder.proj.weight.shape[0] > 0
 
 
 def test_a_corrupt_header_in_a_diffusers_folder_is_named(ernie, models_dir, tmp_path):
@@ -199,21 +213,47 @@ def test_a_missing_shard_is_named(ernie, models_dir, tmp_path):
         node("DiTLoader").run(str(folder), "auto")
 
 
+def test_a_stale_index_beside_a_consolidated_file_is_ignored(ernie, models_dir, tmp_path):
+    """An index whose shards are all gone, next to the single consolidated file, does not block loading."""
+    folder = copy_folder(models_dir, tmp_path)
+    single = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    whole = single.read_bytes()
+    for shard in shard_transformer(folder):
+        os.remove(shard)
+    single.write_bytes(whole)
+    assert node("DiTLoader").run(str(folder), "auto")[0].module.config.num_layers > 0
+
+
 def test_a_zero_filled_checkpoint_is_refused(ernie, models_dir, tmp_path):
     header, data = split_file(dit_file(models_dir))
     zeros = tmp_path / "zeros.safetensors"
     write_file(zeros, header, bytes(len(data)))  # what an interrupted preallocated download leaves
-    with pytest.raises(LetterpressError, match=rf"zeros\.safetensors: its weights are all zeros, the download is "
-                                               rf"incomplete.*{DOWNLOAD}"):
+    with pytest.raises(LetterpressError, match=rf"zeros\.safetensors: every weight value sampled from it .* is zero, "
+                                               rf"so the download is incomplete.*{DOWNLOAD}"):
         node("DiTLoader").run(str(zeros), "auto")
     # One shard of a folder left as zeros is named, the other shard is fine.
     folder = copy_folder(models_dir, tmp_path)
     second = shard_transformer(folder)[1]
     header, data = split_file(second)
     write_file(second, header, bytes(len(data)))
-    with pytest.raises(LetterpressError, match=r"^diffusion_pytorch_model-00002-of-00002\.safetensors: its weights "
-                                               r"are all zeros"):
+    with pytest.raises(LetterpressError, match=r"^diffusion_pytorch_model-00002-of-00002\.safetensors: every weight "
+                                               r"value sampled from it"):
         node("DiTLoader").run(str(folder), "auto")
+
+
+def test_zero_weight_matrices_alone_do_not_make_a_file_incomplete(ernie, models_dir, tmp_path):
+    """Zero-initialised layers are legitimate: a file whose matrices are all zero but whose other weights (norms,
+    biases) are not still loads."""
+    header, data = split_file(dit_file(models_dir))
+    data = bytearray(data)
+    for key, info in header.items():
+        if key != "__metadata__" and len(info["shape"]) >= 2:
+            start, end = info["data_offsets"]
+            data[start:end] = bytes(end - start)
+    zeroed = tmp_path / "zero-matrices.safetensors"
+    write_file(zeroed, header, bytes(data))
+    dit = node("DiTLoader").run(str(zeroed), "auto")[0]
+    assert not dit.module.x_embedder.proj.weight.any()
 
 
 # 5. config.json problems in diffusers folders -----------------------------------------------------
@@ -239,6 +279,15 @@ def test_a_config_value_of_the_wrong_type_is_named(ernie, models_dir, tmp_path):
     with pytest.raises(LetterpressError, match=rf"transformer/config\.json: its settings do not build the model "
                                                rf"\(TypeError: .*\).*{DOWNLOAD}"):
         node("DiTLoader").run(str(folder), "auto")
+
+
+def test_a_config_key_this_diffusers_does_not_know_is_ignored(ernie, models_dir, tmp_path):
+    """As diffusers' from_pretrained does (with a warning): a newer release's extra setting does not block loading."""
+    folder = copy_folder(models_dir, tmp_path)
+    for part in ("transformer", "vae"):
+        edit_json(folder / part / "config.json", lambda c: {**c, "setting_from_a_newer_release": 1})
+    assert node("DiTLoader").run(str(folder), "auto")[0].module.config.num_layers > 0
+    assert node("VAELoader").run(str(folder), "auto")[0].module is not None
 
 
 def test_glm_vae_latents_stats_of_the_wrong_length_are_named(glm, models_dir, tmp_path):
