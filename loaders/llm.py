@@ -110,6 +110,8 @@ def load_tokenizer(folders: list[str], what: str, hint: str) -> object:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Files a tokenizer's vocabulary can come in; a folder with none of them cannot make a tokenizer.
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
 def read_tokenizer(load: Callable[[str], object], folder: str, what: str, files: tuple[str, ...] = TOKENIZER_FILES,
@@ -119,23 +121,27 @@ def read_tokenizer(load: Callable[[str], object], folder: str, what: str, files:
     try:
         return load(folder)
     except Exception as e:  # JSONDecodeError, KeyError, tokenizers' plain Exception, "Couldn't instantiate ..."
-        reason, names = _tokenizer_problem(folder, e, files)
-        raise LetterpressError(f"{what}: the {kind} in {folder} cannot be read ({reason}): download {names} again.") from e
+        reason, fix = _tokenizer_problem(folder, e, files)
+        raise LetterpressError(f"{what}: the {kind} in {folder} cannot be read ({reason}): {fix}.") from e
 
 
 def _tokenizer_problem(folder: str, error: Exception, files: tuple[str, ...]) -> tuple[str, str]:
-    """(short reason, files to download): the first missing or unreadable of `files`, else the error's first line."""
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            return f"{name} is missing", name
+    """(what went wrong, what to do): a file of `files` that is not JSON, the files missing, else the error's first
+    line (a missing package, a tokenizer class this transformers lacks, ...)."""
+    present = [name for name in files if os.path.exists(os.path.join(folder, name))]
+    for name in present:
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
                 json.load(f)
         except (OSError, ValueError) as e:
-            return f"{name} is cut short or not JSON: {e}", name
+            return f"{name} is cut short or not JSON: {e}", f"download {name} again"
+    if not present:
+        return f"{' and '.join(files)} missing", "download the folder again"
+    if "tokenizer.json" in files and not any(os.path.exists(os.path.join(folder, v)) for v in VOCAB_FILES):
+        return "no vocabulary: tokenizer.json is missing", "download tokenizer.json again"
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return f"{type(error).__name__}: {first[:200]}", " and ".join(files)
+    return (f"{type(error).__name__}: {first[:200]}",
+            f"check that the folder is complete ({', '.join(files)}) and that transformers and tokenizers are up to date")
 
 
 def find_tokenizer_folders(path: str, sibling_names: Callable[[str], list[str]]) -> list[str]:

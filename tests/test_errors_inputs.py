@@ -36,7 +36,7 @@ def test_tokenizer_without_tokenizer_json(ernie, models_dir, tmp_path):
     from letterpress.loaders.llm import load_tokenizer
 
     shutil.copy(os.path.join(models_dir, "diffusers", "ERNIE-Image", "tokenizer", "tokenizer_config.json"), tmp_path)
-    with pytest.raises(LetterpressError, match=r"tok: the tokenizer in .* cannot be read \(tokenizer.json is missing\)"
+    with pytest.raises(LetterpressError, match=r"tok: the tokenizer in .* cannot be read \(no vocabulary: tokenizer.json is missing\)"
                                                r": download tokenizer.json again"):
         load_tokenizer([str(tmp_path)], "tok", "")
 
@@ -58,6 +58,18 @@ def test_damaged_processor_files_name_the_file(family, glm, ernie_vl, models_dir
     with pytest.raises(LetterpressError, match=rf"(processor|image processor) in .* cannot be read \({leaf} is cut short "
                                                rf"or not JSON: .*\): download {leaf} again"):
         node(loader).run(name, *args)
+
+
+def test_a_tokenizer_that_fails_for_another_reason_is_not_blamed_on_a_file(ernie, models_dir, tmp_path):
+    """Files that are there and valid JSON but that the tokenizers library cannot use (here a tokenizer.json of a
+    format it does not know): the error is passed on, with what to check, and no file is called missing or cut."""
+    from letterpress.loaders.llm import load_tokenizer
+
+    shutil.copytree(os.path.join(models_dir, "diffusers", "ERNIE-Image", "tokenizer"), tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps({"version": "99.0"}))
+    with pytest.raises(LetterpressError, match=r"cannot be read \(\w+: .*\): check that the folder is complete "
+                                               r"\(tokenizer.json, tokenizer_config.json\) and that transformers"):
+        load_tokenizer([str(tmp_path / "tok")], "tok", "")
 
 
 # 2. LoRA files ------------------------------------------------------------------------------------------
@@ -97,10 +109,11 @@ def test_odd_lora_files(dit, tmp_path, tensors, message):
 # 3. boxes -----------------------------------------------------------------------------------------------
 def test_box_outside_the_image_is_dropped_and_reported():
     img = torch.zeros(1, 64, 64, 3)
-    answer = '[{"label": "sign", "bbox_2d": [1200, 100, 1500, 300]}, {"label": "cat", "bbox_2d": [0, 0, 500, 500]}]'
+    answer = ('[{"label": "sign", "bbox_2d": [1200, 100, 1500, 300]}, {"label": "cat", "bbox_2d": [0, 0, 500, 500]}, '
+              '{"label": "dot", "bbox_2d": [300, 300, 300, 300]}]')  # a point (a tiny object) is kept
     out = node("ErnieVLParseBoxes").run(answer, img, "")[0]
     data = json.loads(out)
-    assert [b["label"] for b in data["boxes"]] == ["cat"]
+    assert [b["label"] for b in data["boxes"]] == ["cat", "dot"]
     assert [(d["label"], d["box_1000"]) for d in data["dropped"]] == [("sign", [1200, 100, 1500, 300])]
     assert node("ErnieVLDrawBoxes").run(img, out, 3, True)[0].shape == img.shape
 
@@ -138,11 +151,11 @@ BAD_VALUES = [  # (max_new_tokens, temperature, top_p, seed), message
     ((0, 0.7, 0.9, 0), r"max_new_tokens must be at least 1, got 0"),
     ((2, float("nan"), 0.9, 0), r"temperature must be 0 \(greedy\) or a positive number, got nan"),
     ((2, -1.0, 0.9, 0), r"temperature must be 0 \(greedy\) or a positive number, got -1.0"),
-    ((2, 0.7, 0.0, 0), r"top_p must be above 0 and at most 1 .*got 0.0"),
-    ((2, 0.7, 1.5, 0), r"top_p must be above 0 and at most 1 .*got 1.5"),
+    ((2, 0.7, -0.1, 0), r"top_p must be between 0 and 1, got -0.1"),
+    ((2, 0.7, 1.5, 0), r"top_p must be between 0 and 1, got 1.5"),
     ((2, 0.7, 0.9, 2**64), r"seed must be between 0 and 2\^64-1, got 18446744073709551616"),
 ]
-IDS = ["tokens0", "temp_nan", "temp_neg", "top_p0", "top_p1.5", "seed2^64"]
+IDS = ["tokens0", "temp_nan", "temp_neg", "top_p-0.1", "top_p1.5", "seed2^64"]
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +168,13 @@ def test_generation_values_prompt_enhance(pe, values, message):
     tokens, temperature, top_p, seed = values
     with pytest.raises(LetterpressError, match=message):
         node("ErnieImagePromptEnhance").run(pe, "x", 32, 32, seed, temperature, top_p, tokens)
+
+
+def test_top_p_zero_keeps_the_most_likely_token(pe):
+    """top_p 0 (the widget allows it) decodes greedily, whatever the temperature and seed."""
+    run = lambda temperature, top_p, seed: node("ErnieImagePromptEnhance").run(pe, "x", 32, 32, seed, temperature,  # noqa: E731
+                                                                             top_p, 6)[0]
+    assert run(0.7, 0.0, 1) == run(1.5, 0.0, 2) == run(0.0, 0.9, 3)
 
 
 @pytest.mark.parametrize("values, message", BAD_VALUES, ids=IDS)
