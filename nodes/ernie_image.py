@@ -129,7 +129,7 @@ class LetterpressErnieImagePromptEnhance:
             "height": size_input(1024, 16, "Target height"),
             "seed": seed_input(),
             "temperature": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "0 = greedy decoding."}),
-            "top_p": ("FLOAT", {"default": 0.95, "min": 0.01, "max": 1.0, "step": 0.01}),
+            "top_p": ("FLOAT", {"default": 0.95, "min": 0.0, "max": 1.0, "step": 0.01}),
             "max_new_tokens": ("INT", {"default": 1024, "min": 1, "max": 8192}),
         }}
 

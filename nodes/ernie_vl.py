@@ -29,7 +29,7 @@ def _generation_inputs(max_tokens: int = 1024) -> dict:
                                  "ends it before it closes, the answer is empty."}),
         "max_new_tokens": ("INT", {"default": max_tokens, "min": 1, "max": 32768, "tooltip": "Upper limit on generated tokens (reasoning included)."}),
         "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "0 = greedy decoding (reproducible); above 0 samples."}),
-        "top_p": ("FLOAT", {"default": 0.8, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Nucleus sampling; used when temperature > 0."}),
+        "top_p": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Nucleus sampling; used when temperature > 0."}),
         "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                          "tooltip": "Sampling seed (no effect with temperature 0)."}),
     }

@@ -219,8 +219,9 @@ def _from_plain(text: str) -> list[tuple[str, list[float]]]:
 
 def parse_boxes(text: str, width: int, height: int, labels: list[str] | None = None, image: int = 0,
                 dropped: list | None = None) -> list[dict]:
-    """Boxes in `text` (model output) as dicts {image, label, box (pixels x1,y1,x2,y2), box_1000}. Boxes with no
-    area once clamped to the image (e.g. wholly outside 0..1000) are left out, and added to `dropped` if given."""
+    """Boxes in `text` (model output) as dicts {image, label, box (pixels x1,y1,x2,y2), box_1000}, clamped to the
+    image. Boxes wholly outside it (0..1000) are left out, and added to `dropped` if given; a point or a line (a
+    tiny object) is kept."""
     raw = _from_loc_tokens(text) or _from_json(text) or _from_plain(text)
     labels = labels or []
     boxes = []
@@ -230,10 +231,10 @@ def parse_boxes(text: str, width: int, height: int, labels: list[str] | None = N
               norm[2] * width / COORD_SCALE, norm[3] * height / COORD_SCALE]
         if not label:
             label = labels[n] if n < len(labels) else (labels[0] if len(labels) == 1 else "object")
-        if norm[0] == norm[2] or norm[1] == norm[3]:
+        if max(x1, x2) <= 0 or min(x1, x2) >= COORD_SCALE or max(y1, y2) <= 0 or min(y1, y2) >= COORD_SCALE:
             if dropped is not None:
                 dropped.append({"image": image, "label": label, "box_1000": [x1, y1, x2, y2],
-                                "reason": "no area inside the image (outside 0..1000 or zero width/height)"})
+                                "reason": "outside the image (coordinates 0..1000)"})
             continue
         boxes.append({"image": image, "label": label, "box": [round(v, 2) for v in px],
                       "box_1000": [round(v, 2) for v in norm]})

@@ -45,11 +45,12 @@ def generate(model, seed: int | None, max_new_tokens: int, **kwargs) -> torch.Te
 
 
 def sampling_args(temperature: float, top_p: float) -> dict:
-    """temperature 0 means greedy decoding; above 0 samples with these settings (top_p in (0, 1])."""
+    """temperature 0 means greedy decoding; above 0 samples with these settings. top_p 0 keeps only the most
+    likely token, which is greedy decoding too (as transformers' top-p filter, which keeps at least one token)."""
     if not math.isfinite(temperature) or temperature < 0:
         raise LetterpressError(f"temperature must be 0 (greedy) or a positive number, got {temperature}.")
-    if temperature == 0:
+    if not 0 <= top_p <= 1:
+        raise LetterpressError(f"top_p must be between 0 and 1, got {top_p}.")
+    if temperature == 0 or top_p == 0:
         return {"do_sample": False}
-    if not 0 < top_p <= 1:
-        raise LetterpressError(f"top_p must be above 0 and at most 1 when temperature is above 0, got {top_p}.")
     return {"do_sample": True, "temperature": temperature, "top_p": top_p}

@@ -165,12 +165,19 @@ def test_cli_refuses_a_device_torch_cannot_use_before_loading(tmp_path, capsys):
 
 def test_cli_folders_default_to_the_environment(ernie, models_dir, tmp_path, monkeypatch, capsys):
     """Without --models-dir / --output-dir the CLI uses LETTERPRESS_MODELS_DIR / LETTERPRESS_OUTPUT_DIR."""
+    from letterpress.loaders.host import get_host
+
     monkeypatch.setenv("LETTERPRESS_MODELS_DIR", models_dir)
     monkeypatch.setenv("LETTERPRESS_OUTPUT_DIR", str(tmp_path / "from_env"))
+    monkeypatch.setenv("LETTERPRESS_INPUT_DIR", str(tmp_path / "inputs_env"))
     args = ["run", os.path.join(WORKFLOWS, "ernie_image_turbo_t2i_api.json"), "--quiet"]
-    assert cli.main(args + [a for s in SMALL for a in ("--set", s)]) == 0
+    args += [a for s in SMALL for a in ("--set", s)]
+    assert cli.main(args) == 0
     written = capsys.readouterr().out.split()
     assert len(written) == 1 and written[0].startswith(str(tmp_path / "from_env") + os.sep)
+    assert get_host().input_dir == str(tmp_path / "inputs_env")
+    assert cli.main(args + ["--output-dir", str(tmp_path / "from_flag")]) == 0  # a flag wins over the environment
+    assert capsys.readouterr().out.split()[0].startswith(str(tmp_path / "from_flag") + os.sep)
 
 
 def test_cli_names_the_models_dir_when_nothing_is_found(tmp_path, capsys):
