@@ -53,9 +53,9 @@ def batch_for(cond: Conditioning, batch: int, family: str, which: str) -> list[t
     return [e for e in cond.embeds for _ in range(batch // n)]
 
 
-def check_latent(latent: dict, family: str, channels: int | None = None, sampling: bool = False) -> torch.Tensor:
+def check_latent(latent: dict, family: str, channels: int | None = None, refuse_mask: bool = False) -> torch.Tensor:
     """The latent's samples, after checking it belongs to this family, holds at least one image, (given
-    `channels`) its shape, and (`sampling`) that it asks for nothing a sampler here ignores."""
+    `channels`) its shape, and (`refuse_mask`) that it carries no inpainting mask the node would ignore."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise LetterpressError("The latent input is not a LATENT.")
     name, sources = FAMILY_NAMES.get(family, family), LATENT_NODES.get(family, family)
@@ -72,9 +72,9 @@ def check_latent(latent: dict, family: str, channels: int | None = None, samplin
         )
     if samples.dim() == 0 or samples.shape[0] < 1:
         raise LetterpressError(f"The latent holds no image (shape {tuple(samples.shape)}); use a batch size of 1 or more.")
-    if sampling and latent.get("noise_mask") is not None:
+    if refuse_mask and latent.get("noise_mask") is not None:
         raise LetterpressError(
-            f"This latent carries a noise mask (Set Latent Noise Mask): the {name} sampler does not inpaint, and "
-            "would redraw the whole image. Remove the mask node, or composite the result with the mask after decoding."
+            f"These latents carry a noise mask (Set Latent Noise Mask), which {name} does not use here. Remove the "
+            "mask node."
         )
     return samples

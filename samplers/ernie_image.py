@@ -82,7 +82,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     if dit.extras.get("turbo") and (cfg > 1.0 or steps > 16):
         log.warning("ERNIE-Image-Turbo is distilled for 8 steps at cfg 1.0; %d steps at cfg %.1f will be slower "
                     "and usually worse. Use the Turbo preset (8 steps, cfg 1.0).", steps, cfg)
-    init = check_latent(latent, FAMILY, model.config.in_channels, sampling=True)
+    init = check_latent(latent, FAMILY, model.config.in_channels)
     b = init.shape[0]
     use_cfg = flow_match.uses_cfg(cfg, negative, "wire a Text Encode (an empty prompt is fine)")
     cond = batch_for(positive, b, FAMILY, "positive")
@@ -93,6 +93,10 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     first = flow_match.start_index(steps, denoise)
     noise = flow_match.noise_like(init.shape, seed, dtype, device)
     x = flow_match.start_latents(noise, init.to(device) if denoise < 1.0 else None, float(sigmas[first]))
+    blend = None
+    if latent.get("noise_mask") is not None:  # inpainting: redraw the masked area only
+        mask = flow_match.inpaint_mask(latent["noise_mask"], init.shape, device)
+        blend = flow_match.keep_unmasked(mask, init.to(device), noise)
 
     def predict(x: torch.Tensor, i: int) -> torch.Tensor:
         xin = torch.cat([x, x]) if use_cfg else x
@@ -103,7 +107,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
             v = flow_match.cfg_combine(uncond, cond_v, cfg)
         return v
 
-    out = flow_match.euler_loop(predict, x, sigmas.to(device), first, preview=latent_rgb_preview)
+    out = flow_match.euler_loop(predict, x, sigmas.to(device), first, preview=latent_rgb_preview, blend=blend)
     check_finite(out, "ERNIE-Image DiT", dtype)
     return {"samples": out.cpu(), "family": FAMILY}
 

@@ -74,6 +74,28 @@ def start_latents(noise: torch.Tensor, init: torch.Tensor | None, sigma0: float)
     return sigma0 * noise + (1.0 - sigma0) * init.to(noise)
 
 
+def inpaint_mask(noise_mask: torch.Tensor, shape: tuple[int, ...], device) -> torch.Tensor:
+    """ComfyUI's noise mask (Set Latent Noise Mask: 1 redraws, 0 keeps; pixel-sized, (B?, H, W)) on a latent grid
+    of `shape` (B, C, h, w): resized bilinearly and repeated to the batch, as ComfyUI's own samplers do."""
+    if not isinstance(noise_mask, torch.Tensor) or noise_mask.dim() < 2 or noise_mask.numel() == 0:
+        raise LetterpressError("The latent's noise_mask is not a MASK; wire it from Set Latent Noise Mask.")
+    b, c, h, w = shape
+    m = noise_mask.float().reshape(-1, 1, *noise_mask.shape[-2:])
+    m = torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear").clamp(0, 1)
+    m = m.repeat(-(-b // m.shape[0]), c, 1, 1)[:b]
+    return m.to(device)
+
+
+def keep_unmasked(mask: torch.Tensor, init: torch.Tensor, noise: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """For inpainting: after each step, where `mask` is 0 the latent is the input latent noised to the new sigma,
+    so only the masked area is redrawn and the rest ends as the input (diffusers' FLUX inpainting; ComfyUI's
+    samplers do the same). All three are in the layout of the loop's x."""
+    def blend(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        kept = sigma * noise.float() + (1 - sigma) * init.float()
+        return (mask * x.float() + (1 - mask) * kept).to(x.dtype)
+    return blend
+
+
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
@@ -93,8 +115,10 @@ def euler_loop(
     sigmas: torch.Tensor,
     first: int = 0,
     preview: Callable[[torch.Tensor], object] | None = None,
+    blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Run steps first..N-1: x <- x + (sigma[i+1] - sigma[i]) * v, one progress tick each, Cancel-checked."""
+    """Run steps first..N-1: x <- x + (sigma[i+1] - sigma[i]) * v, one progress tick each, Cancel-checked;
+    `blend(x, sigma)` (inpainting, see keep_unmasked) after each step."""
     host = get_host()
     n = len(sigmas) - 1
     bar = host.progress(n - first)
@@ -104,6 +128,8 @@ def euler_loop(
             v = predict(x, i)
             dt = sigmas[i + 1] - sigmas[i]
             x_next = (x.to(torch.float32) + dt * v).to(v.dtype)
+            if blend is not None:
+                x_next = blend(x_next, sigmas[i + 1])
             image = None
             if preview is not None and host.previews_enabled():
                 image = preview(x.to(torch.float32) - sigmas[i] * v.to(torch.float32))  # the x0 estimate

@@ -214,7 +214,7 @@ def _reference_latents(latent: dict | None, prior: GlmPrior, channels: int) -> l
                 "the prior) into reference_latents, so the DiT can read them."
             )
         return []
-    samples = check_latent(latent, FAMILY, sampling=True)
+    samples = check_latent(latent, FAMILY, refuse_mask=True)
     refs = list(latent.get("references") or [s[None] for s in samples])
     if not n:
         raise LetterpressError("reference_latents are wired but the prior has no reference images: give the "

@@ -123,7 +123,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
            steps: int, cfg: float, denoise: float = 1.0) -> dict:
     model, device, dtype = dit.module, dit.device, dit.dtype
     run = compiled.forward(dit)  # the module, or its compiled form (Torch Compile node)
-    init = check_latent(latent, FAMILY, sampling=True)
+    init = check_latent(latent, FAMILY)
     if init.dim() != 4:
         raise LetterpressError(f"The latent has shape {tuple(init.shape)}; Ovis-Image needs (batch, 16, H/8, W/8).")
     b, c, h, w = init.shape
@@ -149,6 +149,10 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     noise = flow_match.noise_like(init.shape, seed, dtype, device)
     x = flow_match.start_latents(noise, init.to(device) if denoise < 1.0 else None, float(sigmas[first]))
     x = pack_2x2_tokens(x)
+    blend = None
+    if latent.get("noise_mask") is not None:  # inpainting: redraw the masked area only
+        mask = flow_match.inpaint_mask(latent["noise_mask"], init.shape, device)
+        blend = flow_match.keep_unmasked(*(pack_2x2_tokens(t) for t in (mask, init.to(device), noise)))
 
     def predict(x: torch.Tensor, i: int) -> torch.Tensor:
         t = timesteps[i].to(device).expand(x.shape[0]).to(x.dtype) / 1000
@@ -163,7 +167,8 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     def preview(x0: torch.Tensor):
         return latent_rgb_preview(unpack_2x2_tokens(x0, h, w))
 
-    out = check_finite(flow_match.euler_loop(predict, x, sigmas.to(device), first, preview=preview), "Ovis-Image DiT", dtype)
+    out = flow_match.euler_loop(predict, x, sigmas.to(device), first, preview=preview, blend=blend)
+    out = check_finite(out, "Ovis-Image DiT", dtype)
     return {"samples": unpack_2x2_tokens(out, h, w).cpu(), "family": FAMILY}
 
 

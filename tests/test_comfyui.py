@@ -349,3 +349,23 @@ def test_a_wrong_size_is_refused_at_queue_time(comfy):
     wf["4"]["inputs"]["width"] = 40
     with pytest.raises(AssertionError, match="positive multiple of 16"):
         comfy.queue(wf)  # ComfyUI calls the node's VALIDATE_INPUTS and refuses the prompt before running it
+
+
+def test_set_latent_noise_mask_inpaints_inside_comfyui(comfy):
+    """ComfyUI's own Set Latent Noise Mask on a Letterpress latent: an empty mask (redraw nothing) gives back the
+    encoded picture, i.e. the same image as decoding the VAE Encode output directly; a full mask redraws it."""
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))))
+    size = wf["4"]["inputs"]["width"]
+    wf["10"] = {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1, "color": 0x3366CC}}
+    wf["11"] = {"class_type": "LetterpressErnieImageVAEEncode", "inputs": {"vae": ["1", 2], "image": ["10", 0]}}
+    wf["12"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": size, "height": size}}
+    wf["13"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["12", 0]}}
+    wf["5"]["inputs"]["latent"] = ["13", 0]
+    wf["14"] = {"class_type": "LetterpressErnieImageVAEDecode", "inputs": {"vae": ["1", 2], "latent": ["11", 0]}}
+    wf["15"] = {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "letterpress/encoded"}}
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    assert (_image(comfy, entry, "7") == _image(comfy, entry, "15")).all()
+    wf["12"]["inputs"]["value"] = 1.0
+    redrawn = comfy.wait(comfy.queue(wf))
+    assert abs(_image(comfy, redrawn, "7") - _image(comfy, redrawn, "15")).max() > 2
