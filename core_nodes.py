@@ -1,5 +1,5 @@
 """Standalone stand-ins for the few ComfyUI core nodes the shipped workflows use (LoadImage, SaveImage,
-PreviewImage). They are used by the headless runner only; inside ComfyUI the real core nodes run.
+PreviewImage, SetLatentNoiseMask). They are used by the headless runner only; inside ComfyUI the real core nodes run.
 Like ComfyUI's SaveImage, images are written as PNG with the prompt (and workflow) in text chunks."""
 
 from __future__ import annotations
@@ -123,4 +123,20 @@ class LoadImage:
         return (t[None, ..., :3], 1.0 - t[None, ..., 3])
 
 
-CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": LoadImage}
+class SetLatentNoiseMask:
+    """ComfyUI's inpainting mask on a LATENT: the sampler redraws where the mask is 1 and keeps the rest."""
+
+    CATEGORY = "latent/inpaint"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "set_mask"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "mask": ("MASK",)}}
+
+    def set_mask(self, samples, mask):
+        return ({**samples, "noise_mask": mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))},)
+
+
+CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": LoadImage,
+              "SetLatentNoiseMask": SetLatentNoiseMask}

@@ -80,3 +80,27 @@ def test_glm_image_refuses_a_noise_mask_on_its_reference_latents(glm_models):
     with pytest.raises(LetterpressError, match="noise mask .*GLM-Image does not use here"):
         N["LetterpressGlmImageSampler"]().run(glm_models["dit"], prior, pos, 0, 1, 1.0,
                                               reference_latents={**refs, "noise_mask": torch.ones(1, SIZE, SIZE)})
+
+
+def test_shipped_inpaint_workflow_keeps_the_opaque_part(ernie, host, tmp_path):
+    """workflows/api/ernie_image_inpaint_api.json headless: LoadImage's mask (the transparent part) is redrawn,
+    the opaque part of the picture's latent is kept exactly."""
+    import os
+
+    from PIL import Image
+
+    from letterpress.runner import Runner, load_workflow, set_values
+
+    size = 128
+    rgba = (torch.rand(size, size, 4, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    rgba[..., 3] = 255
+    rgba[:, : size // 2, 3] = 0  # transparent left half: redraw it
+    host.input_dir = str(tmp_path)
+    Image.fromarray(rgba.numpy(), "RGBA").save(tmp_path / "ernie_image_inpaint.png")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wf = set_values(load_workflow(os.path.join(root, "workflows", "api", "ernie_image_inpaint_api.json")), ["steps=2"])
+    results = Runner().run(wf)["results"]
+    encoded, sampled = results["5"][0]["samples"], results["7"][0]["samples"]
+    w = encoded.shape[-1]
+    assert torch.equal(sampled[..., w // 2 + 1:], encoded[..., w // 2 + 1:])
+    assert (sampled[..., : w // 2 - 1] - encoded[..., : w // 2 - 1]).abs().max() > 0.05
