@@ -89,10 +89,13 @@ def inpaint_mask(noise_mask: torch.Tensor, shape: tuple[int, ...], device) -> to
 def keep_unmasked(mask: torch.Tensor, init: torch.Tensor, noise: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """For inpainting: after each step, where `mask` is 0 the latent is the input latent noised to the new sigma,
     so only the masked area is redrawn and the rest ends as the input (diffusers' FLUX inpainting; ComfyUI's
-    samplers do the same). All three are in the layout of the loop's x."""
+    samplers do the same). All three are in the layout of the loop's x. The last blend (sigma 0) stays float32,
+    so the kept area is the input exactly even when the DiT runs in bf16."""
+    noise, init = noise.float(), init.float()
+
     def blend(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        kept = sigma * noise.float() + (1 - sigma) * init.float()
-        return (mask * x.float() + (1 - mask) * kept).to(x.dtype)
+        out = mask * x.float() + (1 - mask) * (sigma * noise + (1 - sigma) * init)
+        return out if float(sigma) == 0.0 else out.to(x.dtype)
     return blend
 
 
