@@ -95,7 +95,8 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     x = flow_match.start_latents(noise, init.to(device) if denoise < 1.0 else None, float(sigmas[first]))
     blend = None
     if latent.get("noise_mask") is not None:  # inpainting: redraw the masked area only
-        mask = flow_match.inpaint_mask(latent["noise_mask"], init.shape, device)
+        b, c, h, w = init.shape  # the mask on the VAE's f8 grid, patchified as the latents are: 8-px cells
+        mask = patchify_2x2(flow_match.inpaint_mask(latent["noise_mask"], (b, c // 4, 2 * h, 2 * w), device))
         blend = flow_match.keep_unmasked(mask, init.to(device), noise)
 
     def predict(x: torch.Tensor, i: int) -> torch.Tensor:

@@ -118,3 +118,15 @@ def test_kept_area_is_exact_with_a_bf16_dit(ernie, ernie_run):
     out = N["LetterpressErnieImageSampler"]().run(dit, pos, {**latent, "noise_mask": torch.zeros(1, SIZE, SIZE)},
                                                  3, 2, 1.0, 3.0, 1.0)[0]["samples"]
     assert torch.equal(out, latent["samples"].float())
+
+
+def test_ernie_image_masks_at_the_vae_resolution_not_the_patch_size(ernie_run):
+    """ERNIE-Image latents hold 2x2 VAE cells (16 px) per position; the mask is applied per 8-px cell: a mask edge
+    at 72 px redraws the left sub-cells of latent column 4 and keeps its right ones exactly."""
+    latent, run = ernie_run
+    mask = torch.zeros(1, SIZE, SIZE)
+    mask[..., :72] = 1.0
+    out, init = run({**latent, "noise_mask": mask}), latent["samples"]
+    right = torch.arange(init.shape[1]) % 2 == 1  # channel-major patchify: (c, dy, dx), dx = 1 is the right cell
+    assert torch.equal(out[:, right, :, 4], init[:, right, :, 4])
+    assert (out[:, ~right, :, 4] - init[:, ~right, :, 4]).abs().max() > 0.05
