@@ -24,14 +24,19 @@ class _HostTicks:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate(model, seed: int | None, max_new_tokens: int, **kwargs) -> torch.Tensor:
-    """`model.generate(...)` under a private RNG seeded with `seed`; returns the full sequences."""
-    from transformers import StoppingCriteriaList
-
+def check_request(max_new_tokens: int, seed: int | None) -> None:
+    """Clear errors for a length or seed no generator takes (local or remote)."""
     if not max_new_tokens >= 1:
         raise LetterpressError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     if seed is not None:
         check_seed(seed)
+
+
+def generate(model, seed: int | None, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """`model.generate(...)` under a private RNG seeded with `seed`; returns the full sequences."""
+    from transformers import StoppingCriteriaList
+
+    check_request(max_new_tokens, seed)
     ticks = _HostTicks(max_new_tokens)
     criteria = StoppingCriteriaList([ticks] + list(kwargs.pop("stopping_criteria", []) or []))
     devices = [model.device] if model.device.type == "cuda" else []

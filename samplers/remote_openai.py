@@ -25,6 +25,7 @@ from typing import Iterator
 
 from ..loaders.host import LetterpressError, get_host
 from .ernie_vl import THINK_CLOSE, THINK_OPEN, messages, to_pil
+from .generate import check_request, sampling_args
 
 
 def chat_url(base_url: str) -> str:
@@ -42,17 +43,19 @@ def image_data_url(img) -> str:
 
 def build_request(model: str, images, text: str, system_prompt: str, thinking: bool, max_new_tokens: int,
                   temperature: float, top_p: float, seed: int, stream: bool) -> dict:
+    check_request(max_new_tokens, seed)
+    sampling = sampling_args(temperature, top_p)  # the same checks and greedy rule as local generation
     msgs = messages(0, text, system_prompt)
     user = msgs[-1]
     user["content"] = [{"type": "image_url", "image_url": {"url": image_data_url(p)}} for p in to_pil(images)] + [
         {"type": "text", "text": text}]
     body = {"model": model, "messages": msgs, "max_tokens": int(max_new_tokens), "stream": bool(stream),
             "seed": int(seed) & 0x7FFFFFFFFFFFFFFF, "chat_template_kwargs": {"enable_thinking": bool(thinking)}}
-    if temperature <= 0:
-        body["temperature"] = 0.0  # greedy
-    else:
+    if sampling["do_sample"]:
         body["temperature"] = float(temperature)
         body["top_p"] = float(top_p)
+    else:
+        body["temperature"] = 0.0  # greedy
     return body
 
 

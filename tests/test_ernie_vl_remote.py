@@ -128,6 +128,22 @@ def test_sampling_settings_are_sent(server):
     assert body["temperature"] == 0.7 and body["top_p"] == 0.9
 
 
+def test_bad_sampling_values_are_refused_before_any_request(server):
+    """The same checks as local generation, before the server is asked (top_p 0 is greedy there too)."""
+    before = len(server.requests)
+    node = N["LetterpressErnieVLRemoteGenerate"]()
+    args = dict(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=7)
+    for bad, message in ((dict(temperature=float("nan")), "temperature must be 0"), (dict(top_p=1.5), "top_p must be"),
+                         (dict(max_new_tokens=0), "max_new_tokens must be at least 1"), (dict(seed=-1), "seed must be")):
+        a = {**args, **bad}
+        with pytest.raises(LetterpressError, match=message):
+            node.run(url(server), "plain", "", images(), "free question", "?", "", False, a["max_new_tokens"],
+                     a["temperature"], a["top_p"], a["seed"], False, 10.0)
+    assert len(server.requests) == before
+    node.run(url(server), "plain", "", images(), "free question", "?", "", False, 64, 0.7, 0.0, 7, False, 10.0)
+    assert server.requests[-1]["body"]["temperature"] == 0.0 and "top_p" not in server.requests[-1]["body"]
+
+
 def test_reasoning_from_the_server_or_inline(server):
     assert remote(url(server), "with-reasoning", thinking=True) == ("A red cat.", "I see fur.")
     assert remote(url(server), "inline-think", thinking=True) == ("A red cat.", "look closer")
