@@ -249,12 +249,8 @@ def build_empty(factory: Callable[[], torch.nn.Module], config_file: str | None 
     except (TypeError, ValueError, ZeroDivisionError) as e:  # what a bad value in a config raises; not bugs
         if config_file is None:
             raise
-        if "unexpected keyword argument" in str(e):
-            fix = ("It names a setting this version of diffusers/transformers does not know: update them "
-                   "(pip install -U diffusers transformers), or download the file again if it was edited.")
-        else:
-            fix = "The file is damaged or was edited: download it again."
-        raise LetterpressError(f"{config_file}: its settings do not build the model ({type(e).__name__}: {e}). {fix}") from e
+        raise LetterpressError(f"{config_file}: its settings do not build the model ({type(e).__name__}: {e}). "
+                               "The file is damaged or was edited: download it again.") from e
 
 
 def fill_module(

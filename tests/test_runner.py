@@ -180,6 +180,13 @@ def test_cli_folders_default_to_the_environment(ernie, models_dir, tmp_path, mon
     assert capsys.readouterr().out.split()[0].startswith(str(tmp_path / "from_flag") + os.sep)
 
 
+def test_cli_usage_names_the_command_it_was_started_as(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/venv/bin/letterpress"])
+    assert cli._parser().prog == "letterpress"
+    monkeypatch.setattr("sys.argv", ["/src/letterpress/__main__.py"])
+    assert cli._parser().prog == "python -m letterpress"
+
+
 def test_cli_names_the_models_dir_when_nothing_is_found(tmp_path, capsys):
     code = run_cli("ernie_image_t2i_api.json", str(tmp_path / "nowhere"), tmp_path)
     err = capsys.readouterr().err
