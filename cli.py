@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
-    for ui in result["outputs"].values():
+    for nid, ui in result["outputs"].items():
+        for text in (ui or {}).get("text", []):  # Preview Any: shown, but apart from the image paths on stdout
+            title = wf[nid].get("_meta", {}).get("title", wf[nid]["class_type"])
+            print(f"[{title}] {text}", file=sys.stderr)
         for img in (ui or {}).get("images", []):
             print(img["path"])
     return 0

@@ -1,5 +1,5 @@
 """Standalone stand-ins for the few ComfyUI core nodes the shipped workflows use (LoadImage, SaveImage,
-PreviewImage, SetLatentNoiseMask). They are used by the headless runner only; inside ComfyUI the real core nodes run.
+PreviewImage, PreviewAny, SetLatentNoiseMask, PrimitiveInt). They are used by the headless runner only; inside ComfyUI the real core nodes run.
 Like ComfyUI's SaveImage, images are written as PNG with the prompt (and workflow) in text chunks."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 
 import numpy as np
@@ -138,5 +139,43 @@ class SetLatentNoiseMask:
         return ({**samples, "noise_mask": mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))},)
 
 
-CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": LoadImage,
-              "SetLatentNoiseMask": SetLatentNoiseMask}
+class PrimitiveInt:
+    """ComfyUI's Int primitive: one number wired into several widget inputs (a width that two nodes share)."""
+
+    CATEGORY = "utils/primitive"
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"min": -sys.maxsize, "max": sys.maxsize, "control_after_generate": True})}}
+
+    def execute(self, value):
+        return (value,)
+
+
+class PreviewAny:
+    """ComfyUI's Preview Any: shows a value (here a STRING, such as an enhanced prompt) as text on the node."""
+
+    CATEGORY = "utils"
+    RETURN_TYPES = ()
+    FUNCTION = "main"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"source": ("*", {})}}
+
+    def main(self, source=None):
+        if isinstance(source, str):
+            value = source
+        else:
+            try:
+                value = json.dumps(source)
+            except (TypeError, ValueError):
+                value = str(source)
+        return {"ui": {"text": (value,)}}
+
+
+CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "PreviewAny": PreviewAny, "LoadImage": LoadImage,
+              "SetLatentNoiseMask": SetLatentNoiseMask, "PrimitiveInt": PrimitiveInt}

@@ -61,7 +61,8 @@ def _all_inputs(cls) -> dict:
 
 def set_values(workflow: dict, assignments: list[str]) -> dict:
     """Apply `--set KEY=VALUE`: KEY is 'NODE_ID.input', or an input name that one node has (or that the
-    node titled like it has, e.g. the 'Prompt' text encode for `prompt`)."""
+    node titled like it has, e.g. the 'Prompt' text encode for `prompt`), or the title of a node with one
+    setting (a Primitive titled 'Width' that feeds two nodes takes `width`)."""
     wf = copy.deepcopy(workflow)
     for item in assignments:
         if "=" not in item:
@@ -73,26 +74,39 @@ def set_values(workflow: dict, assignments: list[str]) -> dict:
                 raise WorkflowError(f"--set {key}: this workflow has no node {nid} (nodes: {', '.join(wf)}).")
             inputs = wf[nid].get("inputs", {})
             if name not in inputs or _is_link(inputs[name]):
-                settable = ", ".join(k for k, v in inputs.items() if not _is_link(v)) or "none"
+                settable = ", ".join(_settable(wf[nid])) or "none"
                 raise WorkflowError(f"--set {key}: node {nid} ({wf[nid].get('class_type')}) has no input '{name}' "
                                     f"to set (its inputs: {settable}).")
             targets = [(nid, name)]
         else:
             having = [nid for nid, n in wf.items() if key in n.get("inputs", {}) and not _is_link(n["inputs"][key])]
-            titled = [nid for nid in having if wf[nid].get("_meta", {}).get("title", "").lower().replace(" ", "_") == key.lower()]
+            titled = [nid for nid in having if _title_is(wf[nid], key)]
             chosen = titled or having
-            if not having:
+            # failing those, a node titled KEY with one setting, e.g. a Primitive titled Width that feeds two nodes
+            single = [(nid, _settable(n)[0]) for nid, n in wf.items() if _title_is(n, key) and len(_settable(n)) == 1]
+            if not having and len(single) == 1:
+                targets = single
+            elif not having:
                 names = sorted({k for n in wf.values() for k, v in n.get("inputs", {}).items() if not _is_link(v)})
                 raise WorkflowError(f"--set {key}: no node of this workflow has an input '{key}' "
                                     f"(inputs you can set: {', '.join(names)}).")
-            if len(chosen) != 1:
+            elif len(chosen) != 1:
                 opts = ", ".join(f"{nid}.{key}" for nid in having)
                 raise WorkflowError(f"--set {key}: {len(chosen)} nodes take '{key}' (choices: {opts}). Name one as ID.{key}.")
-            targets = [(chosen[0], key)]
+            else:
+                targets = [(chosen[0], key)]
         for nid, name in targets:
             inputs = wf[nid]["inputs"]
             inputs[name] = _convert(value, inputs.get(name), f"{nid}.{name}")
     return wf
+
+
+def _settable(node: dict) -> list[str]:
+    return [k for k, v in node.get("inputs", {}).items() if not _is_link(v)]
+
+
+def _title_is(node: dict, key: str) -> bool:
+    return node.get("_meta", {}).get("title", "").lower().replace(" ", "_") == key.lower()
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

@@ -102,6 +102,29 @@ def test_prompt_enhancer_greedy_matches_reference(reference, ernie):
         assert ours == ref and ours
 
 
+
+def test_shipped_enhanced_workflow_matches_the_pipeline_default(reference, host):
+    """workflows/api/ernie_image_enhanced_t2i_api.json (Prompt Enhance -> Text Encode, sampled at the pipeline's
+    temperature 0.6 / top_p 0.95) draws the pipeline's image with its default use_pe=True, the enhancer seeded
+    alike; another enhancer seed rewrites the prompt into another image."""
+    from letterpress.runner import Runner, load_workflow, set_values
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wf = load_workflow(os.path.join(root, "workflows", "api", "ernie_image_enhanced_t2i_api.json"))
+    prompt = wf["4"]["inputs"]["prompt"]
+    max_new = reference.pe_tokenizer.model_max_length  # the pipeline's max_new_tokens
+    small = ["width=48", "height=32", "steps=2", f"max_new_tokens={max_new}", "8.seed=5"]
+    runner = Runner()
+    results = runner.run(set_values(wf, small + ["4.seed=7"]))["results"]
+    torch.manual_seed(7)  # the pipeline samples its enhancer with torch's global generator
+    ref = reference(prompt, height=32, width=48, num_inference_steps=2, guidance_scale=4.0,
+                    generator=torch.Generator("cpu").manual_seed(5), output_type="np")
+    assert results["4"][0] == ref.revised_prompts[0] != prompt
+    assert (results["9"][0] - torch.from_numpy(ref.images)).abs().max() < 1e-4
+    other = runner.run(set_values(wf, small + ["4.seed=8"]))["results"]
+    assert other["4"][0] != results["4"][0]
+    assert (other["9"][0] - results["9"][0]).abs().max() > 0.05
+
 def test_image_to_image_keeps_the_input(folder_models):
     dit, te, vae = folder_models
     source = graph(folder_models, PROMPT, 32, 32, 3, 1.0, seed=11)

@@ -38,6 +38,16 @@ def test_shipped_workflow_runs_headless(ernie, models_dir, tmp_path, workflow, c
     assert texts == ["a red poster"]  # the workflow as run, with --set applied
 
 
+def test_enhanced_workflow_headless_shows_the_rewritten_prompt(ernie, models_dir, tmp_path, capsys):
+    """Preview Any's text goes to stderr, titled; stdout stays the list of written images."""
+    assert run_cli("ernie_image_enhanced_t2i_api.json", models_dir, tmp_path, "width=32", "height=32", "steps=1",
+                   "max_new_tokens=6", "4.prompt=a red poster") == 0
+    out, err = capsys.readouterr()
+    assert len(out.split()) == 1 and out.split()[0].endswith(".png")
+    shown = [line for line in err.splitlines() if line.startswith("[Enhanced prompt (preview)] ")]
+    assert len(shown) == 1 and shown[0] != "[Enhanced prompt (preview)] a red poster"
+
+
 def test_second_run_never_overwrites(ernie, models_dir, tmp_path, capsys):
     run_cli("ernie_image_turbo_t2i_api.json", models_dir, tmp_path, *SMALL, "seed=1")
     first = capsys.readouterr().out.split()[0]
@@ -74,6 +84,11 @@ def test_ambiguous_set_names_the_choices():
     files = load_workflow(os.path.join(WORKFLOWS, "ernie_image_single_files_api.json"))
     with pytest.raises(WorkflowError, match=r"3 nodes take 'weight_dtype' \(choices: 1.weight_dtype, 8.weight_dtype, 9"):
         set_values(files, ["weight_dtype=fp32"])
+    enhanced = load_workflow(os.path.join(WORKFLOWS, "ernie_image_enhanced_t2i_api.json"))
+    sized = set_values(enhanced, ["width=512"])  # the Primitive titled Width, which feeds two nodes
+    assert sized["2"]["inputs"]["value"] == 512 and sized["3"]["inputs"]["value"] == 1024
+    with pytest.raises(WorkflowError, match="2 nodes take 'seed'"):
+        set_values(enhanced, ["seed=1"])
 
 
 def write(tmp_path, data, name="wf.json"):
