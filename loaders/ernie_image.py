@@ -13,7 +13,7 @@ import os
 from .detect import expect
 from .files import check_pipeline, component, list_diffusers_folders
 from .host import LetterpressError, ModelHandle, get_host
-from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer
+from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer, read_generation_config
 from .vae import load_vae
 from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read_json, strip_prefix, weight_dtype
 
@@ -147,6 +147,9 @@ def load_prompt_enhancer(path: str, dtype_choice: str = "auto") -> ModelHandle:
     folder = path if os.path.isdir(path) else None
     config = llm_config(ck, folder, Ministral3Config, MINISTRAL3_TEMPLATE)
     module = load_llm(ck, config, Ministral3ForCausalLM, weight_dtype(dtype_choice), True, "ERNIE-Image prompt enhancer")
+    # a single file takes the sampling defaults of the release's pe/ folder, found as its tokenizer is
+    read_generation_config(module, [folder] if folder else find_tokenizer_folders(path, _sibling_tokenizers("pe")),
+                           "ERNIE-Image prompt enhancer")
     tokenizer = _tokenizer_for(path, "pe_tokenizer", "ERNIE-Image prompt enhancer")
     return get_host().wrap(ModelHandle("ernie_image", "prompt_enhancer", module, tokenizer=tokenizer, source=path))
 

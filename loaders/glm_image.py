@@ -14,7 +14,7 @@ import os
 from .detect import expect
 from .files import check_pipeline, component
 from .host import LetterpressError, ModelHandle, get_host
-from .llm import TOKENIZER_FILES, read_tokenizer
+from .llm import TOKENIZER_FILES, read_generation_config, read_tokenizer
 from .vae import load_vae
 from .weights import build_empty, fill_module, open_checkpoint, read_json, weight_dtype
 
@@ -51,7 +51,7 @@ def _config(path: str, what: str) -> dict:
 
 def load_ar(path: str, dtype_choice: str = "auto") -> ModelHandle:
     """GlmImageForConditionalGeneration (+ its GlmImageProcessor and generation config)."""
-    from transformers import GenerationConfig, GlmImageConfig, GlmImageForConditionalGeneration, GlmImageProcessor
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration, GlmImageProcessor
 
     what = "GLM-Image AR model"
     path = _component(path, "vision_language_encoder", what)
@@ -62,8 +62,7 @@ def load_ar(path: str, dtype_choice: str = "auto") -> ModelHandle:
     module = build_empty(lambda: GlmImageForConditionalGeneration(GlmImageConfig(**cfg)), cfg_file)
     fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what)
     module.eval()
-    if os.path.exists(os.path.join(path, "generation_config.json")):
-        module.generation_config = GenerationConfig.from_pretrained(path)
+    read_generation_config(module, [path], what)
     proc_dir = next((p for p in (_sibling(path, "processor"), path)
                      if os.path.exists(os.path.join(p, "processor_config.json"))
                      or os.path.exists(os.path.join(p, "preprocessor_config.json"))), None)

@@ -96,6 +96,19 @@ def load_llm(
     return module
 
 
+def read_generation_config(module: torch.nn.Module, folders: list[str], what: str) -> None:
+    """Give `module` the generation_config.json of the first of `folders` that has one, as `from_pretrained` does,
+    so generate() samples with the release's defaults (top_k, repetition penalty, ...) for whatever a node does
+    not set itself."""
+    from transformers import GenerationConfig
+
+    folder = next((f for f in folders if os.path.isfile(os.path.join(f, "generation_config.json"))), None)
+    if folder is None:
+        return
+    read_json(os.path.join(folder, "generation_config.json"), what)  # a clear error for a damaged file
+    module.generation_config = GenerationConfig.from_pretrained(folder)
+
+
 def load_tokenizer(folders: list[str], what: str, hint: str) -> object:
     """The first tokenizer found in `folders`; a clear error saying where to put one otherwise."""
     from transformers import AutoTokenizer

@@ -102,11 +102,11 @@ def test_prompt_enhancer_greedy_matches_reference(reference, ernie):
         assert ours == ref and ours
 
 
-
 def test_shipped_enhanced_workflow_matches_the_pipeline_default(reference, host):
     """workflows/api/ernie_image_enhanced_t2i_api.json (Prompt Enhance -> Text Encode, sampled at the pipeline's
-    temperature 0.6 / top_p 0.95) draws the pipeline's image with its default use_pe=True, the enhancer seeded
-    alike; another enhancer seed rewrites the prompt into another image."""
+    temperature 0.6 / top_p 0.95 and the fixture's pe/generation_config.json, top_k 20 and repetition penalty 1.3)
+    draws the pipeline's image with use_pe left at its default (True), the enhancer seeded alike and given the
+    same token cap; another enhancer seed rewrites the prompt into another image."""
     from letterpress.runner import Runner, load_workflow, set_values
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +124,7 @@ def test_shipped_enhanced_workflow_matches_the_pipeline_default(reference, host)
     other = runner.run(set_values(wf, small + ["4.seed=8"]))["results"]
     assert other["4"][0] != results["4"][0]
     assert (other["9"][0] - results["9"][0]).abs().max() > 0.05
+
 
 def test_image_to_image_keeps_the_input(folder_models):
     dit, te, vae = folder_models
