@@ -167,8 +167,8 @@ class PreviewAny:
         return {"required": {"source": ("*", {})}}
 
     def main(self, source=None):
-        if isinstance(source, str):
-            value = source
+        if source is None or isinstance(source, (str, int, float, bool)):
+            value = str(source)  # as ComfyUI shows them: None, True, 3
         else:
             try:
                 value = json.dumps(source)

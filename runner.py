@@ -83,13 +83,20 @@ def set_values(workflow: dict, assignments: list[str]) -> dict:
             titled = [nid for nid in having if _title_is(wf[nid], key)]
             chosen = titled or having
             # failing those, a node titled KEY with one setting, e.g. a Primitive titled Width that feeds two nodes
-            single = [(nid, _settable(n)[0]) for nid, n in wf.items() if _title_is(n, key) and len(_settable(n)) == 1]
-            if not having and len(single) == 1:
+            single = [(nid, _settable(n)[0]) for nid, n in wf.items()
+                      if _title_is(n, key) and len(_settable(n)) == 1 and nid not in having]
+            if single and (having or len(single) > 1):
+                opts = ", ".join([f"{nid}.{key}" for nid in having] + [f"{nid}.{name}" for nid, name in single])
+                raise WorkflowError(f"--set {key}: {len(having) + len(single)} nodes take '{key}' by input name or "
+                                    f"title (choices: {opts}). Name one as ID.input.")
+            if single:
                 targets = single
             elif not having:
-                names = sorted({k for n in wf.values() for k, v in n.get("inputs", {}).items() if not _is_link(v)})
+                names = {k for n in wf.values() for k, v in n.get("inputs", {}).items() if not _is_link(v)}
+                titles = {n["_meta"]["title"].lower().replace(" ", "_") for n in wf.values()
+                          if len(_settable(n)) == 1 and n.get("_meta", {}).get("title")}
                 raise WorkflowError(f"--set {key}: no node of this workflow has an input '{key}' "
-                                    f"(inputs you can set: {', '.join(names)}).")
+                                    f"(inputs you can set: {', '.join(sorted(names | titles))}).")
             elif len(chosen) != 1:
                 opts = ", ".join(f"{nid}.{key}" for nid in having)
                 raise WorkflowError(f"--set {key}: {len(chosen)} nodes take '{key}' (choices: {opts}). Name one as ID.{key}.")
@@ -99,6 +106,16 @@ def set_values(workflow: dict, assignments: list[str]) -> dict:
             inputs = wf[nid]["inputs"]
             inputs[name] = _convert(value, inputs.get(name), f"{nid}.{name}")
     return wf
+
+
+def _primitive_value(wf: dict, value: Any) -> Any:
+    """The number a link from a PrimitiveInt carries (when it is typed in that node), else `value` unchanged."""
+    if _is_link(value) and value[1] == 0:
+        src = wf.get(value[0], {})
+        typed = src.get("inputs", {}).get("value")
+        if src.get("class_type") == "PrimitiveInt" and not _is_link(typed):
+            return typed
+    return value
 
 
 def _settable(node: dict) -> list[str]:
@@ -155,6 +172,8 @@ class Runner:
             for name, ispec in spec.get("required", {}).items():
                 if name not in inputs:
                     problems.append(f"node {nid} ({ctype}): required input '{name}' is missing")
+            # a value wired from a Primitive is checked as if it were typed into the widget
+            inputs = {k: _primitive_value(wf, v) for k, v in inputs.items()}
             for name, value in inputs.items():
                 ispec = _all_inputs(cls).get(name)
                 if ispec is None:

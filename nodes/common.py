@@ -7,10 +7,10 @@ from typing import Callable
 from ..loaders.files import list_diffusers_folders, list_files
 from ..loaders.host import LetterpressError
 from ..loaders.weights import WEIGHT_DTYPE_CHOICES
+from ..samplers.sizes import MAX_SIZE
 
 CATEGORY = "Letterpress"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-MAX_SIZE = 8192
 
 
 def dtype_input():

@@ -190,3 +190,19 @@ def test_generation_values_ar_tokens(glm_models, values, message):
     _, temperature, top_p, seed = values
     with pytest.raises(LetterpressError, match=message):
         node("GlmImageARTokens").run(glm_models["ar"], "x", 32, 32, seed, temperature, top_p)
+
+
+def test_size_above_the_widget_range_is_refused_when_wired():
+    """A width from a Primitive skips the widget's range inside ComfyUI; the node's own check still refuses it."""
+    from letterpress.samplers.ernie_image import check_size
+
+    with pytest.raises(LetterpressError, match="width 8208 is above the largest size the nodes take, 8192"):
+        check_size(8208, 1024)
+    check_size(8192, 1024)
+
+
+def test_preview_any_shows_values_as_comfyui_does():
+    from letterpress.core_nodes import PreviewAny
+
+    shown = [PreviewAny().main(v)["ui"]["text"][0] for v in ("a b", None, True, 3, {"k": [1]})]
+    assert shown == ["a b", "None", "True", "3", '{"k": [1]}']

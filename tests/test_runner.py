@@ -89,6 +89,11 @@ def test_ambiguous_set_names_the_choices():
     assert sized["2"]["inputs"]["value"] == 512 and sized["3"]["inputs"]["value"] == 1024
     with pytest.raises(WorkflowError, match="2 nodes take 'seed'"):
         set_values(enhanced, ["seed=1"])
+    enhanced["4"]["inputs"]["width"] = 1024  # the enhancer's width typed in again: which one is meant?
+    with pytest.raises(WorkflowError, match=r"2 nodes take 'width' by input name or title \(choices: 4.width, 2.value\)"):
+        set_values(enhanced, ["width=512"])
+    with pytest.raises(WorkflowError, match=r"inputs you can set: .*height"):
+        set_values(enhanced, ["size=512"])
 
 
 def write(tmp_path, data, name="wf.json"):
@@ -212,6 +217,15 @@ def test_non_finite_numbers_are_refused_before_running(ernie, models_dir, host):
     wf = load_workflow(os.path.join(WORKFLOWS, "ernie_image_t2i_api.json"))
     with pytest.raises(WorkflowError, match="input 'shift': expected a finite number, got nan"):
         Runner().validate(set_values(wf, ["shift=nan"]))
+
+
+def test_sizes_wired_from_primitives_are_checked_before_any_model_loads(ernie, models_dir, host):
+    wf = load_workflow(os.path.join(WORKFLOWS, "ernie_image_enhanced_t2i_api.json"))
+    with pytest.raises(WorkflowError, match="needs width to be a positive multiple of 16, got 1000"):
+        Runner().validate(set_values(wf, ["width=1000"]))
+    with pytest.raises(WorkflowError, match=r"node 4 \(LetterpressErnieImagePromptEnhance\) input 'height': 9000 is outside"):
+        Runner().validate(set_values(wf, ["height=9000"]))
+    assert Runner().validate(set_values(wf, ["width=512"]))
 
 
 def test_unreadable_input_image_and_absolute_output_prefix(tmp_path, host):
