@@ -154,7 +154,7 @@ class Runner:
     def __init__(self, nodes: dict | None = None):
         self.nodes = dict(CORE_NODES)
         self.nodes.update(nodes or NODE_CLASS_MAPPINGS)
-        self.cache: dict[str, tuple[str, tuple]] = {}
+        self.cache: dict[str, tuple] = {}  # node signature -> outputs, for the nodes of the last workflow run
         self.executed: list[str] = []  # node ids run (not cached) in the last run
 
     # validation --------------------------------------------------------------------------------
@@ -257,39 +257,48 @@ class Runner:
         return order
 
     # execution ---------------------------------------------------------------------------------
+    def _signature(self, wf: dict, nid: str, sigs: dict[str, str]) -> str:
+        """What a node's output depends on: its type, typed values, IS_CHANGED and its inputs' signatures
+        (not its id: two identical nodes share one result, as in ComfyUI's cache)."""
+        node = wf[nid]
+        cls = self.nodes[node["class_type"]]
+        parts = [node["class_type"]]
+        for name, value in sorted(node.get("inputs", {}).items()):
+            if _is_link(value):
+                parts.append(f"{name}<-{sigs[value[0]]}:{value[1]}")
+            elif name in _all_inputs(cls):
+                parts.append(f"{name}={json.dumps(value, sort_keys=True)}")
+        if hasattr(cls, "IS_CHANGED"):  # e.g. LoadImage: a file changed under the same name
+            literal = {k: v for k, v in node.get("inputs", {}).items() if not _is_link(v) and k in _all_inputs(cls)}
+            parts.append(f"changed={cls.IS_CHANGED(**literal)}")
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
     def run(self, wf: dict, extra_pnginfo: dict | None = None) -> dict[str, Any]:
         order = self.validate(wf)
         get_host().request_interrupt(False)  # a Cancel that came after the last run does not stop this one (as ComfyUI)
-        results: dict[str, tuple] = {}
         sigs: dict[str, str] = {}
+        for nid in order:
+            sigs[nid] = self._signature(wf, nid, sigs)
+        # Drop what this workflow no longer uses before anything runs (as ComfyUI does), so a model whose loader
+        # changed leaves memory before its replacement loads.
+        self.cache = {sig: out for sig, out in self.cache.items() if sig in set(sigs.values())}
+        results: dict[str, tuple] = {}
         ui: dict[str, Any] = {}
         self.executed = []
         for nid in order:
             node = wf[nid]
             cls = self.nodes[node["class_type"]]
-            kwargs, sig_parts = {}, [node["class_type"]]
-            for name, value in sorted(node.get("inputs", {}).items()):
-                if _is_link(value):
-                    kwargs[name] = results[value[0]][value[1]]
-                    sig_parts.append(f"{name}<-{sigs[value[0]]}:{value[1]}")
-                elif name in _all_inputs(cls):
-                    kwargs[name] = value
-                    sig_parts.append(f"{name}={json.dumps(value, sort_keys=True)}")
-            if hasattr(cls, "IS_CHANGED"):  # e.g. LoadImage: a file changed under the same name
-                literal = {k: v for k, v in kwargs.items() if not _is_link(node["inputs"].get(k))}
-                sig_parts.append(f"changed={cls.IS_CHANGED(**literal)}")
+            is_output = getattr(cls, "OUTPUT_NODE", False)
+            if sigs[nid] in self.cache and not is_output:
+                results[nid] = self.cache[sigs[nid]]
+                continue
+            kwargs = {name: results[value[0]][value[1]] if _is_link(value) else value
+                      for name, value in node.get("inputs", {}).items() if _is_link(value) or name in _all_inputs(cls)}
             hidden = cls.INPUT_TYPES().get("hidden", {})
             if "prompt" in hidden:
                 kwargs["prompt"] = wf
             if "extra_pnginfo" in hidden:
                 kwargs["extra_pnginfo"] = extra_pnginfo
-            sig = hashlib.sha256("|".join(sig_parts).encode()).hexdigest()
-            sigs[nid] = sig
-            cached = self.cache.get(nid)
-            is_output = getattr(cls, "OUTPUT_NODE", False)
-            if cached and cached[0] == sig and not is_output:
-                results[nid] = cached[1]
-                continue
             try:
                 out = getattr(cls(), cls.FUNCTION)(**kwargs)
             except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -304,5 +313,6 @@ class Runner:
                 ui[nid] = out.get("ui")
                 out = tuple(out.get("result", ()))
             results[nid] = out
-            self.cache[nid] = (sig, out)
+            if not is_output:
+                self.cache[sigs[nid]] = out
         return {"outputs": ui, "results": results}

@@ -247,7 +247,7 @@ def test_a_load_that_fails_halfway_leaves_nothing_behind(ernie, models_dir, tmp_
         runner.run(wf)
     # While the error (and its traceback) is still held: no mapping of the bad file, no model, no cache entry.
     assert mappings_of(bad) == []
-    assert "1" not in runner.cache and "5" not in runner.cache
+    assert not [x for out in runner.cache.values() for x in out if "bad" in str(getattr(x, "source", ""))]
     assert not any("bad" in m for m in host.loaded_models())
     del err
     out = runner.run(set_values(wf, ["dit_name=ernie-image.safetensors"]))

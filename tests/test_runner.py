@@ -69,6 +69,27 @@ def test_requeue_with_new_seed_reuses_models_and_encodings(ernie, models_dir, ho
     assert (img_a - img_b).abs().max() > 0.05
 
 
+def test_cache_follows_what_nodes_depend_on_not_their_ids(ernie, models_dir, host):
+    """As ComfyUI's cache: keyed by a node's type, values and inputs; what the next workflow does not use is
+    dropped before it runs."""
+    runner = Runner()
+    wf = set_values(load_workflow(os.path.join(WORKFLOWS, "ernie_image_t2i_api.json")), SMALL)
+    runner.run(wf)
+    renumbered = json.loads(json.dumps(wf).replace('["1", ', '["11", '))
+    renumbered["11"] = renumbered.pop("1")
+    runner.run(renumbered)
+    assert sorted(runner.executed) == ["7"]  # the same graph under other ids: only the output node runs again
+    twice = {**wf, "8": {**wf["2"]}}  # a second, identical text encode
+    runner.run(twice)
+    assert "8" not in runner.executed and "2" not in runner.executed
+    def sources():
+        return {str(getattr(x, "source", "")) for out in runner.cache.values() for x in out} - {""}
+
+    assert any("ERNIE-Image" in source for source in sources())
+    runner.run(set_values(load_workflow(os.path.join(WORKFLOWS, "ernie_image_single_files_api.json")), SMALL))
+    assert sources() and not any("ERNIE-Image" in source for source in sources())  # the folder's models let go
+
+
 def test_ambiguous_set_names_the_choices():
     wf = load_workflow(os.path.join(WORKFLOWS, "ernie_image_t2i_api.json"))
     assert set_values(wf, ["prompt=x"])["2"]["inputs"]["prompt"] == "x"  # the node titled Prompt
