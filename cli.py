@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_device(name: str) -> None:
+def check_device(name: str, where: str = "--device ") -> None:
     """A clear error, before anything loads, for a device this torch cannot use."""
     import torch
 
@@ -35,7 +35,7 @@ def check_device(name: str) -> None:
         torch.empty(1, device=torch.device(name))
     except (RuntimeError, AssertionError, ValueError) as e:
         raise LetterpressError(
-            f"--device {name}: this torch ({torch.__version__}) cannot use it ({str(e).splitlines()[0]}). "
+            f"{where}{name}: this torch ({torch.__version__}) cannot use it ({str(e).splitlines()[0]}). "
             "Use cpu, leave --device out for the best available, or install a torch build for that device."
         ) from None
 
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device:
             check_device(args.device)
             os.environ["LETTERPRESS_DEVICE"] = args.device
+        elif os.environ.get("LETTERPRESS_DEVICE"):
+            check_device(os.environ["LETTERPRESS_DEVICE"], "LETTERPRESS_DEVICE=")
         host = StandaloneHost()
         for name in ("models_dir", "output_dir", "input_dir"):  # a flag wins over the host's environment default
             setattr(host, name, os.path.abspath(getattr(args, name) or getattr(host, name)))

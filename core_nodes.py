@@ -9,10 +9,11 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from .loaders.host import LetterpressError, get_host
@@ -27,12 +28,32 @@ def _png_info(prompt, extra_pnginfo) -> PngInfo:
     return info
 
 
+def expand_prefix(prefix: str, width: int = 0, height: int = 0) -> str:
+    """ComfyUI's filename_prefix variables: %width%, %height%, %year%, %month%, %day%, %hour%, %minute%, %second%."""
+    now = time.localtime()
+    values = {"width": width, "height": height, "year": now.tm_year, "month": f"{now.tm_mon:02}",
+              "day": f"{now.tm_mday:02}", "hour": f"{now.tm_hour:02}", "minute": f"{now.tm_min:02}",
+              "second": f"{now.tm_sec:02}"}
+    for name, value in values.items():
+        prefix = prefix.replace(f"%{name}%", str(value))
+    return prefix
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why a filename_prefix cannot be used (None if it can): it must name a file inside the output folder."""
+    path = os.path.normpath(expand_prefix(prefix))
+    if "\0" in prefix or os.path.isabs(path) or path == ".." or path.startswith(".." + os.sep) or prefix.endswith("/"):
+        return (f"filename_prefix '{prefix}' must name a file inside the output folder (no leading /, no .. "
+                "above it, not ending in /); e.g. letterpress/poster.")
+    return None
+
+
 def save_images(images: torch.Tensor, folder: str, prefix: str, prompt=None, extra_pnginfo=None) -> list[str]:
     """Write each image as <prefix>_NNNNN_.png, never replacing a file that exists."""
-    if not re.fullmatch(r"[\w\- ./]*", prefix) or ".." in prefix.split("/") or prefix.startswith("/"):
-        raise LetterpressError(f"filename_prefix '{prefix}' may only hold letters, digits, -, _, space and /, and "
-                               "names a place inside the output folder (no leading / or ..).")
-    sub, base = os.path.split(prefix)
+    problem = prefix_problem(prefix)
+    if problem:
+        raise LetterpressError(problem)
+    sub, base = os.path.split(os.path.normpath(expand_prefix(prefix, images.shape[2], images.shape[1])))
     target = os.path.join(folder, sub)
     try:
         os.makedirs(target, exist_ok=True)
@@ -76,6 +97,10 @@ class SaveImage:
         return {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
                 "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix="ComfyUI"):  # before anything runs, so no image is made in vain
+        return prefix_problem(filename_prefix) or True
+
     def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
         paths = save_images(images, get_host().output_dir, filename_prefix, prompt, extra_pnginfo)
         return {"ui": {"images": [{"filename": os.path.basename(p), "path": p} for p in paths]}}
@@ -106,6 +131,12 @@ class LoadImage:
         path = cls._path(image)
         return f"{os.path.getmtime(path)}:{os.path.getsize(path)}" if os.path.exists(path) else "missing"
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, image=None):  # a missing picture is named before any model loads
+        if isinstance(image, str) and not os.path.exists(cls._path(image)):
+            return f"Image {image} was not found in {get_host().input_dir}. Put it there or pass a full path."
+        return True
+
     @staticmethod
     def _path(image: str) -> str:
         return image if os.path.isabs(image) else os.path.join(get_host().input_dir, image)
@@ -114,14 +145,20 @@ class LoadImage:
         path = self._path(image)
         if not os.path.exists(path):
             raise LetterpressError(f"Image {image} was not found in {get_host().input_dir}. Put it there or pass a full path.")
+        frames = []
         try:
-            img = ImageOps.exif_transpose(Image.open(path))
-            rgba = img.convert("RGBA")
+            img = Image.open(path)
+            # every frame of an animation (a GIF, WebP or TIFF) as a batch, as ComfyUI loads them; an MPO's
+            # extra frames are other views of the photo, so only its first
+            for frame in ([img] if img.format == "MPO" else ImageSequence.Iterator(img)):
+                rgba = ImageOps.exif_transpose(frame).convert("RGBA")
+                if frames and rgba.size != frames[0].shape[1::-1]:
+                    continue  # frames of another size cannot join the batch (ComfyUI skips them too)
+                frames.append(np.asarray(rgba).astype(np.float32) / 255.0)
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
             raise LetterpressError(f"Image {path} is not a readable image ({e}): give a PNG, JPEG or WebP file.") from None
-        arr = np.asarray(rgba).astype(np.float32) / 255.0
-        t = torch.from_numpy(arr)
-        return (t[None, ..., :3], 1.0 - t[None, ..., 3])
+        t = torch.from_numpy(np.stack(frames))
+        return (t[..., :3], 1.0 - t[..., 3])
 
 
 class SetLatentNoiseMask:

@@ -29,7 +29,7 @@ class WorkflowError(LetterpressError):
 
 def load_workflow(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (some Windows editors) is fine
             data = json.load(f)
     except FileNotFoundError:
         raise WorkflowError(f"Workflow {path} does not exist.")
@@ -160,12 +160,13 @@ class Runner:
     # validation --------------------------------------------------------------------------------
     def validate(self, wf: dict) -> list[str]:
         """Check everything that can be checked without running; return the execution order."""
-        problems = []
-        for nid, node in wf.items():
-            ctype = node.get("class_type")
-            if ctype not in self.nodes:
-                problems.append(f"node {nid}: unknown node type '{ctype}' (is the pack that provides it installed?)")
-                continue
+        problems = [f"node {nid}: unknown node type '{n.get('class_type')}' (is the pack that provides it installed?)"
+                    for nid, n in wf.items() if n.get("class_type") not in self.nodes]
+        if problems:
+            raise WorkflowError("The workflow cannot run:\n- " + "\n- ".join(problems))
+        for nid in self._needed(wf):  # as ComfyUI: nodes that feed no output are not checked (nor run)
+            node = wf[nid]
+            ctype = node["class_type"]
             cls = self.nodes[ctype]
             spec = cls.INPUT_TYPES()
             inputs = node.get("inputs", {})
@@ -204,7 +205,8 @@ class Runner:
                 return [f"{where} is linked to output {slot} of node {src}, which has {len(scls.RETURN_TYPES)}"]
             got = scls.RETURN_TYPES[slot]
             want = kind if isinstance(kind, str) else "COMBO"
-            if want != got and "*" not in (want, got) and not (isinstance(kind, list)):
+            combo_ok = isinstance(kind, list) and (got in ("*", "COMBO") or isinstance(got, list))
+            if want != got and "*" not in (want, got) and not combo_ok:
                 return [f"{where} needs {want} but is linked to a {got} output of node {src} ({wf[src]['class_type']})"]
             return []
         if isinstance(kind, list):
@@ -232,8 +234,22 @@ class Runner:
             return [f"{where} needs a {kind} link, got the value {value!r}"]
         return []
 
+    def _outputs(self, wf: dict) -> list[str]:
+        return [nid for nid, n in wf.items() if getattr(self.nodes[n["class_type"]], "OUTPUT_NODE", False)]
+
+    def _needed(self, wf: dict) -> list[str]:
+        """The output nodes and every node they are wired from (links to missing nodes are left for validation)."""
+        needed, todo = [], self._outputs(wf)
+        while todo:
+            nid = todo.pop()
+            if nid in needed or nid not in wf:
+                continue
+            needed.append(nid)
+            todo.extend(v[0] for v in wf[nid].get("inputs", {}).values() if _is_link(v))
+        return sorted(needed, key=lambda x: (len(x), x))
+
     def _order(self, wf: dict) -> list[str]:
-        outputs = [nid for nid, n in wf.items() if getattr(self.nodes[n["class_type"]], "OUTPUT_NODE", False)]
+        outputs = self._outputs(wf)
         if not outputs:
             raise WorkflowError("The workflow has no output node (SaveImage, PreviewImage, ...): nothing would run.")
         order: list[str] = []

@@ -67,10 +67,3 @@ def test_grounding_workflow_runs_headless(ernie_vl, models_dir, tmp_path, capsys
     drawn, original = res["4"][0], res["1"][0]
     assert drawn.shape == original.shape
     assert bool((drawn != original).any()) == bool(boxes["boxes"])  # pixels change exactly when boxes were found
-
-
-@pytest.mark.parametrize("workflow", [I2P, GROUND])
-def test_shipped_workflows_validate(ernie, ernie_vl, workflow):
-    wf = load_workflow(workflow)
-    assert Runner().validate(wf)
-    assert any(n["class_type"].startswith("LetterpressErnieVL") for n in wf.values())

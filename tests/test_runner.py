@@ -306,3 +306,53 @@ def test_odd_workflow_files_and_settings_get_clear_errors(tmp_path, monkeypatch)
         StandaloneHost()
     with pytest.raises(LetterpressError, match=r"got 8\. Use 32\.$"):
         check_multiple(8, 64, 32, "GLM-Image")
+
+
+def test_checked_before_anything_runs_as_comfyui_does(ernie, models_dir, tmp_path, host):
+    """A missing picture, an output prefix outside the output folder and a combo wired from a wrong output are
+    refused before any model loads; a node that feeds no output is neither checked nor run."""
+    host.input_dir = str(tmp_path)
+    wf = load_workflow(os.path.join(WORKFLOWS, "ernie_image_inpaint_api.json"))
+    with pytest.raises(WorkflowError, match="Image ernie_image_inpaint.png was not found"):
+        Runner().validate(wf)
+    t2i = set_values(load_workflow(os.path.join(WORKFLOWS, "ernie_image_t2i_api.json")), SMALL)
+    with pytest.raises(WorkflowError, match="filename_prefix '../x' must name a file inside the output folder"):
+        Runner().validate(set_values(t2i, ["filename_prefix=../x"]))
+    wrong = json.loads(json.dumps(t2i))
+    wrong["1"]["inputs"]["weight_dtype"] = ["4", 0]  # a LATENT into a list of choices
+    with pytest.raises(WorkflowError, match="input 'weight_dtype' needs COMBO but is linked to a LATENT output"):
+        Runner().validate(wrong)
+    dangling = {**t2i, "9": {"class_type": "LetterpressErnieImageLoraLoader",
+                             "inputs": {"dit": ["1", 0], "lora_name": "missing.safetensors", "strength": 1.0}}}
+    runner = Runner()
+    runner.run(dangling)
+    assert "9" not in runner.executed
+
+
+def test_save_image_prefix_like_comfyui(tmp_path, host):
+    from letterpress.core_nodes import save_images
+
+    images = torch.zeros(1, 8, 12, 3)
+    for prefix in ("poster (v2)", "jazz, night", "a+b", "sub/%width%x%height%_%year%"):
+        path = save_images(images, str(tmp_path), prefix)[0]
+        assert path.startswith(str(tmp_path) + os.sep) and path.endswith("_00001_.png")
+    assert os.path.basename(path).startswith("12x8_2")  # %width%, %height%, %year%
+
+
+def test_load_image_reads_every_frame_and_workflow_files_with_a_bom(tmp_path, host):
+    from letterpress.core_nodes import LoadImage
+
+    frames = [Image.new("RGB", (8, 6), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    image, mask = LoadImage().load_image(str(tmp_path / "anim.gif"))
+    assert image.shape == (3, 6, 8, 3) and mask.shape == (3, 6, 8)
+    assert image[1, 0, 0].argmax() == 1 and image[2, 0, 0].argmax() == 2
+    wf = tmp_path / "bom.json"
+    wf.write_bytes(b"\xef\xbb\xbf" + open(os.path.join(WORKFLOWS, "ernie_image_t2i_api.json"), "rb").read())
+    assert load_workflow(str(wf))["1"]["class_type"] == "LetterpressErnieImageFolderLoader"
+
+
+def test_bad_device_in_the_environment_is_a_clear_error(ernie, models_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LETTERPRESS_DEVICE", "bogus")
+    assert run_cli("ernie_image_t2i_api.json", models_dir, tmp_path, *SMALL) == 2
+    assert "LETTERPRESS_DEVICE=bogus: this torch" in capsys.readouterr().err
