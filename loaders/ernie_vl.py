@@ -118,9 +118,12 @@ def load(folder: str, dtype_choice: str = "auto") -> ModelHandle:
         raise LetterpressError(f"ERNIE-4.5-VL: {folder} holds no .safetensors weights.{hint}")
     processor = load_processor(folder)
     dtype = weight_dtype(dtype_choice)
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        raise LetterpressError(f"ERNIE-4.5-VL: {dtype_choice} weight storage is offered for the image DiTs only; load "
+                               "this model as auto, bf16, fp16 or fp32.")
     try:
         model = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise LetterpressError(f"ERNIE-4.5-VL: the weights in {folder} could not be loaded ({e}).")
     model.eval()
     model.requires_grad_(False)

@@ -110,7 +110,7 @@ class LetterpressErnieVLGround:
     def run(self, model, images, objects, thinking, max_new_tokens, temperature, top_p, seed):
         _check_images(images)
         text = vl.grounding_prompt(objects)
-        labels = [o.strip() for o in objects.split(",") if o.strip()]
+        labels = vl.object_names(objects)
         get_host().load(model)
         height, width = int(images.shape[1]), int(images.shape[2])
         boxes, answers, dropped = [], [], []

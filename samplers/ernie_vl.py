@@ -141,7 +141,7 @@ def vl_generate(handle: ModelHandle, images: torch.Tensor, text: str, system_pro
     inputs = prepare_inputs(handle, pil, text, system_prompt, thinking)
     tok = handle.extras["processor"].tokenizer
     out = generate(handle.module, seed, max_new_tokens, **inputs, **sampling_args(temperature, top_p),
-                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                   pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(handle.module, tok))
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     return split_thinking(tok, new, thinking)
 
@@ -155,11 +155,24 @@ _LABEL_KEYS = ("label", "name", "object", "category", "text")
 _BOX_KEYS = ("bbox_2d", "bbox", "box", "box_2d", "coordinates")
 
 
-def grounding_prompt(objects: str) -> str:
+def stop_ids(module, tok) -> list[int]:
+    """The checkpoint's own stop tokens (generation_config, as transformers' generate() uses them) plus the
+    tokenizer's end of text."""
+    ids = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return ids + [t for t in [tok.eos_token_id] if t is not None and t not in ids]
+
+
+def object_names(objects: str) -> list[str]:
+    """The objects to find, as the user wrote them: separated by commas, semicolons or lines."""
     names = [o.strip() for o in re.split(r"[,\n;]", objects) if o.strip()]
     if not names:
         raise LetterpressError("Name at least one object to find (comma-separated, e.g. 'cat, red sign').")
-    return GROUNDING_PROMPT.format(objects=", ".join(names))
+    return names
+
+
+def grounding_prompt(objects: str) -> str:
+    return GROUNDING_PROMPT.format(objects=", ".join(object_names(objects)))
 
 
 def _clean_label(text: str) -> str:

@@ -81,14 +81,28 @@ def _http_error(url: str, e: urllib.error.HTTPError, model: str) -> LetterpressE
 
 
 def _sse_events(resp) -> Iterator[dict]:
+    """The stream's chunks; a ValueError (reported as 'not the chat-completions format') for a reply that is no
+    event stream, an error sent mid-stream, or a stream cut off before its end."""
+    finished = seen = False
     for line in resp:
         line = line.decode("utf-8", "replace").strip()
         if not line.startswith("data:"):
             continue
+        seen = True
         payload = line[5:].strip()
         if payload == "[DONE]":
             return
-        yield json.loads(payload)
+        event = json.loads(payload)
+        if not isinstance(event, dict):
+            raise ValueError(f"a stream event that is not an object: {payload[:200]}")
+        if "error" in event or event.get("object") == "error":
+            raise ValueError(f"the server reported an error mid-stream: {_server_message(payload.encode())}")
+        finished = finished or any(isinstance(c, dict) and c.get("finish_reason") for c in event.get("choices") or [])
+        yield event
+    if not seen:
+        raise ValueError("the reply held no event stream (data: lines); if the server does not stream, turn stream off")
+    if not finished:
+        raise ValueError("the stream ended before the answer did (no [DONE] nor finish_reason): the connection was cut")
 
 
 def _worker(url: str, body: dict, api_key: str, timeout: float, out: queue.Queue, stop: threading.Event) -> None:
@@ -111,6 +125,8 @@ def _worker(url: str, body: dict, api_key: str, timeout: float, out: queue.Queue
 
 
 def _delta_text(choice: dict, key: str) -> tuple[str, str]:
+    if not isinstance(choice, dict) or not isinstance(choice.get(key) or {}, dict):
+        raise LetterpressError(f"The server's answer is not in the chat-completions format: {str(choice)[:300]}")
     part = choice.get(key) or {}
     content = part.get("content") or ""
     reasoning = part.get("reasoning_content") or part.get("reasoning") or ""
@@ -154,7 +170,8 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
                     c, r = _delta_text(choice, "delta")
                     content.append(c)
                     reasoning.append(r)
-                bar.update(1)
+                if value.get("choices") and bar.done < max_new_tokens:  # a usage-only chunk is no token
+                    bar.update(1)
                 host.check_interrupt()
             elif kind == "whole":
                 choices = value.get("choices") if isinstance(value, dict) else None

@@ -101,6 +101,28 @@ def test_greedy_equals_transformers_generate(vl, reference, n_images):
     assert reasoning == ""
 
 
+def test_the_checkpoints_own_stop_tokens_end_the_answer(vl, reference):
+    """generation_config.eos_token_id may list several stop tokens; generate() stops at any of them, so must we."""
+    images = pil_images(SEEDS[1], 1)
+    tok = reference[1]
+    full = reference_ids(reference, images, thinking=False, tokens=16)
+    stop = full[3]
+    assert stop not in full[:3]
+    before = (reference[0].generation_config.eos_token_id, vl.module.generation_config.eos_token_id)
+    try:
+        reference[0].generation_config.eos_token_id = vl.module.generation_config.eos_token_id = [tok.eos_token_id, stop]
+        ref = reference_ids(reference, images, thinking=False, tokens=16)
+        answer, _ = ask(vl, as_tensor(images), tokens=16)
+    finally:
+        reference[0].generation_config.eos_token_id, vl.module.generation_config.eos_token_id = before
+    assert ref == full[:4] and answer == words(tok, ref)
+
+
+def test_loader_refuses_fp8_clearly(ernie_vl):
+    with pytest.raises(LetterpressError, match="fp8_e4m3fn weight storage is offered for the image DiTs only"):
+        node("Loader").run(PT, "fp8_e4m3fn")
+
+
 def test_thinking_on_matches_transformers_and_goes_to_reasoning(vl, reference):
     images = pil_images(21, 1)
     tok = reference[1]

@@ -88,6 +88,10 @@ def test_ground_node_on_the_model_answer(ernie_vl):
     assert [(b["image"], b["label"], b["box"]) for b in data["boxes"]] == [
         (0, "cat", [20.0, 20.0, 100.0, 60.0]), (1, "cat", [20.0, 20.0, 100.0, 60.0])]  # one request per image
     assert len(fake.module.prompts) == 2 and text.count("<|LOC_BEGIN|>") == 2
+    unlabelled = "<|LOC_BEGIN|> <|LOC_100|> <|LOC_200|> <|LOC_500|> <|LOC_600|> <|LOC_END|> <|end_of_sentence|>"
+    fake.module = ScriptedModel(tok.convert_tokens_to_ids(unlabelled.split()))
+    boxes, _ = N["LetterpressErnieVLGround"]().run(fake, torch.rand(1, H, W, 3), "cat;", False, 64, 0.0, 0.8, 0)
+    assert [b["label"] for b in json.loads(boxes)["boxes"]] == ["cat"]  # named as in the prompt, not "cat;"
     with pytest.raises(LetterpressError, match="at least one object"):
         N["LetterpressErnieVLGround"]().run(fake, torch.rand(1, H, W, 3), " , ", False, 64, 0.0, 0.8, 0)
 

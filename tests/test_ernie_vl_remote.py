@@ -50,7 +50,7 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"<html>not json</html>")
             return
-        if not body["stream"]:
+        if not body["stream"] or model == "ignores-stream":
             content = "<think>look closer</think>A red cat." if model == "inline-think" else "A red cat."
             message = {"role": "assistant", "content": content}
             if model == "with-reasoning":
@@ -62,15 +62,20 @@ class Handler(BaseHTTPRequestHandler):
         pieces = [("reasoning_content", "I see "), ("reasoning_content", "fur."), ("content", "A red"), ("content", " cat.")]
         if model == "endless":
             pieces = [("content", f"w{i} ") for i in range(40)]
-        for key, text in pieces:
+        for i, (key, text) in enumerate(pieces):
             chunk = {"choices": [{"index": 0, "delta": {key: text}}]}
+            if model == "error-mid-stream" and i == 2:
+                chunk = {"object": "error", "message": "engine overloaded"}  # vLLM's shape
+            if model == "finish-without-done" and i == len(pieces) - 1:
+                chunk["choices"][0]["finish_reason"] = "stop"
             try:
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
             except OSError:
                 return
             time.sleep(0.05 if model == "endless" else 0)
-        self.wfile.write(b"data: [DONE]\n\n")
+        if model not in ("cut-off", "finish-without-done"):
+            self.wfile.write(b"data: [DONE]\n\n")
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +196,16 @@ def test_unreachable_server_and_bad_url():
         remote("127.0.0.1:8000/v1", "plain")
     with pytest.raises(LetterpressError, match="model name is empty"):
         remote("http://127.0.0.1:1/v1", " ")
+
+
+def test_broken_streams_are_errors_not_partial_answers(server):
+    with pytest.raises(LetterpressError, match="error mid-stream: engine overloaded"):
+        remote(url(server), "error-mid-stream", stream=True)
+    with pytest.raises(LetterpressError, match="stream ended before the answer did"):
+        remote(url(server), "cut-off", stream=True)
+    with pytest.raises(LetterpressError, match="no event stream.*turn stream off"):
+        remote(url(server), "ignores-stream", stream=True)
+    with pytest.raises(LetterpressError, match="chat-completions format"):
+        remote(url(server), "garbage", stream=True)
+    # a last chunk that says it finished is a complete answer, [DONE] or not
+    assert remote(url(server), "finish-without-done", stream=True, thinking=True) == ("A red cat.", "I see fur.")
