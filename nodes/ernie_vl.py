@@ -162,7 +162,8 @@ class LetterpressErnieVLDrawBoxes:
         }}
 
     def run(self, images, boxes, line_width, show_labels):
-        return (vl.draw_boxes(images, vl.read_boxes(boxes), line_width, show_labels),)
+        found = vl.read_boxes(boxes, int(images.shape[2]), int(images.shape[1]))  # scaled to these images' size
+        return (vl.draw_boxes(images, found, line_width, show_labels),)
 
 
 class LetterpressErnieVLRemoteGenerate:

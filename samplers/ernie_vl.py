@@ -265,7 +265,9 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def read_boxes(boxes: str) -> list[dict]:
+def read_boxes(boxes: str, width: int | None = None, height: int | None = None) -> list[dict]:
+    """The boxes of a boxes JSON; given the size of the images they are drawn on, boxes found on images of
+    another size (the JSON's width and height) are scaled to it."""
     try:
         data = json.loads(boxes)
     except ValueError as e:
@@ -283,6 +285,11 @@ def read_boxes(boxes: str) -> list[dict]:
         if not isinstance(k, int) or isinstance(k, bool):
             raise LetterpressError(f"Box {n} ({b!r:.100}): 'image' must be the image's index in the batch "
                                    f"(0, 1, ...), got {k!r}.")
+    found_w, found_h = (data.get("width"), data.get("height")) if isinstance(data, dict) else (None, None)
+    if width and height and _is_number(found_w) and _is_number(found_h) and found_w > 0 and found_h > 0 \
+            and (found_w, found_h) != (width, height):
+        sx, sy = width / found_w, height / found_h
+        items = [{**b, "box": [b["box"][0] * sx, b["box"][1] * sy, b["box"][2] * sx, b["box"][3] * sy]} for b in items]
     return items
 
 

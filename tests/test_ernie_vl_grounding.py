@@ -77,6 +77,13 @@ def test_draw_labels_writes_inside_the_box():
     assert inside.abs().sum() > 0
 
 
+def test_boxes_found_on_another_size_are_scaled_to_the_drawn_images():
+    small = json.dumps({"width": 32, "height": 24, "boxes": [{"image": 0, "label": "", "box": [8, 6, 16, 12]}]})
+    big = N["LetterpressErnieVLDrawBoxes"]().run(torch.zeros(1, 48, 64, 3), small, 1, False)[0][0]
+    drawn = big.sum(-1).nonzero()
+    assert (drawn[:, 0].min(), drawn[:, 0].max(), drawn[:, 1].min(), drawn[:, 1].max()) == (12, 23, 16, 31)
+
+
 def test_ground_node_on_the_model_answer(ernie_vl):
     vl = N["LetterpressErnieVLLoader"]().run("ERNIE-4.5-VL-28B-A3B-PT", "auto")[0]
     tok = vl.extras["processor"].tokenizer
