@@ -160,7 +160,9 @@ class Runner:
     # validation --------------------------------------------------------------------------------
     def validate(self, wf: dict) -> list[str]:
         """Check everything that can be checked without running; return the execution order."""
-        problems = [f"node {nid}: unknown node type '{n.get('class_type')}' (is the pack that provides it installed?)"
+        core = ", ".join(CORE_NODES)
+        problems = [f"node {nid}: unknown node type '{n.get('class_type')}'. The headless runner has this pack's nodes "
+                    f"and, of ComfyUI's own, {core}; run other nodes inside ComfyUI (with the packs that provide them)"
                     for nid, n in wf.items() if n.get("class_type") not in self.nodes]
         if problems:
             raise WorkflowError("The workflow cannot run:\n- " + "\n- ".join(problems))
