@@ -54,10 +54,10 @@ def start_index(steps: int, denoise: float) -> int:
     """First step to run for a partial denoise (diffusers' img2img strength convention)."""
     if not 0.0 < denoise <= 1.0:
         raise LetterpressError(f"denoise must be in (0, 1], got {denoise}. Use 1.0 for text-to-image.")
-    run = min(int(steps * denoise), steps)
-    if run < 1:
+    first = int(max(steps - min(steps * denoise, steps), 0))  # diffusers' get_timesteps, rounding included
+    if first >= steps:
         raise LetterpressError(f"denoise {denoise} with {steps} steps runs no step; raise steps or denoise.")
-    return steps - run
+    return first
 
 
 def noise_like(shape, seed: int, dtype: torch.dtype, device) -> torch.Tensor:

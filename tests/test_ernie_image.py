@@ -146,20 +146,24 @@ def test_image_to_image_keeps_the_input(folder_models):
     assert torch.equal(full, t2i)
 
 
-def test_partial_denoise_matches_diffusers_img2img_convention(reference, folder_models):
-    """denoise d runs the last int(d*N) steps from the input noised with the scheduler's scale_noise,
-    as diffusers' img2img pipelines do; rebuilt here from the reference's own components."""
+@pytest.mark.parametrize("steps,denoise", [(6, 0.5), (7, 0.55)])  # 7 x 0.55 = 3.85: diffusers runs 4 steps
+def test_partial_denoise_matches_diffusers_img2img_convention(reference, folder_models, steps, denoise):
+    """denoise d runs the steps diffusers' img2img pipelines run (their get_timesteps) from the input noised with
+    the scheduler's scale_noise; rebuilt here from the reference's own components."""
+    import types
+
+    from diffusers import FluxImg2ImgPipeline
+
     dit, te, vae = folder_models
-    steps, denoise, seed = 6, 0.5, 9
+    seed = 9
     init = torch.randn(1, 128, 2, 2, generator=torch.Generator().manual_seed(1))
     ours = node("Sampler").run(dit, node("TextEncode").run(te, PROMPT)[0],
                                {"samples": init, "family": "ernie_image"}, seed, steps, 1.0, 4.0, denoise)[0]
 
     sched = reference.scheduler
     sched.set_timesteps(sigmas=torch.linspace(1.0, 0.0, steps + 1)[:-1])
-    first = steps - int(steps * denoise)
-    timesteps = sched.timesteps[first:]
-    sched.set_begin_index(first)
+    timesteps, run = FluxImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=sched), steps, denoise, "cpu")
+    assert run == len(timesteps) == (4 if steps == 7 else 3)
     noise = torch.randn(init.shape, generator=torch.Generator("cpu").manual_seed(seed))
     x = sched.scale_noise(init, timesteps[:1], noise)
     text = reference.encode_prompt(PROMPT, torch.device("cpu"))
