@@ -5,6 +5,7 @@ original (LDM / Black Forest Labs) key names that ComfyUI users have, converted 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -48,7 +49,10 @@ def _ldm_to_diffusers(ck: Checkpoint, template: dict) -> dict:
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     raw = {k: ck[k] for k in ck}
-    n_down = 1 + max(int(k.split(".")[2]) for k in raw if ".down." in k and k.split(".")[1] == "down")
+    blocks = {int(m.group(1)) for k in raw if (m := re.search(r"(?:^|\.)encoder\.down\.(\d+)\.", k))}
+    if not blocks:
+        raise LetterpressError("VAE: the file has no encoder blocks (encoder.down.N.*); it is not a whole VAE checkpoint.")
+    n_down = 1 + max(blocks)  # under any prefix (first_stage_model., vae.)
     cfg = {"down_block_types": ("DownEncoderBlock2D",) * n_down, "up_block_types": ("UpDecoderBlock2D",) * n_down}
     converted = convert_ldm_vae_checkpoint(raw, cfg)
     for k, v in raw.items():  # tensors diffusers' converter leaves alone (Flux2's batch-norm stats)

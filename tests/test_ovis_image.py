@@ -155,6 +155,22 @@ def test_text_encoder_inside_a_wrapper_file(folder_models, models_dir):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.parametrize("prefix", ["first_stage_model.", "vae."])
+def test_vae_file_under_a_checkpoint_prefix(folder_models, models_dir, prefix):
+    """ae.safetensors with its keys under a full checkpoint's VAE prefix loads the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    src = load_file(os.path.join(models_dir, "vae", "ae.safetensors"))
+    path = os.path.join(models_dir, "vae", "ae_prefixed.safetensors")
+    save_file({prefix + k: v for k, v in src.items()}, path)
+    try:
+        vae = node("VAELoader").run("ae_prefixed.safetensors", "auto")[0]
+    finally:
+        os.remove(path)
+    sa, sb = folder_models[2].module.state_dict(), vae.module.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_parity_single_files(reference, file_models):
     ref = reference_images(reference, OTHER, 48, 32, 2, 5.0, seed=3)
     ours = graph(file_models, OTHER, 48, 32, 2, 5.0, seed=3)
