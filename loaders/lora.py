@@ -4,7 +4,8 @@ ComfyUI, the standalone host's own weight patching elsewhere): see host.add_patc
 
 Formats:
 - diffusers / PEFT: `transformer.<module>.lora_A.weight` / `.lora_B.weight`, optional `.alpha`
-  (also without the `transformer.` prefix);
+  (also without the `transformer.` prefix); the scale comes from the file's `lora_adapter_metadata` (lora_alpha,
+  alpha_pattern, use_rslora) when diffusers wrote one;
 - DiffSynth-Studio: `<module>.lora_A.default.weight` / `.lora_B.default.weight` (PEFT's default adapter,
   saved with `pipe.dit.` removed, alpha = rank);
 - ComfyUI style: `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight` or `.lora_down.weight` /
@@ -14,6 +15,8 @@ kohya / sd-scripts LoRAs (flattened `lora_unet_<module>` keys) are refused with 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -46,9 +49,42 @@ class LoraWeights:
         return (b.to(dtype) @ a.to(dtype)) * scale
 
 
+@dataclass(frozen=True)
+class _AdapterConfig:
+    """The PEFT settings diffusers writes into a LoRA file's metadata (`lora_adapter_metadata`): lora_alpha,
+    alpha_pattern and use_rslora decide each layer's scale when the file has no `.alpha` tensors."""
+    lora_alpha: float | None = None
+    alpha_pattern: dict | None = None
+    rslora: bool = False
+
+    @classmethod
+    def of(cls, ck, name: str) -> "_AdapterConfig":
+        raw = (getattr(ck, "metadata", None) or {}).get("lora_adapter_metadata")
+        if not raw:
+            return cls()
+        try:
+            meta = json.loads(raw)
+        except ValueError as e:
+            raise LetterpressError(f"LoRA {name}: its lora_adapter_metadata is not JSON ({e}); the file is damaged.")
+        if not isinstance(meta, dict):
+            return cls()
+        meta = {k.split(".", 1)[1] if k.startswith("transformer.") else k: v for k, v in meta.items()}
+        alpha = meta.get("lora_alpha")
+        return cls(float(alpha) if isinstance(alpha, (int, float)) else None,
+                   meta.get("alpha_pattern") if isinstance(meta.get("alpha_pattern"), dict) else None,
+                   bool(meta.get("use_rslora")))
+
+    def alpha(self, module: str, rank: int) -> float:
+        for pattern, value in (self.alpha_pattern or {}).items():  # PEFT: the layer name or its dotted tail
+            if re.fullmatch(rf"(.*\.)?{pattern}", module):
+                return float(value)
+        return self.lora_alpha if self.lora_alpha is not None else rank
+
+
 def read_lora(path: str) -> LoraWeights:
     ck = open_checkpoint(path)
     name = os.path.basename(path)
+    config = _AdapterConfig.of(ck, name)
     sides: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     fmt = None
@@ -94,8 +130,8 @@ def read_lora(path: str) -> LoraWeights:
             raise LetterpressError(f"LoRA {name}: {module} has rank 0 (empty lora_A/lora_B); the file is damaged or empty.")
         if ab["B"].shape[1] != rank:
             raise LetterpressError(f"LoRA {name}: {module} has mismatched ranks {rank} and {ab['B'].shape[1]}.")
-        scale = alphas.get(module, rank) / rank
-        layers[module] = (ab["A"], ab["B"], scale)
+        alpha = alphas.get(module, config.alpha(module, rank))
+        layers[module] = (ab["A"], ab["B"], alpha / (math.sqrt(rank) if config.rslora else rank))
     return LoraWeights(name, fmt or "diffusers/PEFT", layers)
 
 
