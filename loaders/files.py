@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from typing import Iterator
 
 from .host import LetterpressError, get_host
 
 WEIGHT_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+# one shard of a sharded checkpoint (Hugging Face naming): listed once, as its first shard, and loaded whole
+SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 
 
 def list_files(kind: str) -> list[str]:
@@ -21,7 +24,8 @@ def list_files(kind: str) -> list[str]:
             continue
         for root, _dirs, files in os.walk(folder, followlinks=True):
             for f in files:
-                if f.lower().endswith(WEIGHT_EXTENSIONS):
+                shard = SHARD.match(f)
+                if f.lower().endswith(WEIGHT_EXTENSIONS) and not (shard and int(shard.group("i")) != 1):
                     found.add(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/"))
     return sorted(found)
 

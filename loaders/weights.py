@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from .files import PICKLE_EXTENSIONS, read_json, readable
+from .files import PICKLE_EXTENSIONS, SHARD, read_json, readable
 from .host import LetterpressError, get_host
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
@@ -194,8 +194,35 @@ def open_checkpoint(path: str) -> Checkpoint:
             pickles = [f for f in names if f.endswith(PICKLE_EXTENSIONS)]
             hint = " It only holds pickle files, which Letterpress does not load." if pickles else ""
             raise LetterpressError(f"{path} holds no .safetensors weights.{hint}")
-        return Checkpoint(files)
-    return Checkpoint([path])
+        return _refuse_scaled_fp8(Checkpoint(files), path)
+    return _refuse_scaled_fp8(Checkpoint(_shards_of(path)), path)
+
+
+def _shards_of(path: str) -> list[str]:
+    """Every shard of a sharded checkpoint when `path` is one of them (a DiT loader lists the first), else `path`."""
+    m = SHARD.match(os.path.basename(path))
+    if not m:
+        return [path]
+    n = int(m.group("n"))
+    shards = [os.path.join(os.path.dirname(path), f"{m.group('stem')}-{i:05}-of-{n:05}.safetensors") for i in range(1, n + 1)]
+    missing = [os.path.basename(s) for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise LetterpressError(f"{os.path.basename(path)} is shard {int(m.group('i'))} of {n}, and {missing[0]} is not "
+                               "beside it: the download is incomplete. Download the missing shards.")
+    return shards
+
+
+def _refuse_scaled_fp8(ck: "Checkpoint", path: str) -> "Checkpoint":
+    """ComfyUI's fp8_scaled files store each weight with a scale factor (`<layer>.scale_weight`) applied at run
+    time; loading their fp8 numbers as weights would give garbage, so they are named and refused."""
+    scaled = next((k for k in ck if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"), None)
+    if scaled is not None:
+        ck.close()  # no mapping of the refused file is left behind
+        raise LetterpressError(
+            f"{os.path.basename(path)} is a ComfyUI fp8_scaled file ({scaled}: weights stored with scale factors), "
+            "which Letterpress does not read. Use the bf16 (or plain fp8) file of the same model; to store weights in "
+            "fp8, load the bf16 file with weight_dtype fp8_e4m3fn.")
+    return ck
 
 
 def _check_shards(folder: str, names: list[str]) -> None:

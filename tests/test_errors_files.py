@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from letterpress.loaders.host import LetterpressError
@@ -297,3 +298,35 @@ def test_glm_vae_latents_stats_of_the_wrong_length_are_named(glm, models_dir, tm
     with pytest.raises(LetterpressError, match=rf"vae/config\.json: latents_mean must list one number per latent "
                                                rf"channel \(\d+\), not .*{DOWNLOAD}"):
         N["LetterpressGlmImageVAELoader"]().run(str(vae), "auto")
+
+
+def test_a_shard_picked_in_the_list_loads_the_whole_checkpoint(ernie, models_dir, tmp_path, host):
+    """A sharded transformer/ folder copied under diffusion_models/ is listed once (its first shard) and loads
+    whole; a missing shard is named."""
+    from letterpress.loaders.files import list_files
+
+    folder = copy_folder(models_dir, tmp_path)
+    shards = shard_transformer(folder)
+    host.models_dir = str(tmp_path / "tree")
+    os.makedirs(tmp_path / "tree")
+    shutil.copytree(folder / "transformer", tmp_path / "tree" / "diffusion_models" / "ernie_sharded")
+    listed = [f for f in list_files("diffusion_models") if f.startswith("ernie_sharded/")]
+    assert listed == ["ernie_sharded/" + shards[0].name]
+    dit = node("DiTLoader").run(listed[0], "auto")[0]
+    ref = load_file(os.path.join(models_dir, "diffusion_models", "ernie-image.safetensors"))
+    got = dit.module.state_dict()
+    assert all(torch.equal(got[k[len("model.diffusion_model."):]], v) for k, v in ref.items())
+    os.remove(tmp_path / "tree" / "diffusion_models" / "ernie_sharded" / shards[1].name)
+    with pytest.raises(LetterpressError, match=f"is shard 1 of 2, and {shards[1].name} is not beside it"):
+        node("DiTLoader").run(listed[0], "auto")
+
+
+def test_comfyui_fp8_scaled_files_are_named(ernie, models_dir, tmp_path, host):
+    state = load_file(os.path.join(models_dir, "diffusion_models", "ernie-image.safetensors"))
+    state["model.diffusion_model.layers.0.self_attention.to_q.scale_weight"] = torch.tensor(0.5)
+    state["scaled_fp8"] = torch.zeros(0)
+    os.makedirs(tmp_path / "diffusion_models")
+    save_file(state, tmp_path / "diffusion_models" / "ernie-image-fp8-scaled.safetensors")
+    host.models_dir = str(tmp_path)
+    with pytest.raises(LetterpressError, match="ComfyUI fp8_scaled file .*Use the bf16 .*fp8_e4m3fn"):
+        node("DiTLoader").run("ernie-image-fp8-scaled.safetensors", "auto")
