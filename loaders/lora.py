@@ -139,6 +139,11 @@ def check_against(lora: LoraWeights, dit: ModelHandle, what: str) -> None:
     """Refuse a LoRA whose target layers or shapes the DiT does not have, naming the mismatch."""
     modules = dict(dit.module.named_modules())
     missing = [m for m in lora.layers if m not in modules or not hasattr(modules[m], "weight")]
+    if missing and all(m.startswith(("double_blocks.", "single_blocks.")) for m in missing):
+        raise LetterpressError(
+            f"LoRA {lora.name} uses the original FLUX-style layer names ({missing[0]}), as ComfyUI's own Ovis-Image "
+            "file names them; Letterpress applies LoRAs by the diffusers layer names (transformer_blocks.N.attn.to_q, "
+            "...), so nothing was applied. Convert it, or use a LoRA trained with diffusers or DiffSynth-Studio.")
     if missing:
         found = len(lora.layers) - len(missing)
         kind = "another model family" if found == 0 else "a model with other layers"

@@ -178,6 +178,10 @@ def test_foreign_loras_are_refused(setup, models_dir):
     write(models_dir, "ovis_like.safetensors", diffsynth_file(other_family))
     with pytest.raises(LetterpressError, match="another model family.*transformer_blocks.0.attn.to_q"):
         node("LoraLoader").run(s["dit"], "ovis_like.safetensors", 1.0)
+    flux_names = {"double_blocks.0.img_attn.qkv": (torch.randn(4, 64, generator=gen), torch.randn(192, 4, generator=gen))}
+    write(models_dir, "flux_names.safetensors", comfy_file(flux_names, alpha=4.0))
+    with pytest.raises(LetterpressError, match="original FLUX-style layer names .*double_blocks.0.img_attn.qkv.*nothing was applied"):
+        node("LoraLoader").run(s["dit"], "flux_names.safetensors", 1.0)
     bigger = {"layers.0.self_attention.to_q": (torch.randn(4, 128, generator=gen), torch.randn(128, 4, generator=gen))}
     write(models_dir, "bigger.safetensors", diffsynth_file(bigger))
     with pytest.raises(LetterpressError, match=r"another size: layers.0.self_attention.to_q is \(64, 64\)"):
