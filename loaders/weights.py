@@ -53,6 +53,20 @@ _ST_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 
             "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
+# First bytes of weight formats that are not safetensors (a safetensors file starts with its header length).
+_OTHER_FORMATS = {b"GGUF": "a GGUF file (the ComfyUI-GGUF pack loads those)", b"PK": "a PyTorch pickle (zip) checkpoint",
+                  b"\x80\x02": "a PyTorch pickle checkpoint", b"\x89HDF": "an HDF5 (Keras) file"}
+
+
+def _not_safetensors(name: str, head: bytes, why: str) -> LetterpressError:
+    """A file that does not parse as safetensors: another weight format under a .safetensors name, or damage."""
+    other = _OTHER_FORMATS.get(head[:4]) or _OTHER_FORMATS.get(head[:2])
+    if other:
+        return LetterpressError(f"{name} is {other}, not a safetensors file, whatever its name says. Letterpress "
+                                "loads .safetensors only: use the .safetensors release of this model.")
+    return LetterpressError(f"{name} is not a valid safetensors file ({why}). Download it again.")
+
+
 def _check_safetensors(path: str) -> tuple[dict, int]:
     """Read and validate the header of a safetensors file: (header, offset of the data), or a clear error for
     the usual breakages (cut short, garbage, entries that do not describe the bytes they point at)."""
@@ -69,14 +83,14 @@ def _check_safetensors(path: str) -> tuple[dict, int]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise LetterpressError(f"{name} is not a safetensors file (too short). Download it again.")
+                raise _not_safetensors(name, head, "too short")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > 100_000_000:
-                raise LetterpressError(f"{name} is not a valid safetensors file (corrupt header). Download it again.")
+                raise _not_safetensors(name, head, "corrupt header")
             try:
                 header = json.loads(f.read(n))
             except ValueError:
-                raise LetterpressError(f"{name} is not a valid safetensors file (unreadable header). Download it again.")
+                raise _not_safetensors(name, head, "unreadable header")
     problem = _header_problem(header)
     if problem:
         raise LetterpressError(f"{name} has a corrupt header ({problem}). Download it again.")

@@ -330,3 +330,12 @@ def test_comfyui_fp8_scaled_files_are_named(ernie, models_dir, tmp_path, host):
     host.models_dir = str(tmp_path)
     with pytest.raises(LetterpressError, match="ComfyUI fp8_scaled file .*Use the bf16 .*fp8_e4m3fn"):
         node("DiTLoader").run("ernie-image-fp8-scaled.safetensors", "auto")
+
+
+@pytest.mark.parametrize("head,what", [(b"GGUF\x03\x00\x00\x00", "a GGUF file"), (b"PK\x03\x04", "a PyTorch pickle")])
+def test_other_formats_renamed_to_safetensors_are_named(ernie, tmp_path, host, head, what):
+    os.makedirs(tmp_path / "diffusion_models")
+    (tmp_path / "diffusion_models" / "renamed.safetensors").write_bytes(head + bytes(64))
+    host.models_dir = str(tmp_path)
+    with pytest.raises(LetterpressError, match=f"renamed.safetensors is {what}.*not a safetensors file"):
+        node("DiTLoader").run("renamed.safetensors", "auto")
