@@ -102,16 +102,17 @@ def reference_size(processor, height: int, width: int) -> tuple[int, int]:
 
 
 def prepare_references(processor, images: list[torch.Tensor]):
-    """Each IMAGE frame (H, W, C) -> (PIL image at the processor's size, the same as an IMAGE tensor)."""
+    """Each IMAGE frame (H, W, C) -> (the picture as it is, for the AR processor, which resizes it itself; the
+    picture at the VAE's size as an IMAGE tensor). As the reference pipeline, each is resized once, from the
+    original: the processor with its own filter, the VAE copy with Lanczos (diffusers' VaeImageProcessor)."""
     from PIL import Image
 
     out = []
     for img in images:
         pil = _to_pil(img)
         th, tw = reference_size(processor, pil.height, pil.width)
-        if (th, tw) != (pil.height, pil.width):
-            pil = pil.resize((tw, th), resample=Image.BICUBIC)
-        out.append((pil, _from_pil(pil)))
+        vae_pil = pil if (th, tw) == (pil.height, pil.width) else pil.resize((tw, th), resample=Image.LANCZOS)
+        out.append((pil, _from_pil(vae_pil)))
     return out
 
 

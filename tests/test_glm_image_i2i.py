@@ -96,10 +96,12 @@ def test_reference_pipeline_crashes_without_the_correction(pipe):
                                    generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("case", ["edit", "multi_subject"])
+@pytest.mark.parametrize("case", ["edit", "edit_resized", "multi_subject"])
 def test_image_to_image_matches_corrected_reference(glm_models, fixed_pipe, case):
     if case == "edit":
         refs, (w, h) = [picture(1, 64, 64)], (64, 64)
+    elif case == "edit_resized":  # a picture the processor and the VAE resize (each once, from the original)
+        refs, (w, h) = [picture(5, 70, 100)], (64, 64)
     else:  # two references of different sizes, as in multi-subject composition
         refs, (w, h) = [picture(1, 64, 64), picture(2, 64, 96)], (96, 64)
     seed = 7
