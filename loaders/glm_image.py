@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .detect import expect
 from .files import check_pipeline, component
 from .host import LetterpressError, ModelHandle, get_host
@@ -86,7 +88,10 @@ def load_glyph_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
     cfg = _config(path, what)
     module = build_empty(lambda: T5EncoderModel(T5Config(**cfg)), os.path.join(path, "config.json"))
     key_map = lambda k: None if k.startswith("decoder.") or k == "lm_head.weight" else k  # noqa: E731
-    fill_module(module, ck, key_map, dtype=weight_dtype(dtype_choice), what=what, optional=("encoder.embed_tokens.",))
+    dtype = weight_dtype(dtype_choice)
+    if dtype.itemsize == 1:  # T5 casts its activations to its weights' dtype, which fp8 cannot compute in; and
+        dtype = torch.bfloat16  # ByT5 is small (0.2B), so fp8 storage would save little: bf16 instead
+    fill_module(module, ck, key_map, dtype=dtype, what=what, optional=("encoder.embed_tokens.",))
     module.encoder.embed_tokens = module.shared  # tied, as T5EncoderModel ties them
     module.eval()
     tok_dir = next((p for p in (_sibling(path, "tokenizer"), path)

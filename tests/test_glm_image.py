@@ -156,6 +156,17 @@ def test_prior_preview_shows_the_grid(glm_models):
     assert "2x3 d32 tokens" in summary
 
 
+def test_fp8_folder_load_encodes_glyphs(glm, glm_models):
+    """fp8_e4m3fn on the Folder Loader stores the DiT and AR weights in fp8; the small ByT5 glyph encoder (whose
+    T5 layers compute in their weights' dtype) is kept in bf16, so Glyph Encode runs."""
+    ar, glyph, dit, vae = N["LetterpressGlmImageFolderLoader"]().run("GLM-Image", "fp8_e4m3fn")
+    assert {p.dtype for p in glyph.module.parameters()} == {torch.bfloat16}
+    assert torch.float8_e4m3fn in {p.dtype for p in dit.module.parameters()}
+    fp8, _ = N["LetterpressGlmImageGlyphEncode"]().run(glyph, 'a sign that says "open"')
+    ref, _ = N["LetterpressGlmImageGlyphEncode"]().run(glm_models["glyph"], 'a sign that says "open"')
+    assert (fp8.embeds[0].float() - ref.embeds[0].float()).abs().max() < 0.1 * ref.embeds[0].abs().max()
+
+
 def test_sizes_must_be_multiples_of_32(glm_models):
     with pytest.raises(LetterpressError, match="multiple of 32.*Use 64 or 96"):
         N["LetterpressGlmImageARTokens"]().run(glm_models["ar"], PROMPT, 80, 64, 0, 0.9, 0.75)
