@@ -139,36 +139,41 @@ def test_single_files_hold_the_same_model(folder_models, file_models):
 
 def test_text_encoder_inside_a_wrapper_file(folder_models, models_dir):
     """An Ovis2.5 export with the LM under `llm.model.` beside vision tensors loads the same Qwen3 weights."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     src = load_file(os.path.join(models_dir, "text_encoders", "ovis_2.5.safetensors"))
     wrapped = {"llm." + k: v for k, v in src.items()}
     wrapped["visual_tokenizer.vit.patch_embed.weight"] = torch.zeros(4, 3)
     wrapped["vte.weight"] = torch.zeros(8, 32)
-    path = os.path.join(models_dir, "text_encoders", "ovis_2.5_wrapped.safetensors")
-    save_file(wrapped, path)
+    te = load_rewritten(models_dir, "text_encoders", "ovis_2.5_wrapped.safetensors", wrapped, "TextEncoderLoader")
+    assert_same_weights(folder_models[1], te)
+
+
+def load_rewritten(models_dir, kind, filename, tensors, loader):
+    """Save `tensors` as models/<kind>/<filename>, load it with the loader node, remove the file again."""
+    from safetensors.torch import save_file
+
+    path = os.path.join(models_dir, kind, filename)
+    save_file(tensors, path)
     try:
-        te = node("TextEncoderLoader").run("ovis_2.5_wrapped.safetensors", "auto")[0]
+        return node(loader).run(filename, "auto")[0]
     finally:
         os.remove(path)
-    sa, sb = folder_models[1].module.state_dict(), te.module.state_dict()
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.module.state_dict(), b.module.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.mark.parametrize("prefix", ["first_stage_model.", "vae."])
 def test_vae_file_under_a_checkpoint_prefix(folder_models, models_dir, prefix):
     """ae.safetensors with its keys under a full checkpoint's VAE prefix loads the same weights."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     src = load_file(os.path.join(models_dir, "vae", "ae.safetensors"))
-    path = os.path.join(models_dir, "vae", "ae_prefixed.safetensors")
-    save_file({prefix + k: v for k, v in src.items()}, path)
-    try:
-        vae = node("VAELoader").run("ae_prefixed.safetensors", "auto")[0]
-    finally:
-        os.remove(path)
-    sa, sb = folder_models[2].module.state_dict(), vae.module.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    prefixed = {prefix + k: v for k, v in src.items()}
+    assert_same_weights(folder_models[2], load_rewritten(models_dir, "vae", "ae_prefixed.safetensors", prefixed, "VAELoader"))
 
 
 def test_parity_single_files(reference, file_models):
