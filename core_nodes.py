@@ -1,6 +1,7 @@
 """Standalone stand-ins for the few ComfyUI core nodes the shipped workflows use (LoadImage, SaveImage,
-PreviewImage, PreviewAny, SetLatentNoiseMask, PrimitiveInt). They are used by the headless runner only; inside ComfyUI the real core nodes run.
-Like ComfyUI's SaveImage, images are written as PNG with the prompt (and workflow) in text chunks."""
+PreviewImage, PreviewAny, SetLatentNoiseMask, PrimitiveInt). They are used by the headless runner only; inside
+ComfyUI the real core nodes run. Like ComfyUI's SaveImage, images are written as PNG with the prompt (and
+workflow) in text chunks."""
 
 from __future__ import annotations
 
