@@ -166,7 +166,8 @@ class Runner:
                     for nid, n in wf.items() if n.get("class_type") not in self.nodes]
         if problems:
             raise WorkflowError("The workflow cannot run:\n- " + "\n- ".join(problems))
-        for nid in self._needed(wf):  # as ComfyUI: nodes that feed no output are not checked (nor run)
+        order = self._order(wf)
+        for nid in order:  # as ComfyUI: nodes that feed no output are not checked (nor run)
             node = wf[nid]
             ctype = node["class_type"]
             cls = self.nodes[ctype]
@@ -190,7 +191,7 @@ class Runner:
                     problems.append(f"node {nid} ({ctype}): {verdict}")
         if problems:
             raise WorkflowError("The workflow cannot run:\n- " + "\n- ".join(problems))
-        return self._order(wf)
+        return order
 
     def _check_input(self, wf, nid, ctype, name, value, ispec) -> list[str]:
         kind = ispec[0]
@@ -236,29 +237,15 @@ class Runner:
             return [f"{where} needs a {kind} link, got the value {value!r}"]
         return []
 
-    def _outputs(self, wf: dict) -> list[str]:
-        return [nid for nid, n in wf.items() if getattr(self.nodes[n["class_type"]], "OUTPUT_NODE", False)]
-
-    def _needed(self, wf: dict) -> list[str]:
-        """The output nodes and every node they are wired from (links to missing nodes are left for validation)."""
-        needed, todo = [], self._outputs(wf)
-        while todo:
-            nid = todo.pop()
-            if nid in needed or nid not in wf:
-                continue
-            needed.append(nid)
-            todo.extend(v[0] for v in wf[nid].get("inputs", {}).values() if _is_link(v))
-        return sorted(needed, key=lambda x: (len(x), x))
-
     def _order(self, wf: dict) -> list[str]:
-        outputs = self._outputs(wf)
+        outputs = [nid for nid, n in wf.items() if getattr(self.nodes[n["class_type"]], "OUTPUT_NODE", False)]
         if not outputs:
             raise WorkflowError("The workflow has no output node (SaveImage, PreviewImage, ...): nothing would run.")
         order: list[str] = []
         state: dict[str, int] = {}
 
         def visit(nid: str, path: list[str]):
-            if state.get(nid) == 2:
+            if state.get(nid) == 2 or nid not in wf:  # a link to a missing node is reported by validate
                 return
             if state.get(nid) == 1:
                 cycle = path[path.index(nid):] + [nid]
@@ -299,7 +286,8 @@ class Runner:
             sigs[nid] = self._signature(wf, nid, sigs)
         # Drop what this workflow no longer uses before anything runs (as ComfyUI does), so a model whose loader
         # changed leaves memory before its replacement loads.
-        self.cache = {sig: out for sig, out in self.cache.items() if sig in set(sigs.values())}
+        used = set(sigs.values())
+        self.cache = {sig: out for sig, out in self.cache.items() if sig in used}
         results: dict[str, tuple] = {}
         ui: dict[str, Any] = {}
         self.executed = []
