@@ -74,6 +74,9 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:
                 return
             time.sleep(0.05 if model == "endless" else 0)
+        if model == "streamed":  # vLLM's stream_options include_usage: a last chunk with no choices
+            usage = {"choices": [], "usage": {"completion_tokens": len(pieces)}}
+            self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
         if model not in ("cut-off", "finish-without-done"):
             self.wfile.write(b"data: [DONE]\n\n")
 
@@ -159,7 +162,7 @@ def test_streaming_with_progress(server, host):
     host.progress_listeners.append(lambda done, total: ticks.append(done))
     assert remote(url(server), "streamed", stream=True, thinking=True) == ("A red cat.", "I see fur.")
     assert server.requests[-1]["body"]["stream"] is True
-    assert ticks == [1, 2, 3, 4]  # one step per streamed chunk
+    assert ticks == [1, 2, 3, 4]  # one step per streamed token chunk; the usage chunk is none
 
 
 def test_cancel_while_streaming(server, host):

@@ -129,25 +129,27 @@ def test_peft_format_matches_diffusers_load_lora_weights(setup):
     assert (got - ours(s, s["dit"])).abs().max() > 0.02  # the LoRA changes the image
 
 
-def test_alpha_in_diffusers_metadata_matches_diffusers(setup, models_dir):
-    """A LoRA saved by diffusers' save_lora_weights with its PEFT settings (lora_alpha, alpha_pattern) in the file's
-    metadata instead of .alpha tensors: scaled as diffusers scales it."""
+@pytest.mark.parametrize("rslora", [False, True])
+def test_alpha_in_diffusers_metadata_matches_diffusers(setup, models_dir, rslora):
+    """A LoRA saved by diffusers' save_lora_weights with its PEFT settings (lora_alpha, alpha_pattern, use_rslora)
+    in the file's metadata instead of .alpha tensors: scaled as diffusers scales it."""
     from diffusers import ErnieImagePipeline
 
     s, pipe = setup, setup["pipe"]
     layers = {f"{m}.lora_{side}.weight": t for m, (a, b) in s["one"].items() for side, t in (("A", a), ("B", b))}
     folder = os.path.join(models_dir, "loras", "saved_by_diffusers")
-    ErnieImagePipeline.save_lora_weights(folder, transformer_lora_layers=layers, weight_name="meta.safetensors",
+    weight_name = f"meta_{rslora}.safetensors"
+    ErnieImagePipeline.save_lora_weights(folder, transformer_lora_layers=layers, weight_name=weight_name,
                                          transformer_lora_adapter_metadata={
                                              "r": RANK, "lora_alpha": 16, "alpha_pattern": {"layers.1.self_attention.to_q": 2},
-                                             "target_modules": TARGETS})
-    pipe.load_lora_weights(os.path.join(folder, "meta.safetensors"), adapter_name="m")
+                                             "target_modules": TARGETS, "use_rslora": rslora})
+    pipe.load_lora_weights(os.path.join(folder, weight_name), adapter_name="m")
     try:
         pipe.set_adapters(["m"], [0.5])
         ref = reference(pipe)
     finally:
         pipe.unload_lora_weights()
-    got = ours(s, node("LoraLoader").run(s["dit"], "saved_by_diffusers/meta.safetensors", 0.5)[0])
+    got = ours(s, node("LoraLoader").run(s["dit"], f"saved_by_diffusers/{weight_name}", 0.5)[0])
     assert (got - ref).abs().max().item() <= 1e-4
     plain = ours(s, lora(s, s["dit"], "peft", 0.5))  # the same factors at alpha = rank
     assert (got - plain).abs().max() > 0.02
