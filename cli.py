@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 
-from .loaders.host import LetterpressError, StandaloneHost, set_host
+from .loaders.errors import LetterpressError
+
+from .loaders.host import StandaloneHost, set_host
 
 
 def _parser() -> argparse.ArgumentParser:

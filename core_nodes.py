@@ -17,7 +17,9 @@ import torch
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
-from .loaders.host import LetterpressError, get_host
+from .loaders.errors import LetterpressError
+
+from .loaders.host import get_host
 
 
 def _png_info(prompt, extra_pnginfo) -> PngInfo:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from .core_nodes import CORE_NODES
-from .loaders.host import LetterpressError, get_host
+from .loaders.errors import LetterpressError
+from .loaders.host import get_host
 from .nodes import NODE_CLASS_MAPPINGS
 
 

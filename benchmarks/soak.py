@@ -30,7 +30,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from fixtures import ernie_image, ovis_image
-    from letterpress.loaders.host import StandaloneHost, _parse_bytes, set_host
+    from letterpress.loaders.host import StandaloneHost, set_host
+    from letterpress.loaders.standalone_host import _parse_bytes
 
     import test_faults
 

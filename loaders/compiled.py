@@ -22,7 +22,9 @@ from typing import Callable
 
 import torch
 
-from .host import LetterpressError, ModelHandle
+from .errors import LetterpressError
+
+from .handle import ModelHandle
 
 log = logging.getLogger("letterpress")
 

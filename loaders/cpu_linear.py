@@ -6,8 +6,8 @@ where MKL does not pick its fastest kernels (AMD: 1.3-1.5x on the project machin
 one-row products of token-by-token decoding). Same math, different summation order: outputs differ from
 MKL's at float rounding (~1e-6 relative), as two BLAS libraries do.
 
-`use_onednn(module)` switches a module's plain Linear layers to `OneDnnLinear` (a class swap, like ComfyUI's own
-cast layers: same parameters, same state dict). Each call still falls back to `F.linear` when oneDNN does not
+The standalone host builds fp32 Linear layers on CPU as `layers.OneDnnLinear`, which calls `linear` here. Each call
+still falls back to `F.linear` when oneDNN does not
 apply: another device, another dtype (bf16 already goes to oneDNN; fp8 storage has its own layer), a bias that
 is not one dense row, autograd, autocast, `torch.backends.mkldnn.enabled = False`, or a product so small that
 oneDNN's per-call overhead outweighs it. Weights are read as they are at each call, so a LoRA patched in place
@@ -93,23 +93,16 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-class OneDnnLinear(torch.nn.Linear):
-    """A Linear whose fp32 CPU products go through oneDNN (see the module docstring); otherwise F.linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The size test first: it is the cheapest, and it sends token-by-token decoding straight to F.linear.
-        if x.numel() * self.out_features < MIN_MACS or not _applies(x, self.weight, self.bias):
-            return F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling():
-            return _COMPILED_OP(x, self.weight, self.bias)
-        return _onednn(x, self.weight, self.bias)
+def enabled() -> bool:
+    """Whether Linear layers should take this path here (x86 CPU with oneDNN, not turned off)."""
+    return _COMPILED_OP is not None and not _turned_off()
 
 
-def use_onednn(module: torch.nn.Module) -> torch.nn.Module:
-    """Switch the module's plain Linear layers to OneDnnLinear (no-op where oneDNN is not available)."""
-    if _COMPILED_OP is None or _turned_off():
-        return module
-    for sub in module.modules():
-        if type(sub) is torch.nn.Linear:
-            sub.__class__ = OneDnnLinear
-    return module
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, through oneDNN where it applies and pays (see the module docstring)."""
+    # The size test first: it is the cheapest, and it sends token-by-token decoding straight to F.linear.
+    if x.numel() * weight.shape[0] < MIN_MACS or not _applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _COMPILED_OP(x, weight, bias)
+    return _onednn(x, weight, bias)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .host import LetterpressError
+from .errors import LetterpressError
 
 # (family, role, human name) -> key fragments that must all appear in some key.
 SIGNATURES: list[tuple[str, str, str, tuple[str, ...]]] = [

@@ -12,7 +12,9 @@ import os
 
 from .detect import expect
 from .files import check_pipeline, component, list_diffusers_folders
-from .host import LetterpressError, ModelHandle, get_host
+from .errors import LetterpressError
+from .handle import ModelHandle
+from .host import get_host
 from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer, read_generation_config
 from .vae import load_vae
 from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read_json, strip_prefix, weight_dtype

@@ -16,8 +16,11 @@ import glob
 import json
 import os
 
+from . import layers
 from .files import PICKLE_EXTENSIONS, list_subfolders
-from .host import LetterpressError, ModelHandle, get_host
+from .errors import LetterpressError
+from .handle import ModelHandle
+from .host import get_host
 from .llm import read_tokenizer
 from .weights import read_json, weight_dtype
 
@@ -125,6 +128,9 @@ def load(folder: str, dtype_choice: str = "auto") -> ModelHandle:
         model = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise LetterpressError(f"ERNIE-4.5-VL: the weights in {folder} could not be loaded ({e}).")
+    # transformers built it with torch's layers: rebuild them as the host's (their tensors pass through each new
+    # layer's loading path), as the meta-device loaders do before filling
+    layers.build_layers(model, get_host().layer_ops(dtype))
     model.eval()
     model.requires_grad_(False)
     handle = ModelHandle(family=FAMILY, role="vl_model", module=model, tokenizer=processor.tokenizer, source=folder,

@@ -8,7 +8,9 @@ import os
 import re
 from typing import Iterator
 
-from .host import LetterpressError, get_host
+from .errors import LetterpressError
+
+from .host import get_host
 
 WEIGHT_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")

@@ -15,7 +15,9 @@ import torch
 
 from .detect import expect
 from .files import check_pipeline, component
-from .host import LetterpressError, ModelHandle, get_host
+from .errors import LetterpressError
+from .handle import ModelHandle
+from .host import get_host
 from .llm import TOKENIZER_FILES, read_generation_config, read_tokenizer
 from .vae import load_vae
 from .weights import build_empty, fill_module, open_checkpoint, read_json, weight_dtype

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .host import LetterpressError
+from .errors import LetterpressError
 from .weights import Checkpoint, build_empty, fill_module, read_json, strip_prefix
 
 

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .host import LetterpressError, ModelHandle
+from .errors import LetterpressError
+
+from .handle import ModelHandle
 from .weights import open_checkpoint
 
 _PATTERNS = [

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from .host import LetterpressError
+from .errors import LetterpressError
 from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read_json
 
 LDM_PREFIXES = ("first_stage_model.", "vae.")

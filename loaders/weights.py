@@ -1,8 +1,8 @@
 """Memory-mapped safetensors reading and meta-device module building.
 
-A module is built on the meta device (no random weights are allocated), then every parameter is
-replaced, one tensor at a time, by the tensor read from the checkpoint, so at no point are two full
-copies of the weights in memory.
+A module is built on the meta device (no random weights are allocated), its layers are rebuilt as the classes
+the host chooses (layers.py), then every layer is given its tensors, read from the checkpoint, through its own
+loading path, so at no point are two full copies of the weights in memory.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
+from . import layers
+from .errors import LetterpressError
 from .files import PICKLE_EXTENSIONS, SHARD, read_json, readable
-from .host import LetterpressError, get_host
+from .host import get_host
+from .layers import FP8, FP8_COMPUTE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
 WEIGHT_DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
-FP8 = torch.float8_e4m3fn
-FP8_COMPUTE = torch.bfloat16
 
 
 def weight_dtype(choice: str) -> torch.dtype:
@@ -324,9 +325,12 @@ def fill_module(
 
 
 def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source):
-    store_fp8 = dtype == FP8
-    if store_fp8:
-        dtype = FP8_COMPUTE
+    ops = get_host().layer_ops(dtype)
+    layers.build_layers(module, ops)
+    if dtype == FP8:
+        dtype = FP8_COMPUTE  # Linear weights are stored as the table says; everything else computes in bf16
+    owners = dict(module.named_modules(remove_duplicate=False))
+    given: dict[str, dict[str, torch.Tensor]] = {}  # owner module name -> its tensors, by full key
     expected = dict(module.state_dict(keep_vars=True))
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -361,10 +365,11 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
                     "download or disk). Download it again."
                 )
             nonzero[name] = nonzero.get(name, False) or bool(sample.any())
+        owner_name, _, leaf = mk.rpartition(".")
         if tensor.is_floating_point():
             want = torch.float32 if any(s in mk for s in keep_fp32) else dtype
-            tensor = tensor.to(want)
-        _assign(module, mk, tensor)
+            tensor = tensor.to(layers.storage_dtype(owners[owner_name], leaf, want, ops))
+        given.setdefault(owner_name, {})[mk] = tensor
         seen.add(mk)
     for name, any_nonzero in nonzero.items():
         if not any_nonzero:
@@ -380,11 +385,14 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
         if unexpected:
             parts.append(f"{len(unexpected)} tensors it does not know (e.g. {', '.join(unexpected[:3])})")
         raise LetterpressError(f"{what}: the checkpoint does not match: {'; '.join(parts)}.")
+    for owner_name, tensors in given.items():
+        problems = layers.load_into(owners[owner_name], tensors, owner_name + "." if owner_name else "")
+        if problems:
+            raise LetterpressError(f"{what}: {owner_name or 'the model'} did not take its weights: {problems[0]}")
     for name, p in list(module.named_parameters()):
         if p.is_meta and not any(s in name for s in optional):
             raise LetterpressError(f"{what}: parameter {name} was not filled from the checkpoint.")
-    if store_fp8:
-        to_fp8_storage(module)
+    module.requires_grad_(False)
     return module
 
 
@@ -405,32 +413,3 @@ def _sample(tensor: torch.Tensor, width: int = 256) -> torch.Tensor:
     if flat.numel() > 2 * width:
         flat = torch.cat([flat[:width], flat[-width:]])
     return flat.float()
-
-
-class Fp8Linear(torch.nn.Linear):
-    """A Linear whose weight is stored in fp8 and cast to the input's dtype for each matmul."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
-
-
-def to_fp8_storage(module: torch.nn.Module) -> torch.nn.Module:
-    """Store every Linear weight in fp8 (weights only; norms, embeddings and biases stay in bf16)."""
-    for sub in module.modules():
-        if type(sub) is torch.nn.Linear:
-            sub.weight = torch.nn.Parameter(sub.weight.data.to(FP8), requires_grad=False)
-            sub.__class__ = Fp8Linear
-    return module
-
-
-def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
-    *path, leaf = key.split(".")
-    owner = module
-    for p in path:
-        owner = getattr(owner, p)
-    if leaf in owner._parameters:
-        old = owner._parameters[leaf]
-        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False if old is None else False)
-    else:
-        owner._buffers[leaf] = tensor

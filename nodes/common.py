@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..loaders.files import list_diffusers_folders, list_files
-from ..loaders.host import LetterpressError
+from ..loaders.errors import LetterpressError
 from ..loaders.weights import WEIGHT_DTYPE_CHOICES
 from ..samplers import working_memory
 from ..samplers.sizes import MAX_SIZE

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ..loaders import ernie_vl as load
 from ..loaders.files import resolve
-from ..loaders.host import LetterpressError, get_host
+from ..loaders.errors import LetterpressError
+from ..loaders.host import get_host
 from ..samplers import ernie_vl as vl
 from ..samplers import remote_openai as remote
 from .common import CATEGORY, MAX_SEED, dtype_input

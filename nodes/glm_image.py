@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..loaders import glm_image as load
 from ..loaders.files import resolve
-from ..loaders.host import LetterpressError, get_host
+from ..loaders.errors import LetterpressError
+from ..loaders.host import get_host
 from ..samplers import glm_image as stage
 from ..samplers.images import check_image
 from .common import (

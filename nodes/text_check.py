@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from ..loaders.host import LetterpressError
+from ..loaders.errors import LetterpressError
 from ..samplers import text_metrics as metrics
 from ..samplers import text_ocr as ocr
 from ..samplers.text_spans import quoted_spans

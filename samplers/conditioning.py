@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..loaders.host import LetterpressError
+from ..loaders.errors import LetterpressError
 
 FAMILY_NAMES = {
     "ernie_image": "ERNIE-Image",

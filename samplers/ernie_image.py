@@ -12,7 +12,9 @@ import json
 import torch
 
 from ..loaders import compiled
-from ..loaders.host import LetterpressError, ModelHandle, get_host
+from ..loaders.errors import LetterpressError
+from ..loaders.handle import ModelHandle
+from ..loaders.host import get_host
 from . import flow_match, working_memory
 from .conditioning import Conditioning, batch_for, check_latent
 from .generate import generate, sampling_args

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..loaders.host import LetterpressError, ModelHandle
+from ..loaders.errors import LetterpressError
+
+from ..loaders.handle import ModelHandle
 from .generate import generate, sampling_args
 
 PRESETS = {

@@ -13,7 +13,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..loaders.host import LetterpressError, get_host
+from ..loaders.errors import LetterpressError
+
+from ..loaders.host import get_host
 from .numerics import check_seed
 
 

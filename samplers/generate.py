@@ -7,7 +7,9 @@ import math
 
 import torch
 
-from ..loaders.host import LetterpressError, get_host
+from ..loaders.errors import LetterpressError
+
+from ..loaders.host import get_host
 from .numerics import check_seed
 
 

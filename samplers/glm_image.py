@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..loaders import compiled
-from ..loaders.host import LetterpressError, ModelHandle
+from ..loaders.errors import LetterpressError
+from ..loaders.handle import ModelHandle
 from . import flow_match, working_memory
 from .sizes import check_multiple
 from .text_spans import quoted_spans

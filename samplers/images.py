@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..loaders.host import LetterpressError
+from ..loaders.errors import LetterpressError
 
 
 def check_image(image, what: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..loaders.host import LetterpressError
+from ..loaders.errors import LetterpressError
 
 log = logging.getLogger("letterpress")
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ..loaders import compiled
-from ..loaders.host import LetterpressError, ModelHandle
+from ..loaders.errors import LetterpressError
+from ..loaders.handle import ModelHandle
 from ..loaders.ovis_image import DEFAULT_SCHEDULE
 from . import flow_match, working_memory
 from .conditioning import Conditioning, batch_for, check_latent

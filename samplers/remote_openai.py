@@ -23,7 +23,9 @@ import urllib.error
 import urllib.request
 from typing import Iterator
 
-from ..loaders.host import LetterpressError, get_host
+from ..loaders.errors import LetterpressError
+
+from ..loaders.host import get_host
 from .ernie_vl import THINK_CLOSE, THINK_OPEN, messages, to_pil
 from .generate import check_request, sampling_args
 

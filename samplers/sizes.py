@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..loaders.host import LetterpressError
+from ..loaders.errors import LetterpressError
 
 MAX_SIZE = 8192  # the largest width or height a node takes
 

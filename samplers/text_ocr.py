@@ -22,7 +22,9 @@ import threading
 import numpy as np
 import torch
 
-from ..loaders.host import LetterpressError, get_host
+from ..loaders.errors import LetterpressError
+
+from ..loaders.host import get_host
 from .images import check_image
 
 PP_OCR = "PP-OCR (rapidocr)"

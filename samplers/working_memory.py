@@ -11,7 +11,7 @@ size. They scale with the element size of the stage's compute dtype (fp32 on CPU
 
 from __future__ import annotations
 
-from ..loaders.host import ModelHandle
+from ..loaders.handle import ModelHandle
 
 # DiT activations per token of width: ERNIE-Image 1.76 GB / (2 x 4608 x 4096 x 2 B) = 23.3; Ovis-Image 0.68 GB /
 # (4380 x 3072 x 2 B) = 25.3; GLM-Image 0.51 GB / (4160 x 4096 x 2 B) = 15.0.

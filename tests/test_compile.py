@@ -68,7 +68,7 @@ def test_a_compiled_dit_is_freed_when_dropped(ernie):
 
 
 def test_unknown_compile_mode_is_refused(ernie):
-    from letterpress.loaders.host import LetterpressError
+    from letterpress.loaders.errors import LetterpressError
 
     dit = N["LetterpressErnieImageFolderLoader"]().run("ERNIE-Image", "auto", False)[0]
     with pytest.raises(LetterpressError, match="compile mode"):
@@ -95,7 +95,7 @@ def test_compiled_ovis_and_glm_dits_match_eager(name, ovis, glm):
 def test_a_failing_compiler_gives_a_clear_error(ernie, tmp_path, monkeypatch):
     import torch._inductor.config as inductor
 
-    from letterpress.loaders.host import LetterpressError
+    from letterpress.loaders.errors import LetterpressError
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing compiled earlier can be reused
     torch._dynamo.reset()

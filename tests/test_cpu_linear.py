@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from letterpress.loaders import cpu_linear
-from letterpress.loaders.cpu_linear import OneDnnLinear, use_onednn
+from letterpress.loaders import cpu_linear, layers
+from letterpress.loaders.layers import OneDnnLinear
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 pytestmark = pytest.mark.skipif(cpu_linear._COMPILED_OP is None, reason="this torch has no oneDNN")
@@ -29,6 +29,11 @@ def calls(monkeypatch):
     return seen
 
 
+def use_onednn(layer: torch.nn.Linear) -> torch.nn.Module:
+    """`layer` rebuilt as the standalone host builds fp32 Linear layers on CPU, holding the same tensors."""
+    return layers.build_layers(torch.nn.Sequential(layer), layers.standalone_ops(torch.float32, torch.device("cpu")))[0]
+
+
 def close(a, b, rel=1e-5):
     return (a - b).abs().max().item() <= rel * b.abs().max().item()
 
@@ -37,7 +42,7 @@ def test_matches_f_linear_and_follows_in_place_weight_changes(calls):
     torch.manual_seed(0)
     layer = torch.nn.Linear(256, 384)
     keys = set(layer.state_dict())
-    use_onednn(layer)
+    layer = use_onednn(layer)
     assert type(layer) is OneDnnLinear and set(layer.state_dict()) == keys
     x = torch.randn(2, 40, 256)
     with torch.no_grad():
@@ -123,15 +128,15 @@ def test_compiled_layer_calls_the_onednn_op_in_one_graph_and_follows_weight_chan
     assert calls
 
 
-def test_only_plain_linears_are_switched_and_the_switch_can_be_turned_off(monkeypatch):
-    from letterpress.loaders.weights import Fp8Linear, to_fp8_storage
-
-    fp8 = to_fp8_storage(torch.nn.Sequential(torch.nn.Linear(8, 8)))
-    use_onednn(fp8)
-    assert type(fp8[0]) is Fp8Linear  # fp8 storage keeps its own cast-per-layer forward
+def test_the_table_picks_onednn_for_fp32_on_cpu_only_and_it_can_be_turned_off(monkeypatch):
+    cpu, fp8 = torch.device("cpu"), layers.FP8
+    assert layers.standalone_ops(fp8, cpu).classes["Linear"] is layers.Linear  # fp8 storage casts per layer
+    assert layers.standalone_ops(fp8, cpu).linear_weight_dtype is fp8
+    assert layers.standalone_ops(torch.bfloat16, cpu).classes["Linear"] is layers.Linear
+    assert layers.standalone_ops(torch.float32, torch.device("cuda")).classes["Linear"] is layers.Linear
     for off in ("0", "off", "False"):
         monkeypatch.setenv("LETTERPRESS_ONEDNN_LINEAR", off)
-        assert type(use_onednn(torch.nn.Linear(8, 8))) is torch.nn.Linear
+        assert type(use_onednn(torch.nn.Linear(8, 8))) is layers.Linear
 
 
 PROMPT = "a poster with the words hello world in bold red letters"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fixtures.common import capture_previews
-from letterpress.loaders.host import Interrupted, LetterpressError
+from letterpress.loaders.errors import Interrupted, LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 PROMPT = "a poster with the words hello world in bold red letters"

@@ -11,7 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from letterpress.loaders.host import Interrupted, LetterpressError, ModelHandle, get_host
+from letterpress.loaders.errors import Interrupted, LetterpressError
+
+from letterpress.loaders.handle import ModelHandle
+
+from letterpress.loaders.host import get_host
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 from fixtures.ernie_vl import ScriptedModel

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from letterpress.loaders.host import LetterpressError, ModelHandle
+from letterpress.loaders.errors import LetterpressError
+
+from letterpress.loaders.handle import ModelHandle
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 from fixtures.ernie_vl import ScriptedModel

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from letterpress.loaders.host import Interrupted, LetterpressError
+from letterpress.loaders.errors import Interrupted, LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from letterpress.loaders.host import LetterpressError
+from letterpress.loaders.errors import LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 DOWNLOAD = "[Dd]ownload it again"
@@ -135,7 +135,7 @@ def test_an_integer_tensor_as_a_weight_is_named(ernie, models_dir, tmp_path):
 PERMISSION_PROBE = """
 import sys
 from letterpress.loaders.ernie_image import load_folder
-from letterpress.loaders.host import LetterpressError
+from letterpress.loaders.errors import LetterpressError
 from letterpress.loaders.weights import open_checkpoint, read_json
 for arg in sys.argv[1:]:
     fn, path = arg.split(":", 1)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from letterpress.loaders.host import Interrupted, LetterpressError
+from letterpress.loaders.errors import Interrupted, LetterpressError
 from letterpress.runner import Runner, load_workflow, set_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

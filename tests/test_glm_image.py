@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from letterpress.loaders.host import Interrupted, LetterpressError
+from letterpress.loaders.errors import Interrupted, LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 pytestmark = pytest.mark.usefixtures("one_thread")

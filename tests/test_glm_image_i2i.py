@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from letterpress.loaders.host import LetterpressError
+from letterpress.loaders.errors import LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from letterpress.loaders.host import LetterpressError
+from letterpress.loaders.errors import LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 PROMPT = "a poster with the words hello world in bold red letters"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from letterpress import cli
-from letterpress.loaders.host import LetterpressError
+from letterpress.loaders.errors import LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 PROMPT = "a poster with the words hello world in bold red letters"

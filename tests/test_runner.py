@@ -251,7 +251,7 @@ def test_sizes_wired_from_primitives_are_checked_before_any_model_loads(ernie, m
 
 def test_unreadable_input_image_and_absolute_output_prefix(tmp_path, host):
     from letterpress.core_nodes import LoadImage, save_images
-    from letterpress.loaders.host import LetterpressError
+    from letterpress.loaders.errors import LetterpressError
 
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not a picture")
@@ -276,7 +276,7 @@ def test_out_of_memory_names_the_node_and_the_way_out(host):
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                                "you tried to allocate 68719476736 bytes.")
 
-    from letterpress.loaders.host import LetterpressError
+    from letterpress.loaders.errors import LetterpressError
 
     with pytest.raises(LetterpressError, match=r"Out of memory in node 1 \(Hungry\).*Lower the size or the batch"):
         Runner(nodes={"Hungry": Hungry}).run({"1": {"class_type": "Hungry", "inputs": {}}})
@@ -292,7 +292,8 @@ def test_a_wrong_size_is_refused_before_any_model_loads(ernie, glm, models_dir, 
 
 
 def test_odd_workflow_files_and_settings_get_clear_errors(tmp_path, monkeypatch):
-    from letterpress.loaders.host import LetterpressError, StandaloneHost
+    from letterpress.loaders.errors import LetterpressError
+    from letterpress.loaders.host import StandaloneHost
     from letterpress.samplers.sizes import check_multiple
 
     with pytest.raises(WorkflowError, match="cannot be read"):

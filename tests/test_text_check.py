@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from letterpress.loaders.host import LetterpressError
+from letterpress.loaders.errors import LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 from letterpress.runner import Runner, load_workflow
 from letterpress.samplers import text_ocr

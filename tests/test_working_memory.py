@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from letterpress.loaders.host import ModelHandle
+from letterpress.loaders.handle import ModelHandle
 from letterpress.samplers import working_memory
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))

@@ -1,0 +1,218 @@
+"""Which classes a stage's layers are, decided once per load, and how weights get into them.
+
+A stage is built from diffusers' or transformers' code on the meta device with plain torch layers. Before any
+weight is read, `build_layers` rebuilds every layer of a kind in `KINDS` through the constructor of the class the
+host's `LayerOps` table names for it (inside ComfyUI: the comfy.ops classes `pick_operations` picks; standalone:
+this module's Linear layers), so each layer has exactly the attributes its own constructor sets. Weights then go
+in through each layer's own `_load_from_state_dict` (`load_into`), which is where a layer decides how a weight is
+stored (fp8 storage here; ComfyUI's quantized layers do the same there).
+
+Standalone Linear layers compute like ComfyUI's cast layers: the stored weight is cast to the input's dtype, then
+passed through the layer's `weight_function` list (a LoRA at forward time, as ComfyUI's lowvram patches are), so a
+LoRA never changes the stored weights and works the same on weights stored in fp8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_linear
+
+FP8 = torch.float8_e4m3fn
+FP8_COMPUTE = torch.bfloat16
+
+# The torch layer kinds a table may replace, by the name ComfyUI's op tables use for them.
+KINDS: dict[str, type] = {
+    "Linear": torch.nn.Linear,
+    "Conv1d": torch.nn.Conv1d,
+    "Conv2d": torch.nn.Conv2d,
+    "Conv3d": torch.nn.Conv3d,
+    "ConvTranspose1d": torch.nn.ConvTranspose1d,
+    "ConvTranspose2d": torch.nn.ConvTranspose2d,
+    "GroupNorm": torch.nn.GroupNorm,
+    "LayerNorm": torch.nn.LayerNorm,
+    "Embedding": torch.nn.Embedding,
+}
+if hasattr(torch.nn, "RMSNorm"):  # torch >= 2.4
+    KINDS["RMSNorm"] = torch.nn.RMSNorm
+_PLAIN = {cls: name for name, cls in KINDS.items()}
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """The classes a stage's layers are built from (by kind name), and how Linear weights are stored."""
+
+    name: str
+    classes: dict = field(default_factory=dict)  # kind name -> class built in place of that torch kind
+    linear_weight_dtype: torch.dtype | None = None  # storage dtype of Linear weights when not the compute dtype
+
+    def class_for(self, layer: torch.nn.Module) -> type | None:
+        kind = kind_of(layer)
+        return None if kind is None else self.classes.get(kind)
+
+
+def kind_of(layer: torch.nn.Module) -> str | None:
+    """The kind name of a plain torch layer or of a class built from one (its nearest torch base in KINDS)."""
+    for cls in type(layer).__mro__:
+        for name, base in KINDS.items():
+            if cls is base:
+                return name
+    return None
+
+
+def _constructor_args(layer: torch.nn.Module, kind: str) -> dict:
+    """The arguments that build a layer like `layer` (the settings torch layers keep as attributes)."""
+    has_bias = getattr(layer, "bias", None) is not None
+    if kind == "Linear":
+        return dict(in_features=layer.in_features, out_features=layer.out_features, bias=has_bias)
+    if kind.startswith("Conv"):
+        args = dict(in_channels=layer.in_channels, out_channels=layer.out_channels, kernel_size=layer.kernel_size,
+                    stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                    bias=has_bias, padding_mode=layer.padding_mode)
+        if kind.startswith("ConvTranspose"):
+            args["output_padding"] = layer.output_padding
+        return args
+    if kind == "GroupNorm":
+        return dict(num_groups=layer.num_groups, num_channels=layer.num_channels, eps=layer.eps, affine=layer.affine)
+    if kind == "LayerNorm":
+        return dict(normalized_shape=layer.normalized_shape, eps=layer.eps,
+                    elementwise_affine=layer.elementwise_affine, bias=has_bias)
+    if kind == "RMSNorm":
+        return dict(normalized_shape=layer.normalized_shape, eps=layer.eps, elementwise_affine=layer.elementwise_affine)
+    if kind == "Embedding":
+        return dict(num_embeddings=layer.num_embeddings, embedding_dim=layer.embedding_dim,
+                    padding_idx=layer.padding_idx, max_norm=layer.max_norm, norm_type=layer.norm_type,
+                    scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)
+    raise AssertionError(kind)
+
+
+def build_layers(module: torch.nn.Module, ops: LayerOps) -> torch.nn.Module:
+    """Rebuild every plain torch layer of `module` whose kind `ops` names, through that class's constructor.
+
+    The new layers are built on the meta device; a layer that already holds weights (a model transformers loaded)
+    passes them to its replacement through the replacement's own loading path. A layer shared by two parents stays
+    shared. Layers of other classes (a model's own norm classes, ...) are left as they are."""
+    rebuilt: dict[int, torch.nn.Module] = {}
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in rebuilt:
+                kind = _PLAIN.get(type(child))  # plain torch layers only: a subclass has its own reasons
+                target = ops.classes.get(kind) if kind else None
+                if target is None or target is type(child):
+                    continue
+                rebuilt[id(child)] = _rebuild(child, target, kind)
+            parent._modules[name] = rebuilt[id(child)]
+    return module
+
+
+def _rebuild(layer: torch.nn.Module, target: type, kind: str) -> torch.nn.Module:
+    weight = getattr(layer, "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+    new = target(**_constructor_args(layer, kind), device="meta", dtype=dtype)
+    new.train(layer.training)
+    tensors = {k: v for k, v in layer.state_dict(keep_vars=True).items() if not v.is_meta}
+    if tensors:
+        load_into(new, {k: v.detach() for k, v in tensors.items()}, "")
+        new.requires_grad_(any(p.requires_grad for p in layer.parameters()))
+    return new
+
+
+def load_into(owner: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> list[str]:
+    """Give `owner` its own tensors (`prefix` + name -> tensor) through its `_load_from_state_dict`, assigning them
+    (no copy). Returns the error messages the layer reported."""
+    errors: list[str] = []
+    owner._load_from_state_dict(tensors, prefix, {"assign_to_params_buffers": True}, False, [], [], errors)
+    return errors
+
+
+def storage_dtype(owner: torch.nn.Module, name: str, compute: torch.dtype, ops: LayerOps) -> torch.dtype:
+    """The dtype a floating-point tensor `name` of `owner` is handed over in."""
+    if ops.linear_weight_dtype is not None and name == "weight" and kind_of(owner) == "Linear":
+        return ops.linear_weight_dtype
+    return compute
+
+
+# Standalone layers ---------------------------------------------------------------------------------------------
+
+
+class Linear(torch.nn.Linear):
+    """A Linear built without initialising its weights (they come from the file), that casts its stored weight to
+    the input's dtype and applies `weight_function` (e.g. a LoRA) at each call, as ComfyUI's cast layers do."""
+
+    weight_function: list = []
+    bias_function: list = []
+
+    def reset_parameters(self) -> None:
+        return None
+
+    def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = self.weight, self.bias
+        if weight.dtype != x.dtype and weight.is_floating_point():
+            weight = weight.to(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        for f in self.weight_function:
+            weight = f(weight)
+        for f in self.bias_function:
+            bias = f(bias)
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, *self._weights(x))
+
+
+class OneDnnLinear(Linear):
+    """A Linear whose fp32 CPU products go through oneDNN (see cpu_linear); otherwise F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_linear.linear(x, *self._weights(x))
+
+
+def standalone_ops(weight_dtype: torch.dtype, device: torch.device) -> LayerOps:
+    """The standalone host's table: Linear layers that take LoRAs at forward time, through oneDNN for fp32 on x86
+    CPUs; `weight_dtype` fp8 stores their weights in fp8 (computing in bf16). Other kinds stay torch's."""
+    fast = device.type == "cpu" and weight_dtype == torch.float32 and cpu_linear.enabled()
+    return LayerOps("standalone", {"Linear": OneDnnLinear if fast else Linear},
+                    FP8 if weight_dtype == FP8 else None)
+
+
+# LoRA at forward time ------------------------------------------------------------------------------------------
+
+
+class LoraPatch:
+    """weight -> weight + strength x (B @ A) x scale for each LoRA on one layer, computed in fp32 and rounded to the
+    weight's dtype after each, in the order the LoRAs were chained."""
+
+    def __init__(self, deltas: Iterable[tuple[Callable[[], torch.Tensor], float]]):
+        self.deltas = list(deltas)  # (lazy fp32 delta of one LoRA, strength)
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        for delta, strength in self.deltas:
+            weight = (weight.float() + delta().to(weight.device) * strength).to(weight.dtype)
+        return weight
+
+
+def set_loras(module: torch.nn.Module, patches: tuple) -> None:
+    """Make the layers of `module` compute with these LoRAs ((LoraWeights, strength), ...) and no others."""
+    state = module.__dict__.setdefault("_letterpress_loras", {"applied": (), "layers": set()})
+    wanted = tuple((id(lora), float(s)) for lora, s in patches)
+    if state["applied"] == wanted:
+        return
+    per_layer: dict[str, list] = {}
+    for lora, strength in patches:
+        for name in lora.layers:
+            per_layer.setdefault(name, []).append(((lambda lora=lora, name=name: lora.delta(name)), float(strength)))
+    for name in state["layers"] - set(per_layer):
+        module.get_submodule(name).__dict__.pop("weight_function", None)  # back to the class's empty list
+    for name, deltas in per_layer.items():
+        layer = module.get_submodule(name)
+        if not hasattr(layer, "weight_function"):
+            raise TypeError(f"{name} is a {type(layer).__name__}, which takes no LoRA at forward time")
+        layer.weight_function = [LoraPatch(deltas)]
+    state["applied"], state["layers"] = wanted, set(per_layer)
