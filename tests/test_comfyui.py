@@ -1,8 +1,10 @@
-"""The pack inside a real ComfyUI (CPU): /object_info, every API workflow through POST /prompt, Cancel
-through /interrupt, caching on re-queue, and ComfyUI's memory manager holding and freeing the models.
+"""The pack inside real ComfyUI releases (CPU): /object_info, every API workflow through POST /prompt, Cancel
+through /interrupt, caching on re-queue, and ComfyUI's memory manager holding, streaming and freeing the models.
 
-Runs when COMFYUI_PATH points at a ComfyUI checkout whose requirements are installed (PYTHONPATH is
-passed on, for extra packages); skips with the reason otherwise.
+Every test runs once per release: the ComfyUI trees in COMFYUI_PATH (several joined with os.pathsep), else every
+release under ../shared/comfyui/ beside the project (0.3.64 and 0.8.0 in this workplace). ComfyUI's own
+requirements must be installed (the `test` extra does it); a release that does not start fails its tests with the
+end of its log. Skips only when no ComfyUI tree is found at all.
 """
 
 from __future__ import annotations
@@ -21,12 +23,18 @@ import uuid
 import pytest
 from test_workflows import api_twin
 
-COMFYUI = os.environ.get("COMFYUI_PATH", "")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _releases() -> list[str]:
+    given = [p for p in os.environ.get("COMFYUI_PATH", "").split(os.pathsep) if p]
+    found = given or sorted(glob.glob(os.path.join(ROOT, "..", "shared", "comfyui", "*")))
+    return [os.path.realpath(p) for p in found if os.path.exists(os.path.join(p, "main.py"))]
+
+
+RELEASES = _releases()
 pytestmark = pytest.mark.skipif(
-    not (COMFYUI and os.path.exists(os.path.join(COMFYUI, "main.py"))),
-    reason="set COMFYUI_PATH to a ComfyUI checkout (with its requirements installed) to run the pack inside it",
-)
+    not RELEASES, reason="no ComfyUI tree: set COMFYUI_PATH to one (or several, joined with os.pathsep)")
 
 # A test-only custom node that reports ComfyUI's loaded models, so the test can see the memory manager.
 PROBE = '''
@@ -153,8 +161,18 @@ class Comfy:
         raise TimeoutError(pid)
 
 
-@pytest.fixture(scope="module")
-def comfy(shipped_models, models_dir, tmp_path_factory):
+def release_name(path: str) -> str:
+    version = os.path.join(path, "comfyui_version.py")
+    if os.path.exists(version):
+        for line in open(version):
+            if line.startswith("__version__"):
+                return "comfyui-" + line.split("=")[1].strip().strip("\"'")
+    return os.path.basename(path)
+
+
+@pytest.fixture(scope="module", params=RELEASES, ids=[release_name(p) for p in RELEASES])
+def comfy(request, shipped_models, models_dir, tmp_path_factory):
+    COMFYUI = request.param
     base = tmp_path_factory.mktemp("comfy_base")
     nodes = base / "custom_nodes"
     nodes.mkdir()
@@ -182,7 +200,8 @@ def comfy(shipped_models, models_dir, tmp_path_factory):
                 break
             except (urllib.error.URLError, ConnectionError):
                 if proc.poll() is not None:
-                    pytest.fail(f"ComfyUI exited; see {base / 'comfyui.log'}")
+                    tail = "".join(open(base / "comfyui.log", errors="replace").readlines()[-15:])
+                    pytest.fail(f"ComfyUI at {COMFYUI} exited at start (are its requirements installed?):\n{tail}")
                 time.sleep(0.5)
         yield c
     finally:
