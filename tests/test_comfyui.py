@@ -60,8 +60,10 @@ class LetterpressTestLoadedModels:
         names = [type(p.model.inner).__name__ for p in patchers if hasattr(p.model, "inner")]
         return {"ui": {"text": [",".join(names)]}, "result": (",".join(names),)}
 
-class LetterpressTestCastLayers:
-    """Runs the ERNIE DiT once as loaded and once with every layer on ComfyUI's weight-streaming path."""
+class LetterpressTestLowVram:
+    """Runs the ERNIE DiT (with whatever LoRA its patcher carries) fully loaded, then loaded by ModelPatcher with a
+    weight budget of a third of its size (ComfyUI's lowvram load: the rest streamed per layer, LoRAs applied by its
+    LowVramPatch at forward time), and reports both."""
     CATEGORY = "testing"
     RETURN_TYPES = ()
     FUNCTION = "run"
@@ -72,25 +74,32 @@ class LetterpressTestCastLayers:
         return {"required": {"dit": ("LP_ERNIE_DIT",)}}
 
     def run(self, dit):
+        import json
+
         import torch
 
-        model = dit.module
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        castable = [m for m in model.modules() if hasattr(m, "comfy_cast_weights")]
+        patcher, model = dit.patcher, dit.module
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(1, model.config.in_channels, 4, 4, generator=gen)
         text = torch.randn(1, 3, model.config.text_in_dim, generator=gen)
         args = dict(hidden_states=x, timestep=torch.tensor([500.0]), text_bth=text, text_lens=torch.tensor([3]),
                     return_dict=False)
+        mm.load_models_gpu([patcher])
         with torch.no_grad():
-            plain = model(**args)[0]
-            for m in castable:
-                m.comfy_cast_weights = True
-            streamed = model(**args)[0]
-            for m in castable:
-                m.comfy_cast_weights = False
-        report = f"{sum(hasattr(m, 'comfy_cast_weights') for m in linears)}/{len(linears)} {float((plain - streamed).abs().max())}"
-        return {"ui": {"text": [report]}}
+            full = model(**args)[0]
+        report = {"scale": float(full.abs().max())}
+        for label, budget in (("third", patcher.model_size() // 3), ("none", 1)):
+            mm.unload_all_models()
+            patcher.patch_model(device_to=mm.get_torch_device(), lowvram_model_memory=budget)  # as LoadedModel does
+            castable = [m for m in model.modules() if hasattr(m, "comfy_cast_weights")]
+            streamed = [m for m in castable if m.comfy_cast_weights]
+            lora = [m for m in streamed if any(type(f).__name__ == "LowVramPatch" for f in m.weight_function)]
+            with torch.no_grad():
+                low = model(**args)[0]
+            patcher.unpatch_model(patcher.offload_device)
+            report[label] = {"layers": len(castable), "streamed": len(streamed), "lora_streamed": len(lora),
+                             "diff": float((full - low).abs().max()), "sample": low.flatten()[:8].tolist()}
+        return {"ui": {"text": [json.dumps(report)]}}
 
 
 LOAD_REQUESTS = []
@@ -118,7 +127,7 @@ class LetterpressTestLoadRequests(LetterpressTestLoadedModels):
 
 
 NODE_CLASS_MAPPINGS = {"LetterpressTestLoadedModels": LetterpressTestLoadedModels,
-                       "LetterpressTestCastLayers": LetterpressTestCastLayers,
+                       "LetterpressTestLowVram": LetterpressTestLowVram,
                        "LetterpressTestLoadRequests": LetterpressTestLoadRequests}
 '''
 
@@ -190,9 +199,11 @@ def comfy(request, shipped_models, models_dir, tmp_path_factory):
     port = _free_port()
     log = open(base / "comfyui.log", "w")
     proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--disable-auto-launch"],
+                             "--base-directory", str(base), "--disable-auto-launch",
+                             "--preview-method", "auto"],
                             cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
     c = Comfy(port, base / "comfyui.log")
+    c.input_dir = str(inputs)
     try:
         for _ in range(240):
             try:
@@ -244,18 +255,26 @@ def test_object_info_lists_every_node_with_its_inputs(comfy):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*_api.json"))),
                          ids=lambda p: os.path.basename(p))
-def test_api_workflow_queues_and_returns_images(comfy, path):
-    wf = json.load(open(path))
+def test_api_workflow_queues_and_draws_what_the_headless_runner_draws(comfy, host, path):
+    """Every shipped workflow through POST /prompt draws, to the PNG's rounding, the image the headless runner draws
+    from the same file and seeds, which the parity tests hold to the reference pipelines."""
+    import numpy as np
+
+    from letterpress.runner import Runner
+
+    wf = small(json.load(open(path)))
     if any(n["class_type"] == "LetterpressTextRead" for n in wf.values()):
         pytest.importorskip("rapidocr")
-    entry = comfy.wait(comfy.queue(small(wf)))
+    entry = comfy.wait(comfy.queue(wf))
     assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
-    images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
-    assert images
-    first = images[0]
-    png = urllib.request.urlopen(f"{comfy.url}/view?filename={first['filename']}&subfolder={first['subfolder']}"
-                                 f"&type={first['type']}").read()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    host.input_dir = comfy.input_dir
+    results = Runner().run(wf)["results"]
+    saved = [nid for nid, node in wf.items() if node["class_type"] == "SaveImage"]
+    assert saved
+    for nid in saved:
+        src, index = wf[nid]["inputs"]["images"]
+        headless = np.clip(255.0 * results[src][index][0].float().numpy(), 0, 255).astype(np.uint8)  # as SaveImage
+        assert np.abs(_image(comfy, entry, nid) - headless.astype(int)).max() <= 1, nid
 
 
 def test_requeue_with_new_seed_uses_the_cache(comfy):
@@ -329,18 +348,61 @@ def test_dit_and_vae_loads_ask_comfyui_for_their_working_memory(comfy):
         assert 0 < small_run[name] < big_run[name], name
 
 
-def test_layers_take_comfyui_weight_streaming_path(comfy):
-    """Every Linear of the DiT is a comfy.ops layer, and the cast-weight (lowvram streaming) forward gives the
-    same result as the plain one."""
-    wf = {"1": {"class_type": "LetterpressErnieImageDiTLoader", "inputs": {"dit_name": "ernie-image.safetensors",
-                                                                          "weight_dtype": "fp32"}},
-          "2": {"class_type": "LetterpressTestCastLayers", "inputs": {"dit": ["1", 0]}}}
-    entry = comfy.wait(comfy.queue(wf))
-    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
-    counts, diff = entry["outputs"]["2"]["text"][0].split()
-    done, total = counts.split("/")
-    assert done == total and int(total) > 0
-    assert float(diff) == 0.0
+def test_lowvram_streaming_with_a_budget_smaller_than_the_dit_matches_the_full_load(comfy):
+    """ModelPatcher's lowvram load with a third of the DiT's size: the layers past the budget stream (cast per call),
+    the LoRA on them rides ComfyUI's LowVramPatch, and the output equals the fully loaded (LoRA merged) one."""
+    def probe(dit_node: dict) -> dict:
+        wf = {"1": {"class_type": "LetterpressErnieImageDiTLoader",
+                    "inputs": {"dit_name": "ernie-image.safetensors", "weight_dtype": "fp32"}},
+              "2": {"class_type": "LetterpressErnieImageLoraLoader",
+                    "inputs": {"dit": ["1", 0], "lora_name": "ernie_image_lora.safetensors", "strength": 2.0}},
+              "3": {"class_type": "LetterpressTestLowVram", "inputs": {"dit": dit_node}}}
+        entry = comfy.wait(comfy.queue(wf))
+        assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+        return json.loads(entry["outputs"]["3"]["text"][0])
+
+    base, lora = probe(["1", 0]), probe(["2", 0])
+    for r in (base, lora):
+        assert 0 < r["third"]["streamed"] < r["third"]["layers"]  # some layers within the budget, the rest streamed
+        assert r["none"]["streamed"] == r["none"]["layers"]  # a budget of nothing: every layer streams
+        assert r["third"]["diff"] <= 1e-5 * r["scale"] and r["none"]["diff"] <= 1e-5 * r["scale"]
+    assert base["none"]["lora_streamed"] == 0 < lora["none"]["lora_streamed"]
+    assert max(abs(a - b) for a, b in zip(base["none"]["sample"], lora["none"]["sample"])) > 1e-3  # LoRA applied
+
+
+def test_progress_moves_and_previews_reach_the_browser(comfy):
+    """Over ComfyUI's websocket, as the editor sees it: DiT Sample's progress goes 1..steps and each step sends a
+    preview image (the server runs with --preview-method auto)."""
+    import asyncio
+    import struct
+
+    aiohttp = pytest.importorskip("aiohttp")
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))), steps=3)
+    wf["5"]["inputs"]["seed"] = 31337  # not served from the cache
+
+    async def watch():
+        client = str(uuid.uuid4())
+        progress, previews = [], 0
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{comfy.url}/ws?clientId={client}") as ws:
+                await asyncio.to_thread(comfy.post, "/prompt", {"prompt": wf, "client_id": client})
+                while True:
+                    msg = await asyncio.wait_for(ws.receive(), timeout=120)
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        previews += struct.unpack(">I", msg.data[:4])[0] in (1, 4)  # PREVIEW_IMAGE(_WITH_METADATA)
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        event = json.loads(msg.data)
+                        if event["type"] == "progress" and event["data"].get("node") == "5":
+                            progress.append(event["data"]["value"])
+                        if event["type"] in ("execution_success", "execution_error", "execution_interrupted") or (
+                                event["type"] == "executing" and event["data"].get("node") is None):
+                            return progress, previews
+                    else:
+                        raise AssertionError(f"websocket closed: {msg}")
+
+    progress, previews = asyncio.run(watch())
+    assert progress[-3:] == [1, 2, 3]
+    assert previews >= 3
 
 
 def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
