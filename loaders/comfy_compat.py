@@ -80,18 +80,15 @@ def layer_ops(weight_dtype: torch.dtype, load_device: torch.device) -> layers.La
 # Model patcher ------------------------------------------------------------------------------------------------
 
 
+def patcher_class() -> type:
+    """The class ComfyUI makes its own models' patchers with. Newer releases build them through
+    `comfy.model_patcher.CoreModelPatcher`, which main.py points at `ModelPatcherDynamic` when dynamic VRAM
+    (comfy-aimdo) works; releases before that (0.3.64, 0.8.0) have only `ModelPatcher`."""
+    return getattr(model_patcher, "CoreModelPatcher", None) or model_patcher.ModelPatcher
+
+
 def make_patcher(container: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
-    """The ModelPatcher ComfyUI would make for one of its own models: upstream's dynamic-VRAM releases choose the
-    class themselves (`ModelPatcherDynamic` when dynamic VRAM is on); older ones have the one ModelPatcher."""
-    for factory in ("create_model_patcher", "model_patcher_class"):
-        make = getattr(model_patcher, factory, None) or getattr(mm, factory, None)
-        if callable(make):
-            made = make(container, load_device=load_device, offload_device=offload_device) \
-                if factory == "create_model_patcher" else make()(container, load_device=load_device,
-                                                                 offload_device=offload_device)
-            if made is not None:
-                return made
-    return model_patcher.ModelPatcher(container, load_device=load_device, offload_device=offload_device)
+    return patcher_class()(container, load_device=load_device, offload_device=offload_device)
 
 
 def lora_patch(down: torch.Tensor, up: torch.Tensor, alpha: float) -> Any:

@@ -97,3 +97,17 @@ def test_weights_go_through_each_layers_own_loading_path():
     assert empty[0].weight.dtype == layers.FP8 and empty[0].bias.dtype == torch.bfloat16
     assert torch.equal(empty[0].weight.float(), state["0.weight"].to(layers.FP8).float())
     assert torch.equal(empty[1].weight.float(), state["1.weight"].bfloat16().float())
+
+
+@pytest.mark.skipif(not RELEASES, reason="no ComfyUI tree")
+def test_a_comfyui_without_what_the_pack_needs_is_named_at_import():
+    """A ComfyUI older than the oldest tested (here: a load_models_gpu that takes no memory_required) stops the
+    pack's import with a message that says what is missing and to update, instead of failing mid-run."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import comfy.cli_args; comfy.cli_args.args.cpu = True; "
+              "import comfy.model_management as mm; mm.load_models_gpu = lambda models: None; "
+              "import letterpress.loaders.host")
+    out = subprocess.run([sys.executable, "-c", script, RELEASES[0]], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ComfyUI-Letterpress needs ComfyUI 0.3.64 or newer")
+    assert "load_models_gpu(memory_required=...)" in last and "Update ComfyUI" in last
