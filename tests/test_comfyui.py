@@ -28,6 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _releases() -> list[str]:
     given = [p for p in os.environ.get("COMFYUI_PATH", "").split(os.pathsep) if p]
+    for p in given:  # named explicitly (as .ci/run does): a tree that is not there is an error, not a skip
+        if not os.path.exists(os.path.join(p, "main.py")):
+            raise RuntimeError(f"COMFYUI_PATH names {p}, which is not a ComfyUI tree (no main.py)")
     found = given or sorted(glob.glob(os.path.join(ROOT, "..", "shared", "comfyui", "*")))
     return [os.path.realpath(p) for p in found if os.path.exists(os.path.join(p, "main.py"))]
 
