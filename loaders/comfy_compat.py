@@ -9,11 +9,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import torch
-
 import comfy.model_management as mm
 import comfy.model_patcher as model_patcher
 import comfy.ops as ops
+import torch
 
 from . import layers
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import torch
-
 import comfy.model_management as _mm
 import comfy.utils as _comfy_utils
 import folder_paths as _folder_paths
+import torch
 
 from . import comfy_compat, layers
 from .handle import ModelHandle, compute_dtype

@@ -23,7 +23,6 @@ from typing import Callable
 import torch
 
 from .errors import LetterpressError
-
 from .handle import ModelHandle
 
 log = logging.getLogger("letterpress")

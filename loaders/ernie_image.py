@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 from .detect import expect
-from .files import check_pipeline, component, list_diffusers_folders
 from .errors import LetterpressError
+from .files import check_pipeline, component, list_diffusers_folders
 from .handle import ModelHandle
 from .host import get_host
 from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer, read_generation_config
@@ -104,7 +104,7 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
     fill_module(module, ck, key_map, dtype=weight_dtype(dtype_choice), what="ERNIE-Image DiT")
     module.eval()
     turbo = "turbo" in os.path.basename(os.path.dirname(path) if os.path.isdir(path) else path).lower()
-    return get_host().wrap(ModelHandle(FAMILY, "dit", module, source=path, extras={"turbo": turbo}))
+    return ModelHandle(FAMILY, "dit", module, source=path, extras={"turbo": turbo})
 
 
 # Text encoder and prompt enhancer ----------------------------------------------------------------
@@ -137,7 +137,7 @@ def load_text_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
     config = llm_config(ck, folder, Ministral3Config, MINISTRAL3_TEMPLATE, sub_config="text_config")
     module = load_llm(ck, config, Ministral3Model, weight_dtype(dtype_choice), False, "ERNIE-Image text encoder")
     tokenizer = _tokenizer_for(path, "tokenizer", "ERNIE-Image text encoder")
-    return get_host().wrap(ModelHandle("ernie_image", "text_encoder", module, tokenizer=tokenizer, source=path))
+    return ModelHandle("ernie_image", "text_encoder", module, tokenizer=tokenizer, source=path)
 
 
 def load_prompt_enhancer(path: str, dtype_choice: str = "auto") -> ModelHandle:
@@ -153,7 +153,7 @@ def load_prompt_enhancer(path: str, dtype_choice: str = "auto") -> ModelHandle:
     read_generation_config(module, [folder] if folder else find_tokenizer_folders(path, _sibling_tokenizers("pe")),
                            "ERNIE-Image prompt enhancer")
     tokenizer = _tokenizer_for(path, "pe_tokenizer", "ERNIE-Image prompt enhancer")
-    return get_host().wrap(ModelHandle("ernie_image", "prompt_enhancer", module, tokenizer=tokenizer, source=path))
+    return ModelHandle("ernie_image", "prompt_enhancer", module, tokenizer=tokenizer, source=path)
 
 
 # VAE ---------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def load_flux2_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
     ck = open_checkpoint(path)
     expect(ck.keys(), "flux2_vae", "Flux2 VAE", os.path.basename(path), "the ERNIE-Image VAE loader")
     module = load_vae(path, AutoencoderKLFlux2, FLUX2_VAE_TEMPLATE, weight_dtype(dtype_choice), "Flux2 VAE")
-    return get_host().wrap(ModelHandle("ernie_image", "vae", module, source=path))
+    return ModelHandle("ernie_image", "vae", module, source=path)
 
 
 # Whole folder ------------------------------------------------------------------------------------

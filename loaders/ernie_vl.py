@@ -17,8 +17,8 @@ import json
 import os
 
 from . import layers
-from .files import PICKLE_EXTENSIONS, list_subfolders
 from .errors import LetterpressError
+from .files import PICKLE_EXTENSIONS, list_subfolders
 from .handle import ModelHandle
 from .host import get_host
 from .llm import read_tokenizer
@@ -135,4 +135,4 @@ def load(folder: str, dtype_choice: str = "auto") -> ModelHandle:
     model.requires_grad_(False)
     handle = ModelHandle(family=FAMILY, role="vl_model", module=model, tokenizer=processor.tokenizer, source=folder,
                          extras={"processor": processor, "dtype": str(dtype).replace("torch.", "")})
-    return get_host().wrap(handle)
+    return handle

@@ -9,7 +9,6 @@ import re
 from typing import Iterator
 
 from .errors import LetterpressError
-
 from .host import get_host
 
 WEIGHT_EXTENSIONS = (".safetensors", ".sft")

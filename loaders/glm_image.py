@@ -14,10 +14,9 @@ import os
 import torch
 
 from .detect import expect
-from .files import check_pipeline, component
 from .errors import LetterpressError
+from .files import check_pipeline, component
 from .handle import ModelHandle
-from .host import get_host
 from .llm import TOKENIZER_FILES, read_generation_config, read_tokenizer
 from .vae import load_vae
 from .weights import build_empty, fill_module, open_checkpoint, read_json, weight_dtype
@@ -74,7 +73,7 @@ def load_ar(path: str, dtype_choice: str = "auto") -> ModelHandle:
         raise LetterpressError(f"{what}: no processor found next to {path} (the GLM-Image folder needs processor/).")
     processor = read_tokenizer(GlmImageProcessor.from_pretrained, proc_dir, what,
                                TOKENIZER_FILES + ("processor_config.json",), "processor")
-    return get_host().wrap(ModelHandle(FAMILY, "ar", module, tokenizer=processor, source=path))
+    return ModelHandle(FAMILY, "ar", module, tokenizer=processor, source=path)
 
 
 # Glyph encoder (ByT5) ------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ def load_glyph_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
                     if os.path.exists(os.path.join(p, "tokenizer_config.json"))), None)
     tokenizer = read_tokenizer(ByT5Tokenizer.from_pretrained, tok_dir, what, ("tokenizer_config.json",)) if tok_dir \
         else ByT5Tokenizer()
-    return get_host().wrap(ModelHandle(FAMILY, "glyph_encoder", module, tokenizer=tokenizer, source=path))
+    return ModelHandle(FAMILY, "glyph_encoder", module, tokenizer=tokenizer, source=path)
 
 
 # DiT -----------------------------------------------------------------------------------------------
@@ -121,7 +120,7 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
     sched_file = os.path.join(_sibling(path, "scheduler"), "scheduler_config.json")
     if os.path.exists(sched_file):
         scheduler.update({k: v for k, v in read_json(sched_file, "GLM-Image scheduler").items() if not k.startswith("_")})
-    return get_host().wrap(ModelHandle(FAMILY, "dit", module, source=path, extras={"scheduler": scheduler}))
+    return ModelHandle(FAMILY, "dit", module, source=path, extras={"scheduler": scheduler})
 
 
 # VAE -----------------------------------------------------------------------------------------------
@@ -146,7 +145,7 @@ def load_kl_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
                 f"{os.path.join(path, 'config.json')}: {key} must list one number per latent channel "
                 f"({c.latent_channels}), not {values!r}. The file is damaged or was edited: download it again."
             )
-    return get_host().wrap(ModelHandle(FAMILY, "vae", module, source=path))
+    return ModelHandle(FAMILY, "vae", module, source=path)
 
 
 # Whole folder --------------------------------------------------------------------------------------

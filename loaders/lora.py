@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LetterpressError
-
 from .handle import ModelHandle
 from .weights import open_checkpoint
 

@@ -26,8 +26,8 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from .detect import expect
-from .files import check_pipeline, component, list_diffusers_folders
 from .errors import LetterpressError
+from .files import check_pipeline, component, list_diffusers_folders
 from .handle import ModelHandle
 from .host import get_host
 from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer
@@ -297,7 +297,7 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
     module = build_empty(lambda: OvisImageTransformer2DModel.from_config(cfg), cfg_file)
     fill_module(module, state, key_map, dtype=weight_dtype(dtype_choice), what="Ovis-Image DiT")
     module.eval()
-    return get_host().wrap(ModelHandle(FAMILY, "dit", module, source=path, extras={"schedule": _schedule_for(path)}))
+    return ModelHandle(FAMILY, "dit", module, source=path, extras={"schedule": _schedule_for(path)})
 
 
 # Text encoder --------------------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def load_text_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
     tokenizer = _tokenizer_for(path)
     if tokenizer.pad_token_id is None:
         raise LetterpressError("Ovis-Image text encoder: its tokenizer has no pad token; use the Ovis-Image tokenizer folder.")
-    return get_host().wrap(ModelHandle(FAMILY, "text_encoder", module, tokenizer=tokenizer, source=path))
+    return ModelHandle(FAMILY, "text_encoder", module, tokenizer=tokenizer, source=path)
 
 
 # VAE -----------------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def load_flux1_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
             f"{os.path.basename(path)} is a {channels}-channel VAE; Ovis-Image decodes with the 16-channel FLUX.1 VAE "
             "(ae.safetensors). Pick that file in the Ovis-Image VAE loader."
         )
-    return get_host().wrap(ModelHandle(FAMILY, "vae", module, source=path))
+    return ModelHandle(FAMILY, "vae", module, source=path)
 
 
 # Whole folder --------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ from . import ernie_image, glm_image, ovis_image
 
 FAMILIES = [ernie_image, ovis_image, glm_image]
 from . import ernie_vl  # noqa: E402  (ERNIE-4.5-VL; kept on its own lines so family edits do not collide)
+
 FAMILIES.append(ernie_vl)
 from . import text_check  # noqa: E402  (Read Text, Text Accuracy, Best of Batch)
+
 FAMILIES.append(text_check)
 
 NODE_CLASS_MAPPINGS: dict = {}

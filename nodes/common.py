@@ -6,8 +6,8 @@ from typing import Callable
 
 import torch
 
-from ..loaders.files import list_diffusers_folders, list_files
 from ..loaders.errors import LetterpressError
+from ..loaders.files import list_diffusers_folders, list_files
 from ..loaders.weights import WEIGHT_DTYPE_CHOICES
 from ..samplers import working_memory
 from ..samplers.sizes import MAX_SIZE
@@ -65,6 +65,13 @@ def size_validator(check: Callable[[int, int], None], step: int):
     return classmethod(VALIDATE_INPUTS)
 
 
+def hosted(*handles):
+    """Hand freshly loaded stages to the host (inside ComfyUI: each gets its ModelPatcher), as a node's outputs."""
+    from ..loaders.host import get_host
+
+    return tuple(None if h is None else get_host().wrap(h) for h in handles)
+
+
 def require(handle, what: str, wire_from: str):
     """A clear error when an optional model output (e.g. a folder without a prompt enhancer) is wired."""
     if handle is None:
@@ -91,7 +98,7 @@ class FileLoader:
         from ..loaders.files import resolve
 
         values = dict(zip((self.INPUT, "weight_dtype"), args), **kwargs)  # ComfyUI passes keywords
-        return (type(self).LOAD(resolve(self.KIND, values[self.INPUT]), values["weight_dtype"]),)
+        return hosted(type(self).LOAD(resolve(self.KIND, values[self.INPUT]), values["weight_dtype"]))
 
 
 def denoise_input():

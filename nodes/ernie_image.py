@@ -15,8 +15,8 @@ from .common import (
     cfg_input,
     denoise_input,
     dtype_input,
-    file_input,
     folder_input,
+    hosted,
     require,
     seed_input,
     size_input,
@@ -90,7 +90,7 @@ class LetterpressErnieImageFolderLoader:
 
     def run(self, folder, weight_dtype, load_prompt_enhancer):
         m = load.load_folder(resolve("diffusers", folder), weight_dtype, with_pe=load_prompt_enhancer)
-        return (m["dit"], m["text_encoder"], m["vae"], m["prompt_enhancer"])
+        return hosted(m["dit"], m["text_encoder"], m["vae"], m["prompt_enhancer"])
 
 
 class LetterpressErnieImageTextEncode:

@@ -4,12 +4,12 @@ OpenAI-compatible server. Thin over loaders/ernie_vl.py, samplers/ernie_vl.py an
 from __future__ import annotations
 
 from ..loaders import ernie_vl as load
-from ..loaders.files import resolve
 from ..loaders.errors import LetterpressError
+from ..loaders.files import resolve
 from ..loaders.host import get_host
 from ..samplers import ernie_vl as vl
 from ..samplers import remote_openai as remote
-from .common import CATEGORY, MAX_SEED, dtype_input
+from .common import CATEGORY, MAX_SEED, dtype_input, hosted
 
 CAT = f"{CATEGORY}/ERNIE-VL"
 MODEL = "LP_ERNIE_VL"
@@ -68,7 +68,7 @@ class LetterpressErnieVLLoader:
         }}
 
     def run(self, folder, weight_dtype):
-        return (load.load(resolve("LLM", folder), weight_dtype),)
+        return hosted(load.load(resolve("LLM", folder), weight_dtype))
 
 
 class LetterpressErnieVLGenerate:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..loaders import glm_image as load
-from ..loaders.files import resolve
 from ..loaders.errors import LetterpressError
+from ..loaders.files import resolve
 from ..loaders.host import get_host
 from ..samplers import glm_image as stage
 from ..samplers.images import check_image
@@ -14,6 +14,7 @@ from .common import (
     cfg_input,
     dtype_input,
     folder_input,
+    hosted,
     seed_input,
     size_input,
     size_validator,
@@ -41,7 +42,7 @@ class _ComponentLoader:
         return {"required": {"folder": _folder(), "weight_dtype": dtype_input()}}
 
     def run(self, folder, weight_dtype):
-        return (type(self).LOAD(resolve("diffusers", folder), weight_dtype),)
+        return hosted(type(self).LOAD(resolve("diffusers", folder), weight_dtype))
 
 
 class LetterpressGlmImageARLoader(_ComponentLoader):
@@ -87,7 +88,7 @@ class LetterpressGlmImageFolderLoader:
 
     def run(self, folder, weight_dtype):
         m = load.load_folder(resolve("diffusers", folder), weight_dtype)
-        return (m["ar"], m["glyph_encoder"], m["dit"], m["vae"])
+        return hosted(m["ar"], m["glyph_encoder"], m["dit"], m["vae"])
 
 
 class LetterpressGlmImageARTokens:

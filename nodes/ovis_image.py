@@ -15,10 +15,9 @@ from .common import (
     cfg_input,
     denoise_input,
     dtype_input,
-    file_input,
     folder_input,
+    hosted,
     seed_input,
-    size_input,
     size_validator,
     steps_input,
 )
@@ -46,7 +45,7 @@ class LetterpressOvisImageFolderLoader:
 
     def run(self, folder, weight_dtype):
         m = load.load_folder(resolve("diffusers", folder), weight_dtype)
-        return (m["dit"], m["text_encoder"], m["vae"])
+        return hosted(m["dit"], m["text_encoder"], m["vae"])
 
 
 class LetterpressOvisImageDiTLoader(FileLoader):
