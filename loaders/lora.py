@@ -1,6 +1,6 @@
 """LoRA files for the DiT stages: format detection, key mapping onto the DiT's own module names, and
 validation against the loaded DiT. Applying them is the host's job (ModelPatcher patches inside
-ComfyUI, the standalone host's own weight patching elsewhere): see host.add_patches.
+ComfyUI; elsewhere the layers apply them at forward time, see layers.set_loras): see add_patches.
 
 Formats:
 - diffusers / PEFT: `transformer.<module>.lora_A.weight` / `.lora_B.weight`, optional `.alpha`
