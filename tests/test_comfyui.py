@@ -431,15 +431,20 @@ def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(comfy.url, wait_until="domcontentloaded")
-        page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120000)
+        # Wait for what each step needs, never a fixed time (a loaded machine is slower): the editor up with the
+        # server's node definitions registered, then each workflow's nodes all in the graph.
+        page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.LiteGraph"
+                               " && 'LetterpressErnieImageTextEncode' in window.LiteGraph.registered_node_types",
+                               timeout=120000)
         for path in ui_files:
-            result = page.evaluate("""async ([ui, name]) => {
-                await window.app.loadGraphData(ui, true, true, name);
-                await new Promise(r => setTimeout(r, 300));
+            ui = json.load(open(path))
+            page.evaluate("([ui, name]) => window.app.loadGraphData(ui, true, true, name)", [ui, os.path.basename(path)])
+            page.wait_for_function("(n) => window.app.graph._nodes.length === n", arg=len(ui["nodes"]), timeout=60000)
+            result = page.evaluate("""async () => {
                 const missing = window.app.graph._nodes
                     .filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type);
                 return {missing, prompt: (await window.app.graphToPrompt()).output};
-            }""", [json.load(open(path)), os.path.basename(path)])
+            }""")
             assert result["missing"] == [], path
             api = json.load(open(api_twin(path)))
             assert {k: declared(v) for k, v in result["prompt"].items()} == {k: declared(v) for k, v in api.items()}, path
