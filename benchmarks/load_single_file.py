@@ -1,8 +1,11 @@
 """Loading a single-file DiT checkpoint of >= 2 GB (random weights, the real ERNIE-Image key layout):
 peak RSS / file size and load time / diffusers `from_single_file`, each load in a fresh process,
-interleaved, medians.
+interleaved, medians. `--gguf Q8_0` (or Q4_K, ...) measures a GGUF file of that type instead (written with the
+`gguf` package's quantizer): the weights stay packed, so peak RSS after loading and dequantizing every layer once
+(as a forward pass does, one layer at a time) should stay near the file size.
 
     python benchmarks/load_single_file.py [--runs 3] [--layers 10] [--keep DIR]
+    python benchmarks/load_single_file.py --gguf Q8_0 --layers 37 [--runs 3] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ def rss(field):
 kind, path, cfg_dir = sys.argv[1:4]
 baseline = rss("VmRSS")
 start = time.perf_counter()
-if kind == "pack":
+if kind in ("pack", "gguf"):
     from letterpress.loaders.ernie_image import load_dit
-    handle = load_dit(path, "fp32")
+    handle = load_dit(path, "bf16" if kind == "gguf" else "fp32")
     n = sum(p.numel() for p in handle.module.parameters())
 else:
     from diffusers import ErnieImageTransformer2DModel
@@ -41,8 +44,17 @@ else:
     n = sum(p.numel() for p in model.parameters())
 elapsed = time.perf_counter() - start
 peak_load = rss("VmHWM")
-params = handle.module.parameters() if kind == "pack" else model.parameters()
-touched = sum(float(p.float().sum()) for p in params)  # read every weight, as a first forward would
+if kind == "gguf":  # every packed layer dequantized once, one at a time, as a forward pass does
+    from letterpress.loaders import layers
+    touched = 0.0
+    for m in handle.module.modules():
+        if layers.is_packed(m):
+            touched += float(layers.dequantized_weight(m, torch.bfloat16).float().sum())
+    n = sum(m.weight.numel() if not layers.is_packed(m) else torch.Size(m.qshape).numel()
+            for m in handle.module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor))
+else:
+    params = handle.module.parameters() if kind == "pack" else model.parameters()
+    touched = sum(float(p.float().sum()) for p in params)  # read every weight, as a first forward would
 print(json.dumps({"seconds": elapsed, "baseline": baseline, "peak_load": peak_load, "peak_used": rss("VmHWM"), "params": n}))
 """
 
@@ -64,12 +76,64 @@ def make_checkpoint(folder: str, layers: int) -> str:
     return path
 
 
+def make_gguf(folder: str, layers: int, qtype_name: str) -> str:
+    """The same architecture as a GGUF file: 2-D weights in `qtype_name`, the rest F32, written tensor by tensor."""
+    import gguf
+    import numpy as np
+    import torch
+    from diffusers import ErnieImageTransformer2DModel
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    with torch.device("meta"):
+        model = ErnieImageTransformer2DModel(hidden_size=HIDDEN, num_attention_heads=HEADS, num_layers=layers,
+                                             ffn_hidden_size=FFN, text_in_dim=TEXT)
+    path = os.path.join(folder, f"ernie-image-bench-{qtype_name}.gguf")
+    writer = gguf.GGUFWriter(path, "ernie_image")
+    rng = np.random.default_rng(0)
+    for key, value in model.state_dict().items():
+        array = (0.02 * rng.standard_normal(tuple(value.shape), dtype=np.float32))
+        if array.ndim == 2 and array.shape[1] % block == 0:
+            writer.add_tensor("model.diffusion_model." + key, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor("model.diffusion_model." + key, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def main_gguf(args) -> None:
+    folder = args.keep or tempfile.mkdtemp()
+    path = os.path.join(folder, f"ernie-image-bench-{args.gguf}.gguf")
+    if not os.path.exists(path):
+        path = make_gguf(folder, args.layers, args.gguf)
+    size = os.path.getsize(path)
+    runs = []
+    for _ in range(args.runs):
+        out = subprocess.run([sys.executable, "-c", CHILD, "gguf", path, folder], capture_output=True, text=True,
+                             check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {m: statistics.median(r[m] for r in runs) for m in ("seconds", "baseline", "peak_load", "peak_used")}
+    print(f"GGUF {args.gguf} ERNIE-Image DiT, {size / 2**30:.2f} GiB ({runs[0]['params'] / 1e6:.0f} M weights), "
+          f"{args.runs} fresh-process loads, medians; RSS after imports is the baseline")
+    print(f"  load {med['seconds']:.2f} s | peak RSS after load {med['peak_load'] / 2**30:.2f} GiB | after dequantizing "
+          f"every layer once {med['peak_used'] / 2**30:.2f} GiB")
+    print(f"  peak RSS / file size (above import baseline, every layer dequantized)  "
+          f"{(med['peak_used'] - med['baseline']) / size:.3f}  (goal <= 1.15)")
+    print(f"  peak RSS / file size (whole process)                                  {med['peak_used'] / size:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--keep", default=None, help="reuse/keep the checkpoint in this folder")
+    ap.add_argument("--gguf", default=None, help="measure a GGUF file of this type (Q8_0, Q4_K, ...) instead")
     args = ap.parse_args()
+    if args.gguf:
+        return main_gguf(args)
     folder = args.keep or tempfile.mkdtemp()
     path = os.path.join(folder, "ernie-image-bench.safetensors")
     if not os.path.exists(path):

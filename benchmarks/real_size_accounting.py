@@ -1,6 +1,7 @@
 """Real-size memory accounting without a GPU: each model's real architecture is built on the meta device
-(no memory), and each stage's weight bytes are counted in bf16 and with fp8 weight storage (Linear
-weights in fp8, the rest bf16, as weight_dtype fp8_e4m3fn loads them). The pack runs one stage at a
+(no memory), and each stage's weight bytes are counted in bf16, with fp8 weight storage (Linear
+weights in fp8, the rest bf16, as weight_dtype fp8_e4m3fn loads them) and as GGUF Q8_0 / Q4_K files load
+(Linear weights kept packed, the rest bf16). The pack runs one stage at a
 time (the host offloads the others), so the resident peak is the largest stage plus its activations.
 
     python benchmarks/real_size_accounting.py [--size 1024]
@@ -24,11 +25,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 GB = 1e9
 
 
+# GGUF block sizes: (weights per block, bytes per block), as ggml defines them.
+GGUF_BLOCKS = {"Q8_0": (32, 34), "Q4_K": (256, 144)}
+
+
 def weight_bytes(module: torch.nn.Module) -> tuple[int, int]:
     """(bf16 bytes, fp8-storage bytes) for a module built on the meta device."""
     total = sum(p.numel() for p in module.parameters())
     linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
     return 2 * total, 2 * total - linear
+
+
+def gguf_bytes(module: torch.nn.Module, qtype: str) -> int:
+    """Bytes of the module's weights in a GGUF file of `qtype` as the pack keeps them: each Linear weight whose rows
+    are whole blocks stays packed (the type's bytes per block), everything else is held in bf16."""
+    per_block, block_bytes = GGUF_BLOCKS[qtype]
+    total = 2 * sum(p.numel() for p in module.parameters())
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.shape[1] % per_block == 0:
+            n = m.weight.numel()
+            total += n // per_block * block_bytes - 2 * n
+    return total
 
 
 def on_meta(factory):
@@ -175,9 +192,11 @@ def main() -> None:
                 bf16, fp8, act = fake_forward_peak(factory, forward)
             else:
                 (bf16, fp8), act = weight_bytes(on_meta(factory)), forward
-            rows.append((stage, bf16, fp8, act))
+            module = on_meta(factory)
+            q8, q4 = gguf_bytes(module, "Q8_0"), gguf_bytes(module, "Q4_K")
+            rows.append((stage, bf16, fp8, act, q8, q4))
             print(f"  {stage:40s} weights bf16 {bf16 / GB:6.2f} | fp8 storage {fp8 / GB:6.2f} | "
-                  f"activations {act / GB:5.2f}")
+                  f"GGUF Q8_0 {q8 / GB:6.2f} | Q4_K {q4 / GB:6.2f} | activations {act / GB:5.2f}")
         all_bf16 = sum(r[1] for r in rows)
         peak_bf16 = max(r[1] + r[3] for r in rows)
         peak_fp8 = max(r[2] + r[3] for r in rows)
@@ -188,6 +207,11 @@ def main() -> None:
         dit = next(r for r in rows if r[0].startswith("DiT"))
         print(f"  staged peak with fp8 weight storage:     {peak_fp8 / GB:6.2f}  "
               f"(DiT weights {dit[2] / dit[1]:.2f} x bf16)")
+        for column, label in ((4, "Q8_0"), (5, "Q4_K")):
+            # a GGUF DiT with the other stages in bf16 (what a 12 GB user runs: quantized DiT, stock encoders)
+            peak = max((r[column] if r is dit else r[1]) + r[3] for r in rows)
+            print(f"  staged peak with a GGUF {label} DiT:        {peak / GB:6.2f}  "
+                  f"(DiT weights {dit[column] / GB:.2f} GB = {dit[column] / dit[1]:.2f} x bf16)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Iterator
 from .errors import LetterpressError
 from .host import get_host
 
-WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".gguf")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 # one shard of a sharded checkpoint (Hugging Face naming): listed once, as its first shard, and loaded whole
 SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")

@@ -8,13 +8,18 @@ in through each layer's own `_load_from_state_dict` (`load_into`), which is wher
 stored (fp8 storage here; ComfyUI's quantized layers do the same there).
 
 Standalone Linear layers compute like ComfyUI's cast layers: the stored weight is cast to the input's dtype, then
-passed through the layer's `weight_function` list (a LoRA at forward time, as ComfyUI's lowvram patches are), so a
+passed through the layer's `lora_function` list (a LoRA at forward time, as ComfyUI's lowvram patches are), so a
 LoRA never changes the stored weights and works the same on weights stored in fp8.
+
+A layer of any host's Linear class can also keep its weight packed as a GGUF file stores it (`QuantizedWeight`,
+mixed into the host's class when the file is quantized, GGUF or ComfyUI's own formats): the packed data are its `weight` parameter (so memory
+managers count and move the file's bytes), dequantized on the input's device at each call, LoRAs applied to the
+dequantized weight.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -143,10 +148,10 @@ def storage_dtype(owner: torch.nn.Module, name: str, compute: torch.dtype, ops: 
 
 class Linear(torch.nn.Linear):
     """A Linear built without initialising its weights (they come from the file), that casts its stored weight to
-    the input's dtype and applies `weight_function` (e.g. a LoRA) at each call, as ComfyUI's cast layers do."""
+    the input's dtype and applies `lora_function` (this layer's LoRAs) at each call, as ComfyUI's cast layers apply
+    their `weight_function`."""
 
-    weight_function: list = []
-    bias_function: list = []
+    lora_function: list = []
 
     def reset_parameters(self) -> None:
         return None
@@ -157,10 +162,8 @@ class Linear(torch.nn.Linear):
             weight = weight.to(x.dtype)
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        for f in self.weight_function:
+        for f in self.lora_function:
             weight = f(weight)
-        for f in self.bias_function:
-            bias = f(bias)
         return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +175,85 @@ class OneDnnLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_linear.linear(x, *self._weights(x))
+
+
+class QuantizedWeight:
+    """Mixed into a host's Linear class for a quantized file: a weight handed over as `packed.Packed` stays packed
+    (its data the `weight` parameter, its scales buffers beside it, its format and logical shape kept) and is
+    dequantized at each call, on the input's device."""
+
+    lora_function: list = []
+    pack_fmt = None
+    qshape: tuple = ()
+    pack_extras: tuple = ()
+
+    @property
+    def packed(self) -> bool:
+        return self.pack_fmt is not None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        from .packed import Packed
+
+        value = state_dict.get(prefix + "weight")
+        if isinstance(value, Packed):
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+            self.weight = torch.nn.Parameter(value.raw, requires_grad=False)
+            self.pack_fmt, self.qshape, self.pack_extras = value.fmt, tuple(value.shape), tuple(value.extras)
+            for name, t in value.extras.items():
+                self.register_buffer("packed_" + name, t, persistent=False)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.packed:
+            return super().forward(x, *args, **kwargs)
+        from .packed import dequantize
+
+        extras = {k: getattr(self, "packed_" + k).to(x.device) for k in self.pack_extras}
+        weight = dequantize(self.weight.to(x.device), self.pack_fmt, self.qshape, extras, x.dtype)
+        for f in (*self.lora_function, *getattr(self, "weight_function", ())):  # ours, then the host's (ComfyUI)
+            weight = f(weight)
+        bias = self.bias
+        if bias is not None:
+            bias = bias.to(x.device, x.dtype)
+            for f in getattr(self, "bias_function", ()):
+                bias = f(bias)
+        return F.linear(x, weight, bias)
+
+
+_QUANTIZED: dict[type, type] = {}
+
+
+def quantized_class(cls: type) -> type:
+    """`cls` able to keep GGUF-packed weights (one class per base class, so dynamo and pickling see stable types)."""
+    if cls not in _QUANTIZED:
+        _QUANTIZED[cls] = type(f"Quantized{cls.__name__}", (QuantizedWeight, cls), {"__module__": __name__})
+    return _QUANTIZED[cls]
+
+
+def with_quantized(ops: LayerOps) -> LayerOps:
+    """The table for a quantized file: Linear layers keep packed weights; the other kinds get dequantized ones."""
+    return replace(ops, name=ops.name + "+quantized",
+                   classes={**ops.classes, "Linear": quantized_class(ops.classes.get("Linear", torch.nn.Linear))})
+
+
+def is_packed(layer: torch.nn.Module) -> bool:
+    """Whether the layer keeps its weight packed (a GGUF quantized file)."""
+    return getattr(layer, "pack_fmt", None) is not None
+
+
+def dequantized_weight(layer: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight a layer computes with (a packed one dequantized), without its LoRAs."""
+    if not is_packed(layer):
+        return layer.weight.to(dtype)
+    from .packed import dequantize
+
+    extras = {k: getattr(layer, "packed_" + k) for k in layer.pack_extras}
+    return dequantize(layer.weight, layer.pack_fmt, layer.qshape, extras, dtype)
+
+
+def weight_shape(layer: torch.nn.Module) -> tuple:
+    """A layer's logical weight shape (a packed weight's bytes have another)."""
+    return tuple(layer.qshape) if is_packed(layer) else tuple(layer.weight.shape)
 
 
 def standalone_ops(weight_dtype: torch.dtype, device: torch.device) -> LayerOps:
@@ -198,21 +280,24 @@ class LoraPatch:
         return weight
 
 
-def set_loras(module: torch.nn.Module, patches: tuple) -> None:
-    """Make the layers of `module` compute with these LoRAs ((LoraWeights, strength), ...) and no others."""
-    state = module.__dict__.setdefault("_letterpress_loras", {"applied": (), "layers": set()})
+def set_loras(module: torch.nn.Module, patches: tuple, only: Callable[[torch.nn.Module], bool] | None = None) -> None:
+    """Make the layers of `module` compute with these LoRAs ((LoraWeights, strength), ...) and no others (`only`: the
+    layers this applies to; the others are left to the host, e.g. ComfyUI's ModelPatcher)."""
+    state = module.__dict__.setdefault("_letterpress_loras", {"applied": None, "layers": set()})
     wanted = tuple((id(lora), float(s)) for lora, s in patches)
     if state["applied"] == wanted:
         return
     per_layer: dict[str, list] = {}
     for lora, strength in patches:
         for name in lora.layers:
-            per_layer.setdefault(name, []).append(((lambda lora=lora, name=name: lora.delta(name)), float(strength)))
+            if only is None or only(module.get_submodule(name)):
+                per_layer.setdefault(name, []).append(((lambda lora=lora, name=name: lora.delta(name)),
+                                                       float(strength)))
     for name in state["layers"] - set(per_layer):
-        module.get_submodule(name).__dict__.pop("weight_function", None)  # back to the class's empty list
+        module.get_submodule(name).__dict__.pop("lora_function", None)  # back to the class's empty list
     for name, deltas in per_layer.items():
         layer = module.get_submodule(name)
-        if not hasattr(layer, "weight_function"):
+        if not hasattr(layer, "lora_function"):
             raise TypeError(f"{name} is a {type(layer).__name__}, which takes no LoRA at forward time")
-        layer.weight_function = [LoraPatch(deltas)]
+        layer.lora_function = [LoraPatch(deltas)]
     state["applied"], state["layers"] = wanted, set(per_layer)

@@ -31,6 +31,7 @@ import torch
 
 from .errors import LetterpressError
 from .handle import ModelHandle
+from .layers import weight_shape
 from .weights import open_checkpoint
 
 _PATTERNS = [
@@ -187,7 +188,7 @@ def _through_plan(layers: dict, plan: dict, dit: torch.nn.Module) -> dict:
         if not key.endswith(".weight") or not hits:
             continue
         a = torch.cat([layers[m][0].float() for m in hits])
-        rows = dit.get_submodule(key[: -len(".weight")]).weight.shape[0]  # stacked sources split the rest evenly
+        rows = weight_shape(dit.get_submodule(key[: -len(".weight")]))[0]  # stacked sources split the rest evenly
         rows_missing = (rows - sum(layers[m][1].shape[0] for m in hits)) // max(1, len(modules) - len(hits))
         blocks, col = [], 0
         for m in modules:
@@ -215,9 +216,9 @@ def check_against(lora: LoraWeights, dit: ModelHandle, what: str) -> None:
             f"{' ...' if len(missing) > 3 else ''} ({len(missing)} of {len(lora.layers)} targets missing)."
         )
     for m, (a, b, _) in lora.layers.items():
-        w = modules[m].weight
-        if tuple(w.shape) != (b.shape[0], a.shape[1]):
+        shape = weight_shape(modules[m])
+        if shape != (b.shape[0], a.shape[1]):
             raise LetterpressError(
-                f"LoRA {lora.name} was made for another size: {m} is {tuple(w.shape)} in the {what} "
+                f"LoRA {lora.name} was made for another size: {m} is {shape} in the {what} "
                 f"but the LoRA expects {(b.shape[0], a.shape[1])}."
             )

@@ -30,6 +30,7 @@ from .errors import LetterpressError
 from .files import check_pipeline, component, list_diffusers_folders
 from .handle import ModelHandle
 from .host import get_host
+from .packed import cat_rows, split_rows
 from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer
 from .vae import load_vae
 from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read_json, strip_prefix, weight_dtype
@@ -78,6 +79,7 @@ class _Converted(Mapping):
     def __init__(self, ck: Checkpoint, plan: dict[str, tuple[tuple[str, ...], Callable]]):
         self.ck = ck
         self.plan = plan
+        self.quantized = getattr(ck, "quantized", False)  # GGUF: packed rows pass through the row functions
 
     def __getitem__(self, key: str) -> torch.Tensor:
         sources, fn = self.plan[key]
@@ -97,18 +99,21 @@ def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# Row functions: they take plain tensors or GGUF-packed ones (whose rows are whole blocks, so rows move packed).
+
+
 def _rows(a: int, b: int) -> Callable:
-    return lambda t: t[a:b].clone()  # a copy, so the fused tensor it came from can be freed
+    return lambda t: split_rows(t, (a, b))
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+def _swap_halves(t):
     """FLUX's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous wants (scale, shift)."""
-    shift, scale = t.chunk(2, dim=0)
-    return torch.cat([scale, shift], dim=0)
+    half = t.shape[0] // 2
+    return cat_rows([split_rows(t, (half, t.shape[0])), split_rows(t, (0, half))])
 
 
-def _stack(*ts: torch.Tensor) -> torch.Tensor:
-    return torch.cat(ts, dim=0)
+def _stack(*ts):
+    return cat_rows(list(ts))
 
 
 def original_plan(keys: set[str], shape: Callable[[str], tuple]) -> dict[str, tuple[tuple[str, ...], Callable]]:

@@ -8,6 +8,7 @@ loading path, so at no point are two full copies of the weights in memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import mmap
@@ -20,11 +21,13 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from . import layers
+from . import comfy_quant, layers
 from .errors import LetterpressError
 from .files import PICKLE_EXTENSIONS, SHARD, read_json, readable
+from .gguf_file import GgufCheckpoint, is_gguf
 from .host import get_host
 from .layers import FP8, FP8_COMPUTE
+from .packed import Packed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
 WEIGHT_DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
@@ -197,9 +200,11 @@ class Checkpoint(Mapping):
 
 
 def open_checkpoint(path: str) -> Checkpoint:
-    """A file, or a folder of (possibly sharded) safetensors files."""
+    """A safetensors or GGUF file, or a folder of (possibly sharded) safetensors files."""
     if not os.path.exists(path):
         raise LetterpressError(f"{path} does not exist.")
+    if os.path.isfile(path) and is_gguf(path):
+        return GgufCheckpoint(path)
     if os.path.isdir(path):
         with readable(path):
             names = sorted(os.listdir(path))
@@ -209,8 +214,8 @@ def open_checkpoint(path: str) -> Checkpoint:
             pickles = [f for f in names if f.endswith(PICKLE_EXTENSIONS)]
             hint = " It only holds pickle files, which Letterpress does not load." if pickles else ""
             raise LetterpressError(f"{path} holds no .safetensors weights.{hint}")
-        return _refuse_scaled_fp8(Checkpoint(files), path)
-    return _refuse_scaled_fp8(Checkpoint(_shards_of(path)), path)
+        return _comfy_quantized(Checkpoint(files), path)
+    return _comfy_quantized(Checkpoint(_shards_of(path)), path)
 
 
 def _shards_of(path: str) -> list[str]:
@@ -227,17 +232,61 @@ def _shards_of(path: str) -> list[str]:
     return shards
 
 
-def _refuse_scaled_fp8(ck: "Checkpoint", path: str) -> "Checkpoint":
-    """ComfyUI's fp8_scaled files store each weight with a scale factor (`<layer>.scale_weight`) applied at run
-    time; loading their fp8 numbers as weights would give garbage, so they are named and refused."""
-    scaled = next((k for k in ck if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"), None)
-    if scaled is not None:
-        ck.close()  # no mapping of the refused file is left behind
-        raise LetterpressError(
-            f"{os.path.basename(path)} is a ComfyUI fp8_scaled file ({scaled}: weights stored with scale factors), "
-            "which Letterpress does not read. Use the bf16 (or plain fp8) file of the same model; to store weights in "
-            "fp8, load the bf16 file with weight_dtype fp8_e4m3fn.")
-    return ck
+class ComfyQuantized(Mapping):
+    """A checkpoint in ComfyUI's quantized formats (scaled fp8, mixed precision: see comfy_quant.py) under its plain
+    names: each quantized layer's `weight` is a `Packed` carrying its format and scale tensors, the side tensors
+    themselves are not listed, and every other tensor is the file's."""
+
+    quantized = True
+
+    def __init__(self, ck: "Checkpoint", formats: dict[str, dict]):
+        self.ck, self.formats = ck, formats
+        self.files, self.source, self.metadata = ck.files, ck.source, ck.metadata
+        self._keys = [k for k in ck if not comfy_quant.quant_suffix(k)]
+
+    def _layer(self, key: str) -> str | None:
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        return layer if layer in self.formats else None
+
+    def __getitem__(self, key: str):
+        layer = self._layer(key)
+        if layer is None:
+            return self.ck[key]
+        extras = {s: self.ck[f"{layer}.{s}"] for s in sorted(comfy_quant.QUANT_KEYS) if f"{layer}.{s}" in self.ck}
+        extras.pop("comfy_quant", None)
+        raw = self.ck[key]
+        return Packed(raw, self.formats[layer], self.shape(key), extras)
+
+    def shape(self, key: str) -> tuple:
+        shape = self.ck.shape(key)
+        if self._layer(key) and self.formats[self._layer(key)]["format"] == "nvfp4":
+            return (shape[0], shape[1] * 2)  # two 4-bit values per byte (rows and columns may carry padding)
+        return shape
+
+    def file_of(self, key: str) -> str:
+        return self.ck.file_of(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def close(self) -> None:
+        self.ck.close()
+
+
+def _comfy_quantized(ck: "Checkpoint", path: str):
+    """`ck` itself, or the view of a ComfyUI quantized file (scaled fp8 / mixed precision) over it; a format that
+    cannot be dequantized is named (and no mapping of the file is left behind)."""
+    if comfy_quant.detect(ck.keys(), ck.metadata) is None:
+        return ck
+    try:
+        formats = comfy_quant.layer_formats(ck)
+    except LetterpressError:
+        ck.close()
+        raise
+    return ComfyQuantized(ck, formats) if formats else ck
 
 
 def _check_shards(folder: str, names: list[str]) -> None:
@@ -326,6 +375,8 @@ def fill_module(
 
 def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source):
     ops = get_host().layer_ops(dtype)
+    if getattr(checkpoint, "quantized", False):
+        ops = layers.with_quantized(ops)  # Linear weights stay packed, dequantized per call
     layers.build_layers(module, ops)
     if dtype == FP8:
         dtype = FP8_COMPUTE  # Linear weights are stored as the table says; everything else computes in bf16
@@ -346,27 +397,32 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
             continue
         target = expected[mk]
         tensor = checkpoint[ck]
+        if isinstance(tensor, Packed) and _padded(tensor.shape, tuple(target.shape)):
+            tensor = dataclasses.replace(tensor, shape=tuple(target.shape))  # nvfp4/mxfp8 pad rows and columns
         if tuple(tensor.shape) != tuple(target.shape):
             raise LetterpressError(
                 f"{what}: tensor {ck} has shape {tuple(tensor.shape)} but the model needs {tuple(target.shape)}. "
                 "The file is of another size or variant than its config says."
             )
+        owner_name, _, leaf = mk.rpartition(".")
+        if isinstance(tensor, Packed) and not (leaf == "weight" and isinstance(owners[owner_name],
+                                                                                   layers.QuantizedWeight)):
+            tensor = tensor.dequantize(dtype)  # small tensors of other layers (norms, embeddings) load dequantized
         if isinstance(target, torch.nn.Parameter) and target.is_floating_point():
             name = _file_name(checkpoint, ck, source)
-            if not tensor.is_floating_point():
+            if not isinstance(tensor, Packed) and not tensor.is_floating_point():
                 raise LetterpressError(
                     f"{what}: tensor {ck} in {name} is stored as {str(tensor.dtype).replace('torch.', '')}, but it is "
                     "a weight, which is floating point: the file is corrupt. Download it again."
                 )
-            sample = _sample(tensor)
+            sample = _sample(tensor) if not isinstance(tensor, Packed) else _sample_packed(tensor)
             if not bool(torch.isfinite(sample).all()):
                 raise LetterpressError(
                     f"{what}: tensor {ck} in {name} holds NaN/inf values: the file is corrupt (a damaged "
                     "download or disk). Download it again."
                 )
             nonzero[name] = nonzero.get(name, False) or bool(sample.any())
-        owner_name, _, leaf = mk.rpartition(".")
-        if tensor.is_floating_point():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             want = torch.float32 if any(s in mk for s in keep_fp32) else dtype
             tensor = tensor.to(layers.storage_dtype(owners[owner_name], leaf, want, ops))
         given.setdefault(owner_name, {})[mk] = tensor
@@ -394,6 +450,21 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
             raise LetterpressError(f"{what}: parameter {name} was not filled from the checkpoint.")
     module.requires_grad_(False)
     return module
+
+
+def _padded(stored: tuple, wanted: tuple) -> bool:
+    """A packed shape that is `wanted` with block padding (at most 32) on its last two sides."""
+    return (stored != wanted and len(stored) == len(wanted) == 2
+            and all(w <= st < w + 32 for st, w in zip(stored, wanted)))
+
+
+def _sample_packed(tensor: Packed) -> torch.Tensor:
+    """The first and last rows of a packed weight, dequantized: the same check as `_sample` makes."""
+    if not isinstance(tensor.fmt, int) or len(tensor.shape) < 2:  # ComfyUI formats: scales per tensor or block
+        return _sample(tensor.dequantize())
+    rows = tensor.shape[0]
+    parts = [tensor.rows(slice(0, 1)), tensor.rows(slice(rows - 1, rows))]
+    return torch.cat([p.dequantize().reshape(-1) for p in parts])
 
 
 def _file_name(checkpoint, key: str, source: str) -> str:

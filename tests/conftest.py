@@ -89,6 +89,14 @@ def shipped_models(ernie, ovis, glm, ernie_vl, models_dir):
             "transformer.layers.0.self_attention.to_q.lora_B.weight": torch.randn(w.shape[0], 2, generator=gen)}
     os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
     save_file(lora, os.path.join(models_dir, "loras", "ernie_image_lora.safetensors"))
+    # The GGUF workflow's file, under the name users have. The tiny DiT's rows (64, 128 wide) are too short for
+    # K-quant blocks (256), so its weights are Q4_0 here; Q4_K itself is covered by the dequantization tests.
+    import gguf
+    from fixtures.common import write_gguf
+
+    write_gguf(ernie["transformer"].state_dict(), os.path.join(models_dir, "diffusion_models",
+                                                                "ernie-image-turbo-Q4_K_M.gguf"),
+               gguf.GGMLQuantizationType.Q4_0)
     return models_dir
 
 

@@ -354,24 +354,48 @@ def test_dit_and_vae_loads_ask_comfyui_for_their_working_memory(comfy):
 
 def test_lowvram_streaming_with_a_budget_smaller_than_the_dit_matches_the_full_load(comfy):
     """ModelPatcher's lowvram load with a third of the DiT's size: the layers past the budget stream (cast per call),
-    the LoRA on them rides ComfyUI's LowVramPatch, and the output equals the fully loaded (LoRA merged) one."""
+    the LoRA on them rides ComfyUI's LowVramPatch, and the output equals the fully loaded (LoRA merged) one; the same
+    for a GGUF DiT, whose packed weights stream as they are stored."""
     def probe(dit_node: dict) -> dict:
         wf = {"1": {"class_type": "LetterpressErnieImageDiTLoader",
                     "inputs": {"dit_name": "ernie-image.safetensors", "weight_dtype": "fp32"}},
               "2": {"class_type": "LetterpressErnieImageLoraLoader",
                     "inputs": {"dit": ["1", 0], "lora_name": "ernie_image_lora.safetensors", "strength": 2.0}},
+              "4": {"class_type": "LetterpressErnieImageDiTLoader",
+                    "inputs": {"dit_name": "ernie-image-turbo-Q4_K_M.gguf", "weight_dtype": "fp32"}},
               "3": {"class_type": "LetterpressTestLowVram", "inputs": {"dit": dit_node}}}
         entry = comfy.wait(comfy.queue(wf))
         assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
         return json.loads(entry["outputs"]["3"]["text"][0])
 
-    base, lora = probe(["1", 0]), probe(["2", 0])
-    for r in (base, lora):
+    base, lora, packed = probe(["1", 0]), probe(["2", 0]), probe(["4", 0])
+    for r in (base, lora, packed):  # packed: a GGUF DiT, whose layers dequantize what ComfyUI streams
         assert 0 < r["third"]["streamed"] < r["third"]["layers"]  # some layers within the budget, the rest streamed
         assert r["none"]["streamed"] == r["none"]["layers"]  # a budget of nothing: every layer streams
         assert r["third"]["diff"] <= 1e-5 * r["scale"] and r["none"]["diff"] <= 1e-5 * r["scale"]
     assert base["none"]["lora_streamed"] == 0 < lora["none"]["lora_streamed"]
     assert max(abs(a - b) for a, b in zip(base["none"]["sample"], lora["none"]["sample"])) > 1e-3  # LoRA applied
+
+
+def test_lora_on_a_gguf_dit_inside_comfyui_draws_what_the_headless_runner_draws(comfy, host):
+    """The GGUF workflow with a LoRA chained on its DiT: ComfyUI keeps the LoRA off the packed weights (applied at
+    forward time), and the image equals the headless runner's; without the LoRA it differs."""
+    import numpy as np
+
+    from letterpress.runner import Runner
+
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_turbo_gguf_api.json"))))
+    plain = _image(comfy, comfy.wait(comfy.queue(wf)), "7")
+    wf["10"] = {"class_type": "LetterpressErnieImageLoraLoader",
+                "inputs": {"dit": ["1", 0], "lora_name": "ernie_image_lora.safetensors", "strength": 2.0}}
+    wf["5"]["inputs"]["dit"] = ["10", 0]
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    with_lora = _image(comfy, entry, "7")
+    headless = Runner().run(wf)["results"]["6"][0][0]
+    headless = np.clip(255.0 * headless.float().numpy(), 0, 255).astype(np.uint8).astype(int)
+    assert np.abs(with_lora - headless).max() <= 1
+    assert np.abs(with_lora - plain).max() > 2
 
 
 def test_progress_moves_and_previews_reach_the_browser(comfy):

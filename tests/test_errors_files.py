@@ -321,23 +321,15 @@ def test_a_shard_picked_in_the_list_loads_the_whole_checkpoint(ernie, models_dir
         node("DiTLoader").run(listed[0], "auto")
 
 
-def test_comfyui_fp8_scaled_files_are_named(ernie, models_dir, tmp_path, host):
-    state = load_file(os.path.join(models_dir, "diffusion_models", "ernie-image.safetensors"))
-    state["model.diffusion_model.layers.0.self_attention.to_q.scale_weight"] = torch.tensor(0.5)
-    state["scaled_fp8"] = torch.zeros(0)
-    os.makedirs(tmp_path / "diffusion_models")
-    save_file(state, tmp_path / "diffusion_models" / "ernie-image-fp8-scaled.safetensors")
-    host.models_dir = str(tmp_path)
-    with pytest.raises(LetterpressError, match="ComfyUI fp8_scaled file .*Use the bf16 .*fp8_e4m3fn"):
-        node("DiTLoader").run("ernie-image-fp8-scaled.safetensors", "auto")
-
-
-@pytest.mark.parametrize("head,what", [(b"GGUF\x03\x00\x00\x00", "a GGUF file"), (b"PK\x03\x04", "a PyTorch pickle")])
+@pytest.mark.parametrize("head,what", [(b"GGUF\x03\x00\x00\x00", "not a readable GGUF file"),
+                                       (b"PK\x03\x04", "a PyTorch pickle .*not a safetensors file")])
 def test_other_formats_renamed_to_safetensors_are_named(ernie, tmp_path, host, head, what):
+    """A file is read by what it holds, not its name: a GGUF under a .safetensors name is read as GGUF (this one is
+    cut short, so it is named as a damaged GGUF), a pickle is named as one."""
     os.makedirs(tmp_path / "diffusion_models")
     (tmp_path / "diffusion_models" / "renamed.safetensors").write_bytes(head + bytes(64))
     host.models_dir = str(tmp_path)
-    with pytest.raises(LetterpressError, match=f"renamed.safetensors is {what}.*not a safetensors file"):
+    with pytest.raises(LetterpressError, match=f"renamed.safetensors is {what}"):
         node("DiTLoader").run("renamed.safetensors", "auto")
 
 
