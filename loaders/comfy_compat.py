@@ -28,11 +28,20 @@ def check_release() -> None:
         "comfy.ops.pick_operations": hasattr(ops, "pick_operations"),
         "load_models_gpu(memory_required=...)": "memory_required" in _parameters(mm.load_models_gpu),
         "ModelPatcher(model, load_device, offload_device)": hasattr(model_patcher, "ModelPatcher"),
+        "comfy.weight_adapter.LoRAAdapter": _has_lora_adapter(),
     }
     missing = [what for what, ok in needs.items() if not ok]
     if missing:
         raise ImportError(f"ComfyUI-Letterpress needs ComfyUI {OLDEST_TESTED} or newer; this ComfyUI lacks "
                           f"{', '.join(missing)}. Update ComfyUI (ComfyUI-Manager: Update ComfyUI).")
+
+
+def _has_lora_adapter() -> bool:
+    try:
+        from comfy.weight_adapter import LoRAAdapter  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _parameters(fn) -> set[str]:
@@ -91,14 +100,12 @@ def make_patcher(container: torch.nn.Module, load_device: torch.device, offload_
 
 
 def lora_patch(down: torch.Tensor, up: torch.Tensor, alpha: float) -> Any:
-    """One layer's LoRA as a ModelPatcher patch: comfy.weight_adapter's LoRAAdapter where the release has it, else
-    the ("lora", ...) tuple older releases read."""
-    weights = (up, down, alpha, None, None, None)
-    try:
-        from comfy.weight_adapter import LoRAAdapter
-    except ImportError:
-        return ("lora", weights)
-    return LoRAAdapter(set(), weights)
+    """One layer's LoRA as a ModelPatcher patch: comfy.weight_adapter's LoRAAdapter, the only LoRA patch
+    comfy.lora.calculate_weight applies in every supported release (a ("lora", ...) tuple is only logged as
+    unrecognised)."""
+    from comfy.weight_adapter import LoRAAdapter
+
+    return LoRAAdapter(set(), (up, down, alpha, None, None, None))
 
 
 def load_models_gpu(patchers: list, memory_required: int) -> None:

@@ -374,6 +374,9 @@ def fill_module(
 
 
 def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source):
+    # What the file must hold, read off the model as its own code built it (a host's layer class may create its
+    # tensors only when they are loaded, as upstream ComfyUI's do under dynamic VRAM)
+    expected = dict(module.state_dict(keep_vars=True))
     ops = get_host().layer_ops(dtype)
     if getattr(checkpoint, "quantized", False):
         ops = layers.with_quantized(ops)  # Linear weights stay packed, dequantized per call
@@ -382,7 +385,6 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
         dtype = FP8_COMPUTE  # Linear weights are stored as the table says; everything else computes in bf16
     owners = dict(module.named_modules(remove_duplicate=False))
     given: dict[str, dict[str, torch.Tensor]] = {}  # owner module name -> its tensors, by full key
-    expected = dict(module.state_dict(keep_vars=True))
     seen: set[str] = set()
     unexpected: list[str] = []
     # file -> whether any sampled weight in it is not zero. Trained weights never are, norm weights are about 1,
