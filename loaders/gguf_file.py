@@ -101,6 +101,16 @@ class GgufCheckpoint(Mapping):
     def qtype(self, key: str) -> int:
         return int(self._tensors[key].tensor_type)
 
+    def int_field(self, name: str) -> int | None:
+        """A whole-number metadata field (e.g. `llama.attention.head_count`), or None when absent or not a number."""
+        field = self._reader.get_field(name) if self._reader is not None else None
+        if field is None or not field.data:
+            return None
+        try:
+            return int(field.parts[field.data[-1]][0])
+        except (IndexError, TypeError, ValueError):
+            return None
+
     def __getitem__(self, key: str):
         t = self._tensors[key]
         shape = self._shapes[key]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Callable
 
 import torch
@@ -157,7 +158,16 @@ def _tokenizer_problem(folder: str, error: Exception, files: tuple[str, ...]) ->
             f"check that the folder is complete ({', '.join(files)}) and that transformers and tokenizers are up to date")
 
 
+# The quantization a GGUF's name ends with ('-Q4_K_M', '.Q8_0', '_IQ4_XS', '-UD-Q5_K_XL', '-BF16'), which its
+# tokenizer folder's name does not carry.
+_QUANT_SUFFIX = re.compile(r"[-_.](?:ud-)?(?:i?q\d\w*|bf16|f16|f32)$", re.IGNORECASE)
+
+
 def find_tokenizer_folders(path: str, sibling_names: Callable[[str], list[str]]) -> list[str]:
-    """Candidate tokenizer folders for a single file: '<stem>/' or '<stem>_tokenizer/' beside it."""
-    stem = os.path.splitext(path)[0]
-    return [stem, stem + "_tokenizer"] + sibling_names(path)
+    """Candidate tokenizer folders for a single file: '<stem>/' or '<stem>_tokenizer/' beside it (for a GGUF also
+    the stem without its quantization: 'ministral-3-3b/' for 'ministral-3-3b-Q4_K_M.gguf')."""
+    stems = [os.path.splitext(path)[0]]
+    bare = _QUANT_SUFFIX.sub("", stems[0])
+    if bare != stems[0] and os.path.basename(bare):
+        stems.append(bare)
+    return [s + tail for s in stems for tail in ("", "_tokenizer")] + sibling_names(path)

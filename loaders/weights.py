@@ -25,6 +25,7 @@ from . import comfy_quant, layers
 from .errors import LetterpressError
 from .files import PICKLE_EXTENSIONS, SHARD, read_json, readable
 from .gguf_file import GgufCheckpoint, is_gguf
+from .gguf_llm import LlamaCppNames, is_llama_cpp_llm
 from .host import get_host
 from .layers import FP8, FP8_COMPUTE
 from .packed import Packed
@@ -204,7 +205,8 @@ def open_checkpoint(path: str) -> Checkpoint:
     if not os.path.exists(path):
         raise LetterpressError(f"{path} does not exist.")
     if os.path.isfile(path) and is_gguf(path):
-        return GgufCheckpoint(path)
+        ck = GgufCheckpoint(path)
+        return LlamaCppNames(ck) if is_llama_cpp_llm(ck) else ck  # a text encoder: under transformers' names
     if os.path.isdir(path):
         with readable(path):
             names = sorted(os.listdir(path))
