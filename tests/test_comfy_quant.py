@@ -62,7 +62,6 @@ sd["final.weight"] = torch.randn(8, 8, dtype=torch.bfloat16)
 sd["scaled_fp8"] = torch.tensor([], dtype=torch.float8_e4m3fn)  # the marker ComfyUI's model saving adds
 save_file({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(out, "legacy.safetensors"))
 save_file(refs, os.path.join(out, "refs_0364.safetensors"))
-open(os.path.join(out, "legacy.done"), "w").close()
 sys.stdout.flush()
 os._exit(0)  # skip torch's slow interpreter teardown
 """
@@ -188,14 +187,9 @@ for layer, (fmt, layout, source, kw) in cases.items():
     refs[f"upstream.safetensors|{layer}|source"] = source
 save_file(up, os.path.join(out, "upstream.safetensors"))
 
-# 6. the legacy file ComfyUI 0.3.64 writes concurrently, loaded by 0.8.0.
-legacy = os.path.join(out, "legacy.done")
-deadline = time.time() + 60
-while not os.path.exists(legacy) and time.time() < deadline:
-    time.sleep(0.05)
-if os.path.exists(legacy):
-    comfy_load(os.path.join(out, "legacy.safetensors"), "", {"blocks.0.qkv": (48, 64), "blocks.1.fc": (32, 48),
-                                                             "final": (8, 8)})
+# 6. the legacy file ComfyUI 0.3.64 wrote (it runs first), loaded by 0.8.0.
+comfy_load(os.path.join(out, "legacy.safetensors"), "", {"blocks.0.qkv": (48, 64), "blocks.1.fc": (32, 48),
+                                                         "final": (8, 8)})
 save_file(refs, os.path.join(out, "refs_080.safetensors"))
 with open(os.path.join(out, "info.json"), "w") as f:
     json.dump(info, f)
@@ -232,9 +226,10 @@ def made(tmp_path_factory):
     if importlib.util.find_spec("comfy_kitchen") is None:
         pytest.skip("comfy_kitchen (ComfyUI 0.8.0's quantization kernels) is not installed")
     out = str(tmp_path_factory.mktemp("comfy_quant"))
-    procs = {"0.3.64": run(MAKE_0364, RELEASES["0.3.64"], out), "0.8.0": run(MAKE_080, RELEASES["0.8.0"], out)}
-    for release, p in procs.items():
-        _, err = p.communicate(timeout=180)
+    # One after the other: 0.8.0 reads the legacy file 0.3.64 writes (no waiting on another process's file).
+    for release, script in (("0.3.64", MAKE_0364), ("0.8.0", MAKE_080)):
+        p = run(script, RELEASES[release], out)
+        _, err = p.communicate(timeout=900)  # bounds a hang only
         assert p.returncode == 0, f"ComfyUI {release} failed:\n{err[-4000:]}"
     return {"dir": out, "r0364": load_file(os.path.join(out, "refs_0364.safetensors")),
             "r080": load_file(os.path.join(out, "refs_080.safetensors")),

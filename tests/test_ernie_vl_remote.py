@@ -8,7 +8,6 @@ import io
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -42,8 +41,8 @@ class Handler(BaseHTTPRequestHandler):
         model = body["model"]
         if model == "needs-key" and self.headers.get("Authorization") != "Bearer secret":
             return self._json(401, {"error": {"message": "invalid api key"}})
-        if model == "slow":
-            time.sleep(1.5)  # longer than the client's timeout; bounded
+        if model == "slow":  # answers only when the test ends (30 s at most): the client can only give up by its timeout
+            self.server.release.wait(30)
             return
         if model == "garbage":
             self.send_response(200)
@@ -60,8 +59,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         pieces = [("reasoning_content", "I see "), ("reasoning_content", "fur."), ("content", "A red"), ("content", " cat.")]
-        if model == "endless":
-            pieces = [("content", f"w{i} ") for i in range(40)]
+        if model == "endless":  # more than any test reads: only a client that stops ends it early
+            pieces = (("content", f"w{i} ") for i in range(200_000))
         for i, (key, text) in enumerate(pieces):
             chunk = {"choices": [{"index": 0, "delta": {key: text}}]}
             if model == "error-mid-stream" and i == 2:
@@ -73,7 +72,6 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             except OSError:
                 return
-            time.sleep(0.05 if model == "endless" else 0)
         if model == "streamed":  # vLLM's stream_options include_usage: a last chunk with no choices
             usage = {"choices": [], "usage": {"completion_tokens": len(pieces)}}
             self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
@@ -86,9 +84,11 @@ def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     srv.daemon_threads = True
     srv.requests = []
+    srv.release = threading.Event()
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield srv
+    srv.release.set()
     srv.shutdown()
     srv.server_close()
 
@@ -166,11 +166,13 @@ def test_streaming_with_progress(server, host):
 
 
 def test_cancel_while_streaming(server, host):
-    host.progress_listeners.append(lambda done, total: host.request_interrupt() if done == 2 else None)
-    start = time.monotonic()
+    """Cancel at the second streamed piece: the node stops reading (a client that read on would get 200,000 pieces
+    and an answer instead of Interrupted)."""
+    seen = []
+    host.progress_listeners.append(lambda done, total: (seen.append(done), host.request_interrupt() if done == 2 else None))
     with pytest.raises(Interrupted):
         remote(url(server), "endless", stream=True)
-    assert time.monotonic() - start < 1.0  # 40 chunks would take 2 s
+    assert max(seen) <= 3
 
 
 def test_http_errors_become_clear_node_errors(server):
@@ -183,10 +185,8 @@ def test_http_errors_become_clear_node_errors(server):
 
 
 def test_timeout(server):
-    start = time.monotonic()
     with pytest.raises(LetterpressError, match=r"No answer from .* within 0.3 s"):
         remote(url(server), "slow", timeout=0.3)
-    assert time.monotonic() - start < 1.4
 
 
 def test_unreachable_server_and_bad_url():

@@ -168,7 +168,7 @@ def test_unreadable_files_and_folders_are_named(ernie, models_dir, tmp_path):
         # The loaders' first reads (diffusers is not imported, so the probe starts fast).
         args = [f"open_checkpoint:{dit}", f"load_folder:{closed}", f"open_checkpoint:{tr}", f"read_json:{cfg}"]
         out = subprocess.run([*prefix, sys.executable, "-c", PERMISSION_PROBE, *args], capture_output=True, text=True,
-                             timeout=300)
+                             timeout=900)  # bounds a hang only
     finally:
         for p in locked:
             p.chmod(0o755)

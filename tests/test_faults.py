@@ -136,7 +136,7 @@ def fresh(shipped_models, models_dir, tmp_path_factory, one_thread):
     """The images (and GLM prior) the workflows give in a fresh process with the same seeds."""
     out = str(tmp_path_factory.mktemp("fresh"))
     jobs = {"ernie": (workflow(*ERNIE), "6"), "glm": (workflow(*GLM), "7"), "glm_prior": (workflow(*GLM), "2")}
-    subprocess.run([sys.executable, "-c", FRESH, models_dir, out, json.dumps(jobs)], check=True, timeout=300,
+    subprocess.run([sys.executable, "-c", FRESH, models_dir, out, json.dumps(jobs)], check=True, timeout=900,
                    capture_output=True)
     return torch.load(os.path.join(out, "fresh.pt"), weights_only=False)
 

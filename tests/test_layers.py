@@ -31,7 +31,7 @@ def test_standalone_stages_use_the_standalone_linear_layers(dtype):
 @pytest.mark.parametrize("release", RELEASES, ids=[release_name(p) for p in RELEASES])
 def test_every_stage_is_built_from_comfyui_op_classes(release):
     out = subprocess.run([sys.executable, os.path.join(HERE, "layer_check.py"), release, *DTYPES],
-                         capture_output=True, text=True, timeout=600, cwd=HERE)
+                         capture_output=True, text=True, timeout=900, cwd=HERE)
     assert out.returncode == 0, out.stderr[-3000:]
     reports = json.loads(out.stdout.strip().splitlines()[-1])
     assert reports["bfloat16"]["ops"] == "comfy.ops.disable_weight_init"
@@ -106,7 +106,7 @@ def test_a_comfyui_without_what_the_pack_needs_is_named_at_import():
     script = ("import sys; sys.path.insert(0, sys.argv[1]); import comfy.cli_args; comfy.cli_args.args.cpu = True; "
               "import comfy.model_management as mm; mm.load_models_gpu = lambda models: None; "
               "import letterpress.loaders.host")
-    out = subprocess.run([sys.executable, "-c", script, RELEASES[0]], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script, RELEASES[0]], capture_output=True, text=True, timeout=900)  # bounds a hang only
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: ComfyUI-Letterpress needs ComfyUI 0.3.64 or newer")
