@@ -1,29 +1,36 @@
-"""How well an image's read-back text matches the text that was asked for.
+"""How well an image's read-back text matches the text that was asked for: two metrics, named for what they are.
 
-The two numbers CVTG-2K (TextCrafter, arXiv 2503.23461) reports for text rendering:
-- Word Accuracy: the share of the expected words that were rendered correctly, i.e. that occur in the
-  text read back from the image. Each read word can vouch for one expected word only (a multiset match),
-  so "SALE SALE" expected and "SALE" read scores 1/2. Extra read words do not lower it.
-- NED: 1 - Levenshtein(expected, read) / max(len(expected), len(read)) over the characters, the
-  normalised edit *similarity* that CVTG-2K's tables list (higher is better, 1.0 = identical). Extra
-  read text lowers it. The plain normalised distance (lower is better) is reported next to it.
-  The read text is taken in reading order (top to bottom, left to right). When several texts are
-  expected, they are first put in the order in which each best matches the read text, so the order the
-  prompt quotes them in (or the quote-kind order of the span rule) does not count as an error.
+**cvtg-2k** (the default): exactly the computation of CVTG-2K's evaluation script (TextCrafter's
+`unified_metrics_eval.py`, `UnifiedMetricsEvaluator.compute_ocr_metrics` / `get_ld`), so scores compare with the
+published tables of ERNIE-Image, GLM-Image and Ovis-Image. Per image:
+- expected words: every quoted span lower-cased (`str.lower`) and split on white space (`str.split`); the script
+  takes the spans of single quotes with `re.findall(r"'(.*?)'", prompt)` (its prompts quote that way);
+- read words: every OCR line lower-cased and split; `[""]` when nothing was read;
+- Word Accuracy: the share of expected words that occur among the read words (`word in read_words`: a repeated
+  expected word counts each time it occurs in the prompt, found once is enough; "hello!" is not "hello");
+- NED, per expected word: 1 - Levenshtein(word, best) / (max(len(word), len(best)) + 1e-5), `best` being
+  `difflib.get_close_matches(word, read_words, n=1, cutoff=0)[0]` (0.0 if there is none); the image's NED is the
+  mean over its expected words (the script pools these per-word values over the whole benchmark, and Word
+  Accuracy by word count: `word_ned` and the counts are in the details for that). Read words nobody expected do
+  not lower either number. Case is always ignored, punctuation never is.
 
-Normalisation before comparing (the same for both sides): Unicode NFKC (full-width forms become ASCII),
-case folded unless case-sensitive, punctuation and symbols dropped, and words split on white space. Han,
-Hiragana, Katakana and Bopomofo are written without spaces, so each of those characters counts as one
-word. Spaces are not what is checked: OCR engines often drop the space between widely set capitals
-("BLUENOTEJAZZ"), so a read word that splits exactly into expected words counts as those words, and NED
-compares the words concatenated without separators.
-
-Edge cases (by definition here): with nothing expected, Word Accuracy is 1.0 (nothing was missed) and NED
-is 1.0 when nothing was read either, 0.0 when anything was.
+**lenient**: the pack's own, forgiving score (not comparable with published tables):
+- Word Accuracy: the share of the expected words that occur in the text read back, each read word vouching for
+  one expected word only (a multiset match: "SALE SALE" expected and "SALE" read scores 1/2).
+- NED: 1 - Levenshtein(expected, read) / max(len(expected), len(read)) over the characters of the whole texts,
+  so extra read text lowers it. The read text is taken in reading order; several expected texts are first put in
+  the order in which each best matches the read text (the order the prompt quotes them in does not count).
+- Normalisation before comparing (both sides): Unicode NFKC (full-width forms become ASCII), case folded unless
+  case-sensitive, punctuation and symbols dropped, words split on white space; each Han, Hiragana, Katakana and
+  Bopomofo character is one word. A read word that splits exactly into expected words counts as those words (OCR
+  engines drop the space between widely set capitals: "BLUENOTEJAZZ").
+- With nothing expected, Word Accuracy is 1.0, and NED is 1.0 when nothing was read either, 0.0 when anything was.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -114,10 +121,13 @@ class TextScore:
     misspelled: list[tuple[str, str]] = field(default_factory=list)  # (expected, closest read word)
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
+    metric: str = "lenient"
+    word_ned: list[float] = field(default_factory=list)  # cvtg-2k: each expected word's NED, as the script pools them
 
     def as_dict(self) -> dict:
         return {
-            "word_accuracy": self.word_accuracy, "ned": self.ned, "edit_distance": self.edit_distance,
+            "metric": self.metric, "word_accuracy": self.word_accuracy, "ned": self.ned, "word_ned": self.word_ned,
+            "edit_distance": self.edit_distance,
             "normalised_distance": self.normalised_distance, "expected_words": self.expected_words,
             "read_words": self.read_words, "matched": self.matched,
             "misspelled": [{"expected": e, "read": r} for e, r in self.misspelled],
@@ -157,8 +167,49 @@ def _misspelling(word: str, candidates: list[str]) -> str | None:
     return None
 
 
+METRICS = ("cvtg-2k", "lenient")
+
+
+def cvtg_spans(prompt: str) -> list[str]:
+    """The expected text of a prompt as CVTG-2K's script takes it: its single-quoted spans."""
+    return re.findall(r"'(.*?)'", prompt)
+
+
+def cvtg2k_score(expected: str | list[str], read: str | list[str]) -> TextScore:
+    """One image's Word Accuracy and NED as CVTG-2K's script computes them (module docstring)."""
+    if isinstance(expected, str):
+        expected = [expected]
+    if isinstance(read, str):
+        read = [read]
+    exp = [w for span in expected for w in span.lower().split()]
+    got = [w for line in read for w in line.lower().split()] or [""]
+    matched, misspelled, missing, word_ned, edits = [], [], [], [], 0
+    for w in exp:
+        if w in got:
+            matched.append(w)
+        best = difflib.get_close_matches(w, got, n=1, cutoff=0)
+        if not best:
+            word_ned.append(0.0)
+            missing.append(w)
+            continue
+        d = levenshtein(w, best[0])
+        edits += d
+        word_ned.append(1 - d / (max(len(w), len(best[0])) + 1e-5))
+        if best[0] != w:  # for the report: a near miss is a misspelling, anything else a missing word
+            near = best[0] and d <= max(1, len(w) // 2) and d < max(len(w), len(best[0]))
+            (misspelled.append((w, best[0])) if near else missing.append(w))
+    ned = sum(word_ned) / len(word_ned) if word_ned else 0.0
+    used = {read for _, read in misspelled}
+    extra = [w for w in got if w and w not in exp and w not in used]
+    return TextScore(
+        word_accuracy=len(matched) / max(len(exp), 1), ned=ned, edit_distance=edits, normalised_distance=1.0 - ned,
+        expected_words=exp, read_words=[w for w in got if w], matched=matched, misspelled=misspelled,
+        missing=missing, extra=extra, metric="cvtg-2k", word_ned=word_ned)
+
+
 def score_text(expected: str | list[str], read: str | list[str], case_sensitive: bool = False) -> TextScore:
-    """Word Accuracy and NED of the read text against the expected text (strings or lists of spans/lines)."""
+    """The lenient Word Accuracy and NED of the read text against the expected text (strings or lists of
+    spans/lines); see the module docstring."""
     if isinstance(expected, str):
         expected = [expected]
     if isinstance(read, str):
@@ -212,7 +263,7 @@ def report(scores: list[TextScore]) -> str:
     lines = []
     for i, s in enumerate(scores):
         lines.append(f"image {i}: word accuracy {s.word_accuracy:.3f} ({len(s.matched)}/{len(s.expected_words)} words), "
-                     f"NED {s.ned:.3f}")
+                     f"NED {s.ned:.3f} ({s.metric})")
         if s.misspelled:
             lines.append("  misspelled: " + ", ".join(f"{e!r} read as {r!r}" for e, r in s.misspelled))
         if s.missing:

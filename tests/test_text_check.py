@@ -123,7 +123,7 @@ def fake_read(*texts_per_image):
 def test_text_accuracy_node_defaults_to_the_prompt_quotes():
     read = fake_read(["GRAND OPENING"], ["GRAND 0PENING", "TODAY"], ["GRAND", "OPENING", "TODAY"])
     scores, report, js = N["LetterpressTextAccuracy"]().run(
-        read, 'A shop window with "GRAND OPENING" and \u201cTODAY\u201d', "", False)
+        read, 'A shop window with "GRAND OPENING" and \u201cTODAY\u201d', "", False, "lenient")
     assert scores["names"] == ["word_accuracy", "ned"]
     assert [v[0] for v in scores["values"]] == [approx(2 / 3), approx(2 / 3), 1.0]
     assert scores["expected"] == ["TODAY", "GRAND OPENING"]  # reference order: curly quotes before straight ones
@@ -131,7 +131,7 @@ def test_text_accuracy_node_defaults_to_the_prompt_quotes():
     data = json.loads(js)
     assert data["images"][2]["word_accuracy"] == 1.0
     # expected_text wins over the prompt
-    scores, _, _ = N["LetterpressTextAccuracy"]().run(read, 'says "SOMETHING ELSE"', "GRAND OPENING", False)
+    scores, _, _ = N["LetterpressTextAccuracy"]().run(read, 'says "SOMETHING ELSE"', "GRAND OPENING", False, "lenient")
     assert [v[0] for v in scores["values"]] == [1.0, 0.5, 1.0]
 
 
