@@ -69,12 +69,28 @@ def encode_text(te: ModelHandle, prompt: str) -> Conditioning:
 # DiT ---------------------------------------------------------------------------------------------
 
 
-def _pad_text(hiddens: list[torch.Tensor], device, dtype, text_in_dim: int):
+def prepare_inputs(dit: ModelHandle, hiddens: list[torch.Tensor]) -> dict:
+    """The DiT's inputs besides x and the timestep, for one text encoding per batch item (zero-padded with true
+    lengths, as the reference pipeline batches them). Shared by sampling and LoRA training."""
+    device, dtype = dit.device, dit.dtype
     lens = torch.tensor([h.shape[0] for h in hiddens], device=device, dtype=torch.long)
-    text = torch.zeros((len(hiddens), int(lens.max()), text_in_dim), device=device, dtype=dtype)
+    text = torch.zeros((len(hiddens), int(lens.max()), dit.module.config.text_in_dim), device=device, dtype=dtype)
     for i, h in enumerate(hiddens):
         text[i, : h.shape[0]] = h.to(device, dtype)
-    return text, lens
+    return {"text_bth": text, "text_lens": lens}
+
+
+def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """The DiT's velocity at x (patchified latents) and the schedule's timesteps t = sigma * 1000 (one per item);
+    the one model call of sampling and of LoRA training."""
+    return run(hidden_states=x, timestep=t.to(x.device, x.dtype), **inputs, return_dict=False)[0]
+
+
+def training_schedule(shift: float):
+    """The 1000 (sigma, timestep) pairs training draws from uniformly: the sampler's schedule at 1000 steps
+    (linspace(1, 0, 1001)[:-1], static shift), as DiffSynth-Studio trains ERNIE-Image."""
+    sigmas, timesteps = flow_match.schedule(torch.linspace(1.0, 0.0, 1001)[:-1].numpy(), shift=shift)
+    return sigmas[:-1], timesteps
 
 
 def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict,
@@ -101,7 +117,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     use_cfg = flow_match.uses_cfg(cfg, negative, NEGATIVE_HINT)
     cond = batch_for(positive, b, FAMILY, "positive")
     text = ([h for h in batch_for(negative, b, FAMILY, "negative")] if use_cfg else []) + cond
-    text_bth, text_lens = _pad_text(text, device, dtype, model.config.text_in_dim)
+    inputs = prepare_inputs(dit, text)
 
     sigmas, timesteps = flow_match.schedule(torch.linspace(1.0, 0.0, steps + 1)[:-1].numpy(), shift=shift)
     first = flow_match.start_index(steps, denoise)
@@ -115,8 +131,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
 
     def predict(x: torch.Tensor, i: int) -> torch.Tensor:
         xin = torch.cat([x, x]) if use_cfg else x
-        t = torch.full((xin.shape[0],), timesteps[i].item(), device=device, dtype=dtype)
-        v = run(hidden_states=xin, timestep=t, text_bth=text_bth, text_lens=text_lens, return_dict=False)[0]
+        v = velocity(run, xin, timesteps[i].expand(xin.shape[0]), inputs)
         if use_cfg:
             uncond, cond_v = v.chunk(2)
             v = flow_match.cfg_combine(uncond, cond_v, cfg)
