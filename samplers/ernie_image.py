@@ -93,6 +93,42 @@ def training_schedule(shift: float):
     return sigmas[:-1], timesteps
 
 
+def training_weight(timesteps: torch.Tensor) -> torch.Tensor:
+    """The loss weight of each training timestep as DiffSynth-Studio (ERNIE-Image's trainer) weighs it: a bell
+    exp(-2 ((t - 500) / 1000)^2) less its minimum, normalised to mean 1 over the 1000 timesteps."""
+    y = torch.exp(-2 * ((timesteps.double() - 500) / 1000) ** 2)
+    y = y - y.min()
+    return (y * (len(timesteps) / y.sum())).float()
+
+
+def training_family(shift: float):
+    """ERNIE-Image's training objective for lora_training.train: the sampler's model call and schedule."""
+    from .lora_training import Family
+
+    def memory(dit, batch, shape, conds):
+        tokens = shape[-1] * shape[-2] + max(c.shape[0] for c in conds)
+        return 2 * working_memory.dit(dit, batch, tokens, dit.module.config.hidden_size)
+
+    return Family(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, conds), velocity=velocity,
+                  schedule=lambda dit, shape: training_schedule(shift), memory=memory, weight=training_weight)
+
+
+def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int):
+    """Each item's latents (at its resolution bucket) and text encoding, computed once for a training run."""
+    from .lora_training import bucket_size, resize
+
+    host = get_host()
+    latents = []
+    for img in dataset.images:
+        w, h = bucket_size(img.shape[2], img.shape[1], resolution, SCALE)
+        host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
+        latents.append(encode(vae, resize(img, w, h))["samples"].float())
+    host.load(te)
+    cache: dict[str, torch.Tensor] = {}
+    conds = [cache.setdefault(c, encode_text(te, c).embeds[0]) if c not in cache else cache[c] for c in dataset.captions]
+    return latents, conds
+
+
 def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict,
                     cfg: float) -> int:
     """Bytes of activations of one DiT step (the uncond and cond passes batched), for the host to make room."""
