@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Callable
 
 from ..loaders.errors import LetterpressError
 from ..loaders.host import get_host
@@ -105,7 +106,7 @@ def train_widgets() -> dict:
         "seed": seed_input(),
         "layers": (list(training.LAYER_CHOICES), {"default": "attention", "tooltip": "Which Linear layers of the "
                    "DiT's blocks get a LoRA: attention projections, the MLPs, or every one."}),
-        "resolution": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16, "tooltip": "Each image is "
+        "resolution": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16, "tooltip": "Each image is "
                        "resized to about resolution x resolution pixels keeping its aspect ratio (a bucket), never "
                        "cropped."}),
         "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute each DiT block in the "
@@ -147,6 +148,38 @@ def apply_trained_node(class_name: str, family_title: str, dit_type: str, family
                                         "tooltip": "0 leaves the DiT unchanged."})},
         apply,
     )
+
+
+def train_lora_node(class_name: str, family_title: str, description: str, models: dict, extra: Callable[[], dict],
+                    encode: Callable, family: Callable):
+    """A family's Train LoRA node: its models (input name -> (socket type, tooltip)) and the dataset in, the
+    shared widgets plus `extra()`; `encode(models..., dataset, resolution, **extra)` caches the items and
+    `family(**extra)` is the family's training objective."""
+
+    class TrainLoRA:
+        DESCRIPTION = description
+        CATEGORY = f"{CATEGORY}/{family_title}"
+        RETURN_TYPES = (LORA, "IMAGE")
+        RETURN_NAMES = ("lora", "loss_plot")
+        FUNCTION = "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {**{name: (kind, {"tooltip": tip}) for name, (kind, tip) in models.items()},
+                                 "dataset": (DATASET, {"tooltip": "From LoRA Training Dataset."}),
+                                 **train_widgets(), **extra()}}
+
+        def run(self, dataset, **values):
+            handles = [values.pop(name) for name in models]
+            extras = {name: values.pop(name) for name in extra()}
+            latents, conds = encode(*handles, dataset, values["resolution"], **extras)
+            fam = family(**extras)
+            lora = training.train(handles[0], fam, latents, conds, settings_of(values),
+                                  on_cancel=cancelled_saver(fam.name))
+            return (lora, training.loss_plot(lora.losses))
+
+    TrainLoRA.__name__ = TrainLoRA.__qualname__ = class_name
+    return TrainLoRA
 
 
 NODES = {c.__name__: c for c in (LetterpressTrainingDataset, LetterpressSaveLoRA)}

@@ -125,8 +125,10 @@ def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int):
         latents.append(encode(vae, resize(img, w, h))["samples"].float())
     host.load(te)
     cache: dict[str, torch.Tensor] = {}
-    conds = [cache.setdefault(c, encode_text(te, c).embeds[0]) if c not in cache else cache[c] for c in dataset.captions]
-    return latents, conds
+    for c in dataset.captions:
+        if c not in cache:
+            cache[c] = encode_text(te, c).embeds[0]
+    return latents, [cache[c] for c in dataset.captions]
 
 
 def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict,

@@ -143,14 +143,15 @@ class LoraLayer(torch.nn.Module):
 
 def usable_for_autograd(module: torch.nn.Module) -> None:
     """Tensors made under torch.inference_mode (ComfyUI runs every node in it, loaders included) cannot be saved for
-    backward: give each such parameter and buffer a normal tensor over the same memory (no copy)."""
+    backward: give each such parameter and buffer a normal tensor over the same memory (no copy). A normal tensor
+    stays normal: the module's next use in inference mode is unaffected."""
     for m in module.modules():
         for name, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is not None and t.is_inference():
                 plain = torch.empty(0, dtype=t.dtype, device=t.device).set_(
                     t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-                if isinstance(t, torch.nn.Parameter):
-                    t.data = plain
+                if isinstance(t, torch.nn.Parameter):  # a new Parameter: the old object stays an inference tensor
+                    m._parameters[name] = torch.nn.Parameter(plain, requires_grad=False)
                 else:
                     m._buffers[name] = plain
 

@@ -129,6 +129,42 @@ def training_schedule(dit: ModelHandle, h: int, w: int):
     return sigmas[:-1], timesteps
 
 
+def training_family():
+    """Ovis-Image's training objective for lora_training.train: the sampler's model call on packed tokens and its
+    schedule at 1000 steps (dynamic shift at the bucket's token count), timesteps drawn uniformly, plain MSE (as
+    diffusers' FLUX-family LoRA scripts train by default)."""
+    from .lora_training import Family
+
+    def memory(dit, batch, shape, conds):
+        cfgm = dit.module.config
+        tokens = (shape[-2] // 2) * (shape[-1] // 2) + max(c.shape[0] for c in conds)
+        return 2 * working_memory.dit(dit, batch, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
+
+    return Family(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, torch.stack(conds), *shape[-2:]),
+                  velocity=velocity, schedule=lambda dit, shape: training_schedule(dit, *shape[-2:]), memory=memory,
+                  to_model=pack_2x2_tokens)
+
+
+def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int,
+                   max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+    """Each item's latents (at its resolution bucket) and text encoding, computed once for a training run."""
+    from ..loaders.host import get_host
+    from .lora_training import bucket_size, resize
+
+    host = get_host()
+    latents = []
+    for img in dataset.images:
+        w, h = bucket_size(img.shape[2], img.shape[1], resolution, SCALE)
+        host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
+        latents.append(encode(vae, resize(img, w, h))["samples"].float())
+    host.load(te)
+    cache: dict[str, torch.Tensor] = {}
+    for c in dataset.captions:
+        if c not in cache:
+            cache[c] = encode_text(te, c, max_sequence_length).embeds[0]
+    return latents, [cache[c] for c in dataset.captions]
+
+
 def sigmas_for(steps: int, image_seq_len: int, schedule: dict):
     """The reference schedule: linspace(1, 1/N, N) shifted dynamically by mu(image_seq_len) (or statically)."""
     base = np.linspace(1.0, 1 / steps, steps)

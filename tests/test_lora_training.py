@@ -236,3 +236,30 @@ def test_train_node_caches_and_saves_on_cancel(setup, host):
         node("TrainLoRA").run(s["dit"], s["te"], s["vae"], ds, shift=3.0, **{**widgets, "steps": 5})
     saved = os.listdir(os.path.join(host.output_dir, "loras"))
     assert saved == ["ernie_image_cancelled_step1_00001_.safetensors"]
+
+
+def write_dataset(folder, h=32, w=48):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for i, (img, cap) in enumerate(zip(two_images(h, w), CAPTIONS)):
+        Image.fromarray((img.numpy() * 255).astype("uint8")).save(os.path.join(folder, f"{i}.png"))
+        with open(os.path.join(folder, f"{i}.txt"), "w") as f:
+            f.write(cap)
+
+
+def test_shipped_training_workflow_runs_headless(setup, host, tmp_path):
+    """dataset -> Train LoRA -> Save LoRA, the loss plot, and the LoRA into a sampler for a preview image."""
+    from letterpress.runner import Runner, load_workflow, set_values
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wf = load_workflow(os.path.join(root, "workflows", "api", "ernie_image_train_lora_api.json"))
+    write_dataset(os.path.join(host.input_dir, wf["2"]["inputs"]["folder"]))
+    wf = set_values(wf, ["3.steps=3", "10.steps=2", "resolution=32", "width=32", "height=32", "rank=2"])
+    results = Runner().run(wf)["results"]
+    lora = results["3"][0]
+    assert lora.steps == 3 and lora.rank == 2
+    saved = os.listdir(os.path.join(host.output_dir, "loras"))
+    assert saved == ["ernie_image_lora_00001_.safetensors"]
+    assert results["11"][0].shape == (1, 32, 32, 3)
+    assert os.listdir(os.path.join(host.output_dir, "letterpress")) == ["ernie_image_train_lora_00001_.png"]
