@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from letterpress.loaders.layers import weight_shape
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 from letterpress.samplers import ernie_image as stage
 from letterpress.samplers import lora_training as training
@@ -46,12 +47,12 @@ def random_init(module, targets, rank, seed):
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for t in targets:
-        w = module.get_submodule(t).weight
-        out[t] = (0.2 * torch.randn(rank, w.shape[1], generator=gen), 0.2 * torch.randn(w.shape[0], rank, generator=gen))
+        rows, cols = weight_shape(module.get_submodule(t))
+        out[t] = (0.2 * torch.randn(rank, cols, generator=gen), 0.2 * torch.randn(rows, rank, generator=gen))
     return out
 
 
-def reference_step(models_dir, init, latents, conds, d, rank, alpha, lr, shift):
+def reference_step(models_dir, init, latents, conds, d, rank, alpha, lr, shift, weights=None):
     """One step written with the libraries: diffusers' ErnieImageTransformer2DModel with a PEFT LoRA (add_adapter),
     flow matching as DiffSynth-Studio trains ERNIE-Image (its shifted 1000-step schedule and timestep weight,
     computed here from its formulas), torch's AdamW."""
@@ -59,6 +60,9 @@ def reference_step(models_dir, init, latents, conds, d, rank, alpha, lr, shift):
     from peft import LoraConfig
 
     model = ErnieImageTransformer2DModel.from_pretrained(os.path.join(models_dir, "diffusers", "ERNIE-Image", "transformer"))
+    if weights is not None:  # another base (a quantized file's weights, dequantized)
+        missing = model.load_state_dict(weights, strict=False)
+        assert not missing.unexpected_keys
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(init), init_lora_weights=True))
     with torch.no_grad():
@@ -263,3 +267,41 @@ def test_shipped_training_workflow_runs_headless(setup, host, tmp_path):
     assert saved == ["ernie_image_lora_00001_.safetensors"]
     assert results["11"][0].shape == (1, 32, 32, 3)
     assert os.listdir(os.path.join(host.output_dir, "letterpress")) == ["ernie_image_train_lora_00001_.png"]
+
+
+def test_qlora_on_a_quantized_dit_matches_peft_on_its_dequantized_weights(setup, shipped_models, models_dir):
+    """A GGUF (Q4_0) DiT trains with its weights kept packed, dequantized per layer at each call (QLoRA): the step
+    equals the PEFT reference on a model holding those dequantized weights, and the packed bytes are unchanged."""
+    from letterpress.loaders import layers
+
+    s = setup
+    dit = node("DiTLoader").run("ernie-image-turbo-Q4_K_M.gguf", "auto")[0]
+    packed = {n: m for n, m in dit.module.named_modules() if layers.is_packed(m)}
+    assert "layers.0.self_attention.to_q" in packed
+    before = {n: m.weight.detach().clone() for n, m in packed.items()}
+    dequantized = {f"{n}.weight": layers.dequantized_weight(m) for n, m in packed.items()}
+    targets = training.target_layers(dit.module, "attention")
+    init = random_init(dit.module, targets, 4, 2)
+    record = []
+    lora = training.train(dit, stage.training_family(3.0), s["latents"], s["conds"], settings(layers="attention"),
+                          init=init, record=record)
+    ref, ref_loss = reference_step(models_dir, init, s["latents"], s["conds"], record[0], 4, 2.0, 1e-2, 3.0,
+                                   weights=dequantized)
+    assert abs(lora.losses[0] - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
+    for name, (a, b) in ref.items():
+        assert (lora.tensors[f"transformer.{name}.lora_A.weight"] - a).abs().max().item() <= 1e-5, name
+        assert (lora.tensors[f"transformer.{name}.lora_B.weight"] - b).abs().max().item() <= 1e-5, name
+    assert all(torch.equal(m.weight, before[n]) for n, m in packed.items())
+
+
+def test_fp8_stored_dit_trains_and_keeps_its_weights(setup):
+    s = setup
+    dit = node("DiTLoader").run("ernie-image.safetensors", "fp8_e4m3fn")[0]
+    w = dit.module.get_submodule("layers.0.self_attention.to_q").weight
+    assert w.dtype == torch.float8_e4m3fn
+    before = w.detach().clone()
+    lora = training.train(dit, stage.training_family(3.0), s["latents"], s["conds"], settings(steps=2))
+    assert len(lora.losses) == 2 and all(torch.isfinite(torch.tensor(lora.losses)))
+    assert lora.tensors["transformer.layers.0.self_attention.to_q.lora_B.weight"].abs().max() > 0
+    assert torch.equal(dit.module.get_submodule("layers.0.self_attention.to_q").weight.view(torch.uint8),
+                       before.view(torch.uint8))

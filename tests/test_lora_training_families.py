@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from letterpress.loaders.layers import weight_shape
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 from letterpress.samplers import lora_training as training
 from letterpress.samplers import ovis_image as ovis_stage
@@ -27,8 +28,8 @@ def random_init(module, targets, rank, seed):
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for t in targets:
-        w = module.get_submodule(t).weight
-        out[t] = (0.2 * torch.randn(rank, w.shape[1], generator=gen), 0.2 * torch.randn(w.shape[0], rank, generator=gen))
+        rows, cols = weight_shape(module.get_submodule(t))
+        out[t] = (0.2 * torch.randn(rank, cols, generator=gen), 0.2 * torch.randn(rows, rank, generator=gen))
     return out
 
 
