@@ -284,6 +284,67 @@ def training_schedule(dit: ModelHandle, lh: int, lw: int):
     return sigmas[:-1], timesteps
 
 
+@torch.no_grad()
+def image_prior_tokens(ar: ModelHandle, image: torch.Tensor) -> torch.Tensor:
+    """The AR model's prior tokens of a picture (1, H, W, 3) at a size reference_size keeps: its vision encoder's
+    VQ tokens (the d32 grid), upsampled 2x as the DiT reads them, (1, H/16 * W/16). What the DiT is conditioned on
+    when it learns to draw that picture (the AR stage would have generated tokens like them)."""
+    processor = ar.tokenizer
+    out = processor.image_processor(images=[_to_pil(image[0])], return_tensors="pt")
+    grid = out["image_grid_thw"].to(ar.device)
+    feats = ar.module.get_image_features(out["pixel_values"].to(ar.device, ar.dtype), grid).pooler_output
+    ids = ar.module.get_image_tokens(feats, grid)
+    _, gh, gw = grid[0].tolist()
+    return _upsample(ids, gh, gw).cpu()
+
+
+def encode_dataset(ar: ModelHandle, glyph: ModelHandle, vae: ModelHandle, dataset, resolution: int):
+    """Each item's latents (at its resolution bucket, brought to a size the AR processor keeps), the AR prior tokens
+    of the image and the glyph encoding of its caption's quoted text, computed once for a training run."""
+    from ..loaders.host import get_host
+    from .lora_training import bucket_size, resize
+
+    host = get_host()
+    sized = []
+    for img in dataset.images:
+        w, h = bucket_size(img.shape[2], img.shape[1], resolution, SCALE)
+        h, w = reference_size(ar.tokenizer, h, w)
+        sized.append(resize(img, w, h))
+    latents = []
+    for img in sized:
+        host.load(vae, memory_required=working_memory.vae(vae, 1, img.shape[1], img.shape[2]))
+        latents.append(encode(vae, img)["samples"].float())
+    host.load(ar)
+    tokens = [image_prior_tokens(ar, img) for img in sized]
+    host.load(glyph)
+    cache: dict[str, torch.Tensor] = {}
+    for c in dataset.captions:
+        if c not in cache:
+            cache[c] = encode_glyphs(glyph, c).embeds[0]
+    return latents, [(t, cache[c]) for t, c in zip(tokens, dataset.captions)]
+
+
+def training_family():
+    """GLM-Image DiT's training objective for lora_training.train: the sampler's model call (the DiT sees t - 1) and
+    schedule at 1000 steps (integer timesteps, sigmas t / 1000 with the dynamic shift at the bucket's token count),
+    timesteps drawn uniformly, plain MSE, each item conditioned on its image's AR prior tokens and its caption's
+    glyphs (items run one at a time: their glyph sequences differ in length)."""
+    from .lora_training import Family
+
+    def inputs(dit, conds, shape):
+        (tokens, glyphs), = conds
+        return prepare_inputs(dit, tokens, glyphs[None], shape[-2] * VAE_SCALE, shape[-1] * VAE_SCALE, drop=False)
+
+    def memory(dit, batch, shape, conds):
+        cfgm = dit.module.config
+        p = cfgm.patch_size
+        tokens = (shape[-2] // p) * (shape[-1] // p) + max(g.shape[0] for _, g in conds)
+        return 2 * working_memory.dit(dit, 1, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
+
+    return Family(FAMILY, inputs=inputs, velocity=velocity, schedule=lambda dit, shape: training_schedule(dit, *shape[-2:]),
+                  memory=memory, one_at_a_time=True)
+
+
 def memory_required(dit: ModelHandle, prior, positive: Conditioning) -> int:
     """Bytes of activations of one DiT pass, plus the key/value cache the reference images fill (editing)."""
     prior = check_prior(prior)

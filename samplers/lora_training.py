@@ -234,7 +234,8 @@ class Family:
     - `schedule(dit, latent_shape)`: the (sigmas, timesteps) of its 1000-step training schedule;
     - `memory(dit, batch, latent_shape, conds)`: bytes of activations a training step keeps, for the host;
     - `to_model(x)`: latents in the layout the DiT takes (Ovis-Image packs 2x2 tokens);
-    - `weight(timesteps)`: the loss weight of each of the 1000 timesteps (None: plain MSE)."""
+    - `weight(timesteps)`: the loss weight of each of the 1000 timesteps (None: plain MSE);
+    - `one_at_a_time`: the DiT takes one item per call (the batch's loss is still the mean over its items)."""
 
     name: str
     inputs: Callable
@@ -243,6 +244,7 @@ class Family:
     memory: Callable
     to_model: Callable = staticmethod(lambda x: x)
     weight: Callable | None = None
+    one_at_a_time: bool = False
 
 
 @dataclass
@@ -276,7 +278,12 @@ def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> 
 
 def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torch.Tensor], conds: list,
                        d: Draw) -> torch.Tensor:
-    """The training objective on one drawn batch: x_t = sigma * noise + (1 - sigma) * x0, target noise - x0."""
+    """The training objective on one drawn batch: x_t = sigma * noise + (1 - sigma) * x0, target noise - x0, the
+    mean over items of each item's mean squared error (times its timestep's weight)."""
+    if family.one_at_a_time and len(d.items) > 1:
+        parts = [flow_matching_loss(family, dit, run, latents, conds, Draw([i], d.noise[k: k + 1], d.t_index[k: k + 1]))
+                 for k, i in enumerate(d.items)]
+        return torch.stack(parts).mean()
     device, dtype = dit.device, dit.dtype
     x0 = torch.cat([latents[i] for i in d.items]).to(device, torch.float32)
     sigmas, timesteps = family.schedule(dit, x0.shape)
