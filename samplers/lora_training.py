@@ -242,7 +242,7 @@ class Family:
     velocity: Callable
     schedule: Callable
     memory: Callable
-    to_model: Callable = staticmethod(lambda x: x)
+    to_model: Callable = lambda x: x  # noqa: E731
     weight: Callable | None = None
     one_at_a_time: bool = False
 
@@ -277,16 +277,16 @@ def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> 
 
 
 def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torch.Tensor], conds: list,
-                       d: Draw) -> torch.Tensor:
+                       d: Draw, cache: dict | None = None) -> torch.Tensor:
     """The training objective on one drawn batch: x_t = sigma * noise + (1 - sigma) * x0, target noise - x0, the
     mean over items of each item's mean squared error (times its timestep's weight)."""
     if family.one_at_a_time and len(d.items) > 1:
-        parts = [flow_matching_loss(family, dit, run, latents, conds, Draw([i], d.noise[k: k + 1], d.t_index[k: k + 1]))
-                 for k, i in enumerate(d.items)]
+        parts = [flow_matching_loss(family, dit, run, latents, conds, Draw([i], d.noise[k: k + 1], d.t_index[k: k + 1]),
+                                    cache) for k, i in enumerate(d.items)]
         return torch.stack(parts).mean()
     device, dtype = dit.device, dit.dtype
     x0 = torch.cat([latents[i] for i in d.items]).to(device, torch.float32)
-    sigmas, timesteps = family.schedule(dit, x0.shape)
+    sigmas, timesteps, weights = _schedule(family, dit, x0.shape, cache)
     sigma = sigmas[d.t_index].to(device, torch.float32).view(-1, *([1] * (x0.dim() - 1)))
     noise = d.noise.to(device)
     xt = sigma * noise + (1 - sigma) * x0
@@ -294,9 +294,21 @@ def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torc
     inputs = family.inputs(dit, [conds[i] for i in d.items], x0.shape)
     v = family.velocity(run, family.to_model(xt.to(dtype)), timesteps[d.t_index], inputs)
     per_item = ((v.float() - family.to_model(target)) ** 2).flatten(1).mean(1)
-    if family.weight is not None:
-        per_item = per_item * family.weight(timesteps)[d.t_index].to(device)
+    if weights is not None:
+        per_item = per_item * weights[d.t_index].to(device)
     return per_item.mean()
+
+
+def _schedule(family: Family, dit: ModelHandle, shape, cache: dict | None) -> tuple:
+    """The family's (sigmas, timesteps, weights) for a latent shape (kept in `cache` per size during a run)."""
+    key = tuple(shape[1:])
+    if cache is None or key not in cache:
+        sigmas, timesteps = family.schedule(dit, shape)
+        found = (sigmas, timesteps, family.weight(timesteps) if family.weight is not None else None)
+        if cache is None:
+            return found
+        cache[key] = found
+    return cache[key]
 
 
 def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: list, settings: TrainingSettings,
@@ -338,6 +350,7 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
         if checkpointing:
             module.enable_gradient_checkpointing()
         losses: list[float] = []
+        schedules: dict = {}  # the family's schedule per latent size, computed once
 
         def result() -> TrainedLora:
             tensors = {}
@@ -353,14 +366,15 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
                 d = draw(gen, latents, b)
                 if record is not None:
                     record.append(d)
-                loss = flow_matching_loss(family, dit, module, latents, conds, d)
-                if not torch.isfinite(loss):
-                    raise LetterpressError(f"The training loss became {loss.item()} at step {len(losses) + 1}: lower "
-                                           "the learning rate.")
+                loss = flow_matching_loss(family, dit, module, latents, conds, d, schedules)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise LetterpressError(f"The training loss became {value} at step {len(losses) + 1}: lower the "
+                                           "learning rate.")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(value)
                 bar.update(1)
             host.check_interrupt()
         except Interrupted:

@@ -3,7 +3,6 @@ the saved file in diffusers' load_lora_weights, Cancel keeping the steps done, a
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
