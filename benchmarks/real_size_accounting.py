@@ -237,7 +237,8 @@ CARDS = ((12, "12 GB"), (16, "16 GB"), (24, "24 GB"), (48, "48 GB"), (80, "80 GB
 
 
 def card_for(total: int) -> str:
-    return next((label for gb, label in CARDS if total <= gb * GB), "more than 80 GB")
+    """The smallest card that holds `total` plus 1 GB (CUDA context, allocator slack)."""
+    return next((label for gb, label in CARDS if total + GB <= gb * GB), "more than 80 GB")
 
 
 def training_report(size: int) -> None:

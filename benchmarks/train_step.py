@@ -5,9 +5,10 @@ family, on the tiny test models (tests/fixtures), CPU.
 
 Each (family, side) runs in its own process, so its peak RSS (ru_maxrss) is its own. Both sides train the same
 layers (all Linear layers of the blocks, rank 8) on the same two cached items (the pack's encodings, batch 2), with
-gradient checkpointing on both (diffusers' enable_gradient_checkpointing); one warm-up step, then `--steps` timed
-steps; the figure is the median. `--rounds` rounds of (pack, reference) processes, the order alternating; the time
-ratio is the median of the rounds' ratios. The pack side is lora_training.train's step (draw, loss through the family's
+gradient checkpointing on both (diffusers' enable_gradient_checkpointing). Time: both sides in one process, in
+alternating blocks of `--steps` steps (`--rounds` blocks each; the pack's first step of each block, which sets up
+its LoRA layers and optimizer, left out), the median step of each side. Peak RSS: each side alone in its own process
+(ru_maxrss). The pack side is lora_training.train's step (draw, loss through the family's
 model call, backward, AdamW); the reference is the step of tests/test_lora_training*.py: diffusers' transformer with
 add_adapter(LoraConfig), its own schedule, the same loss, torch.optim.AdamW.
 """
@@ -78,13 +79,17 @@ def pack_steps(dit, fam, latents, conds, n):
     listener = lambda done, total: times.append(time.perf_counter())  # noqa: E731
     get_host().progress_listeners.append(listener)
     start = time.perf_counter()
-    training.train(dit, fam, latents, conds, training.TrainingSettings(
-        rank=8, alpha=8.0, learning_rate=1e-4, steps=n + 1, batch_size=2, seed=0, layers="all"))
+    try:
+        training.train(dit, fam, latents, conds, training.TrainingSettings(
+            rank=8, alpha=8.0, learning_rate=1e-4, steps=n + 1, batch_size=2, seed=0, layers="all"))
+    finally:
+        get_host().progress_listeners.remove(listener)
     stamps = [start] + times
     return [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the warm-up step left out
 
 
-def reference_steps(family, models_dir, dit, fam, latents, conds, n):
+def reference_stepper(family, models_dir, dit, latents, conds):
+    """One diffusers + PEFT + AdamW training step per call (the model and optimizer kept between calls)."""
     from letterpress.samplers import lora_training as training
 
     targets = training.target_layers(dit.module, "all")
@@ -134,28 +139,46 @@ def reference_steps(family, models_dir, dit, fam, latents, conds, n):
             parts.append(((pred - (noise[k: k + 1] - x0[k: k + 1])) ** 2).mean())
         return torch.stack(parts).mean()
 
-    times = []
-    for _ in range(n + 1):
-        t0 = time.perf_counter()
+    def step():
         noise = torch.randn(x0.shape, generator=gen)
         idx = torch.randint(0, 1000, (x0.shape[0],), generator=gen)
         loss = loss_of(noise, idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    return step
+
+
+def reference_steps(step, n):
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
         times.append(time.perf_counter() - t0)
-    return times[1:]
+    return times
 
 
-def one(family: str, side: str, steps: int, threads: int) -> dict:
+def one(family: str, side: str, steps: int, threads: int, rounds: int) -> dict:
+    """side pack / reference: that side alone (for its peak RSS); side time: both in this process, in alternating
+    blocks of `steps` steps (`rounds` each), so that a shared CPU's drift falls on both alike."""
     torch.set_num_threads(threads)
     models_dir = tempfile.mkdtemp()
     dit, fam, latents, conds = setup(family, models_dir)
     if side == "pack":
-        times = pack_steps(dit, fam, latents, conds, steps)
+        pack_steps(dit, fam, latents, conds, steps)
+    elif side == "reference":
+        step = reference_stepper(family, models_dir, dit, latents, conds)
+        reference_steps(step, steps + 1)
     else:
-        times = reference_steps(family, models_dir, dit, fam, latents, conds, steps)
-    return {"seconds_per_step": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        step = reference_stepper(family, models_dir, dit, latents, conds)
+        step()  # warm-up
+        pack, ref = [], []
+        for _ in range(rounds):
+            pack += pack_steps(dit, fam, latents, conds, steps)
+            ref += reference_steps(step, steps)
+        return {"pack": statistics.median(pack), "reference": statistics.median(ref)}
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
@@ -164,27 +187,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--side", choices=["pack", "reference"])
+    ap.add_argument("--side", choices=["pack", "reference", "time"])
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(one(args.family, args.side, args.steps, args.threads)))
+        print(json.dumps(one(args.family, args.side, args.steps, args.threads, args.rounds)))
         return
     for family in (["ernie", "ovis", "glm"] if args.family == "all" else [args.family]):
-        rounds = []
-        for r in range(args.rounds):  # pack and reference in turn, the order alternating (a shared CPU drifts)
-            res = {}
-            for side in (("pack", "reference") if r % 2 == 0 else ("reference", "pack")):
-                out = subprocess.run([sys.executable, __file__, "--family", family, "--side", side, "--steps",
-                                      str(args.steps), "--threads", str(args.threads)], capture_output=True,
-                                     text=True, check=True)
-                res[side] = json.loads(out.stdout.strip().splitlines()[-1])
-            rounds.append(res)
-        med = lambda side, key: statistics.median(x[side][key] for x in rounds)  # noqa: E731
-        ratio = statistics.median(x["pack"]["seconds_per_step"] / x["reference"]["seconds_per_step"] for x in rounds)
-        print(f"{family}: pack {med('pack', 'seconds_per_step') * 1000:.1f} ms/step, peak RSS "
-              f"{med('pack', 'peak_rss_mb'):.0f} MB; reference {med('reference', 'seconds_per_step') * 1000:.1f} "
-              f"ms/step, {med('reference', 'peak_rss_mb'):.0f} MB; time ratio {ratio:.2f} (median of {len(rounds)} "
-              f"rounds), RSS ratio {med('pack', 'peak_rss_mb') / med('reference', 'peak_rss_mb'):.2f}")
+        res = {}
+        for side in ("time", "pack", "reference"):
+            out = subprocess.run([sys.executable, __file__, "--family", family, "--side", side, "--steps",
+                                  str(args.steps), "--threads", str(args.threads), "--rounds", str(args.rounds)],
+                                 capture_output=True, text=True, check=True)
+            res[side] = json.loads(out.stdout.strip().splitlines()[-1])
+        t, p, r = res["time"], res["pack"]["peak_rss_mb"], res["reference"]["peak_rss_mb"]
+        print(f"{family}: pack {t['pack'] * 1000:.1f} ms/step, reference {t['reference'] * 1000:.1f} ms/step, ratio "
+              f"{t['pack'] / t['reference']:.2f}; peak RSS pack {p:.0f} MB, reference {r:.0f} MB, ratio {p / r:.2f}")
 
 if __name__ == "__main__":
     main()
