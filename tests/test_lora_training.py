@@ -304,3 +304,20 @@ def test_fp8_stored_dit_trains_and_keeps_its_weights(setup):
     assert lora.tensors["transformer.layers.0.self_attention.to_q.lora_B.weight"].abs().max() > 0
     assert torch.equal(dit.module.get_submodule("layers.0.self_attention.to_q").weight.view(torch.uint8),
                        before.view(torch.uint8))
+
+
+def test_resolution_buckets_keep_the_aspect_ratio_and_batches_stay_in_one_bucket(setup):
+    w, h = training.bucket_size(1536, 1024, 1024, 16)
+    assert (w % 16, h % 16) == (0, 0) and abs(w / h - 1.5) < 0.01 and abs(w * h / 1024**2 - 1) < 0.03
+    assert training.bucket_size(1024, 1536, 1024, 16) == (h, w)
+    s = setup
+    wide, tall = two_images(64, 128), two_images(128, 64)
+    ds = training.TrainingDataset([wide[:1], wide[1:], tall[:1], tall[1:]], CAPTIONS * 2)
+    latents, conds = stage.encode_dataset(s["te"], s["vae"], ds, 64)
+    assert [tuple(lat.shape[-2:]) for lat in latents] == [(3, 6), (3, 6), (6, 3), (6, 3)]  # 48x96 and 96x48, uncropped
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        d = training.draw(gen, latents, 3)
+        assert len({tuple(latents[i].shape) for i in d.items}) == 1 and len(d.items) == 2
+    lora = training.train(s["dit"], stage.training_family(3.0), latents, conds, settings(steps=3, batch_size=2))
+    assert len(lora.losses) == 3
