@@ -48,7 +48,10 @@ class LetterpressTrainingDataset:
         return (training.dataset_from_folder(path),)
 
 
-def save_lora(lora: training.TrainedLora, folder: str, prefix: str) -> str:
+SAVE_FORMATS = ("diffusers/PEFT", "DiffSynth-Studio")
+
+
+def save_lora(lora: training.TrainedLora, folder: str, prefix: str, fmt: str = SAVE_FORMATS[0]) -> str:
     """Write the LoRA as <prefix>_NNNNN_.safetensors under `folder`, never replacing a file that exists."""
     from ..core_nodes import expand_prefix, prefix_problem
 
@@ -62,15 +65,16 @@ def save_lora(lora: training.TrainedLora, folder: str, prefix: str) -> str:
     counter = max([int(m.group(1)) for f in os.listdir(target) if (m := pattern.match(f))], default=0) + 1
     while os.path.exists(path := os.path.join(target, f"{base}_{counter:05}_.safetensors")):
         counter += 1
-    lora.save(path)
+    lora.save(path, "diffsynth" if fmt == SAVE_FORMATS[1] else "diffusers")
     return path
 
 
 class LetterpressSaveLoRA:
     DESCRIPTION = ("Writes a trained LoRA to the output folder in the diffusers/PEFT format "
                    "(transformer.<layer>.lora_A.weight, the PEFT settings in the file's metadata as diffusers writes "
-                   "them), which diffusers' load_lora_weights and the LoRA Loader nodes read. Move it to "
-                   "models/loras to use it in other workflows.")
+                   "them), which diffusers' load_lora_weights and the LoRA Loader nodes read, or in DiffSynth-Studio's "
+                   "(<layer>.lora_A.default.weight, the scale folded in). Move it to models/loras to use it in other "
+                   "workflows.")
     CATEGORY = CAT
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
@@ -82,12 +86,15 @@ class LetterpressSaveLoRA:
         return {"required": {"lora": (LORA, {"tooltip": "The LoRA from a Train LoRA node."}),
                              "filename_prefix": ("STRING", {"default": "loras/letterpress_lora", "tooltip":
                                                             "File name inside the output folder; _00001_.safetensors "
-                                                            "and so on are appended."})}}
+                                                            "and so on are appended."})},
+                "optional": {"format": (list(SAVE_FORMATS), {"default": SAVE_FORMATS[0], "tooltip":
+                                        "diffusers/PEFT (diffusers, ComfyUI, this pack) or DiffSynth-Studio's naming "
+                                        "(its trainer's files; this pack reads both)."})}}
 
-    def run(self, lora, filename_prefix):
+    def run(self, lora, filename_prefix, format=SAVE_FORMATS[0]):  # noqa: A002 (ComfyUI passes the widget's name)
         if not isinstance(lora, training.TrainedLora):
             raise LetterpressError("The lora input is not a trained LoRA: wire it from a Train LoRA node.")
-        path = save_lora(lora, get_host().output_dir, filename_prefix)
+        path = save_lora(lora, get_host().output_dir, filename_prefix, format)
         return {"ui": {"text": [path]}, "result": (path,)}
 
 

@@ -184,11 +184,28 @@ class TrainedLora:
     def weights(self) -> LoraWeights:
         return parse_lora(LoraTensors(self.tensors, self.metadata), f"trained {self.family} LoRA ({self.steps} steps)")
 
-    def save(self, path: str) -> None:
+    def diffsynth_tensors(self) -> dict:
+        """DiffSynth-Studio's naming (`<layer>.lora_A.default.weight`, as its trainer saves PEFT's default adapter):
+        its loader adds B @ A unscaled, so alpha / rank is folded into B."""
+        scale = self.alpha / self.rank
+        out = {}
+        for key, t in self.tensors.items():
+            layer, side = key[len("transformer."):].rsplit(".lora_", 1)
+            side = side.split(".")[0]
+            out[f"{layer}.lora_{side}.default.weight"] = t * scale if side == "B" else t
+        return out
+
+    def save(self, path: str, fmt: str = "diffusers") -> None:
+        """Write the LoRA: `fmt` diffusers (PEFT naming with diffusers' metadata) or diffsynth (DiffSynth-Studio's)."""
         from safetensors.torch import save_file
 
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, path, metadata=self.metadata)
+        if fmt == "diffsynth":
+            tensors = self.diffsynth_tensors()
+            metadata = {k: v for k, v in self.metadata.items() if k != "lora_adapter_metadata"}
+        else:
+            tensors, metadata = self.tensors, self.metadata
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
 
 
 def check_trained(lora, family: str) -> TrainedLora:

@@ -321,3 +321,25 @@ def test_resolution_buckets_keep_the_aspect_ratio_and_batches_stay_in_one_bucket
         assert len({tuple(latents[i].shape) for i in d.items}) == 1 and len(d.items) == 2
     lora = training.train(s["dit"], stage.training_family(3.0), latents, conds, settings(steps=3, batch_size=2))
     assert len(lora.losses) == 3
+
+
+def test_diffsynth_format_holds_the_same_lora(setup, models_dir):
+    """Saved in DiffSynth-Studio's naming (its loader adds B @ A unscaled: alpha / rank folded into B), the file
+    gives the LoRA Loader the same deltas as the diffusers/PEFT file."""
+    from letterpress.loaders.lora import read_lora
+
+    s = setup
+    lora = training.train(s["dit"], stage.training_family(3.0), s["latents"], s["conds"],
+                          settings(steps=2, rank=4, alpha=8.0, layers="attention"))
+    folder = os.path.join(models_dir, "loras")
+    path = N["LetterpressSaveLoRA"]().run(lora, "ds_format", "DiffSynth-Studio")["result"][0]
+    ds = read_lora(path)
+    assert ds.format == "DiffSynth-Studio"
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        assert "layers.0.self_attention.to_q.lora_A.default.weight" in f.keys()
+    peft = lora.weights()
+    assert set(ds.layers) == set(peft.layers)
+    for name in peft.layers:
+        assert (ds.delta(name) - peft.delta(name)).abs().max().item() <= 1e-6
