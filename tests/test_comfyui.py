@@ -654,3 +654,24 @@ def test_cancel_mid_training_keeps_the_steps_done_and_the_next_prompt_runs(comfy
         assert f.metadata()["letterpress_steps"] == "3" and any(k.endswith("lora_B.weight") for k in f.keys())
     again = comfy.wait(comfy.queue(small(wf)))
     assert again["status"]["status_str"] == "success", messages(again).get("execution_error")
+
+
+def test_training_on_a_gguf_dit_inside_comfyui_saves_a_lora(comfy):
+    """QLoRA inside ComfyUI: the DiT from a GGUF file (weights kept packed under ModelPatcher) trains, and Save LoRA
+    writes a file the LoRA Loader reads."""
+    from letterpress.loaders.lora import read_lora
+
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_train_lora_api.json"))))
+    wf["20"] = {"class_type": "LetterpressErnieImageDiTLoader",
+                "inputs": {"dit_name": "ernie-image-turbo-Q4_K_M.gguf", "weight_dtype": "auto"}}
+    wf["3"]["inputs"]["dit"] = ["20", 0]
+    wf["6"]["inputs"]["dit"] = ["20", 0]
+    wf["4"]["inputs"]["filename_prefix"] = "loras/gguf_trained"
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    folder = os.path.join(os.path.dirname(comfy.input_dir), "output", "loras")
+    saved = [f for f in os.listdir(folder) if f.startswith("gguf_trained_")]
+    assert len(saved) == 1
+    lora = read_lora(os.path.join(folder, saved[0]))
+    assert "layers.0.self_attention.to_q" in lora.layers
+    assert any(b.abs().max() > 0 for _, b, _ in lora.layers.values())
