@@ -4,7 +4,7 @@ weights in fp8, the rest bf16, as weight_dtype fp8_e4m3fn loads them) and as GGU
 (Linear weights kept packed, the rest bf16). The pack runs one stage at a
 time (the host offloads the others), so the resident peak is the largest stage plus its activations.
 
-    python benchmarks/real_size_accounting.py [--size 1024]
+    python benchmarks/real_size_accounting.py [--size 1024] [--training]
 
 Activations are measured without memory: the stage's real module runs one forward in bf16 under torch's
 FakeTensorMode (shapes only), and a dispatch mode adds up the bytes of every tensor the forward creates while it
@@ -177,10 +177,93 @@ def models(size: int):
     }
 
 
+def fake_training_peak(factory, forward, rank: int = 16, layers: str = "attention") -> tuple[int, int, int, int]:
+    """(bf16 weight bytes, fp8-storage weight bytes, LoRA bytes with its gradients and AdamW state, peak live bytes
+    of activations and gradients) of one LoRA training step of the real-size DiT (batch 1), run on fake tensors in
+    bf16: the pack's LoRA layers (lora_training.LoraLayer hooks, fp32) on the chosen layers, gradient checkpointing
+    of the blocks, forward, MSE loss, backward."""
+    from letterpress.samplers import lora_training as training
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            module = factory().eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+        module.requires_grad_(False)
+        module.enable_gradient_checkpointing()
+        lora_bytes = 0
+        for name in training.target_layers(module, layers):
+            layer = module.get_submodule(name)
+            ad = training.LoraLayer(layer.in_features, layer.out_features, rank, 1.0, "cpu")
+            layer.register_forward_hook(ad.hook)
+            lora_bytes += 4 * 4 * (ad.lora_A.numel() + ad.lora_B.numel())  # fp32 weights, grads, AdamW's two moments
+        tracker = LiveBytes(module)
+        with torch.enable_grad(), tracker:
+            out = forward(module)[0]
+            loss = (out.float() ** 2).mean()
+            loss.backward()
+    return (*weight_bytes(module), lora_bytes, tracker.peak)
+
+
+def training_models(size: int):
+    """Per family: its DiT and one training step's forward (batch 1, the caption's text at the sampler's length)."""
+    from diffusers import ErnieImageTransformer2DModel, GlmImageTransformer2DModel, OvisImageTransformer2DModel
+
+    lat8, img16 = size // 8, (size // 16) ** 2
+    return {
+        "ERNIE-Image DiT (8B)": (lambda: ErnieImageTransformer2DModel(
+            hidden_size=4096, num_attention_heads=32, num_layers=36, ffn_hidden_size=12288, text_in_dim=3072),
+            lambda m: m(hidden_states=_bf16(1, 128, size // 16, size // 16), timestep=_bf16(1),
+                        text_bth=_bf16(1, 512, 3072), text_lens=torch.tensor([512]), return_dict=False)),
+        "Ovis-Image DiT (7B)": (OvisImageTransformer2DModel,
+            lambda m: m(hidden_states=_bf16(1, img16, 64), timestep=_bf16(1), encoder_hidden_states=_bf16(1, 256, 2048),
+                        txt_ids=torch.zeros(256, 3), img_ids=torch.zeros(img16, 3), return_dict=False)),
+        "GLM-Image DiT (7B)": (lambda: GlmImageTransformer2DModel(num_attention_heads=32, attention_head_dim=128),
+            lambda m: m(hidden_states=_bf16(1, 16, lat8, lat8), encoder_hidden_states=_bf16(1, 64, 1472),
+                        prior_token_id=_ids(1, img16), prior_token_drop=_ids(0), timestep=torch.tensor([500.0]),
+                        target_size=torch.tensor([[float(size), float(size)]]), crop_coords=torch.zeros(1, 2),
+                        return_dict=False)),
+    }
+
+
+def largest_block_bytes(module: torch.nn.Module) -> int:
+    """bf16 bytes of the largest transformer block (an element of one of the module's ModuleLists)."""
+    return max(2 * sum(p.numel() for p in block.parameters())
+               for child in module.children() if isinstance(child, torch.nn.ModuleList) for block in child)
+
+
+CARDS = ((12, "12 GB"), (16, "16 GB"), (24, "24 GB"), (48, "48 GB"), (80, "80 GB"))
+
+
+def card_for(total: int) -> str:
+    """The smallest card that holds `total` plus 1 GB (CUDA context, allocator slack)."""
+    return next((label for gb, label in CARDS if total + GB <= gb * GB), "more than 80 GB")
+
+
+def training_report(size: int) -> None:
+    print(f"LoRA training step at {size}x{size} (batch 1, rank 16 on the attention layers, gradient checkpointing); "
+          "GB = 1e9 bytes; text encoder and VAE unloaded (their outputs cached); fp8 / GGUF bases add one block's "
+          "weights dequantized to bf16 (held while that block's backward runs)")
+    for name, (factory, forward) in training_models(size).items():
+        bf16, fp8, lora, act = fake_training_peak(factory, forward)
+        q4 = gguf_bytes(on_meta(factory), "Q4_K")
+        print(f"  {name:22s} LoRA + grads + AdamW {lora / GB:5.2f} | activations + grads peak {act / GB:5.2f}")
+        block = largest_block_bytes(on_meta(factory))
+        for label, weights in (("bf16", bf16), ("fp8 storage", fp8), ("GGUF Q4_K", q4)):
+            # fp8 / quantized: the backward of the block being recomputed holds its weights dequantized to bf16
+            total = weights + lora + act + (block if weights != bf16 else 0)
+            print(f"      {label:12s} base {weights / GB:6.2f} -> step {total / GB:6.2f}  fits a {card_for(total)} card")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--training", action="store_true", help="the memory of a LoRA training step per DiT instead")
     args = ap.parse_args()
+    if args.training:
+        training_report(args.size)
+        return
     budget = 24 * GB
     print(f"Real-size accounting at {args.size}x{args.size}; GB = 1e9 bytes; activations: peak live bytes of one "
           "bf16 forward on fake tensors (GLM-Image AR: its KV cache, from the config)")

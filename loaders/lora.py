@@ -91,9 +91,21 @@ class _AdapterConfig:
         return self.lora_alpha if self.lora_alpha is not None else rank
 
 
+class LoraTensors(dict):
+    """LoRA tensors held in memory (a LoRA trained in the graph), with the metadata a file would carry."""
+
+    def __init__(self, tensors: dict, metadata: dict | None = None):
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})
+
+
 def read_lora(path: str) -> LoraWeights:
-    ck = open_checkpoint(path)
-    name = os.path.basename(path)
+    return parse_lora(open_checkpoint(path), os.path.basename(path))
+
+
+def parse_lora(ck, name: str) -> LoraWeights:
+    """A LoRA from its tensors (a file opened by open_checkpoint, or LoraTensors): format detected from the keys,
+    the scale of each layer from `.alpha` tensors or the PEFT settings in the metadata."""
     config = _AdapterConfig.of(ck, name)
     sides: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}

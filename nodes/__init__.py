@@ -10,6 +10,10 @@ from . import text_check  # noqa: E402  (Read Text, Text Accuracy, Best of Batch
 
 FAMILIES.append(text_check)
 
+from . import training  # noqa: E402  (LoRA training: dataset, Save LoRA)
+
+FAMILIES.append(training)
+
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 for _family in FAMILIES:

@@ -22,6 +22,7 @@ from .common import (
     steps_input,
 )
 from .dit_options import compile_node, lora_loader
+from .training import apply_trained_node, train_lora_node
 
 CAT = f"{CATEGORY}/Ovis-Image"
 DIT, TE, VAE = "LP_OVIS_DIT", "LP_OVIS_TEXT_ENCODER", "LP_OVIS_VAE"
@@ -156,9 +157,22 @@ class LetterpressOvisImageVAEEncode(VAEEncodeNode):
 
 LetterpressOvisImageLoraLoader = lora_loader("LetterpressOvisImageLoraLoader", "Ovis-Image", DIT)
 LetterpressOvisImageCompile = compile_node("LetterpressOvisImageCompile", "Ovis-Image", DIT)
+LetterpressOvisImageTrainLoRA = train_lora_node(
+    "LetterpressOvisImageTrainLoRA", "Ovis-Image",
+    "Trains a LoRA on the Ovis-Image DiT from a dataset of images and captions: flow matching on the sampler's "
+    "schedule at 1000 steps (FLUX's dynamic shift at each bucket's size), timesteps drawn uniformly, AdamW. Latents and "
+    "text encodings are computed once, then the DiT trains with the text encoder and VAE left for the memory manager "
+    "to unload. Works on bf16, fp8 and quantized (GGUF) DiTs. Cancel stops within one step and writes the LoRA of the "
+    "steps done to output/loras.",
+    {"dit": (DIT, "The Ovis-Image DiT to train on (a LoRA chained before it is kept under it)."),
+     "text_encoder": (TE, "The Ovis2.5 text encoder, to encode the captions."),
+     "vae": (VAE, "The FLUX.1 VAE, to encode the images.")},
+    lambda: {}, stage.encode_dataset, stage.training_family)
+LetterpressOvisImageApplyTrainedLoRA = apply_trained_node("LetterpressOvisImageApplyTrainedLoRA", "Ovis-Image", DIT,
+                                                          stage.FAMILY)
 
 NODES = {c.__name__: c for c in (
-    LetterpressOvisImageLoraLoader, LetterpressOvisImageCompile,
+    LetterpressOvisImageTrainLoRA, LetterpressOvisImageApplyTrainedLoRA, LetterpressOvisImageLoraLoader, LetterpressOvisImageCompile,
     LetterpressOvisImageFolderLoader, LetterpressOvisImageDiTLoader, LetterpressOvisImageTextEncoderLoader,
     LetterpressOvisImageVAELoader, LetterpressOvisImageTextEncode, LetterpressOvisImageEmptyLatent,
     LetterpressOvisImageSampler, LetterpressOvisImageVAEDecode, LetterpressOvisImageVAEEncode,
@@ -175,4 +189,6 @@ DISPLAY_NAMES = {
     "LetterpressOvisImageSampler": "Ovis-Image DiT Sample",
     "LetterpressOvisImageVAEDecode": "Ovis-Image VAE Decode",
     "LetterpressOvisImageVAEEncode": "Ovis-Image VAE Encode",
+    "LetterpressOvisImageTrainLoRA": "Ovis-Image Train LoRA",
+    "LetterpressOvisImageApplyTrainedLoRA": "Ovis-Image Apply Trained LoRA",
 }

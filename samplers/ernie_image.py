@@ -69,12 +69,66 @@ def encode_text(te: ModelHandle, prompt: str) -> Conditioning:
 # DiT ---------------------------------------------------------------------------------------------
 
 
-def _pad_text(hiddens: list[torch.Tensor], device, dtype, text_in_dim: int):
+def prepare_inputs(dit: ModelHandle, hiddens: list[torch.Tensor]) -> dict:
+    """The DiT's inputs besides x and the timestep, for one text encoding per batch item (zero-padded with true
+    lengths, as the reference pipeline batches them). Shared by sampling and LoRA training."""
+    device, dtype = dit.device, dit.dtype
     lens = torch.tensor([h.shape[0] for h in hiddens], device=device, dtype=torch.long)
-    text = torch.zeros((len(hiddens), int(lens.max()), text_in_dim), device=device, dtype=dtype)
+    text = torch.zeros((len(hiddens), int(lens.max()), dit.module.config.text_in_dim), device=device, dtype=dtype)
     for i, h in enumerate(hiddens):
         text[i, : h.shape[0]] = h.to(device, dtype)
-    return text, lens
+    return {"text_bth": text, "text_lens": lens}
+
+
+def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """The DiT's velocity at x (patchified latents) and the schedule's timesteps t = sigma * 1000 (one per item);
+    the one model call of sampling and of LoRA training."""
+    return run(hidden_states=x, timestep=t.to(x.device, x.dtype), **inputs, return_dict=False)[0]
+
+
+def training_schedule(shift: float):
+    """The 1000 (sigma, timestep) pairs training draws from uniformly: the sampler's schedule at 1000 steps
+    (linspace(1, 0, 1001)[:-1], static shift), as DiffSynth-Studio trains ERNIE-Image."""
+    sigmas, timesteps = flow_match.schedule(torch.linspace(1.0, 0.0, 1001)[:-1].numpy(), shift=shift)
+    return sigmas[:-1], timesteps
+
+
+def training_weight(timesteps: torch.Tensor) -> torch.Tensor:
+    """The loss weight of each training timestep as DiffSynth-Studio (ERNIE-Image's trainer) weighs it: a bell
+    exp(-2 ((t - 500) / 1000)^2) less its minimum, normalised to mean 1 over the 1000 timesteps."""
+    y = torch.exp(-2 * ((timesteps.double() - 500) / 1000) ** 2)
+    y = y - y.min()
+    return (y * (len(timesteps) / y.sum())).float()
+
+
+def training_family(shift: float):
+    """ERNIE-Image's training objective for lora_training.train: the sampler's model call and schedule."""
+    from .lora_training import Family
+
+    def memory(dit, batch, shape, conds):
+        tokens = shape[-1] * shape[-2] + max(c.shape[0] for c in conds)
+        return 2 * working_memory.dit(dit, batch, tokens, dit.module.config.hidden_size)
+
+    return Family(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, conds), velocity=velocity,
+                  schedule=lambda dit, shape: training_schedule(shift), memory=memory, weight=training_weight)
+
+
+def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int):
+    """Each item's latents (at its resolution bucket) and text encoding, computed once for a training run."""
+    from .lora_training import bucket_size, resize
+
+    host = get_host()
+    latents = []
+    for img in dataset.images:
+        w, h = bucket_size(img.shape[2], img.shape[1], resolution, SCALE)
+        host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
+        latents.append(encode(vae, resize(img, w, h))["samples"].float())
+    host.load(te)
+    cache: dict[str, torch.Tensor] = {}
+    for c in dataset.captions:
+        if c not in cache:
+            cache[c] = encode_text(te, c).embeds[0]
+    return latents, [cache[c] for c in dataset.captions]
 
 
 def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict,
@@ -101,7 +155,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     use_cfg = flow_match.uses_cfg(cfg, negative, NEGATIVE_HINT)
     cond = batch_for(positive, b, FAMILY, "positive")
     text = ([h for h in batch_for(negative, b, FAMILY, "negative")] if use_cfg else []) + cond
-    text_bth, text_lens = _pad_text(text, device, dtype, model.config.text_in_dim)
+    inputs = prepare_inputs(dit, text)
 
     sigmas, timesteps = flow_match.schedule(torch.linspace(1.0, 0.0, steps + 1)[:-1].numpy(), shift=shift)
     first = flow_match.start_index(steps, denoise)
@@ -115,8 +169,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
 
     def predict(x: torch.Tensor, i: int) -> torch.Tensor:
         xin = torch.cat([x, x]) if use_cfg else x
-        t = torch.full((xin.shape[0],), timesteps[i].item(), device=device, dtype=dtype)
-        v = run(hidden_states=xin, timestep=t, text_bth=text_bth, text_lens=text_lens, return_dict=False)[0]
+        v = velocity(run, xin, timesteps[i].expand(xin.shape[0]), inputs)
         if use_cfg:
             uncond, cond_v = v.chunk(2)
             v = flow_match.cfg_combine(uncond, cond_v, cfg)

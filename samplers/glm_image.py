@@ -239,6 +239,112 @@ def _reference_latents(latent: dict | None, prior: GlmPrior, channels: int) -> l
     return refs
 
 
+def prepare_inputs(dit: ModelHandle, tokens: torch.Tensor, glyphs: torch.Tensor, height: int, width: int,
+                   drop: bool, kv=None) -> dict:
+    """The DiT's inputs besides x and the timestep, for images of height x width pixels: the prior tokens
+    (B, seq), dropped for the unconditional pass (`drop`), the glyph embeddings (B, L, D), the size
+    conditioning, the rotary embedding (it depends only on the latent grid: computed once, not at each pass) and
+    the reference images' KV cache. Shared by sampling and LoRA training."""
+    model, device, dtype = dit.module, dit.device, dit.dtype
+    tokens = tokens.to(device)
+    b, lh, lw = tokens.shape[0], height // VAE_SCALE, width // VAE_SCALE
+    grid = torch.empty((1, model.config.in_channels, lh, lw), device="meta")  # rope reads only the grid size
+    return {"encoder_hidden_states": glyphs.to(device, dtype), "prior_token_id": tokens,
+            "prior_token_drop": torch.full_like(tokens, drop, dtype=torch.bool),
+            "target_size": torch.tensor([[height, width]] * b, dtype=dtype, device=device),
+            "crop_coords": torch.zeros((b, 2), dtype=dtype, device=device), "kv_caches": kv,
+            "image_rotary_emb": tuple(r.to(device) for r in model.rope(grid))}
+
+
+def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """The DiT's velocity at x and the schedule's integer timesteps t in 1000..1 (one per item; the DiT sees
+    t - 1, unshifted, as the reference pipeline passes it); the one model call of sampling and LoRA training."""
+    return run(hidden_states=x, timestep=t.to(x.device) - 1, **inputs, return_dict=False)[0]
+
+
+def schedule_for(dit: ModelHandle, steps: int, lh: int, lw: int):
+    """(sigmas with the terminal 0, timesteps int(linspace(1000, 1, N+1)[:-1])) for an (lh, lw) latent: the
+    sigmas are t / 1000 shifted by the family's dynamic shift at the latent's token count."""
+    sched = dit.extras.get("scheduler", {})
+    p = dit.module.config.patch_size
+    n_train = sched.get("num_train_timesteps", 1000)
+    ts = np.linspace(n_train, 1.0, steps + 1)[:-1].astype(np.int64).astype(np.float32)
+    seq = lh * lw // p**2
+    mu = math.sqrt(seq / sched.get("base_image_seq_len", 256)) * sched.get("max_shift", 0.75) + sched.get("base_shift", 0.25)
+    if sched.get("use_dynamic_shifting", True):
+        sigmas, _ = flow_match.schedule(ts / n_train, mu=mu, time_shift_type=sched.get("time_shift_type", "linear"))
+    else:
+        sigmas, _ = flow_match.schedule(ts / n_train, shift=sched.get("shift", 1.0))
+    return sigmas, torch.from_numpy(ts)
+
+
+def training_schedule(dit: ModelHandle, lh: int, lw: int):
+    """The 1000 (sigma, timestep) pairs training draws from uniformly: the sampler's schedule at 1000 steps."""
+    sigmas, timesteps = schedule_for(dit, 1000, lh, lw)
+    return sigmas[:-1], timesteps
+
+
+@torch.no_grad()
+def image_prior_tokens(ar: ModelHandle, image: torch.Tensor) -> torch.Tensor:
+    """The AR model's prior tokens of a picture (1, H, W, 3) at a size reference_size keeps: its vision encoder's
+    VQ tokens (the d32 grid), upsampled 2x as the DiT reads them, (1, H/16 * W/16). What the DiT is conditioned on
+    when it learns to draw that picture (the AR stage would have generated tokens like them)."""
+    processor = ar.tokenizer
+    out = processor.image_processor(images=[_to_pil(image[0])], return_tensors="pt")
+    grid = out["image_grid_thw"].to(ar.device)
+    feats = ar.module.get_image_features(out["pixel_values"].to(ar.device, ar.dtype), grid).pooler_output
+    ids = ar.module.get_image_tokens(feats, grid)
+    _, gh, gw = grid[0].tolist()
+    return _upsample(ids, gh, gw).cpu()
+
+
+def encode_dataset(ar: ModelHandle, glyph: ModelHandle, vae: ModelHandle, dataset, resolution: int):
+    """Each item's latents (at its resolution bucket, brought to a size the AR processor keeps), the AR prior tokens
+    of the image and the glyph encoding of its caption's quoted text, computed once for a training run."""
+    from ..loaders.host import get_host
+    from .lora_training import bucket_size, resize
+
+    host = get_host()
+    sized = []
+    for img in dataset.images:
+        w, h = bucket_size(img.shape[2], img.shape[1], resolution, SCALE)
+        h, w = reference_size(ar.tokenizer, h, w)
+        sized.append(resize(img, w, h))
+    latents = []
+    for img in sized:
+        host.load(vae, memory_required=working_memory.vae(vae, 1, img.shape[1], img.shape[2]))
+        latents.append(encode(vae, img)["samples"].float())
+    host.load(ar)
+    tokens = [image_prior_tokens(ar, img) for img in sized]
+    host.load(glyph)
+    cache: dict[str, torch.Tensor] = {}
+    for c in dataset.captions:
+        if c not in cache:
+            cache[c] = encode_glyphs(glyph, c).embeds[0]
+    return latents, [(t, cache[c]) for t, c in zip(tokens, dataset.captions)]
+
+
+def training_family():
+    """GLM-Image DiT's training objective for lora_training.train: the sampler's model call (the DiT sees t - 1) and
+    schedule at 1000 steps (integer timesteps, sigmas t / 1000 with the dynamic shift at the bucket's token count),
+    timesteps drawn uniformly, plain MSE, each item conditioned on its image's AR prior tokens and its caption's
+    glyphs (items run one at a time: their glyph sequences differ in length)."""
+    from .lora_training import Family
+
+    def inputs(dit, conds, shape):
+        (tokens, glyphs), = conds
+        return prepare_inputs(dit, tokens, glyphs[None], shape[-2] * VAE_SCALE, shape[-1] * VAE_SCALE, drop=False)
+
+    def memory(dit, batch, shape, conds):
+        cfgm = dit.module.config
+        p = cfgm.patch_size
+        tokens = (shape[-2] // p) * (shape[-1] // p) + max(g.shape[0] for _, g in conds)
+        return 2 * working_memory.dit(dit, 1, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
+
+    return Family(FAMILY, inputs=inputs, velocity=velocity, schedule=lambda dit, shape: training_schedule(dit, *shape[-2:]),
+                  memory=memory, one_at_a_time=True)
+
+
 def memory_required(dit: ModelHandle, prior, positive: Conditioning) -> int:
     """Bytes of activations of one DiT pass, plus the key/value cache the reference images fill (editing)."""
     prior = check_prior(prior)
@@ -296,41 +402,23 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
                   crop_coords=torch.zeros((1, 2), device=device), kv_caches=kv)
         kv.next_sample()
 
-    sched = dit.extras.get("scheduler", {})
-    n_train = sched.get("num_train_timesteps", 1000)
-    ts = np.linspace(n_train, 1.0, steps + 1)[:-1].astype(np.int64).astype(np.float32)
-    seq = lh * lw // p**2
-    mu = math.sqrt(seq / sched.get("base_image_seq_len", 256)) * sched.get("max_shift", 0.75) + sched.get("base_shift", 0.25)
-    if sched.get("use_dynamic_shifting", True):
-        sigmas, _ = flow_match.schedule(ts / n_train, mu=mu, time_shift_type=sched.get("time_shift_type", "linear"))
-    else:
-        sigmas, _ = flow_match.schedule(ts / n_train, shift=sched.get("shift", 1.0))
-    timesteps = torch.from_numpy(ts).to(device)
-
-    tokens = prior.tokens.to(device)
-    keep, drop = torch.zeros_like(tokens, dtype=torch.bool), torch.ones_like(tokens, dtype=torch.bool)
-    target_size = torch.tensor([[height, width]], dtype=dtype, device=device)
-    crop = torch.zeros((1, 2), dtype=dtype, device=device)
+    sigmas, timesteps = schedule_for(dit, steps, lh, lw)
+    timesteps = timesteps.to(device)
 
     noise = flow_match.noise_like((1, cfgm.in_channels, lh, lw), seed, dtype, device)
-    # The rotary embedding depends only on the latent grid: computed once, not in each of the 2 x steps passes.
-    rope = tuple(r.to(device) for r in model.rope(noise))
+    cond = prepare_inputs(dit, prior.tokens, pos, height, width, drop=False, kv=kv)
+    uncond = prepare_inputs(dit, prior.tokens, neg, height, width, drop=True, kv=kv) if use_cfg else None
 
     def predict(x: torch.Tensor, i: int) -> torch.Tensor:
-        t = timesteps[i].expand(1) - 1
+        t = timesteps[i].expand(1)
         xin = x.to(dtype)
         if refs:
             kv.set_mode("read")
-        v = run(hidden_states=xin, encoder_hidden_states=pos, prior_token_id=tokens, prior_token_drop=keep,
-                timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, image_rotary_emb=rope,
-                return_dict=False)[0].float()
+        v = velocity(run, xin, t, cond).float()
         if use_cfg:
             if refs:
                 kv.set_mode("skip")
-            u = run(hidden_states=xin, encoder_hidden_states=neg, prior_token_id=tokens, prior_token_drop=drop,
-                    timestep=t, target_size=target_size, crop_coords=crop, kv_caches=kv, image_rotary_emb=rope,
-                    return_dict=False)[0].float()
-            v = flow_match.cfg_combine(u, v, cfg)
+            v = flow_match.cfg_combine(velocity(run, xin, t, uncond).float(), v, cfg)
         return v
 
     try:

@@ -108,6 +108,63 @@ def _embeds(cond: Conditioning, batch: int, which: str, width: int, device, dtyp
     return torch.stack(per_image).to(device, dtype)
 
 
+def prepare_inputs(dit: ModelHandle, embeds: torch.Tensor, h: int, w: int) -> dict:
+    """The DiT's inputs besides x and the timestep: text embeddings (B, L, D) and the text and image positions
+    for an (h, w) unpacked latent. Shared by sampling and LoRA training."""
+    device, dtype = dit.device, dit.dtype
+    return {"encoder_hidden_states": embeds.to(device, dtype), "txt_ids": text_ids(embeds.shape[1], device, dtype),
+            "img_ids": image_ids(h // 2, w // 2, device, dtype)}
+
+
+def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """The DiT's velocity at x (packed tokens) and the schedule's timesteps t = sigma * 1000 (one per item; the
+    DiT sees t / 1000, as the reference pipeline passes it); the one model call of sampling and LoRA training."""
+    return run(hidden_states=x, timestep=t.to(x.device).to(x.dtype) / 1000, **inputs, return_dict=False)[0]
+
+
+def training_schedule(dit: ModelHandle, h: int, w: int):
+    """The 1000 (sigma, timestep) pairs training draws from uniformly: the sampler's schedule at 1000 steps for
+    an (h, w) unpacked latent (FLUX's dynamic shift at its token count)."""
+    sigmas, timesteps = sigmas_for(1000, (h // 2) * (w // 2), dit.extras.get("schedule") or DEFAULT_SCHEDULE)
+    return sigmas[:-1], timesteps
+
+
+def training_family():
+    """Ovis-Image's training objective for lora_training.train: the sampler's model call on packed tokens and its
+    schedule at 1000 steps (dynamic shift at the bucket's token count), timesteps drawn uniformly, plain MSE (as
+    diffusers' FLUX-family LoRA scripts train by default)."""
+    from .lora_training import Family
+
+    def memory(dit, batch, shape, conds):
+        cfgm = dit.module.config
+        tokens = (shape[-2] // 2) * (shape[-1] // 2) + max(c.shape[0] for c in conds)
+        return 2 * working_memory.dit(dit, batch, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
+
+    return Family(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, torch.stack(conds), *shape[-2:]),
+                  velocity=velocity, schedule=lambda dit, shape: training_schedule(dit, *shape[-2:]), memory=memory,
+                  to_model=pack_2x2_tokens)
+
+
+def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int,
+                   max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+    """Each item's latents (at its resolution bucket) and text encoding, computed once for a training run."""
+    from ..loaders.host import get_host
+    from .lora_training import bucket_size, resize
+
+    host = get_host()
+    latents = []
+    for img in dataset.images:
+        w, h = bucket_size(img.shape[2], img.shape[1], resolution, SCALE)
+        host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
+        latents.append(encode(vae, resize(img, w, h))["samples"].float())
+    host.load(te)
+    cache: dict[str, torch.Tensor] = {}
+    for c in dataset.captions:
+        if c not in cache:
+            cache[c] = encode_text(te, c, max_sequence_length).embeds[0]
+    return latents, [cache[c] for c in dataset.captions]
+
+
 def sigmas_for(steps: int, image_seq_len: int, schedule: dict):
     """The reference schedule: linspace(1, 1/N, N) shifted dynamically by mu(image_seq_len) (or statically)."""
     base = np.linspace(1.0, 1 / steps, steps)
@@ -155,11 +212,8 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
         raise LetterpressError(f"steps must be at least 1, got {steps}.")
     use_cfg = flow_match.uses_cfg(cfg, negative, NEGATIVE_HINT)
     width = model.config.joint_attention_dim
-    cond = _embeds(positive, b, "positive", width, device, dtype)
-    uncond = _embeds(negative, b, "negative", width, device, dtype) if use_cfg else None
-    cond_ids = text_ids(cond.shape[1], device, dtype)
-    uncond_ids = text_ids(uncond.shape[1], device, dtype) if use_cfg else None
-    img_ids = image_ids(h // 2, w // 2, device, dtype)
+    cond = prepare_inputs(dit, _embeds(positive, b, "positive", width, device, dtype), h, w)
+    uncond = prepare_inputs(dit, _embeds(negative, b, "negative", width, device, dtype), h, w) if use_cfg else None
 
     sigmas, timesteps = sigmas_for(steps, (h // 2) * (w // 2), dit.extras.get("schedule") or DEFAULT_SCHEDULE)
     first = flow_match.start_index(steps, denoise)
@@ -172,12 +226,10 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
         blend = flow_match.keep_unmasked(*(pack_2x2_tokens(t) for t in (mask, init.to(device), noise)))
 
     def predict(x: torch.Tensor, i: int) -> torch.Tensor:
-        t = timesteps[i].to(device).expand(x.shape[0]).to(x.dtype) / 1000
-        v = run(hidden_states=x, timestep=t, encoder_hidden_states=cond, txt_ids=cond_ids, img_ids=img_ids,
-                return_dict=False)[0]
+        t = timesteps[i].expand(x.shape[0])
+        v = velocity(run, x, t, cond)
         if use_cfg:
-            v_neg = run(hidden_states=x, timestep=t, encoder_hidden_states=uncond, txt_ids=uncond_ids,
-                        img_ids=img_ids, return_dict=False)[0]
+            v_neg = velocity(run, x, t, uncond)
             v = flow_match.cfg_combine(v_neg, v, cfg)
         return v
 

@@ -130,9 +130,47 @@ class LetterpressTestLoadRequests(LetterpressTestLoadedModels):
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
+import comfy.utils
+
+INTERRUPT_AT = {}
+_update_absolute = comfy.utils.ProgressBar.update_absolute
+
+
+def _interrupting_update_absolute(self, value, total=None, preview=None):
+    _update_absolute(self, value, total, preview)
+    if INTERRUPT_AT.get(self.total) == value:  # as the Cancel button would, right after that progress tick
+        INTERRUPT_AT.clear()
+        mm.interrupt_current_processing(True)
+
+
+comfy.utils.ProgressBar.update_absolute = _interrupting_update_absolute
+
+
+class LetterpressTestInterruptAt:
+    """Arms an interrupt for the next progress bar of `total` steps when it reaches step `at` (no timing)."""
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"total": ("INT", {"default": 1, "min": 1, "max": 100000}),
+                             "at": ("INT", {"default": 1, "min": 1, "max": 100000})}}
+
+    @classmethod
+    def IS_CHANGED(cls, total, at):
+        return float("nan")
+
+    def run(self, total, at):
+        INTERRUPT_AT[total] = at
+        return {"ui": {"text": ["armed"]}}
+
+
 NODE_CLASS_MAPPINGS = {"LetterpressTestLoadedModels": LetterpressTestLoadedModels,
                        "LetterpressTestLowVram": LetterpressTestLowVram,
-                       "LetterpressTestLoadRequests": LetterpressTestLoadRequests}
+                       "LetterpressTestLoadRequests": LetterpressTestLoadRequests,
+                       "LetterpressTestInterruptAt": LetterpressTestInterruptAt}
 '''
 
 
@@ -201,6 +239,12 @@ def comfy(request, shipped_models, models_dir, tmp_path_factory):
         for node in json.load(open(path)).values():
             if node["class_type"] == "LoadImage":
                 Image.new("RGB", (64, 64), (200, 120, 40)).save(inputs / node["inputs"]["image"])
+            if node["class_type"] == "LetterpressTrainingDataset":  # two captioned images of other aspect ratios
+                folder = inputs / node["inputs"]["folder"]
+                folder.mkdir(exist_ok=True)
+                for i, (size, colour) in enumerate((((96, 64), (200, 40, 40)), ((64, 96), (40, 40, 200)))):
+                    Image.new("RGB", size, colour).save(folder / f"{i}.png")
+                    (folder / f"{i}.txt").write_text(f"a sign in colour {i}")
     port = _free_port()
     log = open(base / "comfyui.log", "w")
     proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -240,6 +284,8 @@ def small(wf: dict, steps: int = 2, size: int = 64) -> dict:
             inputs["value"] = size
         if isinstance(inputs.get("steps"), int):
             inputs["steps"] = steps
+        if isinstance(inputs.get("resolution"), int):
+            inputs["resolution"] = size
         if isinstance(inputs.get("max_new_tokens"), int):
             inputs["max_new_tokens"] = 8
     return wf
@@ -610,3 +656,44 @@ def test_set_latent_noise_mask_inpaints_inside_comfyui(comfy):
     wf["12"]["inputs"]["value"] = 1.0
     redrawn = comfy.wait(comfy.queue(wf))
     assert abs(_image(comfy, redrawn, "7") - _image(comfy, redrawn, "15")).max() > 2
+
+
+def test_cancel_mid_training_keeps_the_steps_done_and_the_next_prompt_runs(comfy):
+    """Cancel during Train LoRA (raised right after step 3's progress tick, as the Cancel button does): the prompt
+    ends interrupted, the LoRA of the 3 steps done is in output/loras, and the server runs the next prompt."""
+    from safetensors import safe_open
+
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_train_lora_api.json"))))
+    wf["3"]["inputs"]["steps"] = 37  # a step count no other progress bar here has
+    wf["3"]["inputs"]["seed"] = 4242
+    comfy.wait(comfy.queue({"1": {"class_type": "LetterpressTestInterruptAt", "inputs": {"total": 37, "at": 3}}}))
+    entry = comfy.wait(comfy.queue(wf))
+    assert "execution_interrupted" in messages(entry)
+    folder = os.path.join(os.path.dirname(comfy.input_dir), "output", "loras")
+    kept = [f for f in os.listdir(folder) if f.startswith("ernie_image_cancelled_step3_")]
+    assert len(kept) == 1
+    with safe_open(os.path.join(folder, kept[0]), "pt") as f:
+        assert f.metadata()["letterpress_steps"] == "3" and any(k.endswith("lora_B.weight") for k in f.keys())
+    again = comfy.wait(comfy.queue(small(wf)))
+    assert again["status"]["status_str"] == "success", messages(again).get("execution_error")
+
+
+def test_training_on_a_gguf_dit_inside_comfyui_saves_a_lora(comfy):
+    """QLoRA inside ComfyUI: the DiT from a GGUF file (weights kept packed under ModelPatcher) trains, and Save LoRA
+    writes a file the LoRA Loader reads."""
+    from letterpress.loaders.lora import read_lora
+
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_train_lora_api.json"))))
+    wf["20"] = {"class_type": "LetterpressErnieImageDiTLoader",
+                "inputs": {"dit_name": "ernie-image-turbo-Q4_K_M.gguf", "weight_dtype": "auto"}}
+    wf["3"]["inputs"]["dit"] = ["20", 0]
+    wf["6"]["inputs"]["dit"] = ["20", 0]
+    wf["4"]["inputs"]["filename_prefix"] = "loras/gguf_trained"
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    folder = os.path.join(os.path.dirname(comfy.input_dir), "output", "loras")
+    saved = [f for f in os.listdir(folder) if f.startswith("gguf_trained_")]
+    assert len(saved) == 1
+    lora = read_lora(os.path.join(folder, saved[0]))
+    assert "layers.0.self_attention.to_q" in lora.layers
+    assert any(b.abs().max() > 0 for _, b, _ in lora.layers.values())

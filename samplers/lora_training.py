@@ -1,0 +1,441 @@
+"""LoRA training of a family's DiT inside the graph: datasets, resolution buckets, LoRA adapters on the frozen DiT,
+the flow-matching training step, the trained LoRA as tensors in PEFT naming, and the loss plot.
+
+The step uses the family's own model call (`velocity`, the one its sampler uses) and its own schedule: x_t =
+sigma * noise + (1 - sigma) * x0 at a timestep drawn uniformly from the family's 1000-step training schedule, the
+target noise - x0, the mean squared error (times the family's timestep weight). A LoRA layer is PEFT's: the frozen
+layer's output plus scale * B(A(x)), A and B in fp32, A initialised kaiming-uniform and B zero. The frozen layer
+computes as it always does (bf16, fp8 storage, or a packed quantized weight dequantized per call: QLoRA), so no
+weight is copied or changed. The optimizer is torch's AdamW.
+
+Text encodings and latents are computed once per dataset item by the family (`encode_items`), then the text
+encoder and VAE are left to the host to unload while the DiT trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..loaders import layers as layer_kinds
+from ..loaders.errors import Interrupted, LetterpressError
+from ..loaders.handle import ModelHandle
+from ..loaders.host import get_host
+from ..loaders.lora import LoraTensors, LoraWeights, parse_lora
+from .numerics import check_seed
+
+LAYER_CHOICES = ("attention", "mlp", "all")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+WEIGHT_DECAY = 0.01  # torch's AdamW default
+
+
+# Datasets ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingDataset:
+    """Images (each (1, H, W, 3) in 0..1, any size) and their captions."""
+
+    images: list
+    captions: list
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def dataset_from_folder(folder: str) -> TrainingDataset:
+    """Every image in `folder` with the caption in the .txt file of the same name (empty without one)."""
+    from PIL import Image, ImageOps
+
+    if not os.path.isdir(folder):
+        raise LetterpressError(f"The dataset folder {folder} does not exist: put a folder of images and same-named "
+                               ".txt captions under ComfyUI's input folder and give its name.")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise LetterpressError(f"The dataset folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    images, captions = [], []
+    for n in names:
+        with Image.open(os.path.join(folder, n)) as im:
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
+            images.append(torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+                          .view(rgb.height, rgb.width, 3).float().div(255)[None])
+        txt = os.path.join(folder, os.path.splitext(n)[0] + ".txt")
+        captions.append(open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else "")
+    return TrainingDataset(images, captions, folder)
+
+
+def dataset_from_images(images: torch.Tensor, captions: str) -> TrainingDataset:
+    """An IMAGE batch and its captions, one per line (a single line captions every image)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise LetterpressError("images is not an IMAGE batch: wire Load Image (or a batch of images).")
+    lines = [c.strip() for c in captions.split("\n")] if captions.strip() else [""]
+    lines = [c for c in lines if c] or [""]
+    if len(lines) == 1:
+        lines = lines * images.shape[0]
+    if len(lines) != images.shape[0]:
+        raise LetterpressError(f"{images.shape[0]} images but {len(lines)} caption lines: give one caption per line, "
+                               "one per image (or a single line for all).")
+    return TrainingDataset([img[None, ..., :3].float() for img in images], lines, "images")
+
+
+def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
+    """The training size of a width x height image: about resolution^2 pixels, its aspect ratio kept, each side a
+    multiple of `step` (the image is resized, never cropped, so text at its edges stays in)."""
+    scale = math.sqrt(resolution * resolution / (width * height))
+    return (max(step, round(width * scale / step) * step), max(step, round(height * scale / step) * step))
+
+
+def resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(1, H, W, 3) -> (1, height, width, 3), antialiased bicubic, clamped to 0..1."""
+    if image.shape[1:3] == (height, width):
+        return image
+    x = image.movedim(-1, 1)
+    x = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return x.movedim(1, -1).clamp(0, 1)
+
+
+# LoRA layers ---------------------------------------------------------------------------------------------------
+
+
+def target_layers(module: torch.nn.Module, which: str) -> list[str]:
+    """The Linear layers of the DiT's blocks a LoRA trains: those of attention, of the MLPs, or all of them."""
+    if which not in LAYER_CHOICES:
+        raise LetterpressError(f"layers must be one of {', '.join(LAYER_CHOICES)}, got {which!r}.")
+    out = []
+    for name, m in module.named_modules():
+        parts = name.split(".")
+        if layer_kinds.kind_of(m) != "Linear" or not any(p.isdigit() for p in parts):
+            continue
+        attention = any("attn" in p or "attention" in p for p in parts)
+        mlp = any(p in ("mlp", "ff", "ff_context") for p in parts) or parts[-1] == "proj_mlp"
+        if which == "all" or (which == "attention" and attention) or (which == "mlp" and mlp):
+            out.append(name)
+    if not out:
+        raise LetterpressError(f"This DiT has no {which} layers in its blocks to train.")
+    return out
+
+
+class LoraLayer(torch.nn.Module):
+    """PEFT's LoRA on one frozen layer: out + scale * B(A(x)), computed in fp32, as a forward hook."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, device, generator=None):
+        super().__init__()
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, in_features, device=device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(out_features, rank, device=device))
+        a = torch.empty(rank, in_features)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # PEFT's (and nn.Linear's) init
+        with torch.no_grad():
+            self.lora_A.copy_(a)
+        self.scale = scale
+
+    def hook(self, layer, args, out):
+        x = args[0]
+        delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
+        return out + delta.to(out.dtype)
+
+
+def usable_for_autograd(module: torch.nn.Module) -> None:
+    """Tensors made under torch.inference_mode (ComfyUI runs every node in it, loaders included) cannot be saved for
+    backward: give each such parameter and buffer a normal tensor over the same memory (no copy). A normal tensor
+    stays normal: the module's next use in inference mode is unaffected."""
+    for m in module.modules():
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None and t.is_inference():
+                plain = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                    t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+                if isinstance(t, torch.nn.Parameter):  # a new Parameter: the old object stays an inference tensor
+                    m._parameters[name] = torch.nn.Parameter(plain, requires_grad=False)
+                else:
+                    m._buffers[name] = plain
+
+
+# The trained LoRA ----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class TrainedLora:
+    """A LoRA trained in the graph (socket LP_LORA): its tensors in diffusers/PEFT naming
+    (transformer.<layer>.lora_A.weight) and the PEFT settings diffusers writes into a file's metadata."""
+
+    family: str
+    tensors: dict
+    rank: int
+    alpha: float
+    targets: list
+    steps: int
+    losses: list = field(default_factory=list)
+
+    @property
+    def metadata(self) -> dict:
+        config = {"r": self.rank, "lora_alpha": self.alpha, "target_modules": sorted(self.targets),
+                  "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+                  "init_lora_weights": True}
+        packed = {f"transformer.{k}": v for k, v in config.items()}  # as diffusers' save_lora_weights packs them
+        return {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True),
+                "letterpress_family": self.family, "letterpress_steps": str(self.steps)}
+
+    def weights(self) -> LoraWeights:
+        return parse_lora(LoraTensors(self.tensors, self.metadata), f"trained {self.family} LoRA ({self.steps} steps)")
+
+    def diffsynth_tensors(self) -> dict:
+        """DiffSynth-Studio's naming (`<layer>.lora_A.default.weight`, as its trainer saves PEFT's default adapter):
+        its loader adds B @ A unscaled, so alpha / rank is folded into B."""
+        scale = self.alpha / self.rank
+        out = {}
+        for key, t in self.tensors.items():
+            layer, side = key[len("transformer."):].rsplit(".lora_", 1)
+            side = side.split(".")[0]
+            out[f"{layer}.lora_{side}.default.weight"] = t * scale if side == "B" else t
+        return out
+
+    def save(self, path: str, fmt: str = "diffusers") -> None:
+        """Write the LoRA: `fmt` diffusers (PEFT naming with diffusers' metadata) or diffsynth (DiffSynth-Studio's)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if fmt == "diffsynth":
+            tensors = self.diffsynth_tensors()
+            metadata = {k: v for k, v in self.metadata.items() if k != "lora_adapter_metadata"}
+        else:
+            tensors, metadata = self.tensors, self.metadata
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+
+
+def check_trained(lora, family: str) -> TrainedLora:
+    from .conditioning import FAMILY_NAMES
+
+    if not isinstance(lora, TrainedLora):
+        raise LetterpressError("The lora input is not a trained LoRA: wire it from a Train LoRA node.")
+    if lora.family != family:
+        raise LetterpressError(f"This LoRA was trained on the {FAMILY_NAMES.get(lora.family, lora.family)} DiT; "
+                               f"it does not fit the {FAMILY_NAMES.get(family, family)} DiT.")
+    return lora
+
+
+# Training ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSettings:
+    rank: int = 16
+    alpha: float = 16.0
+    learning_rate: float = 1e-4
+    steps: int = 100
+    batch_size: int = 1
+    seed: int = 0
+    layers: str = "attention"
+    gradient_checkpointing: bool = True
+
+    def check(self) -> None:
+        check_seed(self.seed)
+        for name in ("rank", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise LetterpressError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise LetterpressError(f"learning_rate must be a positive number, got {self.learning_rate}.")
+
+
+@dataclass
+class Family:
+    """What training needs from a family: its DiT call and schedule, on items it encoded beforehand.
+
+    - `inputs(dit, conds)`: the DiT's inputs besides x and t for a batch of cached text conditionings;
+    - `velocity(run, x, t, inputs)`: the family's model call (the sampler's);
+    - `schedule(dit, latent_shape)`: the (sigmas, timesteps) of its 1000-step training schedule;
+    - `memory(dit, batch, latent_shape, conds)`: bytes of activations a training step keeps, for the host;
+    - `to_model(x)`: latents in the layout the DiT takes (Ovis-Image packs 2x2 tokens);
+    - `weight(timesteps)`: the loss weight of each of the 1000 timesteps (None: plain MSE);
+    - `one_at_a_time`: the DiT takes one item per call (the batch's loss is still the mean over its items)."""
+
+    name: str
+    inputs: Callable
+    velocity: Callable
+    schedule: Callable
+    memory: Callable
+    to_model: Callable = lambda x: x  # noqa: E731
+    weight: Callable | None = None
+    one_at_a_time: bool = False
+
+
+@dataclass
+class Draw:
+    """One step's random choices: which items, the noise, the timestep indices into the training schedule."""
+
+    items: list
+    noise: torch.Tensor
+    t_index: torch.Tensor
+
+
+def buckets_of(latents: list[torch.Tensor]) -> list[list[int]]:
+    """Item indices grouped by latent shape (a batch is drawn from one bucket)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, lat in enumerate(latents):
+        groups.setdefault(tuple(lat.shape), []).append(i)
+    return list(groups.values())
+
+
+def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> Draw:
+    """The step's choices from the seeded CPU generator: an item uniformly, its bucket, then up to batch_size
+    items of that bucket in random order; fp32 noise shaped like their latents; timestep indices in 0..999."""
+    first = int(torch.randint(len(latents), (1,), generator=gen))
+    bucket = next(b for b in buckets_of(latents) if first in b)
+    order = [bucket[int(i)] for i in torch.randperm(len(bucket), generator=gen)]
+    items = [first] + [i for i in order if i != first][: batch_size - 1]
+    shape = (len(items), *latents[first].shape[1:])
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    return Draw(items, noise, torch.randint(0, 1000, (len(items),), generator=gen))
+
+
+def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torch.Tensor], conds: list,
+                       d: Draw, cache: dict | None = None) -> torch.Tensor:
+    """The training objective on one drawn batch: x_t = sigma * noise + (1 - sigma) * x0, target noise - x0, the
+    mean over items of each item's mean squared error (times its timestep's weight)."""
+    if family.one_at_a_time and len(d.items) > 1:
+        parts = [flow_matching_loss(family, dit, run, latents, conds, Draw([i], d.noise[k: k + 1], d.t_index[k: k + 1]),
+                                    cache) for k, i in enumerate(d.items)]
+        return torch.stack(parts).mean()
+    device, dtype = dit.device, dit.dtype
+    x0 = torch.cat([latents[i] for i in d.items]).to(device, torch.float32)
+    sigmas, timesteps, weights = _schedule(family, dit, x0.shape, cache)
+    sigma = sigmas[d.t_index].to(device, torch.float32).view(-1, *([1] * (x0.dim() - 1)))
+    noise = d.noise.to(device)
+    xt = sigma * noise + (1 - sigma) * x0
+    target = noise - x0
+    inputs = family.inputs(dit, [conds[i] for i in d.items], x0.shape)
+    v = family.velocity(run, family.to_model(xt.to(dtype)), timesteps[d.t_index], inputs)
+    per_item = ((v.float() - family.to_model(target)) ** 2).flatten(1).mean(1)
+    if weights is not None:
+        per_item = per_item * weights[d.t_index].to(device)
+    return per_item.mean()
+
+
+def _schedule(family: Family, dit: ModelHandle, shape, cache: dict | None) -> tuple:
+    """The family's (sigmas, timesteps, weights) for a latent shape (kept in `cache` per size during a run)."""
+    key = tuple(shape[1:])
+    if cache is None or key not in cache:
+        sigmas, timesteps = family.schedule(dit, shape)
+        found = (sigmas, timesteps, family.weight(timesteps) if family.weight is not None else None)
+        if cache is None:
+            return found
+        cache[key] = found
+    return cache[key]
+
+
+def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: list, settings: TrainingSettings,
+          init: dict | None = None, record: list | None = None, on_cancel: Callable | None = None) -> TrainedLora:
+    """Train a LoRA on the cached items: `settings.steps` AdamW steps, progress and Cancel per step.
+
+    `init` (layer -> (A, B)) starts from given factors instead of PEFT's init; `record` receives each step's Draw.
+    On Cancel the LoRA of the steps done goes to `on_cancel` (the node saves it), then the interrupt propagates."""
+    settings.check()
+    host = get_host()
+    module = dit.module
+    targets = target_layers(module, settings.layers)
+    b = settings.batch_size
+    shape = max((lat.shape for lat in latents), key=lambda s: s[-1] * s[-2])
+    # Activations kept for backward (block inputs with checkpointing, one block's in its backward): the host makes
+    # room for them as for a sampler's forward.
+    need = family.memory(dit, b, shape, conds)
+    with torch.inference_mode(False), torch.enable_grad():
+        host.load(dit, memory_required=need)
+        usable_for_autograd(module)
+        module.requires_grad_(False)
+        device = host.compute_device()
+        gen = torch.Generator("cpu").manual_seed(settings.seed)
+        scale = settings.alpha / settings.rank
+        adapters, hooks = {}, []
+        for name in targets:
+            layer = module.get_submodule(name)
+            out_f, in_f = layer_kinds.weight_shape(layer)
+            ad = LoraLayer(in_f, out_f, settings.rank, scale, device, gen)
+            if init is not None and name in init:
+                with torch.no_grad():
+                    ad.lora_A.copy_(init[name][0])
+                    ad.lora_B.copy_(init[name][1])
+            adapters[name] = ad
+            hooks.append(layer.register_forward_hook(ad.hook))
+        params = [p for ad in adapters.values() for p in (ad.lora_A, ad.lora_B)]
+        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=WEIGHT_DECAY)
+        checkpointing = settings.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False)
+        if checkpointing:
+            module.enable_gradient_checkpointing()
+        losses: list[float] = []
+        schedules: dict = {}  # the family's schedule per latent size, computed once
+
+        def result() -> TrainedLora:
+            tensors = {}
+            for name, ad in adapters.items():
+                tensors[f"transformer.{name}.lora_A.weight"] = ad.lora_A.detach().float().cpu().clone()
+                tensors[f"transformer.{name}.lora_B.weight"] = ad.lora_B.detach().float().cpu().clone()
+            return TrainedLora(family.name, tensors, settings.rank, settings.alpha, targets, len(losses), list(losses))
+
+        bar = host.progress(settings.steps)
+        try:
+            for _ in range(settings.steps):
+                host.check_interrupt()
+                d = draw(gen, latents, b)
+                if record is not None:
+                    record.append(d)
+                loss = flow_matching_loss(family, dit, module, latents, conds, d, schedules)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise LetterpressError(f"The training loss became {value} at step {len(losses) + 1}: lower the "
+                                           "learning rate.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(value)
+                bar.update(1)
+            host.check_interrupt()
+        except Interrupted:
+            if on_cancel is not None and losses:
+                on_cancel(result())
+            raise
+        except BaseException as e:  # ComfyUI's own interrupt exception is not ours: keep the steps done too
+            if type(e).__name__ == "InterruptProcessingException" and on_cancel is not None and losses:
+                on_cancel(result())
+            raise
+        finally:
+            bar.close()
+            for h in hooks:
+                h.remove()
+            if checkpointing:
+                module.disable_gradient_checkpointing()
+        return result()
+
+
+# Loss plot -----------------------------------------------------------------------------------------------------
+
+
+def loss_plot(losses: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
+    """The loss per step as an IMAGE (1, H, W, 3): a line on a white plot with its range and step count written."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    draw_ = ImageDraw.Draw(img)
+    left, right, top, bottom = 48, width - 10, 18, height - 22
+    draw_.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    if losses:
+        lo, hi = min(losses), max(losses)
+        span = (hi - lo) or 1.0
+        n = len(losses)
+        pts = [(left + (right - left) * (i / max(1, n - 1)), bottom - (bottom - top) * ((v - lo) / span))
+               for i, v in enumerate(losses)]
+        if len(pts) == 1:
+            draw_.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(200, 40, 40))
+        else:
+            draw_.line(pts, fill=(200, 40, 40), width=2)
+        draw_.text((2, top - 2), f"{hi:.4g}", fill=(0, 0, 0))
+        draw_.text((2, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
+        draw_.text((left, bottom + 6), "step 1", fill=(0, 0, 0))
+        draw_.text((right - 60, bottom + 6), f"step {n}", fill=(0, 0, 0))
+    draw_.text((left + 4, 2), "training loss", fill=(0, 0, 0))
+    arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return arr.float().div(255)[None]
