@@ -3,6 +3,8 @@ OpenAI-compatible server. Thin over loaders/ernie_vl.py, samplers/ernie_vl.py an
 
 from __future__ import annotations
 
+import logging
+
 from ..loaders import ernie_vl as load
 from ..loaders.errors import LetterpressError
 from ..loaders.files import resolve
@@ -11,6 +13,7 @@ from ..samplers import ernie_vl as vl
 from ..samplers import remote_openai as remote
 from .common import CATEGORY, MAX_SEED, dtype_input, hosted
 
+log = logging.getLogger(__name__)
 CAT = f"{CATEGORY}/ERNIE-VL"
 MODEL = "LP_ERNIE_VL"
 
@@ -144,7 +147,10 @@ class LetterpressErnieVLParseBoxes:
         names = [o.strip() for o in labels.split(",") if o.strip()]
         dropped = []
         boxes = vl.parse_boxes(answer, width, height, names, dropped=dropped)
-        return (vl.boxes_json(boxes, width, height, dropped),)
+        note = vl.NO_BOXES_NOTE if not boxes and not dropped and answer.strip() else ""
+        if note:
+            log.warning("ERNIE-VL Parse Boxes: %s", note)
+        return (vl.boxes_json(boxes, width, height, dropped, note),)
 
 
 class LetterpressErnieVLDrawBoxes:

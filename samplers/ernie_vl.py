@@ -278,10 +278,19 @@ def parse_boxes(text: str, width: int, height: int, labels: list[str] | None = N
     return boxes
 
 
-def boxes_json(boxes: list[dict], width: int, height: int, dropped: list | None = None) -> str:
+NO_BOXES_NOTE = (
+    "No boxes in the answer. If it came from a server (Remote Generate), the server may have dropped ERNIE's "
+    "<|LOC_n|> coordinate tokens: servers decode with special tokens skipped unless asked otherwise. Remote Generate "
+    "asks for skip_special_tokens=false (vLLM and SGLang honour it; transformers serve refuses the field, so its "
+    "answers never carry them): serve with vLLM or SGLang, or ask for JSON boxes (bbox_2d numbers) in the prompt.")
+
+
+def boxes_json(boxes: list[dict], width: int, height: int, dropped: list | None = None, note: str = "") -> str:
     data = {"width": width, "height": height, "coordinates": "pixels x1, y1, x2, y2 (top-left origin)", "boxes": boxes}
     if dropped:
         data["dropped"] = dropped
+    if note:
+        data["note"] = note
     return json.dumps(data, ensure_ascii=False)
 
 

@@ -3,7 +3,11 @@ serve ERNIE-4.5-VL this way). Standard library only (urllib).
 
 Images travel as base64 PNG data URLs in the user message, before the text, as the local node orders them.
 Thinking is switched with `chat_template_kwargs: {"enable_thinking": ...}`, which these servers pass to the
-model's chat template. The reasoning comes back in `reasoning_content` (or `reasoning`) when the server runs a
+model's chat template. Servers decode the answer with special tokens skipped unless told otherwise, which drops
+ERNIE's grounding coordinates (`<|LOC_n|>`): the request asks for `skip_special_tokens: false` and
+`spaces_between_special_tokens: false` (vLLM's and SGLang's sampling fields). A server that refuses unknown fields
+(transformers serve answers 422 "Unexpected fields") is asked again without them, and its answer then has no
+special tokens (Parse Boxes says so when it finds no boxes). The reasoning comes back in `reasoning_content` (or `reasoning`) when the server runs a
 reasoning parser; otherwise a `</think>` in the content is split here.
 
 The HTTP exchange runs in a worker thread; the node's thread waits on a queue in short slices, so Cancel and
@@ -30,6 +34,10 @@ from .ernie_vl import THINK_CLOSE, THINK_OPEN, messages, to_pil
 from .generate import check_request, sampling_args
 
 
+# Decode with special tokens kept (vLLM / SGLang sampling parameters), so <|LOC_n|> boxes arrive.
+KEEP_SPECIAL_TOKENS = {"skip_special_tokens": False, "spaces_between_special_tokens": False}
+
+
 def chat_url(base_url: str) -> str:
     url = base_url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -53,6 +61,7 @@ def build_request(model: str, images, text: str, system_prompt: str, thinking: b
         {"type": "text", "text": text}]
     body = {"model": model, "messages": msgs, "max_tokens": int(max_new_tokens), "stream": bool(stream),
             "seed": int(seed) & 0x7FFFFFFFFFFFFFFF, "chat_template_kwargs": {"enable_thinking": bool(thinking)}}
+    body.update(KEEP_SPECIAL_TOKENS)
     if sampling["do_sample"]:
         body["temperature"] = float(temperature)
         body["top_p"] = float(top_p)
@@ -75,11 +84,24 @@ def _server_message(raw: bytes) -> str:
     return text[:300]
 
 
-def _http_error(url: str, e: urllib.error.HTTPError, model: str) -> LetterpressError:
-    msg = _server_message(e.read() or b"")
+class _Refused(Exception):
+    """An HTTP error answer, its body read in the worker thread."""
+
+    def __init__(self, code: int, reason: str, body: bytes):
+        super().__init__(code, reason)
+        self.code, self.reason, self.body = code, reason, body
+
+
+def _http_error(url: str, e: _Refused, model: str) -> LetterpressError:
+    msg = _server_message(e.body or b"")
     hint = {401: " Check the API key.", 403: " Check the API key.",
             404: f" Check the base URL (usually ending in /v1) and the model name '{model}'."}.get(e.code, "")
     return LetterpressError(f"The server at {url} answered HTTP {e.code}: {msg or e.reason}.{hint}")
+
+
+def _refuses_keep_fields(e: BaseException) -> bool:
+    """The server refused the request because of the special-token fields (it takes no unknown fields)."""
+    return isinstance(e, _Refused) and e.code in (400, 422) and b"skip_special_tokens" in (e.body or b"")
 
 
 def _sse_events(resp) -> Iterator[dict]:
@@ -122,6 +144,8 @@ def _worker(url: str, body: dict, api_key: str, timeout: float, out: queue.Queue
             else:
                 out.put(("whole", json.loads(resp.read().decode("utf-8"))))
         out.put(("done", None))
+    except urllib.error.HTTPError as e:
+        out.put(("error", _Refused(e.code, str(e.reason), e.read() or b"")))
     except BaseException as e:  # handed to the node's thread, which turns it into a clear error
         out.put(("error", e))
 
@@ -157,8 +181,7 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
     bar = host.progress(max_new_tokens)
     out: queue.Queue = queue.Queue()
     stop = threading.Event()
-    worker = threading.Thread(target=_worker, args=(url, body, api_key.strip(), timeout, out, stop), daemon=True)
-    worker.start()
+    threading.Thread(target=_worker, args=(url, body, api_key.strip(), timeout, out, stop), daemon=True).start()
     content, reasoning = [], []
     try:
         while True:
@@ -186,6 +209,10 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
                 bar.update(min(int(tokens), max_new_tokens) if isinstance(tokens, int) else max_new_tokens)
             elif kind == "done":
                 break
+            elif _refuses_keep_fields(value) and "skip_special_tokens" in body:  # ask again without them
+                body = {k: v for k, v in body.items() if k not in KEEP_SPECIAL_TOKENS}
+                threading.Thread(target=_worker, args=(url, body, api_key.strip(), timeout, out, stop),
+                                 daemon=True).start()
             else:
                 raise _as_error(value, url, model, timeout)
     finally:
@@ -195,7 +222,7 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
 
 
 def _as_error(e: BaseException, url: str, model: str, timeout: float) -> LetterpressError:
-    if isinstance(e, urllib.error.HTTPError):
+    if isinstance(e, _Refused):
         return _http_error(url, e, model)
     if isinstance(e, (socket.timeout, TimeoutError)) or (
             isinstance(e, urllib.error.URLError) and isinstance(e.reason, (socket.timeout, TimeoutError))):
