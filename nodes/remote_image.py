@@ -60,12 +60,15 @@ class LetterpressErnieImageRemote:
             **_prompt_input(""),
             **_sampling_inputs(8, 1.0, ernie_image.SCALE, remote.SGLANG_MAX_N,
                                "Images in one request (sent as n; SGLang makes at most 10 per request)."),
+            "prompt_enhancer": ("BOOLEAN", {"default": False, "tooltip": "Sent as use_pe: the server rewrites the "
+                                            "prompt with ERNIE-Image's prompt enhancer first (SGLang's own default is on)."}),
             **_timeout_input(),
         }}
 
-    def run(self, base_url, model_name, api_key, prompt, width, height, steps, guidance, seed, batch_size, timeout):
+    def run(self, base_url, model_name, api_key, prompt, width, height, steps, guidance, seed, batch_size,
+            prompt_enhancer, timeout):
         return (remote.ernie_image_remote(base_url, model_name, api_key, prompt, width, height, steps, guidance, seed,
-                                          batch_size, timeout),)
+                                          batch_size, timeout, prompt_enhancer),)
 
 
 class LetterpressGlmImageRemote:

@@ -7,7 +7,9 @@ What is sent follows each engine's own documentation and request code, as read f
 - SGLang Diffusion (`sglang serve --model-path baidu/ERNIE-Image-Turbo --num-gpus N`; docs "SGLang Diffusion OpenAI
   API", python/sglang/multimodal_gen/runtime/entrypoints/openai/protocol.py `ImageGenerationsRequest`):
   `POST {base}/images/generations` with `model, prompt, n, size: "WxH", response_format: "b64_json",
-  output_format: "png"` and SGLang's extensions `num_inference_steps, guidance_scale, seed`. The answer is
+  output_format: "png"` and SGLang's extensions `num_inference_steps, guidance_scale, seed`, plus ERNIE-Image's
+  own extra field `use_pe` (configs/sample/ernie_image.py; SGLang's default is on, the node's is off so the
+  prompt is drawn as typed, like the local workflows without the enhancer). The answer is
   `{"data": [{"b64_json": ...}, ...]}`, one entry per image. SGLang clamps `n` to 1..10 on its side, so the
   batch is at most 10 here, and an answer with another count is an error, never a silent short batch.
 - vLLM-Omni (`vllm serve zai-org/GLM-Image --omni`, AR stage and DiT stage on GPUs of their own; docs "GLM-Image
@@ -77,11 +79,11 @@ def _check_common(model: str, prompt: str, steps: int, guidance: float, seed: in
 
 
 def sglang_request(model: str, prompt: str, width: int, height: int, n: int, steps: int, guidance: float,
-                   seed: int) -> dict:
-    """The body of SGLang Diffusion's POST /v1/images/generations."""
+                   seed: int, prompt_enhancer: bool) -> dict:
+    """The body of SGLang Diffusion's POST /v1/images/generations (use_pe: ERNIE-Image's own extra field)."""
     return {"model": model, "prompt": prompt, "n": int(n), "size": f"{int(width)}x{int(height)}",
             "response_format": "b64_json", "output_format": "png", "num_inference_steps": int(steps),
-            "guidance_scale": float(guidance), "seed": int(seed) & SEED_MASK}
+            "guidance_scale": float(guidance), "seed": int(seed) & SEED_MASK, "use_pe": bool(prompt_enhancer)}
 
 
 def vllm_omni_request(model: str, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int,
@@ -153,6 +155,8 @@ def _worker(index: int, exchange: Exchange, out: queue.Queue) -> None:
             out.put(("answer", index, json.loads(resp.read().decode("utf-8"))))
     except BaseException as e:  # the node's thread turns it into a clear error
         out.put(("error", index, e))
+    finally:
+        exchange.abort()  # one request per connection: closed once answered
 
 
 def run_requests(url: str, bodies: list[dict], api_key: str, timeout: float, concurrency: int,
@@ -211,7 +215,8 @@ def _stack(images: list[torch.Tensor], width: int, height: int, url: str) -> tor
 
 
 def ernie_image_remote(base_url: str, model: str, api_key: str, prompt: str, width: int, height: int, steps: int,
-                       guidance: float, seed: int, batch_size: int, timeout: float) -> torch.Tensor:
+                       guidance: float, seed: int, batch_size: int, timeout: float,
+                       prompt_enhancer: bool = False) -> torch.Tensor:
     """ERNIE-Image(-Turbo) from SGLang Diffusion: one request with n = batch_size."""
     url = endpoint(base_url, "/images/generations")
     _check_common(model, prompt, steps, guidance, seed, batch_size, timeout)
@@ -219,7 +224,7 @@ def ernie_image_remote(base_url: str, model: str, api_key: str, prompt: str, wid
     if batch_size > SGLANG_MAX_N:
         raise LetterpressError(f"batch_size {batch_size} is above {SGLANG_MAX_N}, the most images SGLang makes per "
                                "request (it clamps n). Use 10 or fewer, or chain a second node.")
-    body = sglang_request(model.strip(), prompt, width, height, batch_size, steps, guidance, seed)
+    body = sglang_request(model.strip(), prompt, width, height, batch_size, steps, guidance, seed, prompt_enhancer)
     images = run_requests(url, [body], api_key.strip(), timeout, 1, sglang_images, [batch_size], model, IMAGES_API)
     return _stack(images, width, height, url)
 
