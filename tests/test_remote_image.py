@@ -144,7 +144,7 @@ def test_ernie_cancel_mid_request_closes_the_connection(sglang, host):
     the stand-in sees its client close the connection."""
     in_thread_when(sglang, lambda s: s.received == 1, host.request_interrupt)
     with pytest.raises(Interrupted):
-        ernie(sglang.base_url, model="hold")
+        ernie(sglang.base_url, model="hold", timeout=3600.0)  # only closing ends it: no timeout will
     assert sglang.wait_for(lambda s: s.closed_by_client == 1)
 
 
@@ -276,7 +276,7 @@ def test_glm_cancel_mid_request_closes_every_connection(omni, host):
     and the other two images of the batch are never asked for."""
     in_thread_when(omni, lambda s: s.received == 2, host.request_interrupt)
     with pytest.raises(Interrupted):
-        glm(omni.base_url, model="hold", batch_size=4, concurrency=2)
+        glm(omni.base_url, model="hold", batch_size=4, concurrency=2, timeout=3600.0)
     assert omni.wait_for(lambda s: s.closed_by_client == 2)
     assert omni.received == 2
 
