@@ -38,7 +38,7 @@ import io
 import json
 import queue
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 from fixtures.standin_servers import SGLangDiffusionStandIn, VllmOmniStandIn, picture
-from PIL import Image
-
 from letterpress.loaders.errors import Interrupted, LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -295,7 +294,7 @@ def test_ernie_remote_best_of_4_workflow_runs_headless(sglang):
     body = sglang.requests[-1]["body"]
     assert body["n"] == 4 and body["model"] == "baidu/ERNIE-Image-Turbo"
     assert results[nid][0].shape == (4, 64, 64, 3)
-    best = [k for k, n in wf.items() if n["class_type"] == "LetterpressTextBestOfBatch"][0]
+    best = next(k for k, n in wf.items() if n["class_type"] == "LetterpressTextBestOfBatch")
     picked = results[best][0]
     assert picked.shape == (1, 64, 64, 3)
     assert any(torch.equal(picked[0], results[nid][0][k]) for k in range(4))  # one of the four, unchanged
