@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 from fixtures.standin_servers import SGLangDiffusionStandIn, VllmOmniStandIn, picture
+from PIL import Image
+
 from letterpress.loaders.errors import Interrupted, LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
