@@ -9,6 +9,9 @@ FAMILIES.append(ernie_vl)
 from . import text_check  # noqa: E402  (Read Text, Text Accuracy, Best of Batch)
 
 FAMILIES.append(text_check)
+from . import remote_image  # noqa: E402  (ERNIE-Image / GLM-Image on SGLang Diffusion / vLLM-Omni servers)
+
+FAMILIES.append(remote_image)
 
 from . import training  # noqa: E402  (LoRA training: dataset, Save LoRA)
 

@@ -1,5 +1,5 @@
 """The VL Generate request sent to an OpenAI-compatible chat-completions server (vLLM, SGLang and FastDeploy
-serve ERNIE-4.5-VL this way). Standard library only (urllib).
+serve ERNIE-4.5-VL this way). Standard library only (http.client).
 
 Images travel as base64 PNG data URLs in the user message, before the text, as the local node orders them.
 Thinking is switched with `chat_template_kwargs: {"enable_thinking": ...}`, which these servers pass to the
@@ -11,20 +11,24 @@ special tokens (Parse Boxes says so when it finds no boxes). The reasoning comes
 reasoning parser; otherwise a `</think>` in the content is split here.
 
 The HTTP exchange runs in a worker thread; the node's thread waits on a queue in short slices, so Cancel and
-progress (one step per streamed chunk) work while the server is busy. Every error becomes a LetterpressError
-that says what happened and what to check.
+progress (one step per streamed chunk) work while the server is busy; Cancel closes the connection. Every error
+becomes a LetterpressError that says what happened and what to check.
+
+`Exchange` (one POST on its own connection, closable from another thread) and `as_error` are shared with the
+image nodes (samplers/remote_image.py). They use http.client directly: a request goes to the host and port of
+the URL the user typed and nowhere else (no redirect is followed, no proxy from the environment is used).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import http.client
 import json
 import queue
 import socket
 import threading
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Iterator
 
 from ..loaders.errors import LetterpressError
@@ -38,11 +42,69 @@ from .generate import check_request, sampling_args
 KEEP_SPECIAL_TOKENS = {"skip_special_tokens": False, "spaces_between_special_tokens": False}
 
 
-def chat_url(base_url: str) -> str:
+def endpoint(base_url: str, path: str) -> str:
+    """The base URL (e.g. http://host:8000/v1) with the endpoint's path appended (unless it already ends so)."""
     url = base_url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise LetterpressError(f"Base URL '{base_url}' must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1).")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LetterpressError(f"Base URL '{base_url}' must start with http:// or https:// and name a host "
+                               "(e.g. http://127.0.0.1:8000/v1).")
+    if parts.query or parts.fragment:
+        raise LetterpressError(f"Base URL '{base_url}' must not hold a query (?...) or fragment (#...).")
+    return url if url.endswith(path) else url + path
+
+
+def chat_url(base_url: str) -> str:
+    return endpoint(base_url, "/chat/completions")
+
+
+class ServerError(Exception):
+    """An HTTP answer other than 2xx: status, reason, body and (for a redirect) where it pointed."""
+
+    def __init__(self, status: int, reason: str, body: bytes, location: str | None = None):
+        super().__init__(f"HTTP {status}")
+        self.status, self.reason, self.body, self.location = status, reason, body, location
+
+
+class Exchange:
+    """One JSON POST on its own connection. `abort()` from another thread closes the connection, which ends a
+    wait for the answer at once (Cancel) and tells the server the client has gone."""
+
+    def __init__(self, url: str, body: dict, api_key: str, timeout: float, accept: str = "application/json"):
+        parts = urllib.parse.urlsplit(url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self.conn = kind(parts.hostname, parts.port, timeout=timeout)
+        self.path = parts.path or "/"
+        self.data = json.dumps(body).encode("utf-8")
+        self.headers = {"Content-Type": "application/json", "Accept": accept}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self._lock = threading.Lock()
+        self._aborted = False
+
+    def send(self) -> http.client.HTTPResponse:
+        """Sends the request and waits for the answer's status line; a non-2xx answer raises ServerError."""
+        self.conn.connect()
+        with self._lock:
+            if self._aborted:
+                self.conn.close()
+                raise ConnectionAbortedError("cancelled")
+        self.conn.request("POST", self.path, body=self.data, headers=self.headers)
+        resp = self.conn.getresponse()
+        if not 200 <= resp.status < 300:
+            raise ServerError(resp.status, resp.reason, resp.read() or b"", resp.getheader("Location"))
+        return resp
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            sock = self.conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.conn.close()
 
 
 def image_data_url(img) -> str:
@@ -71,6 +133,8 @@ def build_request(model: str, images, text: str, system_prompt: str, thinking: b
 
 
 def _server_message(raw: bytes) -> str:
+    """The message in an error body: vLLM's {"error": {"message"}} or flat {"object": "error", "message"},
+    FastAPI's {"detail": "..."} or its validation list {"detail": [{"loc", "msg"}]}, or the text itself."""
     text = raw.decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
@@ -79,29 +143,28 @@ def _server_message(raw: bytes) -> str:
     if isinstance(data, dict):
         err = data.get("error", data)
         if isinstance(err, dict):
-            return str(err.get("message") or err.get("detail") or err)[:300]
+            err = err.get("message") or err.get("detail") or err
+        if isinstance(err, list):  # FastAPI's request validation errors
+            err = "; ".join(".".join(str(x) for x in e.get("loc", [])[1:]) + ": " + str(e.get("msg", ""))
+                            if isinstance(e, dict) else str(e) for e in err)
         return str(err)[:300]
     return text[:300]
 
 
-class _Refused(Exception):
-    """An HTTP error answer, its body read in the worker thread."""
-
-    def __init__(self, code: int, reason: str, body: bytes):
-        super().__init__(code, reason)
-        self.code, self.reason, self.body = code, reason, body
-
-
-def _http_error(url: str, e: _Refused, model: str) -> LetterpressError:
-    msg = _server_message(e.body or b"")
+def _http_error(url: str, e: ServerError, model: str) -> LetterpressError:
+    if 300 <= e.status < 400:
+        where = f" to {e.location}" if e.location else ""
+        return LetterpressError(f"The server at {url} answered HTTP {e.status} (redirect{where}). Remote nodes send "
+                                "only to the URL typed and follow no redirect: give the final address as the base URL.")
+    msg = _server_message(e.body)
     hint = {401: " Check the API key.", 403: " Check the API key.",
-            404: f" Check the base URL (usually ending in /v1) and the model name '{model}'."}.get(e.code, "")
-    return LetterpressError(f"The server at {url} answered HTTP {e.code}: {msg or e.reason}.{hint}")
+            404: f" Check the base URL (usually ending in /v1) and the model name '{model}'."}.get(e.status, "")
+    return LetterpressError(f"The server at {url} answered HTTP {e.status}: {msg or e.reason}.{hint}")
 
 
 def _refuses_keep_fields(e: BaseException) -> bool:
     """The server refused the request because of the special-token fields (it takes no unknown fields)."""
-    return isinstance(e, _Refused) and e.code in (400, 422) and b"skip_special_tokens" in (e.body or b"")
+    return isinstance(e, ServerError) and e.status in (400, 422) and b"skip_special_tokens" in (e.body or b"")
 
 
 def _sse_events(resp) -> Iterator[dict]:
@@ -129,14 +192,10 @@ def _sse_events(resp) -> Iterator[dict]:
         raise ValueError("the stream ended before the answer did (no [DONE] nor finish_reason): the connection was cut")
 
 
-def _worker(url: str, body: dict, api_key: str, timeout: float, out: queue.Queue, stop: threading.Event) -> None:
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if body["stream"] else "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST")
+def _worker(exchange: Exchange, stream: bool, out: queue.Queue, stop: threading.Event) -> None:
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            if body["stream"]:
+        with exchange.send() as resp:
+            if stream:
                 for event in _sse_events(resp):
                     if stop.is_set():
                         return
@@ -144,8 +203,6 @@ def _worker(url: str, body: dict, api_key: str, timeout: float, out: queue.Queue
             else:
                 out.put(("whole", json.loads(resp.read().decode("utf-8"))))
         out.put(("done", None))
-    except urllib.error.HTTPError as e:
-        out.put(("error", _Refused(e.code, str(e.reason), e.read() or b"")))
     except BaseException as e:  # handed to the node's thread, which turns it into a clear error
         out.put(("error", e))
 
@@ -181,7 +238,9 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
     bar = host.progress(max_new_tokens)
     out: queue.Queue = queue.Queue()
     stop = threading.Event()
-    threading.Thread(target=_worker, args=(url, body, api_key.strip(), timeout, out, stop), daemon=True).start()
+    accept = "text/event-stream" if stream else "application/json"
+    exchange = Exchange(url, body, api_key.strip(), timeout, accept)
+    threading.Thread(target=_worker, args=(exchange, stream, out, stop), daemon=True).start()
     content, reasoning = [], []
     try:
         while True:
@@ -211,27 +270,34 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
                 break
             elif _refuses_keep_fields(value) and "skip_special_tokens" in body:  # ask again without them
                 body = {k: v for k, v in body.items() if k not in KEEP_SPECIAL_TOKENS}
-                threading.Thread(target=_worker, args=(url, body, api_key.strip(), timeout, out, stop),
-                                 daemon=True).start()
+                exchange = Exchange(url, body, api_key.strip(), timeout, accept)
+                threading.Thread(target=_worker, args=(exchange, stream, out, stop), daemon=True).start()
             else:
-                raise _as_error(value, url, model, timeout)
+                raise as_error(value, url, model, timeout)
     finally:
         stop.set()
+        exchange.abort()  # Cancel or an error: the connection closes, the server sees the client leave
         bar.close()
     return split_text("".join(content), "".join(reasoning), thinking)
 
 
-def _as_error(e: BaseException, url: str, model: str, timeout: float) -> LetterpressError:
-    if isinstance(e, _Refused):
+def as_error(e: BaseException, url: str, model: str, timeout: float,
+             api: str = "OpenAI chat-completions") -> LetterpressError:
+    """A clear node error for whatever the exchange with the server raised."""
+    if isinstance(e, LetterpressError):
+        return e
+    if isinstance(e, ServerError):
         return _http_error(url, e, model)
-    if isinstance(e, (socket.timeout, TimeoutError)) or (
-            isinstance(e, urllib.error.URLError) and isinstance(e.reason, (socket.timeout, TimeoutError))):
+    if isinstance(e, (socket.timeout, TimeoutError)):
         return LetterpressError(f"No answer from {url} within {timeout:g} s. The server is busy or stuck; "
                                 "raise the timeout or check the server.")
-    if isinstance(e, urllib.error.URLError):
-        return LetterpressError(f"Could not reach {url}: {e.reason}. Is the server running, and is the base URL right?")
-    if isinstance(e, ValueError):
-        return LetterpressError(f"The server at {url} did not answer in the OpenAI chat-completions format ({e}).")
+    if isinstance(e, (ConnectionRefusedError, socket.gaierror)):
+        return LetterpressError(f"Could not reach {url}: {e}. Is the server running, and is the base URL right?")
+    if isinstance(e, http.client.RemoteDisconnected):
+        return LetterpressError(f"The server at {url} closed the connection without answering ({e}). "
+                                "Check the server's log.")
+    if isinstance(e, (ValueError, http.client.HTTPException)):  # a JSON decode error is a ValueError
+        return LetterpressError(f"The server at {url} did not answer in the {api} format ({e}).")
     if isinstance(e, (ConnectionError, OSError)):
         return LetterpressError(f"The connection to {url} failed: {e}.")
     return LetterpressError(f"The request to {url} failed: {e!r}.")

@@ -307,16 +307,30 @@ def test_object_info_lists_every_node_with_its_inputs(comfy):
         assert info[name]["category"].startswith("Letterpress")
 
 
+@pytest.fixture(scope="module")
+def standins():
+    """The stand-in engine servers (tests/fixtures/standin_servers.py) on 127.0.0.1, for the Remote workflows:
+    ComfyUI's process and the headless runner both reach them there."""
+    from fixtures.standin_servers import SGLangDiffusionStandIn, VllmOmniStandIn
+
+    with SGLangDiffusionStandIn() as sglang, VllmOmniStandIn() as omni:
+        yield {"LetterpressErnieImageRemote": sglang, "LetterpressGlmImageRemote": omni}
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*_api.json"))),
                          ids=lambda p: os.path.basename(p))
-def test_api_workflow_queues_and_draws_what_the_headless_runner_draws(comfy, host, path):
+def test_api_workflow_queues_and_draws_what_the_headless_runner_draws(comfy, host, standins, path):
     """Every shipped workflow through POST /prompt draws, to the PNG's rounding, the image the headless runner draws
-    from the same file and seeds, which the parity tests hold to the reference pipelines."""
+    from the same file and seeds, which the parity tests hold to the reference pipelines. A Remote workflow's
+    base_url points at its stand-in server (deterministic pictures), so both runs ask it the same."""
     import numpy as np
 
     from letterpress.runner import Runner
 
     wf = small(json.load(open(path)))
+    for node in wf.values():
+        if node["class_type"] in standins:
+            node["inputs"]["base_url"] = standins[node["class_type"]].base_url
     if any(n["class_type"] == "LetterpressTextRead" for n in wf.values()):
         pytest.importorskip("rapidocr")
     entry = comfy.wait(comfy.queue(wf))

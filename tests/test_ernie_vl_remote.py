@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import select
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +42,11 @@ class Handler(BaseHTTPRequestHandler):
         model = body["model"]
         if model == "needs-key" and self.headers.get("Authorization") != "Bearer secret":
             return self._json(401, {"error": {"message": "invalid api key"}})
+        if model == "hold":  # signals it has the request, then waits for the client to close the connection
+            self.server.got_hold.set()
+            select.select([self.connection], [], [], 60)  # readable at EOF: the client closed it
+            self.server.client_closed.set()
+            return
         if model == "slow":  # answers only when the test ends (30 s at most): the client can only give up by its timeout
             self.server.release.wait(30)
             return
@@ -85,6 +91,7 @@ def server():
     srv.daemon_threads = True
     srv.requests = []
     srv.release = threading.Event()
+    srv.got_hold, srv.client_closed = threading.Event(), threading.Event()
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield srv
@@ -173,6 +180,19 @@ def test_cancel_while_streaming(server, host):
     with pytest.raises(Interrupted):
         remote(url(server), "endless", stream=True)
     assert max(seen) <= 3
+
+
+def test_cancel_while_waiting_closes_the_connection(server, host):
+    """The stand-in signals it holds the request; Cancel then ends the wait at once and the node closes the
+    connection, which the stand-in sees (a handshake both ways, no clock)."""
+    def cancel_when_held():
+        if server.got_hold.wait(60):
+            host.request_interrupt()
+
+    threading.Thread(target=cancel_when_held, daemon=True).start()
+    with pytest.raises(Interrupted):
+        remote(url(server), "hold", stream=True, timeout=3600.0)  # only closing ends it: no timeout will
+    assert server.client_closed.wait(60)
 
 
 def test_http_errors_become_clear_node_errors(server):

@@ -1,11 +1,14 @@
 """Make a UI-format workflow from its API twin in the real ComfyUI editor (not by hand).
 
     python tools/ui_workflow.py workflows/api/NAME_api.json [--comfyui ../shared/comfyui/0.8.0] [--screenshot FILE]
+                                [--note TEXT]
 
 Starts the ComfyUI tree on CPU with this pack and a models/ tree of empty stand-ins for every file the workflow names
 (so its combo values are listed), opens the editor in Debian's chromium through playwright, loads the API workflow
 with the frontend's own `loadApiJson` (which gives linked widget inputs their slots as the editor does), lays the
 graph out left to right in execution order, and writes workflows/NAME.json; with --screenshot, a picture of it.
+With --note, a core Note node holding TEXT goes below the graph (the editor's own node: it is never queued, so
+the API twin has none; the Remote workflows say there how to start their server).
 Needs ComfyUI's requirements, playwright and /usr/bin/chromium.
 """
 
@@ -53,6 +56,7 @@ def main() -> None:
     ap.add_argument("api")
     ap.add_argument("--comfyui", default=os.path.join(ROOT, "..", "shared", "comfyui", "0.8.0"))
     ap.add_argument("--screenshot")
+    ap.add_argument("--note", help="text of a Note node placed below the graph")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -92,9 +96,21 @@ def main() -> None:
                         break
                     except Exception:
                         print("nodes in the graph:", page.evaluate("() => window.app.graph._nodes.length"))
-                ui = page.evaluate("""() => {
+                ui = page.evaluate("""(note) => {
                     const graph = window.app.graph, ds = window.app.canvas.ds;
                     graph.arrange(60);  // columns in execution order, left to right
+                    if (note) {  // the editor's own Note node, below the arranged graph
+                        let [left, bottom] = [Infinity, -Infinity];
+                        for (const n of graph._nodes) {
+                            left = Math.min(left, n.pos[0]); bottom = Math.max(bottom, n.pos[1] + n.size[1]);
+                        }
+                        const node = window.LiteGraph.createNode("Note");
+                        node.widgets[0].value = note;
+                        node.title = "How to start the server";
+                        graph.add(node);
+                        node.pos = [left, bottom + 60];
+                        node.size = [760, 200];
+                    }
                     // open with the whole graph in view at 1600x1000, below the editor's top bar
                     let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
                     for (const n of graph._nodes) {
@@ -108,7 +124,7 @@ def main() -> None:
                     const ui = graph.serialize();
                     ui.extra = {...(ui.extra || {}), ds: {scale, offset: [...ds.offset]}};
                     return ui;
-                }""")
+                }""", args.note)
                 if args.screenshot:
                     # the template browser a new user sees first hides the graph: take it off the picture
                     page.evaluate("() => document.querySelectorAll('.p-dialog-mask').forEach(e => e.remove())")
