@@ -1,8 +1,9 @@
 """How well an image's read-back text matches the text that was asked for: two metrics, named for what they are.
 
 **cvtg-2k** (the default): exactly the computation of CVTG-2K's evaluation script (TextCrafter's
-`unified_metrics_eval.py`, `UnifiedMetricsEvaluator.compute_ocr_metrics` / `get_ld`), so scores compare with the
-published tables of ERNIE-Image, GLM-Image and Ovis-Image. Per image:
+`unified_metrics_eval.py`, `UnifiedMetricsEvaluator.compute_ocr_metrics` / `get_ld`, read as vendored unchanged in
+zlab-princeton/i1 `benchmark_eval/cvtg-2k/unified_metrics_eval.py`), so scores compare with the published tables of
+ERNIE-Image, GLM-Image and Ovis-Image (the OCR engine differs: the script reads with PaddleOCR). Per image:
 - expected words: every quoted span lower-cased (`str.lower`) and split on white space (`str.split`); the script
   takes the spans of single quotes with `re.findall(r"'(.*?)'", prompt)` (its prompts quote that way);
 - read words: every OCR line lower-cased and split; `[""]` when nothing was read;
@@ -272,7 +273,19 @@ def report(scores: list[TextScore]) -> str:
             lines.append("  extra: " + ", ".join(repr(w) for w in s.extra))
         if not (s.misspelled or s.missing or s.extra):
             lines.append("  all expected words found, nothing extra")
+    if len(scores) > 1 and all(s.metric == "cvtg-2k" for s in scores):
+        acc, ned = pooled(scores)
+        lines.append(f"batch, pooled as CVTG-2K pools a benchmark: word accuracy {acc:.3f}, NED {ned:.3f}")
     return "\n".join(lines)
+
+
+def pooled(scores: list[TextScore]) -> tuple[float, float]:
+    """A batch's (Word Accuracy, NED) as CVTG-2K's script pools a benchmark: found words over all expected words,
+    and the mean of every expected word's NED (not the mean of the images' scores)."""
+    words_ = sum(len(s.expected_words) for s in scores)
+    found = sum(len(s.matched) for s in scores)
+    neds = [v for s in scores for v in s.word_ned]
+    return found / max(words_, 1), (sum(neds) / len(neds) if neds else 0.0)
 
 
 def rank(values: list[tuple[float, ...]]) -> list[int]:

@@ -101,3 +101,15 @@ def test_cvtg_takes_the_single_quoted_spans_and_other_quotes_only_without_them()
     assert scores["expected"] == ["HELLO WORLD"]  # no single quotes: the pack's quoted spans
     (acc, _), scores, _ = accuracy("'IGNORED'", ["typed text"], expected_text="typed text")
     assert scores["expected"] == ["typed text"] and acc == 1.0
+
+
+def test_a_batch_is_pooled_by_words_as_the_script_pools_a_benchmark():
+    lines = [["HELLO BIG WORLD"], ["HELLO"]]  # 3 of 3 and 1 of 3 words found: 4/6
+    read = [{"engine": "test", "lines": [{"text": t, "score": 1.0, "box": []} for t in image]} for image in lines]
+    _, report, _ = LetterpressTextAccuracy().run(read, "'HELLO BIG WORLD'", "", False)
+    per_word = [published("'HELLO BIG WORLD'", image) for image in lines]
+    assert per_word[0] == (1.0, 1.0)
+    # pooled NED: the mean over all six expected words (3 of image 0, 3 of image 1), worked from the formula
+    # image 1 reads only 'hello': big -> hello is 5 edits (3 substitutions, 2 insertions), world -> hello 4 substitutions
+    neds = [1, 1, 1] + [1, 1 - 5 / 5.00001, 1 - 4 / 5.00001]
+    assert f"word accuracy {4 / 6:.3f}, NED {sum(neds) / 6:.3f}" in report
