@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..loaders.errors import LetterpressError
-from ..loaders.files import list_diffusers_folders, list_files
+from ..loaders.files import list_diffusers_choices, list_files
 from ..loaders.weights import WEIGHT_DTYPE_CHOICES
 from ..samplers import working_memory
 from ..samplers.sizes import MAX_SIZE
@@ -25,7 +25,22 @@ def file_input(kind: str, tooltip: str):
 
 
 def folder_input(class_names: tuple[str, ...], tooltip: str):
-    return (list_diffusers_folders(class_names), {"tooltip": tooltip})
+    tip = (f"{tooltip} This model's folders are listed first; the other folders under models/diffusers follow, "
+           "and picking one says what it holds and what to download instead.")
+    return (list_diffusers_choices(class_names), {"tooltip": tip})
+
+
+def folder_validator(family: str, loader: str, need: tuple[str, ...] = ()):
+    """A VALIDATE_INPUTS classmethod for a `folder` widget under models/diffusers: ComfyUI and the headless runner
+    call it before anything loads (and then skip their own 'not in list' check for it), so a folder that is
+    missing, of another model, placed a level too deep or half-downloaded is named with what to download where."""
+
+    def VALIDATE_INPUTS(cls, folder=None):
+        from ..loaders.explain import explain_diffusers_folder
+
+        return explain_diffusers_folder(folder, family, loader, need) or True
+
+    return classmethod(VALIDATE_INPUTS)
 
 
 def seed_input():

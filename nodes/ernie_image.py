@@ -16,6 +16,7 @@ from .common import (
     denoise_input,
     dtype_input,
     folder_input,
+    folder_validator,
     hosted,
     require,
     seed_input,
@@ -79,6 +80,8 @@ class LetterpressErnieImageFolderLoader:
     RETURN_TYPES = (DIT, TE, VAE, PE)
     RETURN_NAMES = ("dit", "text_encoder", "vae", "prompt_enhancer")
     FUNCTION = "run"
+    VALIDATE_INPUTS = folder_validator(load.FAMILY, "the ERNIE-Image Folder Loader",
+                                       ("transformer", "text_encoder", "tokenizer", "vae"))
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -16,6 +16,7 @@ from .common import (
     denoise_input,
     dtype_input,
     folder_input,
+    folder_validator,
     hosted,
     seed_input,
     size_validator,
@@ -35,6 +36,8 @@ class LetterpressOvisImageFolderLoader:
     RETURN_TYPES = (DIT, TE, VAE)
     RETURN_NAMES = ("dit", "text_encoder", "vae")
     FUNCTION = "run"
+    VALIDATE_INPUTS = folder_validator(load.FAMILY, "the Ovis-Image Folder Loader",
+                                       ("transformer", "text_encoder", "tokenizer", "vae"))
 
     @classmethod
     def INPUT_TYPES(cls):
