@@ -111,7 +111,10 @@ def where_to_get(family: str, role: str = "folder", name: str = "") -> str:
 
 
 def _stem(name: str) -> str:
-    return os.path.splitext(os.path.basename(name.rstrip("/")))[0].lower()
+    base = os.path.basename(name.rstrip("/")).lower()
+    for ext in (".safetensors", ".sft", ".gguf"):
+        base = base.removesuffix(ext)
+    return base
 
 
 def needs(family: str, name: str = "") -> str:
@@ -238,3 +241,67 @@ def explain_diffusers_folder(name: str, family: str, loader: str, need: tuple[st
         return (f"{label} is {_holds(path)} but an incomplete download: it lacks {', '.join(gaps)}. Download the missing "
                 f"files from {repo} into {path} (hf download {repo} --local-dir {path} fetches only what is missing).")
     return None
+
+
+# transformers folders under models/LLM and single files --------------------------------------------------------
+
+
+def explain_llm_folder(name: str, family: str, loader: str) -> str | None:
+    """None when models/LLM/`name` is a complete folder of `family` (a transformers checkpoint); else what is there,
+    what `loader` needs and how to get it."""
+    if not isinstance(name, str):
+        return None
+    want = {s.model_type for s in sources(family)}
+    bases = get_host().model_folders("LLM")
+    path = name if os.path.isabs(name) else next(
+        (os.path.join(b, name) for b in bases if os.path.isdir(os.path.join(b, name))), None)
+    label = os.path.basename(name.rstrip("/")) or name
+    if not name:
+        return f"no folder was chosen. {needs(family)}"
+    if path is None or not os.path.isdir(path):
+        where = " or ".join(b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases)
+        return f"'{name}' is not a folder in {where}. {needs(family, name)}"
+    kind = _read_class(path, "config.json", "model_type")
+    if kind is None:
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            return (f"{label} holds {_holds(path)}, a diffusers folder: those go under models/diffusers and load in "
+                    f"their own Folder Loader. {needs(family, name)}")
+        deeper = _nested(path, "config.json")
+        if deeper:
+            return (f"{label} holds no config.json, but its subfolder {deeper} holds {_holds(os.path.join(path, deeper))}: "
+                    f"the model was placed one level too deep. Move the contents of {os.path.join(path, deeper)} up into "
+                    f"{path}, or pick '{name}/{deeper}' in {loader}.")
+        state = ("is a download that did not finish" if _incomplete_download(path)
+                 else "holds no config.json: the download is incomplete, or it is not a model folder")
+        return f"{label} {state}. {needs(family, name)}"
+    if kind not in want:
+        return (f"{label} holds {_holds(path) if kind else 'a config.json without a model_type'}; {loader} needs "
+                f"model_type {' or '.join(sorted(want))}. {needs(family, name)}")
+    gaps = []
+    if not _has_weights(path):
+        gaps.append("its .safetensors weights")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        gaps.append("its tokenizer")
+    if gaps:
+        repo = next((s.repo for s in sources(family) if _stem(s.name) == _stem(name)), sources(family)[0].repo)
+        return (f"{label} is {_holds(path)} but an incomplete download: it lacks {' and '.join(gaps)}. Download the "
+                f"missing files from {repo} into {path} (hf download {repo} --local-dir {path}).")
+    return None
+
+
+def explain_file(kind: str, name: str, family: str, role: str, loader: str) -> str | None:
+    """None when `name` is a file in the folders of `kind`; else where to get the file `loader` needs."""
+    if not isinstance(name, str):
+        return None
+    bases = get_host().model_folders(kind)
+    if name and ((os.path.isabs(name) and os.path.isfile(name)) or any(os.path.isfile(os.path.join(b, name)) for b in bases)):
+        return None
+    what = f"'{name}' is not a file in " + " or ".join(
+        b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases) if name else "no file was chosen"
+    return f"{what}. {loader} needs {_article(role)} {FAMILY_NAMES[family]} {role.replace('_', ' ')} file: " \
+           f"{where_to_get(family, role, name)}."
+
+
+def file_hint(family: str, role: str, name: str = "") -> str:
+    """A sentence for a single file of the wrong model: how to get the right one."""
+    return f"To get the {FAMILY_NAMES[family]} {role.replace('_', ' ')}: {where_to_get(family, role, name)}."

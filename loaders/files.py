@@ -71,6 +71,17 @@ def list_subfolders(kind: str, marker: str = "config.json") -> list[str]:
     return sorted(found)
 
 
+def list_model_folders(kind: str, own: list[str]) -> list[str]:
+    """`own` (a loader's folders of its model) first, then every other model folder and top-level folder under
+    `kind`, so a picked folder of another model stays pickable and its loader can say what it holds."""
+    others = set(list_subfolders(kind)) - set(own)
+    for folder in get_host().model_folders(kind):
+        with contextlib.suppress(OSError):
+            others.update(d for d in os.listdir(folder)
+                          if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)) and d not in own)
+    return list(own) + sorted(others)
+
+
 @contextlib.contextmanager
 def readable(path: str) -> Iterator[None]:
     """Turn the OS refusing to read `path` (or a file or folder in it) into a clear error."""

@@ -103,17 +103,39 @@ class FileLoader:
 
     FUNCTION = "run"
     KIND = INPUT = TOOLTIP = ""
+    FAMILY = ROLE = LOADER = ""  # what the file holds (loaders/explain.py's table) and the node's name, for messages
     LOAD = None
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {cls.INPUT: file_input(cls.KIND, cls.TOOLTIP), "weight_dtype": dtype_input()}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        """Before anything loads: a file that is not there is named with where to get it. (ComfyUI and the runner
+        then skip their own list checks for this node's inputs, so the dtype is checked here too.)"""
+        from ..loaders.explain import explain_file
+
+        dtype = values.get("weight_dtype")
+        if isinstance(dtype, str) and dtype not in WEIGHT_DTYPE_CHOICES:
+            return f"weight_dtype '{dtype}' is not one of {', '.join(WEIGHT_DTYPE_CHOICES)}"
+        if not cls.FAMILY:
+            return True
+        return explain_file(cls.KIND, values.get(cls.INPUT), cls.FAMILY, cls.ROLE, cls.LOADER or "this loader") or True
+
     def run(self, *args, **kwargs):
+        from ..loaders.detect import WrongModel
+        from ..loaders.explain import file_hint
         from ..loaders.files import resolve
 
         values = dict(zip((self.INPUT, "weight_dtype"), args), **kwargs)  # ComfyUI passes keywords
-        return hosted(type(self).LOAD(resolve(self.KIND, values[self.INPUT]), values["weight_dtype"]))
+        try:
+            handle = type(self).LOAD(resolve(self.KIND, values[self.INPUT]), values["weight_dtype"])
+        except WrongModel as e:
+            if not self.FAMILY:
+                raise
+            raise WrongModel(f"{e} {file_hint(self.FAMILY, self.ROLE, values[self.INPUT])}") from None
+        return hosted(handle)
 
 
 def denoise_input():
