@@ -179,14 +179,19 @@ class Runner:
                     problems.append(f"node {nid} ({ctype}): required input '{name}' is missing")
             # a value wired from a Primitive is checked as if it were typed into the widget
             inputs = {k: _primitive_value(wf, v) for k, v in inputs.items()}
+            # as ComfyUI: the inputs the node's VALIDATE_INPUTS takes (all of them, with **kwargs) skip the list
+            # and range checks, which the node's own check replaces (e.g. a loader naming what a folder holds)
+            wanted = inspect.signature(cls.VALIDATE_INPUTS).parameters if hasattr(cls, "VALIDATE_INPUTS") else {}
+            any_input = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in wanted.values())
             for name, value in inputs.items():
                 ispec = _all_inputs(cls).get(name)
                 if ispec is None:
                     continue  # extra widgets (e.g. control_after_generate) are ignored, as ComfyUI does
-                problems.extend(self._check_input(wf, nid, ctype, name, value, ispec))
+                own = name in wanted or any_input
+                problems.extend(self._check_input(wf, nid, ctype, name, value, ispec, own))
             if hasattr(cls, "VALIDATE_INPUTS"):  # the node's own checks, as ComfyUI runs them: literal values only
-                wanted = inspect.signature(cls.VALIDATE_INPUTS).parameters
-                literal = {k: v for k, v in inputs.items() if k in wanted and not _is_link(v)}
+                literal = {k: v for k, v in inputs.items()
+                           if (k in wanted or (any_input and k in _all_inputs(cls))) and not _is_link(v)}
                 verdict = cls.VALIDATE_INPUTS(**literal)
                 if verdict is not True:
                     problems.append(f"node {nid} ({ctype}): {verdict}")
@@ -194,7 +199,8 @@ class Runner:
             raise WorkflowError("The workflow cannot run:\n- " + "\n- ".join(problems))
         return order
 
-    def _check_input(self, wf, nid, ctype, name, value, ispec) -> list[str]:
+    def _check_input(self, wf, nid, ctype, name, value, ispec, own: bool = False) -> list[str]:
+        """What is wrong with one input; `own`: the node's VALIDATE_INPUTS checks its list and range."""
         kind = ispec[0]
         opts = ispec[1] if len(ispec) > 1 else {}
         where = f"node {nid} ({ctype}) input '{name}'"
@@ -214,7 +220,7 @@ class Runner:
                 return [f"{where} needs {want} but is linked to a {got} output of node {src} ({wf[src]['class_type']})"]
             return []
         if isinstance(kind, list):
-            if value not in kind:
+            if value not in kind and not own:
                 if not kind:
                     return [f"{where}: '{value}' is not available: nothing of that kind was found. Check --models-dir "
                             f"({get_host().models_dir}): it should be a folder laid out like ComfyUI's models/"]
@@ -227,7 +233,7 @@ class Runner:
         elif kind in ("INT", "FLOAT"):
             if not math.isfinite(value):
                 return [f"{where}: expected a finite number, got {value}"]
-            lo, hi = opts.get("min"), opts.get("max")
+            lo, hi = (None, None) if own else (opts.get("min"), opts.get("max"))
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 return [f"{where}: {value} is outside [{lo}, {hi}]"]
         elif kind == "STRING" and not isinstance(value, str):

@@ -25,6 +25,10 @@ SIGNATURES: list[tuple[str, str, str, tuple[str, ...]]] = [
 ]
 
 
+class WrongModel(LetterpressError):
+    """A checkpoint of another model than the one its loader needs (a single-file loader adds where to get it)."""
+
+
 def describe(keys: Iterable[str]) -> tuple[str, str, str] | None:
     """(family, role, human name) of the first signature the keys match, or None."""
     keys = list(keys)
@@ -41,7 +45,7 @@ def expect(keys: Iterable[str], family: str, wanted: str, source: str, loader: s
     if found and found[0] == family:
         return
     what = f"a {found[2]}" if found else "no model this loader knows"
-    raise LetterpressError(
+    raise WrongModel(
         f"{source} holds {what}, not {wanted}. Pick a {wanted} file in {loader}, "
         "or use the loader of the model family this file belongs to."
     )

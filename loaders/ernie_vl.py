@@ -90,15 +90,30 @@ def _chat_template(folder: str, tokenizer) -> str:
     raise LetterpressError(f"ERNIE-4.5-VL: {folder} has no chat template (chat_template.jinja). Download the folder again.")
 
 
+def _nested_image_processor(folder: str, cls):
+    """The image processor a processor_config.json holds (the PIL twin of the class it names, which needs no
+    torchvision: the same settings give the same pixels)."""
+    path = os.path.join(folder, "processor_config.json")
+    nested = read_json(path, "ERNIE-4.5-VL processor").get("image_processor") if os.path.exists(path) else None
+    if not isinstance(nested, dict):
+        raise LetterpressError(f"ERNIE-4.5-VL: {folder} has no image processor (neither preprocessor_config.json nor "
+                               "an image_processor entry in processor_config.json). Download the whole model folder.")
+    try:
+        return cls.from_dict({k: v for k, v in nested.items() if k != "image_processor_type"})
+    except (TypeError, ValueError) as e:
+        raise LetterpressError(f"ERNIE-4.5-VL: the image_processor in {path} cannot be read ({e}). "
+                               "Download the file again.") from None
+
+
 def load_processor(folder: str):
     from transformers import AutoTokenizer, Ernie4_5_VLMoeImageProcessorPil
 
-    if not os.path.exists(os.path.join(folder, "preprocessor_config.json")):
-        raise LetterpressError(f"ERNIE-4.5-VL: {folder} has no preprocessor_config.json (the image processor). "
-                               "Download the whole model folder.")
     tokenizer = read_tokenizer(AutoTokenizer.from_pretrained, folder, "ERNIE-4.5-VL")
-    image_processor = read_tokenizer(Ernie4_5_VLMoeImageProcessorPil.from_pretrained, folder, "ERNIE-4.5-VL",
-                                     ("preprocessor_config.json",), "image processor")
+    if os.path.exists(os.path.join(folder, "preprocessor_config.json")):
+        image_processor = read_tokenizer(Ernie4_5_VLMoeImageProcessorPil.from_pretrained, folder, "ERNIE-4.5-VL",
+                                         ("preprocessor_config.json",), "image processor")
+    else:  # as Ernie4_5_VLMoeProcessor.save_pretrained (transformers 5) writes it: inside processor_config.json
+        image_processor = _nested_image_processor(folder, Ernie4_5_VLMoeImageProcessorPil)
     return _processor_class()(image_processor, tokenizer, chat_template=_chat_template(folder, tokenizer))
 
 

@@ -45,6 +45,19 @@ def list_diffusers_folders(class_names: tuple[str, ...] = ()) -> list[str]:
     return sorted(found)
 
 
+def list_diffusers_choices(class_names: tuple[str, ...]) -> list[str]:
+    """What a folder loader offers: the folders of these pipeline classes first, then every other folder under
+    models/diffusers (other pipelines, half-downloaded folders, models placed a level too deep), so a workflow's
+    folder stays pickable and the loader can say what it holds instead of the editor showing an empty list."""
+    own = set(list_diffusers_folders(class_names))
+    others = set(list_diffusers_folders()) - own
+    for folder in get_host().model_folders("diffusers"):
+        with contextlib.suppress(OSError):
+            others.update(d for d in os.listdir(folder)
+                          if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)) and d not in own)
+    return sorted(own) + sorted(others)
+
+
 def list_subfolders(kind: str, marker: str = "config.json") -> list[str]:
     """Folders under `kind` that hold `marker` (transformers checkpoints, tokenizers)."""
     found: set[str] = set()
@@ -56,6 +69,17 @@ def list_subfolders(kind: str, marker: str = "config.json") -> list[str]:
                 found.add(os.path.relpath(root, folder).replace(os.sep, "/"))
                 dirs[:] = []
     return sorted(found)
+
+
+def list_model_folders(kind: str, own: list[str]) -> list[str]:
+    """`own` (a loader's folders of its model) first, then every other model folder and top-level folder under
+    `kind`, so a picked folder of another model stays pickable and its loader can say what it holds."""
+    others = set(list_subfolders(kind)) - set(own)
+    for folder in get_host().model_folders(kind):
+        with contextlib.suppress(OSError):
+            others.update(d for d in os.listdir(folder)
+                          if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)) and d not in own)
+    return list(own) + sorted(others)
 
 
 @contextlib.contextmanager
@@ -117,10 +141,14 @@ def check_pipeline(folder: str, classes: tuple[str, ...], model: str, repo: str)
     index = os.path.join(folder, "model_index.json")
     found = str(read_json(index).get("_class_name", "")) if "model_index.json" in names else ""
     if found not in classes:
-        raise LetterpressError(
+        from .explain import explain_diffusers_folder, family_of
+
+        family = family_of(classes)
+        problem = family and explain_diffusers_folder(folder, family, f"this {model[model.index(' ') + 1:]} loader")
+        raise LetterpressError(problem or (
             f"{os.path.basename(folder.rstrip(os.sep))} is not {model} folder ({found or 'no model_index.json'}). "
             f"Pick the {repo} folder under models/diffusers."
-        )
+        ))
 
 
 def component(path: str, sub: str, classes: tuple[str, ...], model: str, repo: str) -> str:

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..loaders.errors import LetterpressError
-from ..loaders.files import list_diffusers_folders, list_files
+from ..loaders.files import list_diffusers_choices, list_files
 from ..loaders.weights import WEIGHT_DTYPE_CHOICES
 from ..samplers import working_memory
 from ..samplers.sizes import MAX_SIZE
@@ -25,7 +25,22 @@ def file_input(kind: str, tooltip: str):
 
 
 def folder_input(class_names: tuple[str, ...], tooltip: str):
-    return (list_diffusers_folders(class_names), {"tooltip": tooltip})
+    tip = (f"{tooltip} This model's folders are listed first; the other folders under models/diffusers follow, "
+           "and picking one says what it holds and what to download instead.")
+    return (list_diffusers_choices(class_names), {"tooltip": tip})
+
+
+def folder_validator(family: str, loader: str, need: tuple[str, ...] = ()):
+    """A VALIDATE_INPUTS classmethod for a `folder` widget under models/diffusers: ComfyUI and the headless runner
+    call it before anything loads (and then skip their own 'not in list' check for it), so a folder that is
+    missing, of another model, placed a level too deep or half-downloaded is named with what to download where."""
+
+    def VALIDATE_INPUTS(cls, folder=None):
+        from ..loaders.explain import explain_diffusers_folder
+
+        return explain_diffusers_folder(folder, family, loader, need) or True
+
+    return classmethod(VALIDATE_INPUTS)
 
 
 def seed_input():
@@ -88,17 +103,39 @@ class FileLoader:
 
     FUNCTION = "run"
     KIND = INPUT = TOOLTIP = ""
+    FAMILY = ROLE = LOADER = ""  # what the file holds (loaders/explain.py's table) and the node's name, for messages
     LOAD = None
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {cls.INPUT: file_input(cls.KIND, cls.TOOLTIP), "weight_dtype": dtype_input()}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        """Before anything loads: a file that is not there is named with where to get it. (ComfyUI and the runner
+        then skip their own list checks for this node's inputs, so the dtype is checked here too.)"""
+        from ..loaders.explain import explain_file
+
+        dtype = values.get("weight_dtype")
+        if isinstance(dtype, str) and dtype not in WEIGHT_DTYPE_CHOICES:
+            return f"weight_dtype '{dtype}' is not one of {', '.join(WEIGHT_DTYPE_CHOICES)}"
+        if not cls.FAMILY:
+            return True
+        return explain_file(cls.KIND, values.get(cls.INPUT), cls.FAMILY, cls.ROLE, cls.LOADER or "this loader") or True
+
     def run(self, *args, **kwargs):
+        from ..loaders.detect import WrongModel
+        from ..loaders.explain import file_hint
         from ..loaders.files import resolve
 
         values = dict(zip((self.INPUT, "weight_dtype"), args), **kwargs)  # ComfyUI passes keywords
-        return hosted(type(self).LOAD(resolve(self.KIND, values[self.INPUT]), values["weight_dtype"]))
+        try:
+            handle = type(self).LOAD(resolve(self.KIND, values[self.INPUT]), values["weight_dtype"])
+        except WrongModel as e:
+            if not self.FAMILY:
+                raise
+            raise WrongModel(f"{e} {file_hint(self.FAMILY, self.ROLE, values[self.INPUT])}") from None
+        return hosted(handle)
 
 
 def denoise_input():

@@ -16,6 +16,7 @@ from .common import (
     denoise_input,
     dtype_input,
     folder_input,
+    folder_validator,
     hosted,
     require,
     seed_input,
@@ -37,6 +38,7 @@ class LetterpressErnieImageDiTLoader(FileLoader):
     RETURN_TYPES = (DIT,)
     RETURN_NAMES = ("dit",)
     KIND, INPUT = "diffusion_models", "dit_name"
+    FAMILY, ROLE, LOADER = "ernie_image", "dit", "the ERNIE-Image DiT Loader"
     TOOLTIP = 'ernie-image.safetensors or ernie-image-turbo.safetensors.'
     LOAD = staticmethod(load.load_dit)
 
@@ -48,6 +50,7 @@ class LetterpressErnieImageTextEncoderLoader(FileLoader):
     RETURN_TYPES = (TE,)
     RETURN_NAMES = ("text_encoder",)
     KIND, INPUT = "text_encoders", "text_encoder_name"
+    FAMILY, ROLE, LOADER = "ernie_image", "text_encoder", "the ERNIE-Image Text Encoder Loader"
     TOOLTIP = 'ministral-3-3b.safetensors.'
     LOAD = staticmethod(load.load_text_encoder)
 
@@ -58,6 +61,7 @@ class LetterpressErnieImagePromptEnhancerLoader(FileLoader):
     RETURN_TYPES = (PE,)
     RETURN_NAMES = ("prompt_enhancer",)
     KIND, INPUT = "text_encoders", "prompt_enhancer_name"
+    FAMILY, ROLE, LOADER = "ernie_image", "prompt_enhancer", "the ERNIE-Image Prompt Enhancer Loader"
     TOOLTIP = 'ernie-image-prompt-enhancer.safetensors.'
     LOAD = staticmethod(load.load_prompt_enhancer)
 
@@ -68,6 +72,7 @@ class LetterpressErnieImageVAELoader(FileLoader):
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
     KIND, INPUT = "vae", "vae_name"
+    FAMILY, ROLE, LOADER = "ernie_image", "vae", "the ERNIE-Image VAE Loader"
     TOOLTIP = 'flux2-vae.safetensors.'
     LOAD = staticmethod(load.load_flux2_vae)
 
@@ -80,6 +85,8 @@ class LetterpressErnieImageFolderLoader:
     RETURN_TYPES = (DIT, TE, VAE, PE)
     RETURN_NAMES = ("dit", "text_encoder", "vae", "prompt_enhancer")
     FUNCTION = "run"
+    VALIDATE_INPUTS = folder_validator(load.FAMILY, "the ERNIE-Image Folder Loader",
+                                       ("transformer", "text_encoder", "tokenizer", "vae"))
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -7,7 +7,7 @@ import logging
 
 from ..loaders import ernie_vl as load
 from ..loaders.errors import LetterpressError
-from ..loaders.files import resolve
+from ..loaders.files import list_model_folders, resolve
 from ..loaders.host import get_host
 from ..samplers import ernie_vl as vl
 from ..samplers import remote_openai as remote
@@ -66,9 +66,17 @@ class LetterpressErnieVLLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "folder": (load.list_folders(), {"tooltip": "A folder under models/LLM, e.g. ERNIE-4.5-VL-28B-A3B-PT."}),
+            "folder": (list_model_folders("LLM", load.list_folders()), {
+                "tooltip": "A folder under models/LLM, e.g. ERNIE-4.5-VL-28B-A3B-PT. ERNIE-4.5-VL folders are listed "
+                           "first; picking another folder says what it holds and what to download instead."}),
             "weight_dtype": dtype_input(),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder=None):
+        from ..loaders.explain import explain_llm_folder
+
+        return explain_llm_folder(folder, load.FAMILY, "the ERNIE-VL Loader") or True
 
     def run(self, folder, weight_dtype):
         return hosted(load.load(resolve("LLM", folder), weight_dtype))

@@ -14,6 +14,7 @@ from .common import (
     cfg_input,
     dtype_input,
     folder_input,
+    folder_validator,
     hosted,
     seed_input,
     size_input,
@@ -37,6 +38,7 @@ class _ComponentLoader:
     CATEGORY = CAT
     FUNCTION = "run"
     LOAD = None
+    VALIDATE_INPUTS = folder_validator(load.FAMILY, "this GLM-Image loader")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -82,6 +84,8 @@ class LetterpressGlmImageFolderLoader:
     RETURN_TYPES = (AR, GLYPH, DIT, VAE)
     RETURN_NAMES = ("ar_model", "glyph_encoder", "dit", "vae")
     FUNCTION = "run"
+    VALIDATE_INPUTS = folder_validator(load.FAMILY, "the GLM-Image Folder Loader", (
+        "vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae"))
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -16,6 +16,7 @@ from .common import (
     denoise_input,
     dtype_input,
     folder_input,
+    folder_validator,
     hosted,
     seed_input,
     size_validator,
@@ -36,6 +37,8 @@ class LetterpressOvisImageFolderLoader:
     RETURN_TYPES = (DIT, TE, VAE)
     RETURN_NAMES = ("dit", "text_encoder", "vae")
     FUNCTION = "run"
+    VALIDATE_INPUTS = folder_validator(load.FAMILY, "the Ovis-Image Folder Loader",
+                                       ("transformer", "text_encoder", "tokenizer", "vae"))
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -56,6 +59,7 @@ class LetterpressOvisImageDiTLoader(FileLoader):
     RETURN_TYPES = (DIT,)
     RETURN_NAMES = ("dit",)
     KIND, INPUT = "diffusion_models", "dit_name"
+    FAMILY, ROLE, LOADER = "ovis_image", "dit", "the Ovis-Image DiT Loader"
     TOOLTIP = 'ovis_image.safetensors or ovis_image_bf16.safetensors.'
     LOAD = staticmethod(load.load_dit)
 
@@ -68,6 +72,7 @@ class LetterpressOvisImageTextEncoderLoader(FileLoader):
     RETURN_TYPES = (TE,)
     RETURN_NAMES = ("text_encoder",)
     KIND, INPUT = "text_encoders", "text_encoder_name"
+    FAMILY, ROLE, LOADER = "ovis_image", "text_encoder", "the Ovis-Image Text Encoder Loader"
     TOOLTIP = 'ovis_2.5.safetensors.'
     LOAD = staticmethod(load.load_text_encoder)
 
@@ -78,6 +83,7 @@ class LetterpressOvisImageVAELoader(FileLoader):
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
     KIND, INPUT = "vae", "vae_name"
+    FAMILY, ROLE, LOADER = "ovis_image", "vae", "the Ovis-Image VAE Loader"
     TOOLTIP = 'ae.safetensors (the FLUX.1 VAE).'
     LOAD = staticmethod(load.load_flux1_vae)
 

@@ -711,3 +711,22 @@ def test_training_on_a_gguf_dit_inside_comfyui_saves_a_lora(comfy):
     lora = read_lora(os.path.join(folder, saved[0]))
     assert "layers.0.self_attention.to_q" in lora.layers
     assert any(b.abs().max() > 0 for _, b, _ in lora.layers.values())
+
+
+def test_a_folder_of_another_model_is_explained_at_queue_time(comfy, shipped_models, models_dir):
+    """ovis_image_t2i with ERNIE-Image's folder picked (issue #20): ComfyUI refused it as 'Value not in list ... not in
+    []'; the loader's VALIDATE_INPUTS now names what the folder holds and what to download where. A folder that is
+    not there names the Hugging Face repository and the path under ComfyUI's own models/diffusers."""
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ovis_image_t2i_api.json"))))
+    listed = comfy.get("/object_info/LetterpressOvisImageFolderLoader")["LetterpressOvisImageFolderLoader"]
+    choices = listed["input"]["required"]["folder"][0]
+    assert choices[0] == "Ovis-Image-7B" and "ERNIE-Image" in choices  # the family's own first, the others listed
+    wf["1"]["inputs"]["folder"] = "ERNIE-Image"
+    with pytest.raises(AssertionError, match=r"ERNIE-Image holds an ErnieImagePipeline \(ERNIE-Image\); the Ovis-Image "
+                                             r"Folder Loader needs an OvisImagePipeline. Use an ERNIE-Image loader for "
+                                             r"this folder, or download the Hugging Face repository AIDC-AI/Ovis-Image-7B"):
+        comfy.queue(wf)
+    wf["1"]["inputs"]["folder"] = "Not-Downloaded"
+    with pytest.raises(AssertionError, match=r"'Not-Downloaded' is not a folder in .*models/diffusers.*hf download "
+                                             r"AIDC-AI/Ovis-Image-7B --local-dir .*models/diffusers/Ovis-Image-7B"):
+        comfy.queue(wf)

@@ -238,12 +238,14 @@ def test_loader_errors(tmp_path):
         node("Loader").run("Not-There", "auto")
 
 
-def test_loader_lists_only_ernie_vl_folders(ernie_vl, models_dir):
+def test_loader_lists_ernie_vl_folders_first_and_names_another_model(ernie_vl, models_dir):
     os.makedirs(os.path.join(models_dir, "LLM", "some-llama"), exist_ok=True)
     with open(os.path.join(models_dir, "LLM", "some-llama", "config.json"), "w") as f:
         json.dump({"model_type": "llama"}, f)
     choices = N["LetterpressErnieVLLoader"].INPUT_TYPES()["required"]["folder"][0]
-    assert PT in choices and THINKING in choices and "some-llama" not in choices
+    assert sorted(choices[:2]) == [PT, THINKING] and "some-llama" in choices[2:]
+    assert N["LetterpressErnieVLLoader"].VALIDATE_INPUTS(folder="some-llama").startswith(
+        "some-llama holds a 'llama' model; the ERNIE-VL Loader needs model_type ernie4_5_vl_moe.")
 
 
 def test_model_goes_through_the_host(ernie_vl, monkeypatch):
@@ -256,3 +258,34 @@ def test_model_goes_through_the_host(ernie_vl, monkeypatch):
     model = node("Loader").run(PT, "auto")[0]
     ask(model, as_tensor(pil_images(0, 1)), tokens=2)
     assert calls == [("wrap", "vl_model"), ("load", "vl_model")]
+
+
+def test_a_processor_saved_by_transformers_5_loads_and_answers_the_same(ernie_vl, vl, reference, tmp_path, host):
+    """Ernie4_5_VLMoeProcessor.save_pretrained writes the image processor inside processor_config.json (no
+    preprocessor_config.json); transformers' AutoProcessor loads that folder, and so must the loader, to the same
+    tokens as the original layout and transformers' own generate()."""
+    import shutil
+
+    from transformers import AutoProcessor, Ernie4_5_VLMoeProcessor, Ernie4_5_VLMoeVideoProcessor
+
+    from fixtures.ernie_vl import CHAT_TEMPLATE, image_processor
+
+    folder = tmp_path / "LLM" / "Resaved"
+    shutil.copytree(ernie_vl["folder"], folder)
+    for name in ("preprocessor_config.json", "processor_config.json", "chat_template.jinja"):
+        (folder / name).unlink()
+    # the video processor keeps transformers' defaults (its temporal patch size must stay 2); no font to draw with
+    video = Ernie4_5_VLMoeVideoProcessor(patch_size=14, merge_size=2, draw_on_frames=False)
+    Ernie4_5_VLMoeProcessor(image_processor=image_processor(), tokenizer=reference[1], video_processor=video,
+                            chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    assert not (folder / "preprocessor_config.json").exists()
+    assert "image_processor" in json.loads((folder / "processor_config.json").read_text())
+    assert AutoProcessor.from_pretrained(folder).image_processor.size == image_processor().size  # transformers loads it
+    host.models_dir = str(tmp_path)
+    assert node("Loader").VALIDATE_INPUTS(folder="Resaved") is True
+    resaved = node("Loader").run("Resaved", "auto")[0]
+    images = pil_images(SEEDS[1], 1)
+    ref = reference_ids(reference, images, thinking=False, tokens=16)
+    body = ref[:-1] if ref and ref[-1] == reference[1].eos_token_id else ref
+    answer = ask(resaved, as_tensor(images), tokens=16)[0]
+    assert answer == ask(vl, as_tensor(images), tokens=16)[0] == words(reference[1], body)

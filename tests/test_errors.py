@@ -38,7 +38,8 @@ def test_not_an_ernie_folder(ernie, models_dir, tmp_path, host):
     other.mkdir(parents=True)
     (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     host.models_dir = str(tmp_path / "models")
-    with pytest.raises(LetterpressError, match="not an ERNIE-Image folder \\(FluxPipeline\\)"):
+    with pytest.raises(LetterpressError, match="Other holds a FluxPipeline \\(FLUX.1\\); this ERNIE-Image loader needs an "
+                       "ErnieImagePipeline. Instead, download the Hugging Face repository baidu/ERNIE-Image into"):
         node("FolderLoader").run("Other", "auto", False)
 
 

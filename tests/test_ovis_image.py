@@ -266,7 +266,8 @@ def test_wrong_family_file_in_loader(ovis, ernie):
         node("TextEncoderLoader").run("ministral-3-3b.safetensors", "auto")
     with pytest.raises(LetterpressError, match="Flux2 VAE .*not FLUX.1 VAE"):
         node("VAELoader").run("flux2-vae.safetensors", "auto")
-    with pytest.raises(LetterpressError, match="is not an Ovis-Image folder \\(ErnieImagePipeline\\)"):
+    with pytest.raises(LetterpressError, match="ERNIE-Image holds an ErnieImagePipeline \\(ERNIE-Image\\); this Ovis-Image loader needs an "
+                       "OvisImagePipeline. Use an ERNIE-Image loader for this folder, or download .*AIDC-AI/Ovis-Image-7B"):
         node("FolderLoader").run("ERNIE-Image", "auto")
     # ... and the reverse.
     with pytest.raises(LetterpressError, match="holds a Ovis-Image DiT \\(original names\\), not ERNIE-Image DiT"):

@@ -155,7 +155,8 @@ def test_broken_workflow_files(ernie, tmp_path):
 
     bad_file = json.loads(json.dumps(base))
     bad_file["1"]["inputs"]["folder"] = "Not-There"
-    with pytest.raises(WorkflowError, match="'Not-There' is not available"):
+    with pytest.raises(WorkflowError, match="'Not-There' is not a folder in .*download the Hugging Face repository "
+                                            "baidu/ERNIE-Image into"):
         Runner().validate(bad_file)
 
 
@@ -231,7 +232,9 @@ def test_cli_usage_names_the_command_it_was_started_as(monkeypatch):
 def test_cli_names_the_models_dir_when_nothing_is_found(tmp_path, capsys):
     code = run_cli("ernie_image_t2i_api.json", str(tmp_path / "nowhere"), tmp_path)
     err = capsys.readouterr().err
-    assert code == 2 and f"Check --models-dir ({tmp_path / 'nowhere'})" in err
+    # the missing folder is named with the repository to download and the path to put it at
+    want = os.path.join(tmp_path, "nowhere", "diffusers", "ERNIE-Image")
+    assert code == 2 and "(which does not exist)" in err and f"baidu/ERNIE-Image into {want}" in err
 
 
 def test_non_finite_numbers_are_refused_before_running(ernie, models_dir, host):

@@ -1,0 +1,307 @@
+"""Where each model comes from, and what a picked folder or file holds when it is not what a loader needs.
+
+MODELS is the one table of download sources (README's "Model files" table, in code): every message that tells a
+user what to download and where to put it reads it. The `explain_*` functions return None when the pick is
+usable and otherwise one sentence naming what is there, what the loader needs, and how to get it; the loader
+nodes return it from VALIDATE_INPUTS (so ComfyUI and the headless runner refuse the prompt with it before
+anything loads) and the loaders raise it at load time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from .host import get_host
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    model: str  # what users call it
+    family: str
+    role: str  # "folder" for a whole model folder, else the stage a single file holds
+    kind: str  # the models/ folder it goes under
+    name: str  # its folder or file name there
+    repo: str = ""  # the Hugging Face repository to download (the whole repository when `file` is empty)
+    file: str = ""  # the file inside `repo` (single files)
+    pipeline: str = ""  # a diffusers folder's model_index.json _class_name
+    model_type: str = ""  # a transformers folder's config.json model_type
+
+
+MODELS: tuple[Source, ...] = (
+    Source("ERNIE-Image", "ernie_image", "folder", "diffusers", "ERNIE-Image", "baidu/ERNIE-Image",
+           pipeline="ErnieImagePipeline"),
+    Source("ERNIE-Image-Turbo", "ernie_image", "folder", "diffusers", "ERNIE-Image-Turbo", "baidu/ERNIE-Image-Turbo",
+           pipeline="ErnieImagePipeline"),
+    Source("GLM-Image", "glm_image", "folder", "diffusers", "GLM-Image", "zai-org/GLM-Image", pipeline="GlmImagePipeline"),
+    Source("Ovis-Image", "ovis_image", "folder", "diffusers", "Ovis-Image-7B", "AIDC-AI/Ovis-Image-7B",
+           pipeline="OvisImagePipeline"),
+    Source("ERNIE-4.5-VL", "ernie_vl", "folder", "LLM", "ERNIE-4.5-VL-28B-A3B-PT", "baidu/ERNIE-4.5-VL-28B-A3B-PT",
+           model_type="ernie4_5_vl_moe"),
+    Source("ERNIE-4.5-VL Thinking", "ernie_vl", "folder", "LLM", "ERNIE-4.5-VL-28B-A3B-Thinking",
+           "baidu/ERNIE-4.5-VL-28B-A3B-Thinking", model_type="ernie4_5_vl_moe"),
+    # single files as ComfyUI users have them (no repository known here: the folder above is the way to get them)
+    Source("ERNIE-Image-Turbo DiT", "ernie_image", "dit", "diffusion_models", "ernie-image-turbo.safetensors"),
+    Source("ERNIE-Image-Turbo DiT (GGUF)", "ernie_image", "dit", "diffusion_models", "ernie-image-turbo-Q4_K_M.gguf",
+           "unsloth/ERNIE-Image-Turbo-GGUF", "ernie-image-turbo-Q4_K_M.gguf"),
+    Source("ERNIE-Image DiT", "ernie_image", "dit", "diffusion_models", "ernie-image.safetensors"),
+    Source("ERNIE-Image text encoder", "ernie_image", "text_encoder", "text_encoders", "ministral-3-3b.safetensors"),
+    Source("ERNIE-Image prompt enhancer", "ernie_image", "prompt_enhancer", "text_encoders",
+           "ernie-image-prompt-enhancer.safetensors"),
+    Source("Flux2 VAE", "ernie_image", "vae", "vae", "flux2-vae.safetensors", "Comfy-Org/flux2-dev",
+           "split_files/vae/flux2-vae.safetensors"),
+    Source("Ovis-Image DiT", "ovis_image", "dit", "diffusion_models", "ovis_image_bf16.safetensors", "Comfy-Org/Ovis-Image",
+           "split_files/diffusion_models/ovis_image_bf16.safetensors"),
+    Source("Ovis-Image text encoder", "ovis_image", "text_encoder", "text_encoders", "ovis_2.5.safetensors",
+           "Comfy-Org/Ovis-Image", "split_files/text_encoders/ovis_2.5.safetensors"),
+    Source("FLUX.1 VAE", "ovis_image", "vae", "vae", "ae.safetensors", "black-forest-labs/FLUX.1-schnell", "ae.safetensors"),
+)
+
+PIPELINES = {s.pipeline: s for s in MODELS if s.pipeline}  # the first source of each pipeline class
+MODEL_TYPES = {s.model_type: s for s in MODELS if s.model_type}
+OTHER_PIPELINES = {"FluxPipeline": "FLUX.1", "Flux2Pipeline": "FLUX.2", "QwenImagePipeline": "Qwen-Image",
+                   "StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "Stable Diffusion 3"}
+
+
+FAMILY_NAMES = {"ernie_image": "ERNIE-Image", "glm_image": "GLM-Image", "ovis_image": "Ovis-Image",
+                "ernie_vl": "ERNIE-4.5-VL"}
+
+
+def family_of(pipeline_classes: tuple[str, ...]) -> str:
+    return next((PIPELINES[c].family for c in pipeline_classes if c in PIPELINES), "")
+
+
+def sources(family: str, role: str = "folder") -> list[Source]:
+    return [s for s in MODELS if s.family == family and s.role == role]
+
+
+def _base(kind: str) -> str:
+    return get_host().model_folders(kind)[0]
+
+
+def place(source: Source) -> str:
+    """The path the file or folder of `source` belongs at."""
+    return os.path.join(_base(source.kind), source.name)
+
+
+def _get(source: Source, command: bool = True) -> str:
+    """'download REPO from Hugging Face into PATH' (with the hf command when `command`) for one source."""
+    if not source.repo:
+        return f"put the single file {source.name} into {_base(source.kind)}"
+    if source.file:
+        cmd = f" (hf download {source.repo} {source.file} --local-dir <folder>, then move it there)" if command else ""
+        return f"download {source.file} from the Hugging Face repository {source.repo} to {place(source)}{cmd}"
+    cmd = f" (hf download {source.repo} --local-dir {place(source)})" if command else ""
+    return f"download the Hugging Face repository {source.repo} into {place(source)}{cmd}"
+
+
+def where_to_get(family: str, role: str = "folder", name: str = "") -> str:
+    """How to get the model `family` needs for `role`: the file or folder like `name` first, then another; for a
+    single file also the whole folder, which holds the same stage."""
+    own = sources(family, role)
+    own.sort(key=lambda s: (not name or _stem(s.name) != _stem(name), not s.repo))
+    ways = [_get(s, i == 0) for i, s in enumerate(own[:2])]
+    if role != "folder":
+        whole = sources(family)
+        if whole:
+            ways.append(f"use the {FAMILY_NAMES[family]} Folder Loader with the Hugging Face repository "
+                        f"{whole[0].repo} downloaded into {place(whole[0])}")
+    return "; or ".join(ways)
+
+
+def _stem(name: str) -> str:
+    base = os.path.basename(name.rstrip("/")).lower()
+    for ext in (".safetensors", ".sft", ".gguf"):
+        base = base.removesuffix(ext)
+    return base
+
+
+def needs(family: str, name: str = "") -> str:
+    """A sentence: the folder this family's loader needs, and how to get it."""
+    own = sources(family)
+    what = " or ".join(dict.fromkeys(s.model for s in own)) if own else family
+    return f"This loader needs {_article(what)} {what} folder: {where_to_get(family, 'folder', name)}."
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].upper() in "AEIOU" else "a"
+
+
+# diffusers folders -------------------------------------------------------------------------------------------
+
+
+def _read_class(path: str, file: str, key: str) -> str | None:
+    """`key` of the JSON object in path/file; None when the file is absent, '' when it cannot be read."""
+    p = os.path.join(path, file)
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p, encoding="utf-8") as f:
+            data = json.load(f)
+        return str(data.get(key, "")) if isinstance(data, dict) else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def _holds(path: str) -> str:
+    """What a folder holds, as a phrase ('an ErnieImagePipeline (ERNIE-Image)', 'a qwen3 model', ...)."""
+    cls = _read_class(path, "model_index.json", "_class_name")
+    if cls:
+        known = PIPELINES.get(cls)
+        label = FAMILY_NAMES[known.family] if known else OTHER_PIPELINES.get(cls, "")
+        return f"{_article(cls)} {cls}" + (f" ({label})" if label else "")
+    kind = _read_class(path, "config.json", "model_type")
+    if kind:
+        known = MODEL_TYPES.get(kind)
+        return f"a '{kind}' model" + (f" ({FAMILY_NAMES[known.family]})" if known else "")
+    return ""
+
+
+def _incomplete_download(path: str) -> bool:
+    """An interrupted `hf download` leaves *.incomplete files in .cache/huggingface/download."""
+    cache = os.path.join(path, ".cache", "huggingface", "download")
+    for _root, _dirs, files in os.walk(cache):
+        if any(f.endswith(".incomplete") for f in files):
+            return True
+    return False
+
+
+def _nested(path: str, marker: str) -> str | None:
+    """The subfolder of `path` (one or two levels down) that holds `marker`: a folder placed one level too deep."""
+    try:
+        subs = sorted(d for d in os.listdir(path) if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
+    except OSError:
+        return None
+    for d in subs:
+        if os.path.isfile(os.path.join(path, d, marker)):
+            return d
+    for d in subs:
+        found = _nested(os.path.join(path, d), marker) if os.path.isdir(os.path.join(path, d)) else None
+        if found and os.path.isfile(os.path.join(path, d, found, marker)):
+            return f"{d}/{found}"
+    return None
+
+
+def _has_weights(path: str) -> bool:
+    try:
+        return any(f.endswith((".safetensors", ".gguf", ".sft")) for f in os.listdir(path))
+    except OSError:
+        return False
+
+
+def explain_diffusers_folder(name: str, family: str, loader: str, need: tuple[str, ...] = ()) -> str | None:
+    """None when models/diffusers/`name` is a folder of `family` holding the subfolders in `need`; else what is
+    there, what `loader` needs and how to get it."""
+    if not isinstance(name, str):
+        return None  # a linked value: checked when it runs
+    pipelines = tuple(dict.fromkeys(s.pipeline for s in sources(family)))
+    bases = get_host().model_folders("diffusers")
+    path = name if os.path.isabs(name) else next(
+        (os.path.join(b, name) for b in bases if os.path.isdir(os.path.join(b, name))), None)
+    label = os.path.basename(name.rstrip("/")) or name
+    if not name:
+        return f"no folder was chosen. {needs(family)}"
+    if path is None or not os.path.isdir(path):
+        where = " or ".join(b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases)
+        return f"'{name}' is not a folder in {where}. {needs(family, name)}"
+    cls = _read_class(path, "model_index.json", "_class_name")
+    if cls is None:
+        deeper = _nested(path, "model_index.json")
+        if deeper:
+            return (f"{label} holds no model_index.json, but its subfolder {deeper} holds {_holds(os.path.join(path, deeper))}: "
+                    f"the model was placed one level too deep. Move the contents of {os.path.join(path, deeper)} up into "
+                    f"{path}, or pick '{name}/{deeper}' in {loader}.")
+        if _incomplete_download(path):
+            return f"{label} is a download that did not finish (no model_index.json yet). Run the download again. " \
+                   f"{needs(family, name)}"
+        holds = _holds(path)
+        if holds:
+            return f"{label} holds {holds}, not a diffusers pipeline folder; {loader} takes a whole model folder. " \
+                   f"{needs(family, name)}"
+        try:
+            empty = not os.listdir(path)
+        except OSError:
+            empty = False
+        state = "is empty" if empty else "holds no model_index.json: the download is incomplete, or it is not a model folder"
+        return f"{label} {state}. {needs(family, name)}"
+    if cls not in pipelines:
+        holds = _holds(path) if cls else "no readable pipeline class in its model_index.json"
+        other = PIPELINES.get(cls)
+        other = FAMILY_NAMES[other.family] if other else ""
+        use = f"Use {_article(other)} {other} loader for this folder, or" if other else "Instead,"
+        return (f"{label} holds {holds}; {loader} needs {_article(pipelines[0])} {' or '.join(pipelines)}. "
+                f"{use} {where_to_get(family, 'folder', name)}.")
+    missing = [sub for sub in need if not os.path.isdir(os.path.join(path, sub))]
+    unfilled = [sub for sub in need if sub not in missing and os.path.isfile(os.path.join(path, sub, "config.json"))
+                and not _has_weights(os.path.join(path, sub))]
+    if missing or unfilled:
+        gaps = [f"{s}/" for s in missing] + [f"the weights of {s}/" for s in unfilled]
+        repo = next((s.repo for s in sources(family) if _stem(s.name) == _stem(name)), sources(family)[0].repo)
+        return (f"{label} is {_holds(path)} but an incomplete download: it lacks {', '.join(gaps)}. Download the missing "
+                f"files from {repo} into {path} (hf download {repo} --local-dir {path} fetches only what is missing).")
+    return None
+
+
+# transformers folders under models/LLM and single files --------------------------------------------------------
+
+
+def explain_llm_folder(name: str, family: str, loader: str) -> str | None:
+    """None when models/LLM/`name` is a complete folder of `family` (a transformers checkpoint); else what is there,
+    what `loader` needs and how to get it."""
+    if not isinstance(name, str):
+        return None
+    want = {s.model_type for s in sources(family)}
+    bases = get_host().model_folders("LLM")
+    path = name if os.path.isabs(name) else next(
+        (os.path.join(b, name) for b in bases if os.path.isdir(os.path.join(b, name))), None)
+    label = os.path.basename(name.rstrip("/")) or name
+    if not name:
+        return f"no folder was chosen. {needs(family)}"
+    if path is None or not os.path.isdir(path):
+        where = " or ".join(b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases)
+        return f"'{name}' is not a folder in {where}. {needs(family, name)}"
+    kind = _read_class(path, "config.json", "model_type")
+    if kind is None:
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            return (f"{label} holds {_holds(path)}, a diffusers folder: those go under models/diffusers and load in "
+                    f"their own Folder Loader. {needs(family, name)}")
+        deeper = _nested(path, "config.json")
+        if deeper:
+            return (f"{label} holds no config.json, but its subfolder {deeper} holds {_holds(os.path.join(path, deeper))}: "
+                    f"the model was placed one level too deep. Move the contents of {os.path.join(path, deeper)} up into "
+                    f"{path}, or pick '{name}/{deeper}' in {loader}.")
+        state = ("is a download that did not finish" if _incomplete_download(path)
+                 else "holds no config.json: the download is incomplete, or it is not a model folder")
+        return f"{label} {state}. {needs(family, name)}"
+    if kind not in want:
+        return (f"{label} holds {_holds(path) if kind else 'a config.json without a model_type'}; {loader} needs "
+                f"model_type {' or '.join(sorted(want))}. {needs(family, name)}")
+    gaps = []
+    if not _has_weights(path):
+        gaps.append("its .safetensors weights")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        gaps.append("its tokenizer")
+    if gaps:
+        repo = next((s.repo for s in sources(family) if _stem(s.name) == _stem(name)), sources(family)[0].repo)
+        return (f"{label} is {_holds(path)} but an incomplete download: it lacks {' and '.join(gaps)}. Download the "
+                f"missing files from {repo} into {path} (hf download {repo} --local-dir {path}).")
+    return None
+
+
+def explain_file(kind: str, name: str, family: str, role: str, loader: str) -> str | None:
+    """None when `name` is a file in the folders of `kind`; else where to get the file `loader` needs."""
+    if not isinstance(name, str):
+        return None
+    bases = get_host().model_folders(kind)
+    if name and ((os.path.isabs(name) and os.path.isfile(name)) or any(os.path.isfile(os.path.join(b, name)) for b in bases)):
+        return None
+    what = f"'{name}' is not a file in " + " or ".join(
+        b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases) if name else "no file was chosen"
+    return f"{what}. {loader} needs {_article(role)} {FAMILY_NAMES[family]} {role.replace('_', ' ')} file: " \
+           f"{where_to_get(family, role, name)}."
+
+
+def file_hint(family: str, role: str, name: str = "") -> str:
+    """A sentence for a single file of the wrong model: how to get the right one."""
+    return f"To get the {FAMILY_NAMES[family]} {role.replace('_', ' ')}: {where_to_get(family, role, name)}."

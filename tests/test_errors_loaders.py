@@ -1,0 +1,152 @@
+"""A loader's pick that is not what it needs is explained before anything loads (issue #20): a folder of another
+model, half downloaded, placed a level too deep or missing; a single file missing or of another model; a
+models/LLM folder of another model. Through the headless runner (which validates as ComfyUI does) and the nodes.
+The download sources named are README's "Model files" table, written out here independently of the code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from letterpress.loaders.errors import LetterpressError
+from letterpress.nodes import NODE_CLASS_MAPPINGS as N
+from letterpress.runner import Runner, WorkflowError, load_workflow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVIS_WF = os.path.join(ROOT, "workflows", "api", "ovis_image_t2i_api.json")
+
+
+def tree(tmp_path, host, **folders):
+    """A models/ tree under tmp_path holding copies of the session's folders: {'diffusers/X': 'diffusers/Y'}."""
+    models = tmp_path / "models"
+    for dst, src in folders.items():
+        shutil.copytree(os.path.join(host.session_models, src), models / dst.replace("__", "/"))
+    (models / "diffusers").mkdir(parents=True, exist_ok=True)
+    host.models_dir = str(models)
+    return models
+
+
+@pytest.fixture
+def host(host, models_dir):
+    host.session_models = models_dir
+    return host
+
+
+def refused(wf) -> str:
+    with pytest.raises(WorkflowError) as e:
+        Runner().validate(wf)
+    return str(e.value)
+
+
+def test_a_folder_of_another_model_is_named_with_what_it_holds(ernie, ovis, tmp_path, host):
+    """The issue's case: ERNIE-Image's folder under models/diffusers/Ovis-Image-7B, ovis_image_t2i queued."""
+    models = tree(tmp_path, host, **{"diffusers__Ovis-Image-7B": "diffusers/ERNIE-Image"})
+    loader = N["LetterpressOvisImageFolderLoader"]
+    assert loader.INPUT_TYPES()["required"]["folder"][0] == ["Ovis-Image-7B"]  # listed, not hidden
+    msg = refused(load_workflow(OVIS_WF))
+    assert ("node 1 (LetterpressOvisImageFolderLoader): Ovis-Image-7B holds an ErnieImagePipeline (ERNIE-Image); "
+            "the Ovis-Image Folder Loader needs an OvisImagePipeline. Use an ERNIE-Image loader for this folder, or "
+            "download the Hugging Face repository AIDC-AI/Ovis-Image-7B into "
+            f"{models / 'diffusers' / 'Ovis-Image-7B'}") in msg
+    # the node says the same when it runs (a linked or direct call skips validation)
+    with pytest.raises(LetterpressError, match="Ovis-Image-7B holds an ErnieImagePipeline"):
+        loader().run("Ovis-Image-7B", "auto")
+
+
+def test_the_familys_folders_come_first_and_others_follow(ernie, ovis, glm, host):
+    lists = {name: N[name].INPUT_TYPES()["required"]["folder"][0]
+             for name in ("LetterpressOvisImageFolderLoader", "LetterpressErnieImageFolderLoader",
+                          "LetterpressGlmImageFolderLoader")}
+    everything = sorted(d for d in os.listdir(os.path.join(host.session_models, "diffusers")))
+    for listed in lists.values():
+        assert sorted(listed) == everything  # every folder stays pickable: shipped workflows' values included
+    assert lists["LetterpressOvisImageFolderLoader"][0] == "Ovis-Image-7B"
+    assert lists["LetterpressGlmImageFolderLoader"][0] == "GLM-Image"
+    assert set(lists["LetterpressErnieImageFolderLoader"][:2]) == {"ERNIE-Image", "ERNIE-Image-Turbo"}
+
+
+def test_a_half_downloaded_folder_names_what_is_missing(ovis, tmp_path, host):
+    models = tree(tmp_path, host, **{"diffusers__Ovis-Image-7B": "diffusers/Ovis-Image-7B"})
+    shutil.rmtree(models / "diffusers" / "Ovis-Image-7B" / "transformer")
+    for f in (models / "diffusers" / "Ovis-Image-7B" / "vae").glob("*.safetensors"):
+        f.unlink()
+    msg = refused(load_workflow(OVIS_WF))
+    path = models / "diffusers" / "Ovis-Image-7B"
+    assert ("Ovis-Image-7B is an OvisImagePipeline (Ovis-Image) but an incomplete download: it lacks transformer/, "
+            f"the weights of vae/. Download the missing files from AIDC-AI/Ovis-Image-7B into {path}") in msg
+
+
+def test_an_interrupted_download_without_model_index_is_named(ovis, tmp_path, host):
+    models = tree(tmp_path, host)
+    partial = models / "diffusers" / "Ovis-Image-7B" / ".cache" / "huggingface" / "download"
+    partial.mkdir(parents=True)
+    (partial / "abc.incomplete").write_bytes(b"\0")
+    assert "a download that did not finish" in refused(load_workflow(OVIS_WF))
+
+
+def test_a_folder_placed_one_level_too_deep_is_named(ovis, tmp_path, host):
+    models = tree(tmp_path, host, **{"diffusers__Ovis-Image-7B__Ovis-Image-7B": "diffusers/Ovis-Image-7B"})
+    msg = refused(load_workflow(OVIS_WF))
+    outer = models / "diffusers" / "Ovis-Image-7B"
+    assert ("Ovis-Image-7B holds no model_index.json, but its subfolder Ovis-Image-7B holds an OvisImagePipeline "
+            f"(Ovis-Image): the model was placed one level too deep. Move the contents of {outer / 'Ovis-Image-7B'} up "
+            f"into {outer}, or pick 'Ovis-Image-7B/Ovis-Image-7B'") in msg
+    assert N["LetterpressOvisImageFolderLoader"].INPUT_TYPES()["required"]["folder"][0] == [
+        "Ovis-Image-7B/Ovis-Image-7B", "Ovis-Image-7B"]
+
+
+@pytest.mark.parametrize("workflow, repo, folder", [
+    ("ernie_image_t2i_api.json", "baidu/ERNIE-Image", "ERNIE-Image"),
+    ("ernie_image_turbo_t2i_api.json", "baidu/ERNIE-Image-Turbo", "ERNIE-Image-Turbo"),
+    ("ovis_image_t2i_api.json", "AIDC-AI/Ovis-Image-7B", "Ovis-Image-7B"),
+    ("glm_image_t2i_api.json", "zai-org/GLM-Image", "GLM-Image"),
+])
+def test_a_new_users_first_run_names_the_repository_and_the_path(tmp_path, host, workflow, repo, folder):
+    host.models_dir = str(tmp_path / "models")
+    msg = refused(load_workflow(os.path.join(ROOT, "workflows", "api", workflow)))
+    where = tmp_path / "models" / "diffusers" / folder
+    assert f"'{folder}' is not a folder in {tmp_path / 'models' / 'diffusers'} (which does not exist)" in msg
+    assert f"download the Hugging Face repository {repo} into {where} (hf download {repo} --local-dir {where})" in msg
+
+
+def test_single_file_loaders_name_where_to_get_a_missing_file(ernie, ovis, tmp_path, host):
+    wf = load_workflow(os.path.join(ROOT, "workflows", "api", "ernie_image_single_files_api.json"))
+    host.models_dir = str(tmp_path / "models")
+    msg = refused(wf)
+    assert "'ernie-image-turbo.safetensors' is not a file in" in msg or "'ernie-image.safetensors' is not a file in" in msg
+    assert "flux2-vae.safetensors from the Hugging Face repository Comfy-Org/flux2-dev to " \
+           f"{tmp_path / 'models' / 'vae' / 'flux2-vae.safetensors'}" in msg
+    assert f"baidu/ERNIE-Image downloaded into {tmp_path / 'models' / 'diffusers' / 'ERNIE-Image'}" in msg
+    # Ovis's DiT: the Comfy-Org file
+    verdict = N["LetterpressOvisImageDiTLoader"].VALIDATE_INPUTS(dit_name="ovis_image_bf16.safetensors", weight_dtype="auto")
+    assert ("split_files/diffusion_models/ovis_image_bf16.safetensors from the Hugging Face repository "
+            f"Comfy-Org/Ovis-Image to {tmp_path / 'models' / 'diffusion_models' / 'ovis_image_bf16.safetensors'}") in verdict
+    # a dtype the list does not hold is still refused (the node's check replaces the host's list check)
+    assert "weight_dtype 'fp4'" in N["LetterpressOvisImageDiTLoader"].VALIDATE_INPUTS(dit_name="x", weight_dtype="fp4")
+
+
+def test_a_single_file_of_another_model_says_where_to_get_the_right_one(ernie, ovis, host):
+    assert N["LetterpressOvisImageDiTLoader"].VALIDATE_INPUTS(dit_name="ernie-image.safetensors", weight_dtype="auto")
+    with pytest.raises(LetterpressError, match=r"holds a ERNIE-Image DiT, not Ovis-Image DiT.*To get the Ovis-Image dit: "
+                                               r"download split_files/diffusion_models/ovis_image_bf16.safetensors from "
+                                               r"the Hugging Face repository Comfy-Org/Ovis-Image"):
+        N["LetterpressOvisImageDiTLoader"]().run("ernie-image.safetensors", "auto")
+
+
+def test_llm_folder_of_another_model_or_missing_is_named(ovis, tmp_path, host):
+    models = tree(tmp_path, host, **{"LLM__Qwen3": "diffusers/Ovis-Image-7B/text_encoder",
+                                     "LLM__Nested__ERNIE-4.5-VL-28B-A3B-PT": "diffusers/Ovis-Image-7B/text_encoder"})
+    cfg = models / "LLM" / "Nested" / "ERNIE-4.5-VL-28B-A3B-PT" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_type": "ernie4_5_vl_moe"}))
+    loader = N["LetterpressErnieVLLoader"]
+    assert loader.INPUT_TYPES()["required"]["folder"][0] == ["Nested/ERNIE-4.5-VL-28B-A3B-PT", "Nested", "Qwen3"]
+    assert loader.VALIDATE_INPUTS(folder="Qwen3").startswith(
+        "Qwen3 holds a 'qwen3' model; the ERNIE-VL Loader needs model_type ernie4_5_vl_moe. This loader needs an "
+        "ERNIE-4.5-VL or ERNIE-4.5-VL Thinking folder: download the Hugging Face repository baidu/ERNIE-4.5-VL-28B-A3B-PT")
+    assert "placed one level too deep" in loader.VALIDATE_INPUTS(folder="Nested")
+    where = models / "LLM" / "ERNIE-4.5-VL-28B-A3B-Thinking"
+    assert (f"download the Hugging Face repository baidu/ERNIE-4.5-VL-28B-A3B-Thinking into {where} "
+            in loader.VALIDATE_INPUTS(folder="ERNIE-4.5-VL-28B-A3B-Thinking"))
