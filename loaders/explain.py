@@ -190,21 +190,30 @@ def _has_weights(path: str) -> bool:
         return False
 
 
+def _locate(name: str, kind: str, family: str) -> tuple[str | None, str, str | None]:
+    """(path, label, problem) of folder `name` in the host's `kind` folders (models/diffusers, models/LLM): the
+    problem says that no folder was chosen or that there is none of that name, and how to get the model."""
+    bases = get_host().model_folders(kind)
+    path = name if os.path.isabs(name) else next(
+        (os.path.join(b, name) for b in bases if os.path.isdir(os.path.join(b, name))), None)
+    label = os.path.basename(name.rstrip("/")) or name
+    if not name:
+        return None, label, f"no folder was chosen. {needs(family)}"
+    if path is None or not os.path.isdir(path):
+        where = " or ".join(b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases)
+        return None, label, f"'{name}' is not a folder in {where}. {needs(family, name)}"
+    return path, label, None
+
+
 def explain_diffusers_folder(name: str, family: str, loader: str, need: tuple[str, ...] = ()) -> str | None:
     """None when models/diffusers/`name` is a folder of `family` holding the subfolders in `need`; else what is
     there, what `loader` needs and how to get it."""
     if not isinstance(name, str):
         return None  # a linked value: checked when it runs
     pipelines = tuple(dict.fromkeys(s.pipeline for s in sources(family)))
-    bases = get_host().model_folders("diffusers")
-    path = name if os.path.isabs(name) else next(
-        (os.path.join(b, name) for b in bases if os.path.isdir(os.path.join(b, name))), None)
-    label = os.path.basename(name.rstrip("/")) or name
-    if not name:
-        return f"no folder was chosen. {needs(family)}"
-    if path is None or not os.path.isdir(path):
-        where = " or ".join(b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases)
-        return f"'{name}' is not a folder in {where}. {needs(family, name)}"
+    path, label, missing = _locate(name, "diffusers", family)
+    if missing:
+        return missing
     cls = _read_class(path, "model_index.json", "_class_name")
     if cls is None:
         deeper = _nested(path, "model_index.json")
@@ -252,15 +261,9 @@ def explain_llm_folder(name: str, family: str, loader: str) -> str | None:
     if not isinstance(name, str):
         return None
     want = {s.model_type for s in sources(family)}
-    bases = get_host().model_folders("LLM")
-    path = name if os.path.isabs(name) else next(
-        (os.path.join(b, name) for b in bases if os.path.isdir(os.path.join(b, name))), None)
-    label = os.path.basename(name.rstrip("/")) or name
-    if not name:
-        return f"no folder was chosen. {needs(family)}"
-    if path is None or not os.path.isdir(path):
-        where = " or ".join(b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases)
-        return f"'{name}' is not a folder in {where}. {needs(family, name)}"
+    path, label, missing = _locate(name, "LLM", family)
+    if missing:
+        return missing
     kind = _read_class(path, "config.json", "model_type")
     if kind is None:
         if os.path.isfile(os.path.join(path, "model_index.json")):

@@ -14,7 +14,6 @@ import torch
 from ..loaders import compiled
 from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
-from ..loaders.host import get_host
 from . import flow_match, working_memory
 from .conditioning import Conditioning, batch_for, check_latent
 from .generate import generate, sampling_args
@@ -115,20 +114,10 @@ def training_family(shift: float):
 
 def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int):
     """Each item's latents (at its resolution bucket) and text encoding, computed once for a training run."""
-    from .lora_training import bucket_size, resize
+    from .lora_training import encode_items
 
-    host = get_host()
-    latents = []
-    for img in dataset.images:
-        w, h = bucket_size(img.shape[2], img.shape[1], resolution, SCALE)
-        host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
-        latents.append(encode(vae, resize(img, w, h))["samples"].float())
-    host.load(te)
-    cache: dict[str, torch.Tensor] = {}
-    for c in dataset.captions:
-        if c not in cache:
-            cache[c] = encode_text(te, c).embeds[0]
-    return latents, [cache[c] for c in dataset.captions]
+    return encode_items(vae, te, dataset, resolution, SCALE, lambda v, img: encode(v, img)["samples"].float(),
+                        lambda t, c: encode_text(t, c).embeds[0])
 
 
 def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict,

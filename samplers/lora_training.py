@@ -92,6 +92,27 @@ def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[in
     return (max(step, round(width * scale / step) * step), max(step, round(height * scale / step) * step))
 
 
+def encode_items(vae: ModelHandle, te: ModelHandle, dataset, resolution: int, step: int,
+                 encode_image: Callable, encode_caption: Callable) -> tuple[list, list]:
+    """Each item's latents (`encode_image(vae, image)` at its resolution bucket, sides multiples of `step`) and its
+    caption's encoding (`encode_caption(te, text)`, once per distinct caption): computed once for a training run,
+    the VAE and then the text encoder brought to the device by the host."""
+    from . import working_memory
+
+    host = get_host()
+    latents = []
+    for img in dataset.images:
+        w, h = bucket_size(img.shape[2], img.shape[1], resolution, step)
+        host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
+        latents.append(encode_image(vae, resize(img, w, h)))
+    host.load(te)
+    cache: dict[str, torch.Tensor] = {}
+    for c in dataset.captions:
+        if c not in cache:
+            cache[c] = encode_caption(te, c)
+    return latents, [cache[c] for c in dataset.captions]
+
+
 def resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """(1, H, W, 3) -> (1, height, width, 3), antialiased bicubic, clamped to 0..1."""
     if image.shape[1:3] == (height, width):

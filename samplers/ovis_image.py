@@ -148,21 +148,10 @@ def training_family():
 def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int,
                    max_sequence_length: int = MAX_SEQUENCE_LENGTH):
     """Each item's latents (at its resolution bucket) and text encoding, computed once for a training run."""
-    from ..loaders.host import get_host
-    from .lora_training import bucket_size, resize
+    from .lora_training import encode_items
 
-    host = get_host()
-    latents = []
-    for img in dataset.images:
-        w, h = bucket_size(img.shape[2], img.shape[1], resolution, SCALE)
-        host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
-        latents.append(encode(vae, resize(img, w, h))["samples"].float())
-    host.load(te)
-    cache: dict[str, torch.Tensor] = {}
-    for c in dataset.captions:
-        if c not in cache:
-            cache[c] = encode_text(te, c, max_sequence_length).embeds[0]
-    return latents, [cache[c] for c in dataset.captions]
+    return encode_items(vae, te, dataset, resolution, SCALE, lambda v, img: encode(v, img)["samples"].float(),
+                        lambda t, c: encode_text(t, c, max_sequence_length).embeds[0])
 
 
 def sigmas_for(steps: int, image_seq_len: int, schedule: dict):
