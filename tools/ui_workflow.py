@@ -244,8 +244,14 @@ def _load(page, script: str, data, count: int) -> None:
     raise RuntimeError(f"the editor did not keep the graph ({count} nodes)")
 
 
-MAKE = """([lay]) => {
+# seeds kept between queues (loadApiJson sets every control to randomize): a shared width or height, and the text
+# models whose output a new DiT seed should re-use from the cache (README: the enhancer's seed is fixed)
+FIXED = ["PrimitiveInt", "LetterpressErnieImagePromptEnhance", "LetterpressErnieVLGround", "LetterpressErnieVLGenerate"]
+
+MAKE = """([lay, fixed]) => {
     const graph = window.app.graph;
+    for (const n of graph._nodes)
+        for (const w of n.widgets || []) if (fixed.includes(n.type) && w.name === "control_after_generate") w.value = "fixed";
     for (const n of graph._nodes) n.pos = lay.pos[String(n.id)];
     const note = window.LiteGraph.createNode("Note");
     graph.add(note);
@@ -292,8 +298,11 @@ def make(page, api: dict, name: str, spec: dict) -> dict:
     if lay["ds"]["scale"] < READABLE:
         print(f"{name}: the whole graph shows only at scale {lay['ds']['scale']}, below which the editor draws nodes "
               f"without their text ({READABLE})", flush=True)
-    ui = json.loads(page.evaluate(MAKE, [lay]))
+    ui = json.loads(page.evaluate(MAKE, [lay, FIXED]))
     ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-letterpress/workflows/" + name))  # not a random one
+    for node in ui["nodes"]:
+        if node["type"] == "PreviewAny":  # the editor's own display widgets hold nothing to keep
+            node["widgets_values"] = []
     return ui
 
 
