@@ -1,6 +1,6 @@
 """Standalone stand-ins for the few ComfyUI core nodes the shipped workflows use (LoadImage, SaveImage,
-PreviewImage, PreviewAny, SetLatentNoiseMask, PrimitiveInt). They are used by the headless runner only; inside
-ComfyUI the real core nodes run. Like ComfyUI's SaveImage, images are written as PNG with the prompt (and
+PreviewImage, PreviewAny, SetLatentNoiseMask, PrimitiveInt, PrimitiveString, PrimitiveStringMultiline). They are
+used by the headless runner only; inside ComfyUI the real core nodes run. Like ComfyUI's SaveImage, images are written as PNG with the prompt (and
 workflow) in text chunks."""
 
 from __future__ import annotations
@@ -194,6 +194,30 @@ class PrimitiveInt:
         return (value,)
 
 
+class PrimitiveString:
+    """ComfyUI's String primitive: one text wired into several inputs (a prompt that Text Encode and Text Accuracy
+    share)."""
+
+    CATEGORY = "utils/primitive"
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("STRING", {})}}
+
+    def execute(self, value):
+        return (value,)
+
+
+class PrimitiveStringMultiline(PrimitiveString):
+    """ComfyUI's String (Multiline) primitive: the same, typed in a text box."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("STRING", {"multiline": True})}}
+
+
 class PreviewAny:
     """ComfyUI's Preview Any: shows a value (here a STRING, such as an enhanced prompt) as text on the node."""
 
@@ -218,4 +242,5 @@ class PreviewAny:
 
 
 CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "PreviewAny": PreviewAny, "LoadImage": LoadImage,
-              "SetLatentNoiseMask": SetLatentNoiseMask, "PrimitiveInt": PrimitiveInt}
+              "SetLatentNoiseMask": SetLatentNoiseMask, "PrimitiveInt": PrimitiveInt,
+              "PrimitiveString": PrimitiveString, "PrimitiveStringMultiline": PrimitiveStringMultiline}

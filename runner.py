@@ -109,12 +109,16 @@ def set_values(workflow: dict, assignments: list[str]) -> dict:
     return wf
 
 
+PRIMITIVES = ("PrimitiveInt", "PrimitiveString", "PrimitiveStringMultiline")
+
+
 def _primitive_value(wf: dict, value: Any) -> Any:
-    """The number a link from a PrimitiveInt carries (when it is typed in that node), else `value` unchanged."""
+    """The value a link from a Primitive (Int, String) carries (when it is typed in that node), else `value`
+    unchanged."""
     if _is_link(value) and value[1] == 0:
         src = wf.get(value[0], {})
         typed = src.get("inputs", {}).get("value")
-        if src.get("class_type") == "PrimitiveInt" and not _is_link(typed):
+        if src.get("class_type") in PRIMITIVES and not _is_link(typed):
             return typed
     return value
 

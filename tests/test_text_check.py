@@ -11,7 +11,7 @@ import torch
 
 from letterpress.loaders.errors import LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
-from letterpress.runner import Runner, load_workflow
+from letterpress.runner import Runner, load_workflow, set_values
 from letterpress.samplers import text_ocr
 from letterpress.samplers.text_metrics import levenshtein, score_text, words
 from letterpress.samplers.text_spans import quoted_spans
@@ -180,9 +180,14 @@ def test_shipped_workflow_is_valid(ernie):
         types.index("LetterpressTextBestOfBatch") < types.index("SaveImage")
     latent = next(n for n in wf.values() if n["class_type"] == "LetterpressErnieImageEmptyLatent")
     assert latent["inputs"]["batch_size"] == 4
-    prompt = next(n for n in wf.values() if n.get("_meta", {}).get("title") == "Prompt")["inputs"]["prompt"]
+    # the prompt is typed once: one String node feeds both Text Encode and Text Accuracy
+    encode = next(n for n in wf.values() if n["class_type"] == "LetterpressErnieImageTextEncode"
+                  and n["_meta"]["title"] == "Text Encode")["inputs"]
     accuracy = next(n for n in wf.values() if n["class_type"] == "LetterpressTextAccuracy")["inputs"]
-    assert accuracy["prompt"] == prompt and quoted_spans(prompt)
+    assert encode["prompt"] == accuracy["prompt"] and wf[encode["prompt"][0]]["class_type"] == "PrimitiveStringMultiline"
+    assert quoted_spans(wf[encode["prompt"][0]]["inputs"]["value"])
+    nid = encode["prompt"][0]
+    assert set_values(wf, [f"{nid}.value=say 'HELLO'"])[nid]["inputs"]["value"] == "say 'HELLO'"
 
 
 def test_vl_answers_become_lines():

@@ -97,8 +97,10 @@ def widget_slots(cls) -> list[tuple[str, tuple | None]]:
     return slots
 
 
+
+
 def ui_to_api(ui: dict) -> dict:
-    """What the editor queues for this UI workflow (widgets by slot, links by id)."""
+    """What the editor queues for this UI workflow (widgets by slot, links by id; notes left out)."""
     classes = _classes()
     links = {link[0]: link for link in ui["links"]}
     api = {}
@@ -164,7 +166,7 @@ def test_ui_workflow_fits_the_node_definitions(shipped_models, path):
         accepts = spec[0] if isinstance(spec[0], str) else "COMBO"
         # the editor types a link into an input of any type (Preview Any's source) as "*"
         assert src_cls.RETURN_TYPES[src_slot] == kind or kind == accepts == "*", f"link {link_id} carries {kind}"
-        assert accepts == kind or isinstance(spec[0], list)
+        assert accepts in (kind, "*") or isinstance(spec[0], list)
 
 
 @pytest.mark.parametrize("path", UI, ids=[os.path.basename(p) for p in UI])
@@ -208,3 +210,78 @@ def test_every_node_has_a_description_and_every_input_a_tooltip():
                 if not (len(spec) > 1 and str(spec[1].get("tooltip", "")).strip()):
                     bare.append(f"{name}.{key}")
     assert bare == []
+
+
+# How the UI workflows open: laid out left to right, nothing overlapping, all in view --------------------------
+
+TITLE_BAR = 30  # LiteGraph draws a node's title bar above its pos
+VIEW = (1600, 1000)
+
+
+def _boxes(ui: dict) -> dict:
+    """Each node's drawn box (title bar included) in graph units: id -> (x0, y0, x1, y1)."""
+    return {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_BAR, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+            for n in ui["nodes"]}
+
+
+def _meet(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _rank(node_type: str) -> int | None:
+    """Stage order of the nodes every workflow has (its own table: loaders, DiT sample, VAE decode, save)."""
+    for rank, words in enumerate((("Loader",), ("Sampler",), ("VAEDecode",), ("SaveImage",))):
+        if any(w in node_type for w in words) and "Lora" not in node_type:
+            return rank
+    return None
+
+
+@pytest.mark.parametrize("path", UI, ids=[os.path.basename(p) for p in UI])
+def test_ui_workflow_reads_at_a_glance(path):
+    ui = json.load(open(path))
+    boxes = _boxes(ui)
+    ids = sorted(boxes)
+    overlapping = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if _meet(boxes[a], boxes[b])]
+    assert overlapping == []
+    # opened at 1600x1000 with the stored view (the editor draws graph point p at (p + offset) * scale)
+    ds = ui["extra"]["ds"]
+    groups = [g["bounding"] for g in ui.get("groups", [])]
+    rects = list(boxes.values()) + [(g[0], g[1], g[0] + g[2], g[1] + g[3]) for g in groups]
+    for x0, y0, x1, y1 in rects:
+        sx0, sy0 = (x0 + ds["offset"][0]) * ds["scale"], (y0 + ds["offset"][1]) * ds["scale"]
+        sx1, sy1 = (x1 + ds["offset"][0]) * ds["scale"], (y1 + ds["offset"][1]) * ds["scale"]
+        assert 0 <= sx0 and sx1 <= VIEW[0] and 0 <= sy0 and sy1 <= VIEW[1], (x0, y0, x1, y1)
+    # every wire runs left to right, and the stages follow each other left to right
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for _, src, _, dst, _, _ in ui["links"]:
+        assert boxes[src][2] < boxes[dst][0], f"link {by_id[src]['type']} -> {by_id[dst]['type']} runs right to left"
+    ranked = [(r, boxes[n["id"]]) for n in ui["nodes"] if (r := _rank(n["type"])) is not None]
+    for ra, a in ranked:
+        for rb, b in ranked:
+            if ra < rb:
+                assert a[0] < b[0]
+    # a note says which files the workflow needs
+    notes = [n for n in ui["nodes"] if n["type"] in EDITOR_ONLY]
+    text = notes[0]["widgets_values"][0] if notes else ""
+    # which files go where (a remote workflow: how to start the server that holds the model)
+    assert len(notes) == 1 and ("models/" in text or " serve " in text)
+    # groups: titled, apart from each other, and no node half in one
+    for i, g in enumerate(groups):
+        assert ui["groups"][i]["title"]
+        box = (g[0], g[1], g[0] + g[2], g[1] + g[3])
+        for h in groups[i + 1:]:
+            assert not _meet(box, (h[0], h[1], h[0] + h[2], h[1] + h[3]))
+        for b in boxes.values():
+            inside = box[0] <= b[0] and b[2] <= box[2] and box[1] <= b[1] and b[3] <= box[3]
+            assert inside or not _meet(box, b), "a node lies across a group's border"
+
+
+def test_workflows_with_more_than_one_model_have_a_group_per_model():
+    for path in UI:
+        ui = json.load(open(path))
+        types = " ".join(n["type"] for n in ui["nodes"])
+        remote = "Remote" in types  # the image model runs on a server: no AR/DiT pair here
+        models = sum(("ErnieVL" in types, "ErnieImage" in types, "Glm" in types)) + ("TextRead" in types) \
+            + ("PromptEnhance" in types) + ("Glm" in types and not remote)  # GLM-Image: an AR model and a DiT
+        if models > 1:
+            assert len(ui.get("groups", [])) >= 2, path

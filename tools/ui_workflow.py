@@ -1,20 +1,29 @@
-"""Make a UI-format workflow from its API twin in the real ComfyUI editor (not by hand).
+"""Make the UI-format workflows from their API twins in the real ComfyUI editor (not by hand), laid out to read at
+a glance.
 
-    python tools/ui_workflow.py workflows/api/NAME_api.json [--comfyui ../shared/comfyui/0.8.0] [--screenshot FILE]
-                                [--note TEXT]
+    python tools/ui_workflow.py --all [--screenshots DIR]           # every workflows/api/*_api.json
+    python tools/ui_workflow.py workflows/api/NAME_api.json [...] [--screenshots DIR] [--comfyui PATH]
 
-Starts the ComfyUI tree on CPU with this pack and a models/ tree of empty stand-ins for every file the workflow names
-(so its combo values are listed), opens the editor in Debian's chromium through playwright, loads the API workflow
-with the frontend's own `loadApiJson` (which gives linked widget inputs their slots as the editor does), lays the
-graph out left to right in execution order, and writes workflows/NAME.json; with --screenshot, a picture of it.
-With --note, a core Note node holding TEXT goes below the graph (the editor's own node: it is never queued, so
-the API twin has none; the Remote workflows say there how to start their server).
-Needs ComfyUI's requirements, playwright and /usr/bin/chromium.
+Starts a ComfyUI tree (default ../shared/comfyui/0.8.0) on CPU with this pack and a models/ tree of empty stand-ins
+for every file the workflows name (so their combo values are listed), opens the editor in Debian's chromium through
+playwright and, per workflow: loads the API twin with the frontend's own `loadApiJson` (which gives linked widget
+inputs their slots as the editor does), reads the node sizes the editor computed, and lays the graph out (`layout`,
+below, plain Python): columns by stage left to right (loaders; text encode / AR tokens / pictures; DiT sample;
+decode / text check; save / preview; a node fed by one of its own stage in a sub-column after it), nodes ordered in
+a column by the height of their linked neighbours (barycentre sweeps) and placed beside them without overlapping;
+a titled group per model or stage where tools/workflow_notes.json names groups (stacked where they share columns);
+a Note above the graph with the files the workflow needs (from the same spec); and the stored view (extra.ds, which
+the frontend restores on open) set so that the whole graph shows in a 1600x1000 window. It writes workflows/NAME.json,
+then opens that file in a fresh page at 1600x1000 and checks through the canvas's own transform that every node and
+group lies inside the window and is not hidden by the editor's bars; with --screenshots, a picture of each.
+The output depends only on the API twin, the spec and the editor release. Needs ComfyUI's requirements, playwright
+and /usr/bin/chromium.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import socket
@@ -23,12 +32,175 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = os.path.join(ROOT, "tools", "workflow_notes.json")
 FOLDERS = {"dit_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae",
            "lora_name": "loras", "enhancer_name": "text_encoders"}
 CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# ---------------------------------------------------------------------------------------------------------------
+# Layout (pure: API workflow + the sizes the editor computed + spec -> positions, groups, note, view)
+
+TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
+GROUP_TITLE = 34  # LGraphGroup.titleHeight (font 24 x 1.4)
+COL_GAP, ROW_GAP, PAD, GROUP_GAP = 90, 36, 16, 40
+NOTE_WIDTH = 620
+VIEW = (1600, 1000)
+# the part of a 1600x1000 window where the graph is not hidden by the editor's bars (top menu and tabs, left side
+# bar, the minimap at the bottom right), measured on ComfyUI 0.8.0's frontend 1.35.9 (--check verifies it)
+FREE = (75, 110, 1585, 735)
+READABLE = 8 / 14  # LiteGraph.Canvas.MinFontSizeForLOD 8 px / NODE_TEXT_SIZE 14 px
+STAGES = ["loaders", "text / AR / images", "DiT sample", "decode / check", "save / preview"]
+STAGE_OF = [  # (substring of the class name, stage); first match wins, anything else is stage 1
+    ("LoraLoader", 0), ("TorchCompile", 0), ("Loader", 0),
+    ("SaveImage", 4), ("PreviewImage", 4), ("PreviewAny", 4),
+    ("Sampler", 2),
+    ("VAEDecode", 3), ("TextRead", 3), ("TextAccuracy", 3), ("TextBestOf", 3), ("DrawBoxes", 3), ("PriorPreview", 3),
+]
+
+
+def stage(class_type: str) -> int:
+    return next((s for key, s in STAGE_OF if key in class_type), 1)
+
+
+def _links(api: dict) -> list[tuple[str, str]]:
+    return [(v[0], nid) for nid, n in api.items() for v in n["inputs"].values()
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0] in api]
+
+
+def columns(api: dict) -> dict[str, int]:
+    """Column of each node: stages left to right; a node fed by one of its own stage goes in a later sub-column."""
+    preds = {nid: [] for nid in api}
+    for src, dst in _links(api):
+        preds[dst].append(src)
+    key: dict[str, tuple[int, int]] = {}
+
+    def visit(nid, seen=()):
+        if nid not in key:
+            if nid in seen:
+                raise ValueError(f"the workflow has a cycle through node {nid}")
+            ps = [visit(p, seen + (nid,)) for p in preds[nid]]
+            s = max([stage(api[nid]["class_type"])] + [k[0] for k in ps])  # never left of what feeds it
+            key[nid] = (s, max([k[1] + 1 for k in ps if k[0] == s], default=0))
+        return key[nid]
+
+    for nid in sorted(api, key=int):
+        visit(nid)
+    order = sorted(set(key.values()))
+    return {nid: order.index(k) for nid, k in key.items()}
+
+
+def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
+    """Positions for every node, group rectangles, the note's box and the stored view (extra.ds)."""
+    col = columns(api)
+    ncol = max(col.values()) + 1
+    links = _links(api)
+    nbrs = {nid: [] for nid in api}
+    for src, dst in links:
+        nbrs[dst].append(src)
+        nbrs[src].append(dst)
+    groups = spec.get("groups", [])
+    band = {nid: len(groups) for nid in api}  # nodes in no group: placed last, around the groups
+    for i, g in enumerate(groups):
+        for nid in g["nodes"]:
+            if nid not in api:
+                raise ValueError(f"group {g['title']!r} names node {nid}, which the API workflow does not have")
+            band[nid] = i
+    width = [max(sizes[n][0] for n in api if col[n] == c) for c in range(ncol)]
+    xs = [sum(width[:c]) + COL_GAP * c for c in range(ncol)]
+    x = {nid: xs[col[nid]] for nid in api}
+    h = {nid: sizes[nid][1] + TITLE for nid in api}  # the box drawn, title bar included
+    # groups that share a column are stacked, in the spec's order; others sit side by side
+    span = [(min(col[n] for n in g["nodes"]), max(col[n] for n in g["nodes"])) for g in groups]
+    y = {nid: 0.0 for nid in api}  # top of the drawn box
+    rank = {nid: i for i, nid in enumerate(sorted(api, key=int))}
+
+    def centre(nid):
+        return y[nid] + h[nid] / 2
+
+    rects: list[list[float]] = []
+    for sweep in range(6):  # barycentre ordering, placement from it, again
+        order = {}
+        for c in range(ncol):
+            members = [n for n in api if col[n] == c]
+            if sweep:  # by the mean height of the linked neighbours (left of it first, else right of it)
+                def bary(n):
+                    left = [centre(m) for m in nbrs[n] if col[m] < c]
+                    right = [centre(m) for m in nbrs[n] if col[m] > c]
+                    pick = left if sweep % 2 and left else (right or left)
+                    return sum(pick) / len(pick) if pick else centre(n)
+                members.sort(key=lambda n: (band[n], bary(n), rank[n]))
+            else:
+                members.sort(key=lambda n: (band[n], rank[n]))
+            order[c] = members
+        rank = {n: i for c in order for i, n in enumerate(order[c])}
+        rects = []
+        placed: set[str] = set()
+        for b in range(len(groups) + 1):
+            members = [n for n in api if band[n] == b]
+            if b < len(groups):
+                top = max([r[1] + r[3] + GROUP_GAP for r, s in zip(rects, span) if s[0] <= span[b][1] and span[b][0] <= s[1]],
+                          default=0.0) + PAD + GROUP_TITLE
+            for c in range(ncol):
+                if b < len(groups):
+                    cursor = top
+                    for n in (n for n in order[c] if n in members):
+                        known = [centre(m) for m in nbrs[n] if m in placed and col[m] < c] or \
+                                [centre(m) for m in nbrs[n] if sweep and col[m] > c] or [cursor + h[n] / 2]
+                        y[n] = max(cursor, sum(known) / len(known) - h[n] / 2)
+                        cursor = y[n] + h[n] + ROW_GAP
+                        placed.add(n)
+                else:  # free nodes: nearest free place in their column to their neighbours' height, outside groups
+                    for n in (n for n in order[c] if n in members):
+                        known = [centre(m) for m in nbrs[n] if m in placed] or [0.0]
+                        want = sum(known) / len(known) - h[n] / 2
+                        busy = [(y[m] - ROW_GAP, y[m] + h[m] + ROW_GAP) for m in placed if col[m] == c] + \
+                               [(r[1] - ROW_GAP, r[1] + r[3] + ROW_GAP) for r in rects if r[0] < x[n] + width[c] and x[n] < r[0] + r[2]]
+                        y[n] = _nearest_gap(want, h[n], busy)
+                        placed.add(n)
+            if b < len(groups):
+                mem = groups[b]["nodes"]
+                x0, x1 = min(x[n] for n in mem), max(x[n] + sizes[n][0] for n in mem)
+                y0, y1 = min(y[n] for n in mem), max(y[n] + h[n] for n in mem)
+                rects.append([x0 - PAD, y0 - PAD - GROUP_TITLE, x1 - x0 + 2 * PAD, y1 - y0 + 2 * PAD + GROUP_TITLE])
+    # the note on top, left, above everything
+    boxes = [(x[n], y[n], x[n] + sizes[n][0], y[n] + h[n]) for n in api] + [(r[0], r[1], r[0] + r[2], r[1] + r[3]) for r in rects]
+    gx0, gy0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    gx1, gy1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    note_text = spec["note"]
+    note_w = min(NOTE_WIDTH, max(gx1 - gx0, 400))
+    chars = int((note_w - 24) / 7.2)  # the note's text box: about 7.2 px a character at its 12 px font
+    lines = sum(max(1, -(-len(line) // chars)) for line in note_text.split("\n"))
+    note_h = 16 * lines + 28
+    note = [gx0, gy0 - ROW_GAP - note_h - TITLE, note_w, note_h]  # top of the drawn box (title bar), size
+    top = note[1]
+    gx1 = max(gx1, gx0 + note_w)
+    # the view: everything (note, groups, title bars) inside the free part of a 1600x1000 window
+    fx0, fy0, fx1, fy1 = FREE
+    scale = min(1.0, (fx1 - fx0) / (gx1 - gx0), (fy1 - fy0) / (gy1 - top))
+    offset = [((fx0 + fx1) / 2) / scale - (gx0 + gx1) / 2, fy0 / scale - top]
+    r2 = lambda v: round(v, 2)  # noqa: E731
+    return {"pos": {n: [r2(x[n]), r2(y[n] + TITLE)] for n in api},
+            "groups": [{"title": g["title"], "bounding": [r2(v) for v in r], "color": g.get("color", GROUP_COLORS[i % len(GROUP_COLORS)])}
+                       for i, (g, r) in enumerate(zip(groups, rects))],
+            "note": {"text": note_text, "pos": [r2(note[0]), r2(note[1] + TITLE)], "size": [r2(note[2]), r2(note[3])]},
+            "ds": {"scale": round(scale, 4), "offset": [r2(offset[0]), r2(offset[1])]}}
+
+
+GROUP_COLORS = ["#3f789e", "#b58b2a", "#8A8", "#a1309b"]
+
+
+def _nearest_gap(want: float, height: float, busy: list[tuple[float, float]]) -> float:
+    """The top nearest to `want` where [top, top + height] meets none of the busy intervals."""
+    candidates = [want] + [b1 for _, b1 in busy] + [b0 - height for b0, _ in busy]
+    ok = [t for t in candidates if all(t + height <= b0 or t >= b1 for b0, b1 in busy)]
+    return min(ok, key=lambda t: (abs(t - want), t))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The editor
 
 
 def _stand_ins(api: dict, base: str) -> None:
@@ -51,22 +223,139 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _open_editor(browser, url: str):
+    page = browser.new_page(viewport={"width": VIEW[0], "height": VIEW[1]})
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.LiteGraph && "
+                           "Object.keys(window.LiteGraph.registered_node_types).some(t => t.startsWith('Letterpress'))",
+                           timeout=120000)
+    return page
+
+
+def _load(page, script: str, data, count: int) -> None:
+    """Load a graph; the editor's own start-up may still replace it (default graph), so load until it holds ours."""
+    for _ in range(5):
+        page.evaluate(script, data)
+        try:
+            page.wait_for_function("(n) => window.app.graph._nodes.length === n", arg=count, timeout=20000)
+            return
+        except Exception:
+            pass
+    raise RuntimeError(f"the editor did not keep the graph ({count} nodes)")
+
+
+# seeds kept between queues (loadApiJson sets every control to randomize): a shared width or height, and the text
+# models whose output a new DiT seed should re-use from the cache (README: the enhancer's seed is fixed)
+FIXED = ["PrimitiveInt", "LetterpressErnieImagePromptEnhance", "LetterpressErnieVLGround", "LetterpressErnieVLGenerate"]
+
+MAKE = """([lay, fixed]) => {
+    const graph = window.app.graph;
+    for (const n of graph._nodes)
+        for (const w of n.widgets || []) if (fixed.includes(n.type) && w.name === "control_after_generate") w.value = "fixed";
+    for (const n of graph._nodes) n.pos = lay.pos[String(n.id)];
+    const note = window.LiteGraph.createNode("Note");
+    graph.add(note);
+    note.title = "Files this workflow needs";
+    note.widgets[0].value = lay.note.text;
+    note.pos = lay.note.pos;
+    note.size = lay.note.size;
+    for (const g of lay.groups) {
+        const group = new window.LiteGraph.LGraphGroup(g.title);
+        group.color = g.color;
+        graph.add(group);
+        group.pos = g.bounding.slice(0, 2);
+        group.size = g.bounding.slice(2);
+    }
+    const ui = graph.serialize();
+    ui.extra = {...(ui.extra || {}), ds: lay.ds};
+    return JSON.stringify(ui);  // as the editor saves it (no undefined turned into null)
+}"""
+
+CHECK = """() => {
+    // every node (title bar included) and group, through the canvas's own transform, inside the window and on top
+    const c = window.app.canvas, ds = c.ds, el = c.canvas, r = el.getBoundingClientRect();
+    const T = window.LiteGraph.NODE_TITLE_HEIGHT, problems = [];
+    if (window.devicePixelRatio !== 1) problems.push("devicePixelRatio " + window.devicePixelRatio);
+    const page = (x, y) => { const p = ds.convertOffsetToCanvas([x, y]); return [r.left + p[0], r.top + p[1]]; };
+    const boxes = window.app.graph._nodes.map(n => [n.title, n.pos[0], n.pos[1] - T, n.pos[0] + n.size[0], n.pos[1] + n.size[1]])
+        .concat(window.app.graph._groups.map(g => [g.title, g.pos[0], g.pos[1], g.pos[0] + g.size[0], g.pos[1] + g.size[1]]));
+    for (const [title, x0, y0, x1, y1] of boxes) {
+        const [a, b] = [page(x0, y0), page(x1, y1)];
+        if (a[0] < 0 || a[1] < 0 || b[0] > innerWidth || b[1] > innerHeight) problems.push(title + " outside the window: " + [a, b]);
+        for (const [px, py] of [[a[0] + 3, a[1] + 3], [b[0] - 3, a[1] + 3], [a[0] + 3, b[1] - 3], [b[0] - 3, b[1] - 3]]) {
+            const hit = document.elementFromPoint(px, py);
+            if (hit !== el) problems.push(title + " hidden at " + [Math.round(px), Math.round(py)] + " by " + (hit && (hit.className || hit.tagName)));
+        }
+    }
+    return {problems, ds: {scale: ds.scale, offset: [...ds.offset]}};
+}"""
+
+
+def make(page, api: dict, name: str, spec: dict) -> dict:
+    _load(page, "([api, name]) => window.app.loadApiJson(api, name)", [api, name], len(api))
+    sizes = page.evaluate("() => Object.fromEntries(window.app.graph._nodes.map(n => [String(n.id), [...n.size]]))")
+    lay = layout(api, sizes, spec)
+    if lay["ds"]["scale"] < READABLE:
+        print(f"{name}: the whole graph shows only at scale {lay['ds']['scale']}, below which the editor draws nodes "
+              f"without their text ({READABLE})", flush=True)
+    ui = json.loads(page.evaluate(MAKE, [lay, FIXED]))
+    ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-letterpress/workflows/" + name))  # not a random one
+    for node in ui["nodes"]:
+        if node["type"] == "PreviewAny":  # the editor's own display widgets hold nothing to keep
+            node["widgets_values"] = []
+    return ui
+
+
+def check(browser, url: str, ui: dict, name: str, screenshot: str | None) -> list[str]:
+    """Open the saved file in a fresh editor at 1600x1000, as a user would, and list what is not in view."""
+    page = _open_editor(browser, url)
+    try:
+        _load(page, "([ui, name]) => window.app.loadGraphData(ui, true, true, name)", [ui, name + ".json"], len(ui["nodes"]))
+        # the template browser a new user sees first covers the graph: close it
+        page.evaluate("() => document.querySelectorAll('.p-dialog-mask').forEach(e => e.remove())")
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        seen = page.evaluate(CHECK)
+        problems = seen["problems"]
+        if abs(seen["ds"]["scale"] - ui["extra"]["ds"]["scale"]) > 1e-6:
+            problems.append(f"the editor opened it at scale {seen['ds']['scale']}, not the stored {ui['extra']['ds']}")
+        if screenshot:
+            page.screenshot(path=screenshot)
+        return problems
+    finally:
+        page.close()
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("api")
-    ap.add_argument("--comfyui", default=os.path.join(ROOT, "..", "shared", "comfyui", "0.8.0"))
-    ap.add_argument("--screenshot")
-    ap.add_argument("--note", help="text of a Note node placed below the graph")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("api", nargs="*", help="API workflows (workflows/api/NAME_api.json)")
+    ap.add_argument("--all", action="store_true", help="every workflows/api/*_api.json")
+    ap.add_argument("--comfyui", default=next((p for p in [os.path.join(ROOT, "..", "shared", "comfyui", "0.8.0"),
+                                                           "/work/shared/comfyui/0.8.0"] if os.path.isdir(p)), None))
+    ap.add_argument("--screenshots", metavar="DIR", help="write DIR/NAME.png of each file as it opens")
     args = ap.parse_args()
+    paths = sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*_api.json"))) if args.all else args.api
+    if not paths:
+        ap.error("name API workflows or give --all")
+    specs = json.load(open(SPEC))
+    jobs = []
+    for path in paths:
+        name = os.path.basename(path).removesuffix("_api.json")
+        if name not in specs:
+            sys.exit(f"{SPEC} has no entry for {name}: add its note (the files it needs and where they go) and, "
+                     "if it has more than one model, its groups")
+        jobs.append((name, json.load(open(path)), specs[name]))
+        layout(jobs[-1][1], {n: [300, 100] for n in jobs[-1][1]}, jobs[-1][2])  # a bad spec fails before the editor starts
+    if args.screenshots:
+        os.makedirs(args.screenshots, exist_ok=True)
     from playwright.sync_api import sync_playwright
 
-    api = json.load(open(args.api))
-    name = os.path.basename(args.api).removesuffix("_api.json")
+    failed = []
     with tempfile.TemporaryDirectory() as base:
         os.makedirs(os.path.join(base, "custom_nodes"))
         os.makedirs(os.path.join(base, "input"))
         os.symlink(ROOT, os.path.join(base, "custom_nodes", "ComfyUI-Letterpress"))
-        _stand_ins(api, base)
+        for _, api, _ in jobs:
+            _stand_ins(api, base)
         port = _port()
         log = open(os.path.join(tempfile.gettempdir(), "letterpress_ui_workflow.log"), "w")
         server = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -74,7 +363,7 @@ def main() -> None:
                                   stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(240):
+            for _ in range(480):
                 try:
                     urllib.request.urlopen(url + "/system_stats", timeout=5)
                     break
@@ -82,63 +371,24 @@ def main() -> None:
                     time.sleep(0.5)
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM)
-                page = browser.new_page(viewport={"width": 1600, "height": 1000})
-                page.goto(url, wait_until="domcontentloaded")
-                page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
-                                       "Object.keys(window.LiteGraph.registered_node_types).some(t => "
-                                       "t.startsWith('Letterpress'))", timeout=120000)
-                page.wait_for_timeout(3000)  # let the editor finish its own start (default graph, dialogs)
-                for _ in range(3):  # the editor's start-up may still replace the graph: load until it holds ours
-                    page.evaluate("([api, name]) => window.app.loadApiJson(api, name)", [api, name])
-                    try:
-                        page.wait_for_function("(n) => window.app.graph._nodes.length === n", arg=len(api),
-                                               timeout=20000)
-                        break
-                    except Exception:
-                        print("nodes in the graph:", page.evaluate("() => window.app.graph._nodes.length"))
-                ui = page.evaluate("""(note) => {
-                    const graph = window.app.graph, ds = window.app.canvas.ds;
-                    graph.arrange(60);  // columns in execution order, left to right
-                    if (note) {  // the editor's own Note node, below the arranged graph
-                        let [left, bottom] = [Infinity, -Infinity];
-                        for (const n of graph._nodes) {
-                            left = Math.min(left, n.pos[0]); bottom = Math.max(bottom, n.pos[1] + n.size[1]);
-                        }
-                        const node = window.LiteGraph.createNode("Note");
-                        node.widgets[0].value = note;
-                        node.title = "How to start the server";
-                        graph.add(node);
-                        node.pos = [left, bottom + 60];
-                        node.size = [760, 200];
-                    }
-                    // open with the whole graph in view at 1600x1000, below the editor's top bar
-                    let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
-                    for (const n of graph._nodes) {
-                        x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - 30);
-                        x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
-                    }
-                    const scale = Math.min(1, 1440 / (x1 - x0), 820 / (y1 - y0));
-                    ds.scale = scale;
-                    ds.offset = [100 / scale - x0, 110 / scale - y0];
-                    graph.setDirtyCanvas(true, true);
-                    const ui = graph.serialize();
-                    ui.extra = {...(ui.extra || {}), ds: {scale, offset: [...ds.offset]}};
-                    return ui;
-                }""", args.note)
-                if args.screenshot:
-                    # the template browser a new user sees first hides the graph: take it off the picture
-                    page.evaluate("() => document.querySelectorAll('.p-dialog-mask').forEach(e => e.remove())")
-                    page.wait_for_timeout(500)
-                    page.screenshot(path=args.screenshot)
+                for name, api, spec in jobs:
+                    page = _open_editor(browser, url)
+                    ui = make(page, api, name, spec)
+                    page.close()
+                    out = os.path.join(ROOT, "workflows", name + ".json")
+                    with open(out, "w") as f:
+                        json.dump(ui, f, indent=2)
+                        f.write("\n")
+                    shot = os.path.join(args.screenshots, name + ".png") if args.screenshots else None
+                    problems = check(browser, url, ui, name, shot)
+                    print(out, "ok" if not problems else "NOT IN VIEW:\n  " + "\n  ".join(problems), flush=True)
+                    failed += [name] if problems else []
                 browser.close()
         finally:
             server.terminate()
             server.wait(timeout=30)
-    out = os.path.join(ROOT, "workflows", name + ".json")
-    with open(out, "w") as f:
-        json.dump(ui, f, indent=2)
-        f.write("\n")
-    print(out)
+    if failed:
+        sys.exit(f"not fully in view at {VIEW[0]}x{VIEW[1]}: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
