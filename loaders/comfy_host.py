@@ -99,4 +99,4 @@ class ComfyHost(StandaloneHost):
                 folders.extend(_folder_paths.get_folder_paths(name))
             except KeyError:
                 folders.append(os.path.join(_folder_paths.models_dir, name))
-        return folders
+        return list(dict.fromkeys(folders))  # ComfyUI's diffusion_models already holds unet (and the reverse)

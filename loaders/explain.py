@@ -41,14 +41,19 @@ MODELS: tuple[Source, ...] = (
            model_type="ernie4_5_vl_moe"),
     Source("ERNIE-4.5-VL Thinking", "ernie_vl", "folder", "LLM", "ERNIE-4.5-VL-28B-A3B-Thinking",
            "baidu/ERNIE-4.5-VL-28B-A3B-Thinking", model_type="ernie4_5_vl_moe"),
-    # single files as ComfyUI users have them (no repository known here: the folder above is the way to get them)
-    Source("ERNIE-Image-Turbo DiT", "ernie_image", "dit", "diffusion_models", "ernie-image-turbo.safetensors"),
+    # single files as ComfyUI users have them (Comfy-Org's repackaged files, as ComfyUI's own ERNIE-Image tutorial
+    # links them)
+    Source("ERNIE-Image-Turbo DiT", "ernie_image", "dit", "diffusion_models", "ernie-image-turbo.safetensors",
+           "Comfy-Org/ERNIE-Image", "diffusion_models/ernie-image-turbo.safetensors"),
     Source("ERNIE-Image-Turbo DiT (GGUF)", "ernie_image", "dit", "diffusion_models", "ernie-image-turbo-Q4_K_M.gguf",
            "unsloth/ERNIE-Image-Turbo-GGUF", "ernie-image-turbo-Q4_K_M.gguf"),
-    Source("ERNIE-Image DiT", "ernie_image", "dit", "diffusion_models", "ernie-image.safetensors"),
-    Source("ERNIE-Image text encoder", "ernie_image", "text_encoder", "text_encoders", "ministral-3-3b.safetensors"),
+    Source("ERNIE-Image DiT", "ernie_image", "dit", "diffusion_models", "ernie-image.safetensors",
+           "Comfy-Org/ERNIE-Image", "diffusion_models/ernie-image.safetensors"),
+    Source("ERNIE-Image text encoder", "ernie_image", "text_encoder", "text_encoders", "ministral-3-3b.safetensors",
+           "Comfy-Org/ERNIE-Image", "text_encoders/ministral-3-3b.safetensors"),
     Source("ERNIE-Image prompt enhancer", "ernie_image", "prompt_enhancer", "text_encoders",
-           "ernie-image-prompt-enhancer.safetensors"),
+           "ernie-image-prompt-enhancer.safetensors", "Comfy-Org/ERNIE-Image",
+           "text_encoders/ernie-image-prompt-enhancer.safetensors"),
     Source("Flux2 VAE", "ernie_image", "vae", "vae", "flux2-vae.safetensors", "Comfy-Org/flux2-dev",
            "split_files/vae/flux2-vae.safetensors"),
     Source("Ovis-Image DiT", "ovis_image", "dit", "diffusion_models", "ovis_image_bf16.safetensors", "Comfy-Org/Ovis-Image",
@@ -77,7 +82,10 @@ def sources(family: str, role: str = "folder") -> list[Source]:
 
 
 def _base(kind: str) -> str:
-    return get_host().model_folders(kind)[0]
+    """The folder of `kind` to put a model into: the one named like the kind (ComfyUI lists its legacy models/unet
+    before models/diffusion_models), an existing one first."""
+    folders = get_host().model_folders(kind)
+    return min(folders, key=lambda f: (os.path.basename(f.rstrip(os.sep)) != kind, not os.path.isdir(f)))
 
 
 def place(source: Source) -> str:
@@ -201,8 +209,25 @@ def _locate(name: str, kind: str, family: str) -> tuple[str | None, str, str | N
         return None, label, f"no folder was chosen. {needs(family)}"
     if path is None or not os.path.isdir(path):
         where = " or ".join(b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases)
-        return None, label, f"'{name}' is not a folder in {where}. {needs(family, name)}"
+        return None, label, f"'{name}' is not a folder in {where}.{_elsewhere(name, kind)} {needs(family, name)}"
     return path, label, None
+
+
+# Model folders a file or folder is often put into by mistake (ComfyUI's checkpoint loader reads checkpoints/).
+OTHER_KINDS = ("checkpoints", "diffusers", "diffusion_models", "text_encoders", "vae", "LLM", "loras")
+
+
+def _elsewhere(name: str, kind: str) -> str:
+    """' It is in FOLDER: move it to BASE.' when `name` sits in another model folder (or models/ itself)."""
+    if not name or os.path.isabs(name):
+        return ""
+    host = get_host()
+    own = set(host.model_folders(kind))
+    places = [f for k in OTHER_KINDS if k != kind for f in host.model_folders(k) if f not in own]
+    for place in places + ([host.models_dir] if getattr(host, "models_dir", None) else []):
+        if os.path.exists(os.path.join(place, name)):
+            return f" It is in {place}: move it to {_base(kind)}."
+    return ""
 
 
 def explain_diffusers_folder(name: str, family: str, loader: str, need: tuple[str, ...] = ()) -> str | None:
@@ -300,11 +325,26 @@ def explain_file(kind: str, name: str, family: str, role: str, loader: str) -> s
     if name and ((os.path.isabs(name) and os.path.isfile(name)) or any(os.path.isfile(os.path.join(b, name)) for b in bases)):
         return None
     what = f"'{name}' is not a file in " + " or ".join(
-        b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases) if name else "no file was chosen"
-    return f"{what}. {loader} needs {_article(role)} {FAMILY_NAMES[family]} {role.replace('_', ' ')} file: " \
-           f"{where_to_get(family, role, name)}."
+        b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases) if name else "No file was chosen"
+    stage = f"{FAMILY_NAMES[family]} {ROLE_NAMES.get(role, role)}"
+    return f"{what}.{_elsewhere(name, kind)} {loader[:1].upper() + loader[1:]} needs {_article(stage)} {stage} " \
+           f"file: {where_to_get(family, role, name)}."
+
+
+ROLE_NAMES = {"dit": "DiT", "vae": "VAE", "text_encoder": "text encoder", "prompt_enhancer": "prompt enhancer"}
 
 
 def file_hint(family: str, role: str, name: str = "") -> str:
     """A sentence for a single file of the wrong model: how to get the right one."""
-    return f"To get the {FAMILY_NAMES[family]} {role.replace('_', ' ')}: {where_to_get(family, role, name)}."
+    return f"To get the {FAMILY_NAMES[family]} {ROLE_NAMES.get(role, role)}: {where_to_get(family, role, name)}."
+
+
+def readme_table() -> str:
+    """README's "Model files" table, from MODELS (the LoRA row, which has no source, is written under it by hand)."""
+    rows = ["| model | folder under `models/` | name | download from |", "|---|---|---|---|"]
+    order = list(FAMILY_NAMES)
+    for s in sorted(MODELS, key=lambda s: (order.index(s.family), s.role != "folder")):
+        name = s.name + ("/" if s.role == "folder" else "")
+        source = f"`{s.repo}`" + (f" (`{s.file}`)" if s.file and s.file != s.name else "") if s.repo else ""
+        rows.append(f"| {s.model} | `{s.kind}/` | `{name}` | {source} |")
+    return "\n".join(rows)

@@ -94,6 +94,21 @@ def require(handle, what: str, wire_from: str):
     return handle
 
 
+def _taking(check, name: str):
+    """`check` (cls, **values) as a VALIDATE_INPUTS classmethod whose signature names the one input `name`: ComfyUI
+    passes, skips its own checks for, and reports a refusal once per input the signature names (with **kwargs:
+    all of them, each repeating the message)."""
+    import inspect
+
+    def VALIDATE_INPUTS(cls, **values):
+        return check(cls, **values)
+
+    VALIDATE_INPUTS.__signature__ = inspect.Signature(
+        [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+         inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)])
+    return classmethod(VALIDATE_INPUTS)
+
+
 class FileLoader:
     """Base of the single-file loader nodes: a file from one model folder + a weight dtype -> one stage.
 
@@ -110,10 +125,16 @@ class FileLoader:
     def INPUT_TYPES(cls):
         return {"required": {cls.INPUT: file_input(cls.KIND, cls.TOOLTIP), "weight_dtype": dtype_input()}}
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.INPUT and "VALIDATE_INPUTS" not in cls.__dict__:
+            cls.VALIDATE_INPUTS = _taking(FileLoader.VALIDATE_INPUTS.__func__, cls.INPUT)
+
     @classmethod
     def VALIDATE_INPUTS(cls, **values):
-        """Before anything loads: a file that is not there is named with where to get it. (ComfyUI and the runner
-        then skip their own list checks for this node's inputs, so the dtype is checked here too.)"""
+        """Before anything loads: a file that is not there is named with where to get it. Each loader's copy says it
+        takes its file input only (see _taking), so ComfyUI and the runner keep their own list check of the dtype
+        and report a missing file once; the dtype is still checked here for direct callers."""
         from ..loaders.explain import explain_file
 
         dtype = values.get("weight_dtype")

@@ -730,3 +730,24 @@ def test_a_folder_of_another_model_is_explained_at_queue_time(comfy, shipped_mod
     with pytest.raises(AssertionError, match=r"'Not-Downloaded' is not a folder in .*models/diffusers.*hf download "
                                              r"AIDC-AI/Ovis-Image-7B --local-dir .*models/diffusers/Ovis-Image-7B"):
         comfy.queue(wf)
+
+
+def test_a_missing_single_file_is_explained_at_queue_time(comfy, shipped_models):
+    """A single file that is not in ComfyUI's models/diffusion_models: the refusal names Comfy-Org's file and the path
+    under ComfyUI's own models/diffusion_models (not its legacy models/unet) to put it at, once (issue #20)."""
+    with open(os.path.join(ROOT, "workflows", "api", "ernie_image_single_files_api.json")) as f:
+        wf = small(json.load(f))
+    wf["1"]["inputs"]["dit_name"] = "not-here/ernie-image.safetensors"
+    body = json.dumps({"prompt": wf, "client_id": str(uuid.uuid4())}).encode()
+    req = urllib.request.Request(comfy.url + "/prompt", body, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    errors = json.loads(refused.value.read())["node_errors"]["1"]["errors"]
+    assert len(errors) == 1 and errors[0]["details"].startswith("dit_name - 'not-here/ernie-image.safetensors' is not a file")
+    models = os.path.join(os.path.dirname(comfy.input_dir), "models")
+    assert ("The ERNIE-Image DiT Loader needs an ERNIE-Image DiT file: download diffusion_models/ernie-image.safetensors "
+            "from the Hugging Face repository Comfy-Org/ERNIE-Image to "
+            f"{os.path.join(models, 'diffusion_models', 'ernie-image.safetensors')} ") in errors[0]["details"]
+    wf["1"]["inputs"]["weight_dtype"] = "fp4"  # ComfyUI's own list check still covers the dtype
+    with pytest.raises(AssertionError, match=r"Value not in list.*weight_dtype: 'fp4'"):
+        comfy.queue(wf)

@@ -130,7 +130,7 @@ def test_single_file_loaders_name_where_to_get_a_missing_file(ernie, ovis, tmp_p
 
 def test_a_single_file_of_another_model_says_where_to_get_the_right_one(ernie, ovis, host):
     assert N["LetterpressOvisImageDiTLoader"].VALIDATE_INPUTS(dit_name="ernie-image.safetensors", weight_dtype="auto")
-    with pytest.raises(LetterpressError, match=r"holds a ERNIE-Image DiT, not Ovis-Image DiT.*To get the Ovis-Image dit: "
+    with pytest.raises(LetterpressError, match=r"holds a ERNIE-Image DiT, not Ovis-Image DiT.*To get the Ovis-Image DiT: "
                                                r"download split_files/diffusion_models/ovis_image_bf16.safetensors from "
                                                r"the Hugging Face repository Comfy-Org/Ovis-Image"):
         N["LetterpressOvisImageDiTLoader"]().run("ernie-image.safetensors", "auto")
@@ -150,3 +150,48 @@ def test_llm_folder_of_another_model_or_missing_is_named(ovis, tmp_path, host):
     where = models / "LLM" / "ERNIE-4.5-VL-28B-A3B-Thinking"
     assert (f"download the Hugging Face repository baidu/ERNIE-4.5-VL-28B-A3B-Thinking into {where} "
             in loader.VALIDATE_INPUTS(folder="ERNIE-4.5-VL-28B-A3B-Thinking"))
+
+
+def test_readme_model_table_is_the_code_table():
+    from letterpress.loaders.explain import readme_table
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert readme_table() in f.read()
+
+
+def test_ernie_image_single_files_name_the_comfy_org_files(tmp_path, host):
+    """A new user's first run of ernie_image_single_files: each missing file is named with Comfy-Org's repackaged
+    file (huggingface.co/Comfy-Org/ERNIE-Image) and the exact path to put it at, in sentences of their own."""
+    models = tmp_path / "models"
+    host.models_dir = str(models)
+    msg = refused(load_workflow(os.path.join(ROOT, "workflows", "api", "ernie_image_single_files_api.json")))
+    assert ("(which does not exist). The ERNIE-Image DiT Loader needs an ERNIE-Image DiT file: download "
+            "diffusion_models/ernie-image.safetensors from the Hugging Face repository Comfy-Org/ERNIE-Image to "
+            f"{models / 'diffusion_models' / 'ernie-image.safetensors'}") in msg
+    assert ("The ERNIE-Image Text Encoder Loader needs an ERNIE-Image text encoder file: download "
+            "text_encoders/ministral-3-3b.safetensors from the Hugging Face repository Comfy-Org/ERNIE-Image to "
+            f"{models / 'text_encoders' / 'ministral-3-3b.safetensors'}") in msg
+    verdict = N["LetterpressErnieImagePromptEnhancerLoader"].VALIDATE_INPUTS(
+        prompt_enhancer_name="ernie-image-prompt-enhancer.safetensors", weight_dtype="auto")
+    assert ("text_encoders/ernie-image-prompt-enhancer.safetensors from the Hugging Face repository "
+            "Comfy-Org/ERNIE-Image") in verdict
+
+
+def test_a_file_or_folder_in_another_model_folder_is_found_there(ernie, ovis, tmp_path, host):
+    models = tree(tmp_path, host, **{"LLM__Ovis-Image-7B": "diffusers/Ovis-Image-7B"})
+    (models / "checkpoints").mkdir()
+    shutil.copy(os.path.join(host.session_models, "diffusion_models", "ernie-image.safetensors"), models / "checkpoints")
+    verdict = N["LetterpressErnieImageDiTLoader"].VALIDATE_INPUTS(dit_name="ernie-image.safetensors", weight_dtype="auto")
+    assert f"It is in {models / 'checkpoints'}: move it to {models / 'diffusion_models'}." in verdict
+    msg = refused(load_workflow(OVIS_WF))
+    assert f"It is in {models / 'LLM'}: move it to {models / 'diffusers'}." in msg
+
+
+def test_a_single_file_loader_reports_a_missing_file_once_and_leaves_the_dtype_to_the_list_check(ernie, host):
+    """Each single-file loader's VALIDATE_INPUTS names its file input only: the runner (as ComfyUI) checks the dtype
+    against its list, and a missing file is one problem, not one per input."""
+    wf = load_workflow(os.path.join(ROOT, "workflows", "api", "ernie_image_single_files_api.json"))
+    wf["1"]["inputs"]["weight_dtype"] = "fp4"
+    assert "node 1 (LetterpressErnieImageDiTLoader) input 'weight_dtype': 'fp4' is not available" in refused(wf)
+    wf["1"]["inputs"].update(weight_dtype="auto", dit_name="elsewhere/ernie-image.safetensors")
+    assert refused(wf).count("node 1 (LetterpressErnieImageDiTLoader)") == 1
