@@ -45,7 +45,7 @@ CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
 
 TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
 GROUP_TITLE = 34  # LGraphGroup.titleHeight (font 24 x 1.4)
-COL_GAP, ROW_GAP, PAD, GROUP_GAP = 90, 36, 16, 40
+COL_GAP, ROW_GAP, PAD, GROUP_GAP = 48, 36, 16, 40
 NOTE_WIDTH = 620
 VIEW = (1600, 1000)
 # the part of a 1600x1000 window where the graph is not hidden by the editor's bars (top menu and tabs, left side
@@ -70,8 +70,11 @@ def _links(api: dict) -> list[tuple[str, str]]:
             if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0] in api]
 
 
-def columns(api: dict) -> dict[str, int]:
-    """Column of each node: stages left to right; a node fed by one of its own stage goes in a later sub-column."""
+def columns(api: dict, whole: dict | None = None) -> dict[str, int]:
+    """Column of each node: stages left to right; a node fed by one of its own stage in a later sub-column; a source
+    (a node fed by nothing in `whole`, the full workflow: a prompt, a picture, an empty latent) in the first."""
+    whole = whole or api
+    fed = {dst for _, dst in _links(whole)}
     preds = {nid: [] for nid in api}
     for src, dst in _links(api):
         preds[dst].append(src)
@@ -82,7 +85,8 @@ def columns(api: dict) -> dict[str, int]:
             if nid in seen:
                 raise ValueError(f"the workflow has a cycle through node {nid}")
             ps = [visit(p, seen + (nid,)) for p in preds[nid]]
-            s = max([stage(api[nid]["class_type"])] + [k[0] for k in ps])  # never left of what feeds it
+            own = stage(api[nid]["class_type"]) if nid in fed or stage(api[nid]["class_type"]) == 4 else 0
+            s = max([own] + [k[0] for k in ps])  # never left of what feeds it
             key[nid] = (s, max([k[1] + 1 for k in ps if k[0] == s], default=0))
         return key[nid]
 
@@ -92,21 +96,18 @@ def columns(api: dict) -> dict[str, int]:
     return {nid: order.index(k) for nid, k in key.items()}
 
 
-def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
-    """Positions for every node, group rectangles, the note's box and the stored view (extra.ds)."""
-    col = columns(api)
+def _place(api: dict, sizes: dict[str, list[float]], groups: list[dict], whole: dict):
+    """One row: x and y (top of the drawn box) of each node of `api` and the rectangles of `groups`."""
+    col = columns(api, whole)
     ncol = max(col.values()) + 1
     links = _links(api)
     nbrs = {nid: [] for nid in api}
     for src, dst in links:
         nbrs[dst].append(src)
         nbrs[src].append(dst)
-    groups = spec.get("groups", [])
     band = {nid: len(groups) for nid in api}  # nodes in no group: placed last, around the groups
     for i, g in enumerate(groups):
         for nid in g["nodes"]:
-            if nid not in api:
-                raise ValueError(f"group {g['title']!r} names node {nid}, which the API workflow does not have")
             band[nid] = i
     width = [max(sizes[n][0] for n in api if col[n] == c) for c in range(ncol)]
     xs = [sum(width[:c]) + COL_GAP * c for c in range(ncol)]
@@ -165,6 +166,64 @@ def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
                 x0, x1 = min(x[n] for n in mem), max(x[n] + sizes[n][0] for n in mem)
                 y0, y1 = min(y[n] for n in mem), max(y[n] + h[n] for n in mem)
                 rects.append([x0 - PAD, y0 - PAD - GROUP_TITLE, x1 - x0 + 2 * PAD, y1 - y0 + 2 * PAD + GROUP_TITLE])
+    # the row's top left corner at (0, 0)
+    boxes = [(x[n], y[n]) for n in api] + [(r[0], r[1]) for r in rects]
+    dx, dy = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    return ({n: x[n] - dx for n in api}, {n: y[n] - dy for n in api},
+            [[r[0] - dx, r[1] - dy, r[2], r[3]] for r in rects])
+
+
+def _rows(api: dict, groups: list[dict]) -> list[list[int]]:
+    """The ways to lay the groups out: all in one row, or the later ones (from each group on) in a second row."""
+    return [[0] * len(groups)] + [[0] * k + [1] * (len(groups) - k) for k in range(1, len(groups))]
+
+
+def _arrange(api: dict, sizes: dict, groups: list[dict], rows: list[int]):
+    """Rows of groups stacked top to bottom; a node in no group goes in the row of the groups it is linked to."""
+    row = {n: 0 for n in api}
+    for g, r in zip(groups, rows):
+        for n in g["nodes"]:
+            row[n] = r
+    ingroup = {n for g in groups for n in g["nodes"]}
+    nbrs = {n: set() for n in api}
+    for src, dst in _links(api):
+        nbrs[src].add(dst)
+        nbrs[dst].add(src)
+    for n in sorted(api, key=int):
+        linked = {row[m] for m in nbrs[n] if m in ingroup}
+        if n not in ingroup and linked:
+            row[n] = min(linked) if min(linked) == max(linked) else 0
+    x, y, rects, top = {}, {}, [], 0.0
+    for r in sorted(set(row.values())):
+        sub = {n: v for n, v in api.items() if row[n] == r}
+        rx, ry, rr = _place(sub, sizes, [g for g, gr in zip(groups, rows) if gr == r], api)
+        x.update(rx)
+        y.update({n: v + top for n, v in ry.items()})
+        rects += [[q[0], q[1] + top, q[2], q[3]] for q in rr]
+        top = max([y[n] + sizes[n][1] + TITLE for n in sub] + [q[1] + q[3] for q in rects]) + GROUP_GAP
+    return x, y, rects
+
+
+def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
+    """Positions for every node, group rectangles, the note's box and the stored view (extra.ds): of the ways to
+    arrange the groups in rows, the one the whole of which shows largest in a 1600x1000 window."""
+    groups = spec.get("groups", [])
+    for g in groups:
+        for nid in g["nodes"]:
+            if nid not in api:
+                raise ValueError(f"group {g['title']!r} names node {nid}, which the API workflow does not have")
+    best = None
+    for rows in _rows(api, groups):
+        x, y, rects = _arrange(api, sizes, groups, rows)
+        lay = _view(api, sizes, spec, x, y, rects)
+        if best is None or lay["ds"]["scale"] > best["ds"]["scale"] + 1e-9:
+            best = lay
+    return best
+
+
+def _view(api, sizes, spec, x, y, rects) -> dict:
+    groups = spec.get("groups", [])
+    h = {nid: sizes[nid][1] + TITLE for nid in api}
     # the note on top, left, above everything
     boxes = [(x[n], y[n], x[n] + sizes[n][0], y[n] + h[n]) for n in api] + [(r[0], r[1], r[0] + r[2], r[1] + r[3]) for r in rects]
     gx0, gy0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
