@@ -54,7 +54,7 @@ FREE = (75, 110, 1585, 735)
 READABLE = 8 / 14  # LiteGraph.Canvas.MinFontSizeForLOD 8 px / NODE_TEXT_SIZE 14 px
 STAGES = ["loaders", "text / AR / images", "DiT sample", "decode / check", "save / preview"]
 STAGE_OF = [  # (substring of the class name, stage); first match wins, anything else is stage 1
-    ("LoraLoader", 0), ("TorchCompile", 0), ("Loader", 0),
+    ("LoraLoader", 0), ("TorchCompile", 0), ("Loader", 0), ("ApplyTrainedLoRA", 0),
     ("SaveImage", 4), ("PreviewImage", 4), ("PreviewAny", 4),
     ("Sampler", 2),
     ("VAEDecode", 3), ("TextRead", 3), ("TextAccuracy", 3), ("TextBestOf", 3), ("DrawBoxes", 3), ("PriorPreview", 3),
@@ -70,9 +70,11 @@ def _links(api: dict) -> list[tuple[str, str]]:
             if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0] in api]
 
 
-def columns(api: dict, whole: dict | None = None) -> dict[str, int]:
+def columns(api: dict, whole: dict | None = None, late: bool = False, apart: bool = False) -> dict[str, int]:
     """Column of each node: stages left to right; a node fed by one of its own stage in a later sub-column; a source
-    (a node fed by nothing in `whole`, the full workflow: a prompt, a picture, an empty latent) in the first."""
+    (a node fed by nothing in `whole`, the full workflow: a prompt, a picture, an empty latent) in the first. `late`:
+    a node that is fed in the last sub-column of its stage before what it feeds (else as early as it can be). `apart`:
+    the sources in a column of their own after the loaders'."""
     whole = whole or api
     fed = {dst for _, dst in _links(whole)}
     preds = {nid: [] for nid in api}
@@ -87,18 +89,31 @@ def columns(api: dict, whole: dict | None = None) -> dict[str, int]:
             ps = [visit(p, seen + (nid,)) for p in preds[nid]]
             own = stage(api[nid]["class_type"]) if nid in fed or stage(api[nid]["class_type"]) == 4 else 0
             s = max([own] + [k[0] for k in ps])  # never left of what feeds it
-            key[nid] = (s, max([k[1] + 1 for k in ps if k[0] == s], default=0))
+            first = int(apart and nid not in fed and stage(api[nid]["class_type"]) != 0)
+            key[nid] = (s, max([k[1] + 1 for k in ps if k[0] == s], default=first))
         return key[nid]
 
     for nid in sorted(api, key=int):
         visit(nid)
+    if late:
+        last: dict[int, int] = {}
+        for st, sub in key.values():
+            last[st] = max(last.get(st, 0), sub)
+        succs = {nid: [] for nid in api}
+        for src, dst in _links(api):
+            succs[src].append(dst)
+        for nid in sorted(key, key=lambda n: (key[n], int(n)), reverse=True):  # what it feeds first
+            if nid in fed:
+                same = [key[m][1] for m in succs[nid] if key[m][0] == key[nid][0]]
+                key[nid] = (key[nid][0], min(same) - 1 if same else last[key[nid][0]])
     order = sorted(set(key.values()))
     return {nid: order.index(k) for nid, k in key.items()}
 
 
-def _place(api: dict, sizes: dict[str, list[float]], groups: list[dict], whole: dict):
-    """One row: x and y (top of the drawn box) of each node of `api` and the rectangles of `groups`."""
-    col = columns(api, whole)
+def _place(api: dict, sizes: dict[str, list[float]], groups: list[dict], whole: dict, late: bool, apart: bool):
+    """One row: x and y (top of the drawn box) of each node of `api` and the rectangles of `groups`. A group is as
+    tall as its tallest column; in it a node lies level with its linked neighbours where that leaves room."""
+    col = columns(api, whole, late, apart)
     ncol = max(col.values()) + 1
     links = _links(api)
     nbrs = {nid: [] for nid in api}
@@ -144,13 +159,16 @@ def _place(api: dict, sizes: dict[str, list[float]], groups: list[dict], whole: 
             if b < len(groups):
                 top = max([r[1] + r[3] + GROUP_GAP for r, s in zip(rects, span) if s[0] <= span[b][1] and span[b][0] <= s[1]],
                           default=0.0) + PAD + GROUP_TITLE
+                stack = {c: [n for n in order[c] if n in members] for c in range(ncol)}
+                bottom = top + max(sum(h[n] + ROW_GAP for n in ns) - ROW_GAP for ns in stack.values() if ns)
             for c in range(ncol):
                 if b < len(groups):
                     cursor = top
-                    for n in (n for n in order[c] if n in members):
+                    for i, n in enumerate(stack[c]):
                         known = [centre(m) for m in nbrs[n] if m in placed and col[m] < c] or \
                                 [centre(m) for m in nbrs[n] if sweep and col[m] > c] or [cursor + h[n] / 2]
-                        y[n] = max(cursor, sum(known) / len(known) - h[n] / 2)
+                        below = sum(h[m] + ROW_GAP for m in stack[c][i:]) - ROW_GAP  # it and what comes under it
+                        y[n] = max(cursor, min(sum(known) / len(known) - h[n] / 2, bottom - below))
                         cursor = y[n] + h[n] + ROW_GAP
                         placed.add(n)
                 else:  # free nodes: nearest free place in their column to their neighbours' height, outside groups
@@ -178,7 +196,7 @@ def _rows(api: dict, groups: list[dict]) -> list[list[int]]:
     return [[0] * len(groups)] + [[0] * k + [1] * (len(groups) - k) for k in range(1, len(groups))]
 
 
-def _arrange(api: dict, sizes: dict, groups: list[dict], rows: list[int]):
+def _arrange(api: dict, sizes: dict, groups: list[dict], rows: list[int], late: bool, apart: bool):
     """Rows of groups stacked top to bottom; a node in no group goes in the row of the groups it is linked to."""
     row = {n: 0 for n in api}
     for g, r in zip(groups, rows):
@@ -196,7 +214,7 @@ def _arrange(api: dict, sizes: dict, groups: list[dict], rows: list[int]):
     x, y, rects, top = {}, {}, [], 0.0
     for r in sorted(set(row.values())):
         sub = {n: v for n, v in api.items() if row[n] == r}
-        rx, ry, rr = _place(sub, sizes, [g for g, gr in zip(groups, rows) if gr == r], api)
+        rx, ry, rr = _place(sub, sizes, [g for g, gr in zip(groups, rows) if gr == r], api, late, apart)
         x.update(rx)
         y.update({n: v + top for n, v in ry.items()})
         rects += [[q[0], q[1] + top, q[2], q[3]] for q in rr]
@@ -214,31 +232,40 @@ def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
                 raise ValueError(f"group {g['title']!r} names node {nid}, which the API workflow does not have")
     best = None
     for rows in _rows(api, groups):
-        x, y, rects = _arrange(api, sizes, groups, rows)
-        lay = _view(api, sizes, spec, x, y, rects)
-        if best is None or lay["ds"]["scale"] > best["ds"]["scale"] + 1e-9:
-            best = lay
+        for late, apart in [(False, False), (True, False), (False, True), (True, True)]:
+            x, y, rects = _arrange(api, sizes, groups, rows, late, apart)
+            lay = _view(api, sizes, spec, x, y, rects)
+            if best is None or lay["ds"]["scale"] > best["ds"]["scale"] + 1e-9:
+                best = lay
     return best
 
 
 def _view(api, sizes, spec, x, y, rects) -> dict:
     groups = spec.get("groups", [])
     h = {nid: sizes[nid][1] + TITLE for nid in api}
-    # the note on top, left, above everything
+    # the note: above the graph, or in a free corner of it, or right of it, wherever the whole shows largest
     boxes = [(x[n], y[n], x[n] + sizes[n][0], y[n] + h[n]) for n in api] + [(r[0], r[1], r[0] + r[2], r[1] + r[3]) for r in rects]
     gx0, gy0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     gx1, gy1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
     note_text = spec["note"]
-    note_w = min(NOTE_WIDTH, max(gx1 - gx0, 400))
-    chars = int((note_w - 24) / 7.2)  # the note's text box: about 7.2 px a character at its 12 px font
-    lines = sum(max(1, -(-len(line) // chars)) for line in note_text.split("\n"))
-    note_h = 16 * lines + 28
-    note = [gx0, gy0 - ROW_GAP - note_h - TITLE, note_w, note_h]  # top of the drawn box (title bar), size
-    top = note[1]
-    gx1 = max(gx1, gx0 + note_w)
-    # the view: everything (note, groups, title bars) inside the free part of a 1600x1000 window
     fx0, fy0, fx1, fy1 = FREE
-    scale = min(1.0, (fx1 - fx0) / (gx1 - gx0), (fy1 - fy0) / (gy1 - top))
+    best = None
+    for note_w in (NOTE_WIDTH, NOTE_WIDTH * 4 / 3):
+        chars = int((note_w - 24) / 7.2)  # the note's text box: about 7.2 px a character at its 12 px font
+        lines = sum(max(1, -(-len(line) // chars)) for line in note_text.split("\n"))
+        note_h = 16 * lines + 28
+        tall = note_h + TITLE  # the drawn box, title bar included
+        for nx, ny in [(gx0, gy0 - ROW_GAP - tall), (gx1 - note_w, gy0), (gx1 - note_w, gy1 - tall), (gx0, gy1 - tall),
+                       (gx1 + COL_GAP, gy0)]:
+            box = (nx - COL_GAP, ny - ROW_GAP, nx + note_w + COL_GAP, ny + tall + ROW_GAP)
+            if any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                continue
+            x0, y0, x1, y1 = min(gx0, nx), min(gy0, ny), max(gx1, nx + note_w), max(gy1, ny + tall)
+            scale = min(1.0, (fx1 - fx0) / (x1 - x0), (fy1 - fy0) / (y1 - y0))
+            if best is None or scale > best[0] + 1e-9:
+                best = (scale, [nx, ny, note_w, note_h], (x0, y0, x1, y1))
+    # the view: everything (note, groups, title bars) inside the free part of a 1600x1000 window
+    scale, note, (gx0, top, gx1, _) = best
     offset = [((fx0 + fx1) / 2) / scale - (gx0 + gx1) / 2, fy0 / scale - top]
     r2 = lambda v: round(v, 2)  # noqa: E731
     return {"pos": {n: [r2(x[n]), r2(y[n] + TITLE)] for n in api},
@@ -354,9 +381,6 @@ def make(page, api: dict, name: str, spec: dict) -> dict:
     _load(page, "([api, name]) => window.app.loadApiJson(api, name)", [api, name], len(api))
     sizes = page.evaluate("() => Object.fromEntries(window.app.graph._nodes.map(n => [String(n.id), [...n.size]]))")
     lay = layout(api, sizes, spec)
-    if lay["ds"]["scale"] < READABLE:
-        print(f"{name}: the whole graph shows only at scale {lay['ds']['scale']}, below which the editor draws nodes "
-              f"without their text ({READABLE})", flush=True)
     ui = json.loads(page.evaluate(MAKE, [lay, FIXED]))
     ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-letterpress/workflows/" + name))  # not a random one
     for node in ui["nodes"]:
@@ -377,6 +401,9 @@ def check(browser, url: str, ui: dict, name: str, screenshot: str | None) -> lis
         problems = seen["problems"]
         if abs(seen["ds"]["scale"] - ui["extra"]["ds"]["scale"]) > 1e-6:
             problems.append(f"the editor opened it at scale {seen['ds']['scale']}, not the stored {ui['extra']['ds']}")
+        if seen["ds"]["scale"] < READABLE:
+            problems.append(f"the whole graph shows only at scale {seen['ds']['scale']:.4f}, below which the editor "
+                            f"draws nodes as blank boxes without their titles and widgets ({READABLE:.4f})")
         if screenshot:
             page.screenshot(path=screenshot)
         return problems
@@ -440,14 +467,15 @@ def main() -> None:
                         f.write("\n")
                     shot = os.path.join(args.screenshots, name + ".png") if args.screenshots else None
                     problems = check(browser, url, ui, name, shot)
-                    print(out, "ok" if not problems else "NOT IN VIEW:\n  " + "\n  ".join(problems), flush=True)
+                    print(out, f"ok (scale {ui['extra']['ds']['scale']})" if not problems else
+                          "NOT IN VIEW OR NOT READABLE:\n  " + "\n  ".join(problems), flush=True)
                     failed += [name] if problems else []
                 browser.close()
         finally:
             server.terminate()
             server.wait(timeout=30)
     if failed:
-        sys.exit(f"not fully in view at {VIEW[0]}x{VIEW[1]}: {', '.join(failed)}")
+        sys.exit(f"not fully in view or not readable at {VIEW[0]}x{VIEW[1]}: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
