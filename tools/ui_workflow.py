@@ -45,6 +45,8 @@ CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
 
 TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
 GROUP_TITLE = 34  # LGraphGroup.titleHeight (font 24 x 1.4)
+GROUP_CHAR = 14  # about the width of a character of a group's title (24 px font), measured on the editor's screenshots
+CLEAR = 0.65  # a layout that shows at least this large is chosen for the fewest wires across boxes, not its size
 COL_GAP, ROW_GAP, PAD, GROUP_GAP = 48, 36, 16, 40
 NOTE_WIDTH = 620
 VIEW = (1600, 1000)
@@ -70,11 +72,11 @@ def _links(api: dict) -> list[tuple[str, str]]:
             if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0] in api]
 
 
-def columns(api: dict, whole: dict | None = None, late: bool = False, apart: bool = False) -> dict[str, int]:
-    """Column of each node: stages left to right; a node fed by one of its own stage in a later sub-column; a source
-    (a node fed by nothing in `whole`, the full workflow: a prompt, a picture, an empty latent) in the first. `late`:
-    a node that is fed in the last sub-column of its stage before what it feeds (else as early as it can be). `apart`:
-    the sources in a column of their own after the loaders'."""
+def columns(api: dict, whole: dict | None = None, late: bool = False, sources: str = "first") -> dict[str, int]:
+    """Column of each node: stages left to right; a node fed by one of its own stage in a later sub-column. `late`: a
+    node that is fed in the last sub-column of its stage before what it feeds (else as early as it can be). A source
+    (a node fed by nothing in `whole`, the full workflow: a prompt, a picture, an empty latent) in the loaders' column
+    (sources "first"), in a column of its own after theirs ("apart") or by its stage ("stage")."""
     whole = whole or api
     fed = {dst for _, dst in _links(whole)}
     preds = {nid: [] for nid in api}
@@ -87,9 +89,10 @@ def columns(api: dict, whole: dict | None = None, late: bool = False, apart: boo
             if nid in seen:
                 raise ValueError(f"the workflow has a cycle through node {nid}")
             ps = [visit(p, seen + (nid,)) for p in preds[nid]]
-            own = stage(api[nid]["class_type"]) if nid in fed or stage(api[nid]["class_type"]) == 4 else 0
+            own = stage(api[nid]["class_type"])
+            own = own if nid in fed or own == 4 or sources == "stage" else 0
             s = max([own] + [k[0] for k in ps])  # never left of what feeds it
-            first = int(apart and nid not in fed and stage(api[nid]["class_type"]) != 0)
+            first = int(sources == "apart" and nid not in fed and stage(api[nid]["class_type"]) != 0)
             key[nid] = (s, max([k[1] + 1 for k in ps if k[0] == s], default=first))
         return key[nid]
 
@@ -110,10 +113,10 @@ def columns(api: dict, whole: dict | None = None, late: bool = False, apart: boo
     return {nid: order.index(k) for nid, k in key.items()}
 
 
-def _place(api: dict, sizes: dict[str, list[float]], groups: list[dict], whole: dict, late: bool, apart: bool):
+def _place(api: dict, sizes: dict[str, list[float]], groups: list[dict], whole: dict, late: bool, sources: str):
     """One row: x and y (top of the drawn box) of each node of `api` and the rectangles of `groups`. A group is as
     tall as its tallest column; in it a node lies level with its linked neighbours where that leaves room."""
-    col = columns(api, whole, late, apart)
+    col = columns(api, whole, late, sources)
     ncol = max(col.values()) + 1
     links = _links(api)
     nbrs = {nid: [] for nid in api}
@@ -125,6 +128,10 @@ def _place(api: dict, sizes: dict[str, list[float]], groups: list[dict], whole: 
         for nid in g["nodes"]:
             band[nid] = i
     width = [max(sizes[n][0] for n in api if col[n] == c) for c in range(ncol)]
+    for g in groups:  # a group at least as wide as its title: its last column wider where it is not
+        c0, c1 = min(col[n] for n in g["nodes"]), max(col[n] for n in g["nodes"])
+        short = GROUP_CHAR * len(g["title"]) - (sum(width[c0:c1 + 1]) + COL_GAP * (c1 - c0) + 2 * PAD)
+        width[c1] += max(0.0, short)
     xs = [sum(width[:c]) + COL_GAP * c for c in range(ncol)]
     x = {nid: xs[col[nid]] for nid in api}
     h = {nid: sizes[nid][1] + TITLE for nid in api}  # the box drawn, title bar included
@@ -196,7 +203,7 @@ def _rows(api: dict, groups: list[dict]) -> list[list[int]]:
     return [[0] * len(groups)] + [[0] * k + [1] * (len(groups) - k) for k in range(1, len(groups))]
 
 
-def _arrange(api: dict, sizes: dict, groups: list[dict], rows: list[int], late: bool, apart: bool):
+def _arrange(api: dict, sizes: dict, groups: list[dict], rows: list[int], late: bool, sources: str):
     """Rows of groups stacked top to bottom; a node in no group goes in the row of the groups it is linked to."""
     row = {n: 0 for n in api}
     for g, r in zip(groups, rows):
@@ -207,14 +214,22 @@ def _arrange(api: dict, sizes: dict, groups: list[dict], rows: list[int], late: 
     for src, dst in _links(api):
         nbrs[src].add(dst)
         nbrs[dst].add(src)
-    for n in sorted(api, key=int):
-        linked = {row[m] for m in nbrs[n] if m in ingroup}
+    for n in sorted(api, key=int):  # the row it has most links to, the first of those
+        linked = [row[m] for m in nbrs[n] if m in ingroup]
         if n not in ingroup and linked:
-            row[n] = min(linked) if min(linked) == max(linked) else 0
+            row[n] = min(set(linked), key=lambda r: (-linked.count(r), r))
     x, y, rects, top = {}, {}, [], 0.0
+    links = _links(api)
     for r in sorted(set(row.values())):
         sub = {n: v for n, v in api.items() if row[n] == r}
-        rx, ry, rr = _place(sub, sizes, [g for g, gr in zip(groups, rows) if gr == r], api, late, apart)
+        rx, ry, rr = _place(sub, sizes, [g for g, gr in zip(groups, rows) if gr == r], api, late, sources)
+        if x:  # a later row: moved right, not beyond the rows above, so that its wires from them run back least
+            room = max(x[n] + sizes[n][0] for n in x) - max(rx[n] + sizes[n][0] for n in rx)
+            back = [(x[s] + sizes[s][0] + COL_GAP - rx[d]) for s, d in links if s in x and d in rx]
+            shifts = sorted({0.0, max(room, 0.0)} | {min(max(b, 0.0), max(room, 0.0)) for b in back})
+            shift = min(shifts, key=lambda v: (sum(max(0.0, b - v) for b in back), v))
+            rx = {n: v + shift for n, v in rx.items()}
+            rr = [[q[0] + shift, q[1], q[2], q[3]] for q in rr]
         x.update(rx)
         y.update({n: v + top for n, v in ry.items()})
         rects += [[q[0], q[1] + top, q[2], q[3]] for q in rr]
@@ -230,14 +245,40 @@ def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
         for nid in g["nodes"]:
             if nid not in api:
                 raise ValueError(f"group {g['title']!r} names node {nid}, which the API workflow does not have")
-    best = None
+    found = []
     for rows in _rows(api, groups):
-        for late, apart in [(False, False), (True, False), (False, True), (True, True)]:
-            x, y, rects = _arrange(api, sizes, groups, rows, late, apart)
-            lay = _view(api, sizes, spec, x, y, rects)
-            if best is None or lay["ds"]["scale"] > best["ds"]["scale"] + 1e-9:
-                best = lay
-    return best
+        for sources in ("first", "apart", "stage"):
+            for late in (False, True):
+                x, y, rects = _arrange(api, sizes, groups, rows, late, sources)
+                lay = _view(api, sizes, spec, x, y, rects)
+                found.append((lay, _crossings(api, sizes, x, y)))
+    # of those large enough to read with ease, the one with the fewest wires across boxes; else the largest
+    clear = [(-c, lay["ds"]["scale"], -i) for i, (lay, c) in enumerate(found) if lay["ds"]["scale"] >= CLEAR]
+    pick = max(clear) if clear else max((lay["ds"]["scale"], 0, -i) for i, (lay, _) in enumerate(found))
+    return found[-pick[2]][0]
+
+
+def _crossings(api: dict, sizes: dict, x: dict, y: dict) -> int:
+    """How many node boxes the wires (as straight lines from an output to an input) pass through."""
+    box = {n: (x[n], y[n], x[n] + sizes[n][0], y[n] + sizes[n][1] + TITLE) for n in api}
+    count = 0
+    for src, dst in _links(api):
+        ax, ay = box[src][2], box[src][1] + TITLE + 20  # about where the slots are: under the title bar
+        bx, by = box[dst][0], box[dst][1] + TITLE + 20
+        for n, (x0, y0, x1, y1) in box.items():
+            if n in (src, dst):
+                continue
+            t0, t1 = 0.0, 1.0  # clip the segment to the box (Liang-Barsky)
+            for p, q in ((ax - bx, ax - x0), (bx - ax, x1 - ax), (ay - by, ay - y0), (by - ay, y1 - ay)):
+                if p == 0:
+                    if q < 0:
+                        t0, t1 = 1.0, 0.0
+                elif p < 0:
+                    t0 = max(t0, q / p)
+                else:
+                    t1 = min(t1, q / p)
+            count += t0 < t1
+    return count
 
 
 def _view(api, sizes, spec, x, y, rects) -> dict:
