@@ -247,7 +247,7 @@ def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
                 raise ValueError(f"group {g['title']!r} names node {nid}, which the API workflow does not have")
     found = []
     for rows in _rows(api, groups):
-        for sources in ("first", "apart", "stage"):
+        for sources in ("stage", "first", "apart"):
             for late in (False, True):
                 x, y, rects = _arrange(api, sizes, groups, rows, late, sources)
                 lay = _view(api, sizes, spec, x, y, rects)
@@ -262,22 +262,30 @@ def _crossings(api: dict, sizes: dict, x: dict, y: dict) -> int:
     """How many node boxes the wires (as straight lines from an output to an input) pass through."""
     box = {n: (x[n], y[n], x[n] + sizes[n][0], y[n] + sizes[n][1] + TITLE) for n in api}
     count = 0
-    for src, dst in _links(api):
-        ax, ay = box[src][2], box[src][1] + TITLE + 20  # about where the slots are: under the title bar
-        bx, by = box[dst][0], box[dst][1] + TITLE + 20
-        for n, (x0, y0, x1, y1) in box.items():
-            if n in (src, dst):
-                continue
-            t0, t1 = 0.0, 1.0  # clip the segment to the box (Liang-Barsky)
-            for p, q in ((ax - bx, ax - x0), (bx - ax, x1 - ax), (ay - by, ay - y0), (by - ay, y1 - ay)):
-                if p == 0:
-                    if q < 0:
-                        t0, t1 = 1.0, 0.0
-                elif p < 0:
-                    t0 = max(t0, q / p)
-                else:
-                    t1 = min(t1, q / p)
-            count += t0 < t1
+    for dst, node in api.items():
+        linked = [v for v in node["inputs"].values() if isinstance(v, list) and len(v) == 2 and v[0] in api]
+        for i, (src, out) in enumerate(linked):  # slots about 20 apart under the title bar, in the inputs' order
+            count += _through(box, src, dst, (box[src][2], box[src][1] + TITLE + 14 + 20 * out),
+                              (box[dst][0], box[dst][1] + TITLE + 14 + 20 * i))
+    return count
+
+
+def _through(box: dict, src: str, dst: str, a: tuple, b: tuple) -> int:
+    """How many boxes besides src's and dst's the straight line from a to b passes through."""
+    (ax, ay), (bx, by), count = a, b, 0
+    for n, (x0, y0, x1, y1) in box.items():
+        if n in (src, dst):
+            continue
+        t0, t1 = 0.0, 1.0  # clip the segment to the box (Liang-Barsky)
+        for p, q in ((ax - bx, ax - x0), (bx - ax, x1 - ax), (ay - by, ay - y0), (by - ay, y1 - ay)):
+            if p == 0:
+                if q < 0:
+                    t0, t1 = 1.0, 0.0
+            elif p < 0:
+                t0 = max(t0, q / p)
+            else:
+                t1 = min(t1, q / p)
+        count += t0 < t1
     return count
 
 
