@@ -252,9 +252,11 @@ def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
                 x, y, rects = _arrange(api, sizes, groups, rows, late, sources)
                 lay = _view(api, sizes, spec, x, y, rects)
                 found.append((lay, _crossings(api, sizes, x, y)))
-    # of those large enough to read with ease, the one with the fewest wires across boxes; else the largest
-    clear = [(-c, lay["ds"]["scale"], -i) for i, (lay, c) in enumerate(found) if lay["ds"]["scale"] >= CLEAR]
-    pick = max(clear) if clear else max((lay["ds"]["scale"], 0, -i) for i, (lay, _) in enumerate(found))
+    # of those large enough to read with ease (else of those within 2% of the largest), the one with the fewest
+    # wires across boxes, then the largest, then the first
+    top = max(lay["ds"]["scale"] for lay, _ in found)
+    pick = max((-c, lay["ds"]["scale"], -i) for i, (lay, c) in enumerate(found)
+               if lay["ds"]["scale"] >= min(CLEAR, 0.98 * top))
     return found[-pick[2]][0]
 
 
