@@ -11,11 +11,17 @@ inputs their slots as the editor does), reads the node sizes the editor computed
 below, plain Python): columns by stage left to right (loaders; text encode / AR tokens / pictures; DiT sample;
 decode / text check; save / preview; a node fed by one of its own stage in a sub-column after it), nodes ordered in
 a column by the height of their linked neighbours (barycentre sweeps) and placed beside them without overlapping;
-a titled group per model or stage where tools/workflow_notes.json names groups (stacked where they share columns);
-a Note above the graph with the files the workflow needs (from the same spec); and the stored view (extra.ds, which
-the frontend restores on open) set so that the whole graph shows in a 1600x1000 window. It writes workflows/NAME.json,
-then opens that file in a fresh page at 1600x1000 and checks through the canvas's own transform that every node and
-group lies inside the window and is not hidden by the editor's bars; with --screenshots, a picture of each.
+a titled group per model or stage where tools/workflow_notes.json names groups (stacked where they share columns,
+each as tall as its tallest column and as wide as its title); a Note with the files the workflow needs (from the
+same spec) above the graph or in a free corner of it; and the stored view (extra.ds, which the frontend restores on
+open) set so that the whole graph shows in a 1600x1000 window. Several arrangements are tried (sources such as
+prompts, pictures and empty latents by their stage, in the loaders' column or in one of their own; nodes in the
+earliest or the latest sub-column they can take; the later groups wrapped into a second row, left to right like the
+first and moved right so that its wires from above run back least) and of those that show at scale CLEAR or more
+the one with the fewest wires across node boxes is kept, else of those within 2% of the largest scale. It writes
+workflows/NAME.json, then opens that file in a fresh page at 1600x1000 and checks through the canvas's own transform
+that every node and group lies inside the window and is not hidden by the editor's bars, and that the scale is at
+least READABLE (below it the editor draws nodes as blank boxes); with --screenshots, a picture of each.
 The output depends only on the API twin, the spec and the editor release. Needs ComfyUI's requirements, playwright
 and /usr/bin/chromium.
 """
