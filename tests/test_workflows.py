@@ -216,6 +216,9 @@ def test_every_node_has_a_description_and_every_input_a_tooltip():
 
 TITLE_BAR = 30  # LiteGraph draws a node's title bar above its pos
 VIEW = (1600, 1000)
+# below this scale the editor draws nodes as blank boxes, without titles or widgets: LiteGraph's
+# Canvas.MinFontSizeForLOD (8 px) over its NODE_TEXT_SIZE (14 px)
+READABLE = 8 / 14
 
 
 def _boxes(ui: dict) -> dict:
@@ -226,6 +229,18 @@ def _boxes(ui: dict) -> dict:
 
 def _meet(a, b) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _row_below(ui: dict, boxes: dict, src: int, dst: int) -> bool:
+    """Whether `dst` lies in a row under `src`'s: its group (or itself, in none) wholly below `src`'s group (or it)."""
+    def outer(nid):
+        b = boxes[nid]
+        for g in ui.get("groups", []):
+            x, y, w, h = g["bounding"]
+            if x <= b[0] and b[2] <= x + w and y <= b[1] and b[3] <= y + h:
+                return (x, y, x + w, y + h)
+        return b
+    return outer(dst)[1] > outer(src)[3]
 
 
 def _rank(node_type: str) -> int | None:
@@ -243,23 +258,26 @@ def test_ui_workflow_reads_at_a_glance(path):
     ids = sorted(boxes)
     overlapping = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if _meet(boxes[a], boxes[b])]
     assert overlapping == []
-    # opened at 1600x1000 with the stored view (the editor draws graph point p at (p + offset) * scale)
+    # opened at 1600x1000 with the stored view (the editor draws graph point p at (p + offset) * scale), large
+    # enough that the editor draws the nodes' titles and widgets
     ds = ui["extra"]["ds"]
+    assert ds["scale"] >= READABLE, f"opens at scale {ds['scale']}, where nodes show as blank boxes"
     groups = [g["bounding"] for g in ui.get("groups", [])]
     rects = list(boxes.values()) + [(g[0], g[1], g[0] + g[2], g[1] + g[3]) for g in groups]
     for x0, y0, x1, y1 in rects:
         sx0, sy0 = (x0 + ds["offset"][0]) * ds["scale"], (y0 + ds["offset"][1]) * ds["scale"]
         sx1, sy1 = (x1 + ds["offset"][0]) * ds["scale"], (y1 + ds["offset"][1]) * ds["scale"]
         assert 0 <= sx0 and sx1 <= VIEW[0] and 0 <= sy0 and sy1 <= VIEW[1], (x0, y0, x1, y1)
-    # every wire runs left to right, and the stages follow each other left to right
+    # every wire runs left to right (or on into a row under it), and the stages follow each other left to right
     by_id = {n["id"]: n for n in ui["nodes"]}
     for _, src, _, dst, _, _ in ui["links"]:
-        assert boxes[src][2] < boxes[dst][0], f"link {by_id[src]['type']} -> {by_id[dst]['type']} runs right to left"
-    ranked = [(r, boxes[n["id"]]) for n in ui["nodes"] if (r := _rank(n["type"])) is not None]
+        assert boxes[src][2] < boxes[dst][0] or _row_below(ui, boxes, src, dst), \
+            f"link {by_id[src]['type']} -> {by_id[dst]['type']} runs right to left"
+    ranked = [(r, n["id"]) for n in ui["nodes"] if (r := _rank(n["type"])) is not None]
     for ra, a in ranked:
         for rb, b in ranked:
             if ra < rb:
-                assert a[0] < b[0]
+                assert boxes[a][0] < boxes[b][0] or _row_below(ui, boxes, a, b)
     # a note says which files the workflow needs
     notes = [n for n in ui["nodes"] if n["type"] in EDITOR_ONLY]
     text = notes[0]["widgets_values"][0] if notes else ""

@@ -11,11 +11,17 @@ inputs their slots as the editor does), reads the node sizes the editor computed
 below, plain Python): columns by stage left to right (loaders; text encode / AR tokens / pictures; DiT sample;
 decode / text check; save / preview; a node fed by one of its own stage in a sub-column after it), nodes ordered in
 a column by the height of their linked neighbours (barycentre sweeps) and placed beside them without overlapping;
-a titled group per model or stage where tools/workflow_notes.json names groups (stacked where they share columns);
-a Note above the graph with the files the workflow needs (from the same spec); and the stored view (extra.ds, which
-the frontend restores on open) set so that the whole graph shows in a 1600x1000 window. It writes workflows/NAME.json,
-then opens that file in a fresh page at 1600x1000 and checks through the canvas's own transform that every node and
-group lies inside the window and is not hidden by the editor's bars; with --screenshots, a picture of each.
+a titled group per model or stage where tools/workflow_notes.json names groups (stacked where they share columns,
+each as tall as its tallest column and as wide as its title); a Note with the files the workflow needs (from the
+same spec) above the graph or in a free corner of it; and the stored view (extra.ds, which the frontend restores on
+open) set so that the whole graph shows in a 1600x1000 window. Several arrangements are tried (sources such as
+prompts, pictures and empty latents by their stage, in the loaders' column or in one of their own; nodes in the
+earliest or the latest sub-column they can take; the later groups wrapped into a second row, left to right like the
+first and moved right so that its wires from above run back least) and of those that show at scale CLEAR or more
+the one with the fewest wires across node boxes is kept, else of those within 2% of the largest scale. It writes
+workflows/NAME.json, then opens that file in a fresh page at 1600x1000 and checks through the canvas's own transform
+that every node and group lies inside the window and is not hidden by the editor's bars, and that the scale is at
+least READABLE (below it the editor draws nodes as blank boxes); with --screenshots, a picture of each.
 The output depends only on the API twin, the spec and the editor release. Needs ComfyUI's requirements, playwright
 and /usr/bin/chromium.
 """
@@ -45,7 +51,9 @@ CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
 
 TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
 GROUP_TITLE = 34  # LGraphGroup.titleHeight (font 24 x 1.4)
-COL_GAP, ROW_GAP, PAD, GROUP_GAP = 90, 36, 16, 40
+GROUP_CHAR = 14  # about the width of a character of a group's title (24 px font), measured on the editor's screenshots
+CLEAR = 0.65  # a layout that shows at least this large is chosen for the fewest wires across boxes, not its size
+COL_GAP, ROW_GAP, PAD, GROUP_GAP = 48, 36, 16, 40
 NOTE_WIDTH = 620
 VIEW = (1600, 1000)
 # the part of a 1600x1000 window where the graph is not hidden by the editor's bars (top menu and tabs, left side
@@ -54,7 +62,7 @@ FREE = (75, 110, 1585, 735)
 READABLE = 8 / 14  # LiteGraph.Canvas.MinFontSizeForLOD 8 px / NODE_TEXT_SIZE 14 px
 STAGES = ["loaders", "text / AR / images", "DiT sample", "decode / check", "save / preview"]
 STAGE_OF = [  # (substring of the class name, stage); first match wins, anything else is stage 1
-    ("LoraLoader", 0), ("TorchCompile", 0), ("Loader", 0),
+    ("LoraLoader", 0), ("TorchCompile", 0), ("Loader", 0), ("ApplyTrainedLoRA", 0),
     ("SaveImage", 4), ("PreviewImage", 4), ("PreviewAny", 4),
     ("Sampler", 2),
     ("VAEDecode", 3), ("TextRead", 3), ("TextAccuracy", 3), ("TextBestOf", 3), ("DrawBoxes", 3), ("PriorPreview", 3),
@@ -70,8 +78,13 @@ def _links(api: dict) -> list[tuple[str, str]]:
             if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0] in api]
 
 
-def columns(api: dict) -> dict[str, int]:
-    """Column of each node: stages left to right; a node fed by one of its own stage goes in a later sub-column."""
+def columns(api: dict, whole: dict | None = None, late: bool = False, sources: str = "first") -> dict[str, int]:
+    """Column of each node: stages left to right; a node fed by one of its own stage in a later sub-column. `late`: a
+    node that is fed in the last sub-column of its stage before what it feeds (else as early as it can be). A source
+    (a node fed by nothing in `whole`, the full workflow: a prompt, a picture, an empty latent) in the loaders' column
+    (sources "first"), in a column of its own after theirs ("apart") or by its stage ("stage")."""
+    whole = whole or api
+    fed = {dst for _, dst in _links(whole)}
     preds = {nid: [] for nid in api}
     for src, dst in _links(api):
         preds[dst].append(src)
@@ -82,33 +95,49 @@ def columns(api: dict) -> dict[str, int]:
             if nid in seen:
                 raise ValueError(f"the workflow has a cycle through node {nid}")
             ps = [visit(p, seen + (nid,)) for p in preds[nid]]
-            s = max([stage(api[nid]["class_type"])] + [k[0] for k in ps])  # never left of what feeds it
-            key[nid] = (s, max([k[1] + 1 for k in ps if k[0] == s], default=0))
+            own = stage(api[nid]["class_type"])
+            own = own if nid in fed or own == 4 or sources == "stage" else 0
+            s = max([own] + [k[0] for k in ps])  # never left of what feeds it
+            first = int(sources == "apart" and nid not in fed and stage(api[nid]["class_type"]) != 0)
+            key[nid] = (s, max([k[1] + 1 for k in ps if k[0] == s], default=first))
         return key[nid]
 
     for nid in sorted(api, key=int):
         visit(nid)
+    if late:
+        last: dict[int, int] = {}
+        for st, sub in key.values():
+            last[st] = max(last.get(st, 0), sub)
+        succs = {nid: [] for nid in api}
+        for src, dst in _links(api):
+            succs[src].append(dst)
+        for nid in sorted(key, key=lambda n: (key[n], int(n)), reverse=True):  # what it feeds first
+            if nid in fed:
+                same = [key[m][1] for m in succs[nid] if key[m][0] == key[nid][0]]
+                key[nid] = (key[nid][0], min(same) - 1 if same else last[key[nid][0]])
     order = sorted(set(key.values()))
     return {nid: order.index(k) for nid, k in key.items()}
 
 
-def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
-    """Positions for every node, group rectangles, the note's box and the stored view (extra.ds)."""
-    col = columns(api)
+def _place(api: dict, sizes: dict[str, list[float]], groups: list[dict], whole: dict, late: bool, sources: str):
+    """One row: x and y (top of the drawn box) of each node of `api` and the rectangles of `groups`. A group is as
+    tall as its tallest column; in it a node lies level with its linked neighbours where that leaves room."""
+    col = columns(api, whole, late, sources)
     ncol = max(col.values()) + 1
     links = _links(api)
     nbrs = {nid: [] for nid in api}
     for src, dst in links:
         nbrs[dst].append(src)
         nbrs[src].append(dst)
-    groups = spec.get("groups", [])
     band = {nid: len(groups) for nid in api}  # nodes in no group: placed last, around the groups
     for i, g in enumerate(groups):
         for nid in g["nodes"]:
-            if nid not in api:
-                raise ValueError(f"group {g['title']!r} names node {nid}, which the API workflow does not have")
             band[nid] = i
     width = [max(sizes[n][0] for n in api if col[n] == c) for c in range(ncol)]
+    for g in groups:  # a group at least as wide as its title: its last column wider where it is not
+        c0, c1 = min(col[n] for n in g["nodes"]), max(col[n] for n in g["nodes"])
+        short = GROUP_CHAR * len(g["title"]) - (sum(width[c0:c1 + 1]) + COL_GAP * (c1 - c0) + 2 * PAD)
+        width[c1] += max(0.0, short)
     xs = [sum(width[:c]) + COL_GAP * c for c in range(ncol)]
     x = {nid: xs[col[nid]] for nid in api}
     h = {nid: sizes[nid][1] + TITLE for nid in api}  # the box drawn, title bar included
@@ -143,13 +172,16 @@ def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
             if b < len(groups):
                 top = max([r[1] + r[3] + GROUP_GAP for r, s in zip(rects, span) if s[0] <= span[b][1] and span[b][0] <= s[1]],
                           default=0.0) + PAD + GROUP_TITLE
+                stack = {c: [n for n in order[c] if n in members] for c in range(ncol)}
+                bottom = top + max(sum(h[n] + ROW_GAP for n in ns) - ROW_GAP for ns in stack.values() if ns)
             for c in range(ncol):
                 if b < len(groups):
                     cursor = top
-                    for n in (n for n in order[c] if n in members):
+                    for i, n in enumerate(stack[c]):
                         known = [centre(m) for m in nbrs[n] if m in placed and col[m] < c] or \
                                 [centre(m) for m in nbrs[n] if sweep and col[m] > c] or [cursor + h[n] / 2]
-                        y[n] = max(cursor, sum(known) / len(known) - h[n] / 2)
+                        below = sum(h[m] + ROW_GAP for m in stack[c][i:]) - ROW_GAP  # it and what comes under it
+                        y[n] = max(cursor, min(sum(known) / len(known) - h[n] / 2, bottom - below))
                         cursor = y[n] + h[n] + ROW_GAP
                         placed.add(n)
                 else:  # free nodes: nearest free place in their column to their neighbours' height, outside groups
@@ -165,21 +197,132 @@ def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
                 x0, x1 = min(x[n] for n in mem), max(x[n] + sizes[n][0] for n in mem)
                 y0, y1 = min(y[n] for n in mem), max(y[n] + h[n] for n in mem)
                 rects.append([x0 - PAD, y0 - PAD - GROUP_TITLE, x1 - x0 + 2 * PAD, y1 - y0 + 2 * PAD + GROUP_TITLE])
-    # the note on top, left, above everything
+    # the row's top left corner at (0, 0)
+    boxes = [(x[n], y[n]) for n in api] + [(r[0], r[1]) for r in rects]
+    dx, dy = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    return ({n: x[n] - dx for n in api}, {n: y[n] - dy for n in api},
+            [[r[0] - dx, r[1] - dy, r[2], r[3]] for r in rects])
+
+
+def _rows(api: dict, groups: list[dict]) -> list[list[int]]:
+    """The ways to lay the groups out: all in one row, or the later ones (from each group on) in a second row."""
+    return [[0] * len(groups)] + [[0] * k + [1] * (len(groups) - k) for k in range(1, len(groups))]
+
+
+def _arrange(api: dict, sizes: dict, groups: list[dict], rows: list[int], late: bool, sources: str):
+    """Rows of groups stacked top to bottom; a node in no group goes in the row of the groups it is linked to."""
+    row = {n: 0 for n in api}
+    for g, r in zip(groups, rows):
+        for n in g["nodes"]:
+            row[n] = r
+    ingroup = {n for g in groups for n in g["nodes"]}
+    nbrs = {n: set() for n in api}
+    for src, dst in _links(api):
+        nbrs[src].add(dst)
+        nbrs[dst].add(src)
+    for n in sorted(api, key=int):  # the row it has most links to, the first of those
+        linked = [row[m] for m in nbrs[n] if m in ingroup]
+        if n not in ingroup and linked:
+            row[n] = min(set(linked), key=lambda r: (-linked.count(r), r))
+    x, y, rects, top = {}, {}, [], 0.0
+    links = _links(api)
+    for r in sorted(set(row.values())):
+        sub = {n: v for n, v in api.items() if row[n] == r}
+        rx, ry, rr = _place(sub, sizes, [g for g, gr in zip(groups, rows) if gr == r], api, late, sources)
+        if x:  # a later row: moved right, not beyond the rows above, so that its wires from them run back least
+            room = max(x[n] + sizes[n][0] for n in x) - max(rx[n] + sizes[n][0] for n in rx)
+            back = [(x[s] + sizes[s][0] + COL_GAP - rx[d]) for s, d in links if s in x and d in rx]
+            shifts = sorted({0.0, max(room, 0.0)} | {min(max(b, 0.0), max(room, 0.0)) for b in back})
+            shift = min(shifts, key=lambda v: (sum(max(0.0, b - v) for b in back), v))
+            rx = {n: v + shift for n, v in rx.items()}
+            rr = [[q[0] + shift, q[1], q[2], q[3]] for q in rr]
+        x.update(rx)
+        y.update({n: v + top for n, v in ry.items()})
+        rects += [[q[0], q[1] + top, q[2], q[3]] for q in rr]
+        top = max([y[n] + sizes[n][1] + TITLE for n in sub] + [q[1] + q[3] for q in rects]) + GROUP_GAP
+    return x, y, rects
+
+
+def layout(api: dict, sizes: dict[str, list[float]], spec: dict) -> dict:
+    """Positions for every node, group rectangles, the note's box and the stored view (extra.ds): of the ways to
+    arrange the groups in rows, the one the whole of which shows largest in a 1600x1000 window."""
+    groups = spec.get("groups", [])
+    for g in groups:
+        for nid in g["nodes"]:
+            if nid not in api:
+                raise ValueError(f"group {g['title']!r} names node {nid}, which the API workflow does not have")
+    found = []
+    for rows in _rows(api, groups):
+        for sources in ("stage", "first", "apart"):
+            for late in (False, True):
+                x, y, rects = _arrange(api, sizes, groups, rows, late, sources)
+                lay = _view(api, sizes, spec, x, y, rects)
+                found.append((lay, _crossings(api, sizes, x, y)))
+    # of those large enough to read with ease (else of those within 2% of the largest), the one with the fewest
+    # wires across boxes, then the largest, then the first
+    top = max(lay["ds"]["scale"] for lay, _ in found)
+    pick = max((-c, lay["ds"]["scale"], -i) for i, (lay, c) in enumerate(found)
+               if lay["ds"]["scale"] >= min(CLEAR, 0.98 * top))
+    return found[-pick[2]][0]
+
+
+def _crossings(api: dict, sizes: dict, x: dict, y: dict) -> int:
+    """How many node boxes the wires (as straight lines from an output to an input) pass through."""
+    box = {n: (x[n], y[n], x[n] + sizes[n][0], y[n] + sizes[n][1] + TITLE) for n in api}
+    count = 0
+    for dst, node in api.items():
+        linked = [v for v in node["inputs"].values() if isinstance(v, list) and len(v) == 2 and v[0] in api]
+        for i, (src, out) in enumerate(linked):  # slots about 20 apart under the title bar, in the inputs' order
+            count += _through(box, src, dst, (box[src][2], box[src][1] + TITLE + 14 + 20 * out),
+                              (box[dst][0], box[dst][1] + TITLE + 14 + 20 * i))
+    return count
+
+
+def _through(box: dict, src: str, dst: str, a: tuple, b: tuple) -> int:
+    """How many boxes besides src's and dst's the straight line from a to b passes through."""
+    (ax, ay), (bx, by), count = a, b, 0
+    for n, (x0, y0, x1, y1) in box.items():
+        if n in (src, dst):
+            continue
+        t0, t1 = 0.0, 1.0  # clip the segment to the box (Liang-Barsky)
+        for p, q in ((ax - bx, ax - x0), (bx - ax, x1 - ax), (ay - by, ay - y0), (by - ay, y1 - ay)):
+            if p == 0:
+                if q < 0:
+                    t0, t1 = 1.0, 0.0
+            elif p < 0:
+                t0 = max(t0, q / p)
+            else:
+                t1 = min(t1, q / p)
+        count += t0 < t1
+    return count
+
+
+def _view(api, sizes, spec, x, y, rects) -> dict:
+    groups = spec.get("groups", [])
+    h = {nid: sizes[nid][1] + TITLE for nid in api}
+    # the note: above the graph, or in a free corner of it, or right of it, wherever the whole shows largest
     boxes = [(x[n], y[n], x[n] + sizes[n][0], y[n] + h[n]) for n in api] + [(r[0], r[1], r[0] + r[2], r[1] + r[3]) for r in rects]
     gx0, gy0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     gx1, gy1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
     note_text = spec["note"]
-    note_w = min(NOTE_WIDTH, max(gx1 - gx0, 400))
-    chars = int((note_w - 24) / 7.2)  # the note's text box: about 7.2 px a character at its 12 px font
-    lines = sum(max(1, -(-len(line) // chars)) for line in note_text.split("\n"))
-    note_h = 16 * lines + 28
-    note = [gx0, gy0 - ROW_GAP - note_h - TITLE, note_w, note_h]  # top of the drawn box (title bar), size
-    top = note[1]
-    gx1 = max(gx1, gx0 + note_w)
-    # the view: everything (note, groups, title bars) inside the free part of a 1600x1000 window
     fx0, fy0, fx1, fy1 = FREE
-    scale = min(1.0, (fx1 - fx0) / (gx1 - gx0), (fy1 - fy0) / (gy1 - top))
+    best = None
+    for note_w in (NOTE_WIDTH, NOTE_WIDTH * 4 / 3):
+        chars = int((note_w - 24) / 7.2)  # the note's text box: about 7.2 px a character at its 12 px font
+        lines = sum(max(1, -(-len(line) // chars)) for line in note_text.split("\n"))
+        note_h = 16 * lines + 28
+        tall = note_h + TITLE  # the drawn box, title bar included
+        for nx, ny in [(gx0, gy0 - ROW_GAP - tall), (gx1 - note_w, gy0), (gx1 - note_w, gy1 - tall), (gx0, gy1 - tall),
+                       (gx1 + COL_GAP, gy0)]:
+            box = (nx - COL_GAP, ny - ROW_GAP, nx + note_w + COL_GAP, ny + tall + ROW_GAP)
+            if any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                continue
+            x0, y0, x1, y1 = min(gx0, nx), min(gy0, ny), max(gx1, nx + note_w), max(gy1, ny + tall)
+            scale = min(1.0, (fx1 - fx0) / (x1 - x0), (fy1 - fy0) / (y1 - y0))
+            if best is None or scale > best[0] + 1e-9:
+                best = (scale, [nx, ny, note_w, note_h], (x0, y0, x1, y1))
+    # the view: everything (note, groups, title bars) inside the free part of a 1600x1000 window
+    scale, note, (gx0, top, gx1, _) = best
     offset = [((fx0 + fx1) / 2) / scale - (gx0 + gx1) / 2, fy0 / scale - top]
     r2 = lambda v: round(v, 2)  # noqa: E731
     return {"pos": {n: [r2(x[n]), r2(y[n] + TITLE)] for n in api},
@@ -295,9 +438,6 @@ def make(page, api: dict, name: str, spec: dict) -> dict:
     _load(page, "([api, name]) => window.app.loadApiJson(api, name)", [api, name], len(api))
     sizes = page.evaluate("() => Object.fromEntries(window.app.graph._nodes.map(n => [String(n.id), [...n.size]]))")
     lay = layout(api, sizes, spec)
-    if lay["ds"]["scale"] < READABLE:
-        print(f"{name}: the whole graph shows only at scale {lay['ds']['scale']}, below which the editor draws nodes "
-              f"without their text ({READABLE})", flush=True)
     ui = json.loads(page.evaluate(MAKE, [lay, FIXED]))
     ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-letterpress/workflows/" + name))  # not a random one
     for node in ui["nodes"]:
@@ -318,6 +458,9 @@ def check(browser, url: str, ui: dict, name: str, screenshot: str | None) -> lis
         problems = seen["problems"]
         if abs(seen["ds"]["scale"] - ui["extra"]["ds"]["scale"]) > 1e-6:
             problems.append(f"the editor opened it at scale {seen['ds']['scale']}, not the stored {ui['extra']['ds']}")
+        if seen["ds"]["scale"] < READABLE:
+            problems.append(f"the whole graph shows only at scale {seen['ds']['scale']:.4f}, below which the editor "
+                            f"draws nodes as blank boxes without their titles and widgets ({READABLE:.4f})")
         if screenshot:
             page.screenshot(path=screenshot)
         return problems
@@ -381,14 +524,15 @@ def main() -> None:
                         f.write("\n")
                     shot = os.path.join(args.screenshots, name + ".png") if args.screenshots else None
                     problems = check(browser, url, ui, name, shot)
-                    print(out, "ok" if not problems else "NOT IN VIEW:\n  " + "\n  ".join(problems), flush=True)
+                    print(out, f"ok (scale {ui['extra']['ds']['scale']})" if not problems else
+                          "NOT IN VIEW OR NOT READABLE:\n  " + "\n  ".join(problems), flush=True)
                     failed += [name] if problems else []
                 browser.close()
         finally:
             server.terminate()
             server.wait(timeout=30)
     if failed:
-        sys.exit(f"not fully in view at {VIEW[0]}x{VIEW[1]}: {', '.join(failed)}")
+        sys.exit(f"not fully in view or not readable at {VIEW[0]}x{VIEW[1]}: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
