@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from letterpress.loaders.layers import weight_shape
+from fixtures.lora_steps import assert_same_step, peft_factors, peft_model, random_init, settings
+
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 from letterpress.samplers import lora_training as training
 from letterpress.samplers import ovis_image as ovis_stage
@@ -22,54 +23,6 @@ def two_images(h=32, w=32):
     gen = torch.Generator().manual_seed(3)
     base = torch.linspace(0, 1, w).view(1, 1, w, 1).expand(2, h, w, 3).clone()
     return (0.5 * base + 0.5 * torch.rand(2, h, w, 3, generator=gen)).clamp(0, 1)
-
-
-def random_init(module, targets, rank, seed):
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for t in targets:
-        rows, cols = weight_shape(module.get_submodule(t))
-        out[t] = (0.2 * torch.randn(rank, cols, generator=gen), 0.2 * torch.randn(rows, rank, generator=gen))
-    return out
-
-
-def settings(**kw):
-    base = dict(rank=4, alpha=2.0, learning_rate=1e-2, steps=1, batch_size=2, seed=7, layers="all",
-                gradient_checkpointing=True)
-    return training.TrainingSettings(**{**base, **kw})
-
-
-def peft_model(cls, folder, init, rank, alpha):
-    from peft import LoraConfig
-
-    model = cls.from_pretrained(folder)
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(init)))
-    with torch.no_grad():
-        for name, (a, b) in init.items():
-            layer = model.get_submodule(name)
-            layer.lora_A["default"].weight.copy_(a)
-            layer.lora_B["default"].weight.copy_(b)
-    params = [p for p in model.parameters() if p.requires_grad]
-    assert len(params) == 2 * len(init)
-    return model, params
-
-
-def peft_factors(model, names):
-    return {n: (model.get_submodule(n).lora_A["default"].weight.detach(),
-                model.get_submodule(n).lora_B["default"].weight.detach()) for n in names}
-
-
-def assert_same_step(lora, ref, ref_loss, init):
-    assert abs(lora.losses[0] - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
-    moved = 0.0
-    for name, (a, b) in ref.items():
-        got_a = lora.tensors[f"transformer.{name}.lora_A.weight"]
-        got_b = lora.tensors[f"transformer.{name}.lora_B.weight"]
-        assert (got_a - a).abs().max().item() <= 1e-5, name
-        assert (got_b - b).abs().max().item() <= 1e-5, name
-        moved = max(moved, (got_b - init[name][1]).abs().max().item())
-    assert moved > 1e-3
 
 
 # Ovis-Image ------------------------------------------------------------------------------------------------------
@@ -90,7 +43,8 @@ def ovis_reference_step(models_dir, init, latents, conds, d, rank, alpha, lr):
     from diffusers.pipelines.ovis_image.pipeline_ovis_image import calculate_shift
 
     folder = os.path.join(models_dir, "diffusers", "Ovis-Image-7B")
-    model, params = peft_model(OvisImageTransformer2DModel, os.path.join(folder, "transformer"), init, rank, alpha)
+    model, params = peft_model(OvisImageTransformer2DModel.from_pretrained(os.path.join(folder, "transformer")), init,
+                               rank, alpha)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     x0 = torch.cat([latents[i] for i in d.items])
     b, c, h, w = x0.shape
@@ -187,7 +141,8 @@ def glm_reference_step(models_dir, init, latents, conds, d, rank, alpha, lr):
     from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps
 
     folder = os.path.join(models_dir, "diffusers", "GLM-Image")
-    model, params = peft_model(GlmImageTransformer2DModel, os.path.join(folder, "transformer"), init, rank, alpha)
+    model, params = peft_model(GlmImageTransformer2DModel.from_pretrained(os.path.join(folder, "transformer")), init,
+                               rank, alpha)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler"))
     losses = []
