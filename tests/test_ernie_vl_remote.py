@@ -9,30 +9,21 @@ import json
 import select
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from fixtures.standin_servers import JsonHandler
+
 from letterpress.loaders.errors import Interrupted, LetterpressError
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(JsonHandler):
     """Behaviour chosen by the requested model name."""
-
-    def log_message(self, *args):
-        pass
-
-    def _json(self, code, data):
-        body = json.dumps(data).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
