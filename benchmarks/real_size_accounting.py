@@ -104,15 +104,20 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def _bf16_module(factory) -> torch.nn.Module:
+    """The module `factory` builds, in bf16 (inside FakeTensorMode: shapes only), in eval mode."""
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return factory().eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def fake_forward_peak(factory, forward) -> tuple[int, int, int]:
     """(bf16 weight bytes, fp8-storage weight bytes, peak live activation bytes) of one forward of the real-size
     module, run on fake tensors in bf16."""
     with FakeTensorMode(allow_non_fake_inputs=True):
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            module = factory().eval()
-        finally:
-            torch.set_default_dtype(torch.float32)
+        module = _bf16_module(factory)
         tracker = LiveBytes(module)
         with torch.no_grad(), tracker:
             forward(module)
@@ -185,11 +190,7 @@ def fake_training_peak(factory, forward, rank: int = 16, layers: str = "attentio
     from letterpress.samplers import lora_training as training
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            module = factory().eval()
-        finally:
-            torch.set_default_dtype(torch.float32)
+        module = _bf16_module(factory)
         module.requires_grad_(False)
         module.enable_gradient_checkpointing()
         lora_bytes = 0
