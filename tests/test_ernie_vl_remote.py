@@ -38,6 +38,9 @@ class Handler(JsonHandler):
             select.select([self.connection], [], [], 60)  # readable at EOF: the client closed it
             self.server.client_closed.set()
             return
+        if model == "strict" and "skip_special_tokens" in body:  # transformers serve: no unknown fields
+            return self._json(422, {"detail": "Unexpected fields in the request: {'skip_special_tokens', "
+                                              "'spaces_between_special_tokens'}"})
         if model == "slow":  # answers only when the test ends (30 s at most): the client can only give up by its timeout
             self.server.release.wait(30)
             return
@@ -117,6 +120,8 @@ def test_request_shape(server):
     assert body["model"] == "plain" and body["max_tokens"] == 64 and body["stream"] is False
     assert body["temperature"] == 0.0 and body["seed"] == 7
     assert body["chat_template_kwargs"] == {"enable_thinking": True}
+    # special tokens kept (vLLM's and SGLang's sampling fields), so ERNIE's <|LOC_n|> boxes arrive
+    assert body["skip_special_tokens"] is False and body["spaces_between_special_tokens"] is False
     system, user = body["messages"]
     assert system == {"role": "system", "content": "be brief"}
     assert [c["type"] for c in user["content"]] == ["image_url", "image_url", "text"]
@@ -148,6 +153,15 @@ def test_bad_sampling_values_are_refused_before_any_request(server):
     assert len(server.requests) == before
     node.run(url(server), "plain", "", images(), "free question", "?", "", False, 64, 0.7, 0.0, 7, False, 10.0)
     assert server.requests[-1]["body"]["temperature"] == 0.0 and "top_p" not in server.requests[-1]["body"]
+
+
+def test_a_server_that_refuses_the_special_token_fields_is_asked_again_without_them(server):
+    before = len(server.requests)
+    assert remote(url(server), "strict") == ("A red cat.", "")
+    first, second = [r["body"] for r in server.requests[before:]]
+    assert first["skip_special_tokens"] is False
+    assert "skip_special_tokens" not in second and "spaces_between_special_tokens" not in second
+    assert {k: v for k, v in first.items() if "special_tokens" not in k} == second
 
 
 def test_reasoning_from_the_server_or_inline(server):

@@ -162,3 +162,19 @@ def test_a_qwen3_gguf_in_the_ernie_loader_is_named_as_the_ovis_encoder(ernie, ov
                    cfg.num_attention_heads, cfg.num_key_value_heads, permute=False)
     with pytest.raises(LetterpressError, match=r"qwen3-other-Q8_0\.gguf holds a Qwen3 language model"):
         ernie_node("TextEncoderLoader").run("qwen3-other-Q8_0.gguf", "auto")
+
+
+@pytest.mark.parametrize("name,bare", [("ministral-3-3b-Q4_K_M.gguf", "ministral-3-3b"), ("Qwen3-2B.Q8_0.gguf", "Qwen3-2B"),
+                                       ("ovis_2.5-UD-Q5_K_XL.gguf", "ovis_2.5"), ("te-BF16.gguf", "te")])
+def test_a_gguf_finds_the_tokenizer_folder_named_without_its_quantization(tmp_path, name, bare):
+    from letterpress.loaders.llm import find_tokenizer_folders
+
+    found = find_tokenizer_folders(str(tmp_path / name), lambda _path: [])
+    assert str(tmp_path / bare) in found and found[0] == str(tmp_path / name[:-5])  # the exact stem still first
+
+
+def test_a_plain_file_name_is_not_cut():
+    from letterpress.loaders.llm import find_tokenizer_folders
+
+    assert find_tokenizer_folders("/m/ministral-3-3b.safetensors", lambda _p: []) == ["/m/ministral-3-3b",
+                                                                                       "/m/ministral-3-3b_tokenizer"]
