@@ -25,7 +25,7 @@ from .common import (
     steps_input,
 )
 from .dit_options import compile_node, lora_loader
-from .training import DATASET, LORA, apply_trained_node, cancelled_saver, settings_of, train_widgets
+from .training import apply_trained_node, train_lora_node
 
 CAT = f"{CATEGORY}/ERNIE-Image"
 DIT, TE, VAE, PE = "LP_ERNIE_DIT", "LP_ERNIE_TEXT_ENCODER", "LP_ERNIE_VAE", "LP_ERNIE_PROMPT_ENHANCER"
@@ -198,39 +198,19 @@ class LetterpressErnieImageVAEEncode(VAEEncodeNode):
     ENCODE = staticmethod(stage.encode)
 
 
-class LetterpressErnieImageTrainLoRA:
-    DESCRIPTION = ("Trains a LoRA on the ERNIE-Image DiT from a dataset of images and captions, as DiffSynth-Studio "
-                   "trains it (flow matching, timesteps drawn from the shifted 1000-step schedule, its timestep "
-                   "weighting; AdamW). Latents and text encodings are computed once, then the DiT trains with the "
-                   "text encoder and VAE left for the memory manager to unload. Works on bf16, fp8 and quantized "
-                   "(GGUF) DiTs: the frozen weights stay as they are stored. Cancel stops within one step and writes "
-                   "the LoRA of the steps done to output/loras.")
-    CATEGORY = CAT
-    RETURN_TYPES = (LORA, "IMAGE")
-    RETURN_NAMES = ("lora", "loss_plot")
-    FUNCTION = "run"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "dit": (DIT, {"tooltip": "The ERNIE-Image DiT to train on (a LoRA chained before it is kept under it)."}),
-            "text_encoder": (TE, {"tooltip": "The Ministral-3 text encoder, to encode the captions."}),
-            "vae": (VAE, {"tooltip": "The Flux2 VAE, to encode the images."}),
-            "dataset": (DATASET, {"tooltip": "From LoRA Training Dataset."}),
-            **train_widgets(),
-            "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip":
-                                "Static shift of the training schedule (DiffSynth-Studio's ERNIE-Image default 3.0)."}),
-        }}
-
-    def run(self, dit, text_encoder, vae, dataset, shift, **widgets):
-        from ..samplers import lora_training as training
-
-        latents, conds = stage.encode_dataset(text_encoder, vae, dataset, widgets["resolution"])
-        lora = training.train(dit, stage.training_family(shift), latents, conds, settings_of(widgets),
-                              on_cancel=cancelled_saver(stage.FAMILY))
-        return (lora, training.loss_plot(lora.losses))
-
-
+LetterpressErnieImageTrainLoRA = train_lora_node(
+    "LetterpressErnieImageTrainLoRA", "ERNIE-Image",
+    "Trains a LoRA on the ERNIE-Image DiT from a dataset of images and captions, as DiffSynth-Studio trains it (flow "
+    "matching, timesteps drawn from the shifted 1000-step schedule, its timestep weighting; AdamW). Latents and text "
+    "encodings are computed once, then the DiT trains with the text encoder and VAE left for the memory manager to "
+    "unload. Works on bf16, fp8 and quantized (GGUF) DiTs: the frozen weights stay as they are stored. Cancel stops "
+    "within one step and writes the LoRA of the steps done to output/loras.",
+    {"dit": (DIT, "The ERNIE-Image DiT to train on (a LoRA chained before it is kept under it)."),
+     "text_encoder": (TE, "The Ministral-3 text encoder, to encode the captions."),
+     "vae": (VAE, "The Flux2 VAE, to encode the images.")},
+    lambda: {"shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip":
+                                 "Static shift of the training schedule (DiffSynth-Studio's ERNIE-Image default 3.0)."})},
+    stage.encode_dataset, stage.training_family)
 LetterpressErnieImageApplyTrainedLoRA = apply_trained_node("LetterpressErnieImageApplyTrainedLoRA", "ERNIE-Image", DIT,
                                                            stage.FAMILY)
 LetterpressErnieImageLoraLoader = lora_loader("LetterpressErnieImageLoraLoader", "ERNIE-Image", DIT)

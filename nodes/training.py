@@ -160,8 +160,8 @@ def apply_trained_node(class_name: str, family_title: str, dit_type: str, family
 def train_lora_node(class_name: str, family_title: str, description: str, models: dict, extra: Callable[[], dict],
                     encode: Callable, family: Callable):
     """A family's Train LoRA node: its models (input name -> (socket type, tooltip), the DiT first) and the dataset
-    in, the shared widgets plus `extra()`; `encode(the other models..., dataset, resolution, **extra)` caches the
-    items and `family(**extra)` is the family's training objective."""
+    in, the shared widgets plus `extra()`; `encode(the other models..., dataset, resolution)` caches the items and
+    `family(**extra)` is the family's training objective."""
 
     class TrainLoRA:
         DESCRIPTION = description
@@ -179,7 +179,7 @@ def train_lora_node(class_name: str, family_title: str, description: str, models
         def run(self, dataset, **values):
             handles = [values.pop(name) for name in models]
             extras = {name: values.pop(name) for name in extra()}
-            latents, conds = encode(*handles[1:], dataset, values["resolution"], **extras)
+            latents, conds = encode(*handles[1:], dataset, values["resolution"])
             fam = family(**extras)
             lora = training.train(handles[0], fam, latents, conds, settings_of(values),
                                   on_cancel=cancelled_saver(fam.name))

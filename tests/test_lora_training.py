@@ -200,11 +200,11 @@ def test_train_node_caches_and_saves_on_cancel(setup, host):
     assert ds.captions == CAPTIONS and ds.images[0].shape == (1, 32, 48, 3)
     widgets = dict(rank=2, alpha=2.0, learning_rate=1e-3, steps=2, batch_size=1, seed=0, layers="attention",
                    resolution=32, gradient_checkpointing=False)
-    lora, plot = node("TrainLoRA").run(s["dit"], s["te"], s["vae"], ds, shift=3.0, **widgets)
+    lora, plot = node("TrainLoRA").run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, shift=3.0, **widgets)
     assert lora.steps == 2 and plot.shape[-1] == 3
     host.progress_listeners.append(lambda done, total: host.request_interrupt() if done == 1 else None)
     with pytest.raises(Interrupted):
-        node("TrainLoRA").run(s["dit"], s["te"], s["vae"], ds, shift=3.0, **{**widgets, "steps": 5})
+        node("TrainLoRA").run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, shift=3.0, **{**widgets, "steps": 5})
     saved = os.listdir(os.path.join(host.output_dir, "loras"))
     assert saved == ["ernie_image_cancelled_step1_00001_.safetensors"]
 
