@@ -6,13 +6,16 @@ ComfyUI 0.3.64 and 0.8.0 (see README); the dynamic-VRAM branches follow the newe
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import uuid
 from typing import Any
 
 import comfy.model_management as mm
 import comfy.model_patcher as model_patcher
 import comfy.ops as ops
 import torch
+import torch.nn.functional as F
 
 from . import layers
 
@@ -70,6 +73,76 @@ def op_table(weight_dtype: torch.dtype, compute_dtype: torch.dtype, load_device:
     return _call(pick, weight_dtype, compute_dtype, load_device=load_device)
 
 
+def cast_weights(layer: torch.nn.Module, input: torch.Tensor, dtype: torch.dtype, bias_dtype: torch.dtype):
+    """A context giving (weight, bias) of `layer` on the input's device through this release's cast path, as
+    ComfyUI's own layers take them: 0.33.0 and later `CastBiasWeightContext` (dynamic VRAM's vbar, offload
+    streams), 0.8.0 `cast_bias_weight(offloadable=True)` + `uncast_bias_weight`, 0.3.64 `cast_bias_weight`."""
+    context = getattr(ops, "CastBiasWeightContext", None)
+    if context is not None:
+        return context(layer, input, dtype=dtype, bias_dtype=bias_dtype, offloadable=True)
+    if "offloadable" in _parameters(ops.cast_bias_weight):
+        return _offloaded(layer, input, dtype, bias_dtype)
+    return contextlib.nullcontext(ops.cast_bias_weight(layer, input, dtype=dtype, bias_dtype=bias_dtype))
+
+
+@contextlib.contextmanager
+def _offloaded(layer, input, dtype, bias_dtype):
+    weight, bias, stream = ops.cast_bias_weight(layer, input, dtype=dtype, bias_dtype=bias_dtype, offloadable=True)
+    try:
+        yield weight, bias
+    finally:
+        ops.uncast_bias_weight(layer, weight, bias, stream)
+
+
+def run_every_op() -> None:
+    """What ComfyUI's layers do before each call (0.8.0 and later: Cancel between layers); 0.3.64 has none."""
+    hook = getattr(ops, "run_every_op", None)
+    if hook is not None:
+        hook()
+
+
+class CastPathPacked(layers.QuantizedWeight):
+    """A Linear keeping packed (quantized) weights inside ComfyUI: its bytes come through ComfyUI's cast path
+    (`cast_weights`) like the weights of ComfyUI's own layers, so the memory manager places and streams them (the
+    dynamic manager's vbar slot, lowvram offload streams) and `run_every_op` applies; they arrive still packed
+    (asked for in their own dtype, with the layer's weight patches kept out of ComfyUI's reach so it neither casts
+    the bytes nor writes a patched weight back into them) and are dequantized here. Then every weight patch
+    ComfyUI placed on the layer applies to the dequantized weight: the dynamic manager's `weight_lowvram_function`,
+    the lowvram loader's and the weight wrappers' `weight_function` (where the pack's LoRAs on packed layers are,
+    see add_packed_loras)."""
+
+    def forward(self, *args, **kwargs):
+        if not self.packed:
+            return super().forward(*args, **kwargs)
+        run_every_op()
+        return self.forward_comfy_cast_weights(*args, **kwargs)
+
+    def forward_comfy_cast_weights(self, input, *args, **kwargs):
+        if not self.packed:
+            return super().forward_comfy_cast_weights(input, *args, **kwargs)
+        lowvram = getattr(self, "weight_lowvram_function", None)
+        patches = ([lowvram] if lowvram is not None else []) + list(getattr(self, "weight_function", ()))
+        with _hidden(self, weight_function=[], weight_lowvram_function=None):
+            with cast_weights(self, input, dtype=self.weight.dtype, bias_dtype=input.dtype) as (raw, bias):
+                weight = self.unpack(raw, input.dtype)
+                for f in patches:
+                    weight = f(weight)
+                return F.linear(input, weight, bias)
+
+
+@contextlib.contextmanager
+def _hidden(layer: torch.nn.Module, **values):
+    """Set attributes of `layer` for the duration, then put back exactly what was there (or nothing)."""
+    saved = {k: layer.__dict__[k] for k in values if k in layer.__dict__}
+    layer.__dict__.update(values)
+    try:
+        yield
+    finally:
+        for k in values:
+            layer.__dict__.pop(k, None)
+        layer.__dict__.update(saved)
+
+
 def layer_ops(weight_dtype: torch.dtype, load_device: torch.device) -> layers.LayerOps:
     """ComfyUI's op classes for every layer kind it has one for (RMSNorm only where its op builds torch's RMSNorm,
     whose numerics the models were written against)."""
@@ -82,7 +155,17 @@ def layer_ops(weight_dtype: torch.dtype, load_device: torch.device) -> layers.La
         if cls is not None and issubclass(cls, torch_cls):
             classes[kind] = cls
     return layers.LayerOps(f"comfy.ops.{getattr(table, '__name__', type(table).__name__)}", classes,
-                           layers.FP8 if fp8 else None)
+                           layers.FP8 if fp8 else None, packed_mixin=CastPathPacked)
+
+
+def archive_dtypes(module: torch.nn.Module) -> None:
+    """Record each loaded parameter's and buffer's dtype as `<name>_comfy_model_dtype`, as ComfyUI does for its own
+    models (`archive_model_dtypes`, 0.33.0 and later): the dynamic VRAM manager sizes each layer's slot, and casts
+    what it moves there, by it. Layers built lazily keep the dtype they were built in otherwise (fp32 for a bf16
+    file: a slot twice the size, the weights cast up). Releases without it do not read it."""
+    archive = getattr(mm, "archive_model_dtypes", None)
+    if archive is not None:
+        archive(module)
 
 
 # Model patcher ------------------------------------------------------------------------------------------------
@@ -106,6 +189,30 @@ def lora_patch(down: torch.Tensor, up: torch.Tensor, alpha: float) -> Any:
     from comfy.weight_adapter import LoRAAdapter
 
     return LoRAAdapter(set(), (up, down, alpha, None, None, None))
+
+
+class PackedLora:
+    """LoRA patches on one packed layer, applied by ComfyUI's own LoRA math (comfy.lora.calculate_weight) to the
+    dequantized weight at each call: a ModelPatcher weight wrapper, which every load mode of every release puts in
+    the layer's `weight_function` (ModelPatcher's full and lowvram loads, ModelPatcherDynamic's setup), so nothing
+    is merged into the packed bytes (a ModelPatcher patch would be, on a full load)."""
+
+    def __init__(self, key: str, patches: list):
+        self.key, self.patches = key, patches  # ModelPatcher's patch list entries for this key
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        import comfy.lora
+
+        return comfy.lora.calculate_weight(self.patches, weight, self.key)
+
+
+def add_packed_loras(patcher, patches: dict, strength: float) -> None:
+    """`patches` (key -> LoRAAdapter) on packed layers, as weight wrappers of this patcher (see PackedLora); a new
+    patches_uuid, as add_patches gives, so ComfyUI tells this clone's weights from its parent's."""
+    for key, adapter in patches.items():
+        patcher.add_weight_wrapper(key, PackedLora(key, [(strength, adapter, 1.0, None, None)]))
+    if patches:
+        patcher.patches_uuid = uuid.uuid4()
 
 
 def load_models_gpu(patchers: list, memory_required: int) -> None:

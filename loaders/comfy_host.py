@@ -51,25 +51,28 @@ class ComfyHost(StandaloneHost):
 
     def wrap(self, handle: ModelHandle) -> ModelHandle:
         handle.module.to(self.offload_device())
+        comfy_compat.archive_dtypes(handle.module)
         handle.patcher = comfy_compat.make_patcher(HostedModule(handle.module), self.compute_device(),
                                                    self.offload_device())
         return handle
 
     def add_patches(self, handle: ModelHandle, lora, strength: float) -> ModelHandle:
         patcher = handle.patcher.clone()
-        # ComfyUI scales a LoRA by alpha / rank itself: alpha = scale x rank. Layers holding packed (GGUF) weights
-        # take theirs at forward time instead (see load): ModelPatcher would merge it into the packed bytes.
-        patcher.add_patches({f"inner.{name}.weight": comfy_compat.lora_patch(a, b, scale * a.shape[0])
-                             for name, (a, b, scale) in lora.layers.items()
-                             if not layers.is_packed(handle.module.get_submodule(name))}, strength)
+        # ComfyUI scales a LoRA by alpha / rank itself: alpha = scale x rank. ComfyUI owns every LoRA: ModelPatcher
+        # patches on plain layers; weight wrappers on layers holding packed (quantized) weights, applied to the
+        # dequantized weight at each call (a patch would be merged into the packed bytes on a full load).
+        plain, packed = {}, {}
+        for name, (a, b, scale) in lora.layers.items():
+            target = packed if layers.is_packed(handle.module.get_submodule(name)) else plain
+            target[f"inner.{name}.weight"] = comfy_compat.lora_patch(a, b, scale * a.shape[0])
+        patcher.add_patches(plain, strength)
+        comfy_compat.add_packed_loras(patcher, packed, strength)
         return dataclasses.replace(handle, patcher=patcher, patches=handle.patches + ((lora, strength),))
 
     def load(self, *handles: ModelHandle, memory_required: int = 0) -> None:
         # memory_required: the activations the stage needs, as ComfyUI's KSampler and VAE Decode pass it, so ComfyUI
         # unloads other models or streams part of these weights rather than leave only its default reserve.
         comfy_compat.load_models_gpu([h.patcher for h in handles if h.patcher is not None], memory_required)
-        for h in handles:
-            layers.set_loras(h.module, h.patches, only=layers.is_packed)
 
     def free(self) -> None:
         _mm.unload_all_models()

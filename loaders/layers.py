@@ -12,9 +12,10 @@ passed through the layer's `lora_function` list (a LoRA at forward time, as Comf
 LoRA never changes the stored weights and works the same on weights stored in fp8.
 
 A layer of any host's Linear class can also keep its weight packed as a GGUF file stores it (`QuantizedWeight`,
-mixed into the host's class when the file is quantized, GGUF or ComfyUI's own formats): the packed data are its `weight` parameter (so memory
-managers count and move the file's bytes), dequantized on the input's device at each call, LoRAs applied to the
-dequantized weight.
+mixed into the host's class when the file is quantized, GGUF or ComfyUI's own formats): the packed data are its
+`weight` parameter (so memory managers count and move the file's bytes), dequantized on the input's device at each
+call, LoRAs applied to the dequantized weight. Inside ComfyUI the host mixes in its subclass of it
+(comfy_compat.CastPathPacked), which brings the bytes through ComfyUI's cast path like any of ComfyUI's layers.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class LayerOps:
     name: str
     classes: dict = field(default_factory=dict)  # kind name -> class built in place of that torch kind
     linear_weight_dtype: torch.dtype | None = None  # storage dtype of Linear weights when not the compute dtype
+    packed_mixin: type | None = None  # what a Linear keeping packed weights mixes in (None: QuantizedWeight)
 
     def class_for(self, layer: torch.nn.Module) -> type | None:
         kind = kind_of(layer)
@@ -203,37 +205,42 @@ class QuantizedWeight:
                 self.register_buffer("packed_" + name, t, persistent=False)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self.packed:
-            return super().forward(x, *args, **kwargs)
+    def unpack(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weight these packed bytes (this layer's, wherever they are now) stand for, in `dtype`, on their
+        device."""
         from .packed import dequantize
 
-        extras = {k: getattr(self, "packed_" + k).to(x.device) for k in self.pack_extras}
-        weight = dequantize(self.weight.to(x.device), self.pack_fmt, self.qshape, extras, x.dtype)
-        for f in (*self.lora_function, *getattr(self, "weight_function", ())):  # ours, then the host's (ComfyUI)
+        extras = {k: getattr(self, "packed_" + k).to(raw.device) for k in self.pack_extras}
+        return dequantize(raw, self.pack_fmt, self.qshape, extras, dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The standalone host's path: the bytes moved to the input's device, dequantized, this layer's LoRAs
+        applied. (Inside ComfyUI, comfy_compat.CastPathPacked takes them through ComfyUI's cast path instead.)"""
+        if not self.packed:
+            return super().forward(x, *args, **kwargs)
+        weight = self.unpack(self.weight.to(x.device), x.dtype)
+        for f in self.lora_function:
             weight = f(weight)
-        bias = self.bias
-        if bias is not None:
-            bias = bias.to(x.device, x.dtype)
-            for f in getattr(self, "bias_function", ()):
-                bias = f(bias)
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
         return F.linear(x, weight, bias)
 
 
-_QUANTIZED: dict[type, type] = {}
+_QUANTIZED: dict[tuple[type, type], type] = {}
 
 
-def quantized_class(cls: type) -> type:
-    """`cls` able to keep GGUF-packed weights (one class per base class, so dynamo and pickling see stable types)."""
-    if cls not in _QUANTIZED:
-        _QUANTIZED[cls] = type(f"Quantized{cls.__name__}", (QuantizedWeight, cls), {"__module__": __name__})
-    return _QUANTIZED[cls]
+def quantized_class(cls: type, mixin: type | None = None) -> type:
+    """`cls` able to keep packed weights, through `mixin` (QuantizedWeight or a host's subclass of it); one class
+    per pair, so dynamo and pickling see stable types."""
+    mixin = mixin or QuantizedWeight
+    if (mixin, cls) not in _QUANTIZED:
+        _QUANTIZED[mixin, cls] = type(f"Quantized{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    return _QUANTIZED[mixin, cls]
 
 
 def with_quantized(ops: LayerOps) -> LayerOps:
     """The table for a quantized file: Linear layers keep packed weights; the other kinds get dequantized ones."""
-    return replace(ops, name=ops.name + "+quantized",
-                   classes={**ops.classes, "Linear": quantized_class(ops.classes.get("Linear", torch.nn.Linear))})
+    linear = quantized_class(ops.classes.get("Linear", torch.nn.Linear), ops.packed_mixin)
+    return replace(ops, name=ops.name + "+quantized", classes={**ops.classes, "Linear": linear})
 
 
 def is_packed(layer: torch.nn.Module) -> bool:
@@ -245,10 +252,7 @@ def dequantized_weight(layer: torch.nn.Module, dtype: torch.dtype = torch.float3
     """The weight a layer computes with (a packed one dequantized), without its LoRAs."""
     if not is_packed(layer):
         return layer.weight.to(dtype)
-    from .packed import dequantize
-
-    extras = {k: getattr(layer, "packed_" + k) for k in layer.pack_extras}
-    return dequantize(layer.weight, layer.pack_fmt, layer.qshape, extras, dtype)
+    return layer.unpack(layer.weight, dtype)
 
 
 def weight_shape(layer: torch.nn.Module) -> tuple:
@@ -280,9 +284,9 @@ class LoraPatch:
         return weight
 
 
-def set_loras(module: torch.nn.Module, patches: tuple, only: Callable[[torch.nn.Module], bool] | None = None) -> None:
-    """Make the layers of `module` compute with these LoRAs ((LoraWeights, strength), ...) and no others (`only`: the
-    layers this applies to; the others are left to the host, e.g. ComfyUI's ModelPatcher)."""
+def set_loras(module: torch.nn.Module, patches: tuple) -> None:
+    """Make the layers of `module` compute with these LoRAs ((LoraWeights, strength), ...) and no others (the
+    standalone host's LoRA path; inside ComfyUI, ComfyUI's ModelPatcher owns them)."""
     state = module.__dict__.setdefault("_letterpress_loras", {"applied": None, "layers": set()})
     wanted = tuple((id(lora), float(s)) for lora, s in patches)
     if state["applied"] == wanted:
@@ -290,9 +294,7 @@ def set_loras(module: torch.nn.Module, patches: tuple, only: Callable[[torch.nn.
     per_layer: dict[str, list] = {}
     for lora, strength in patches:
         for name in lora.layers:
-            if only is None or only(module.get_submodule(name)):
-                per_layer.setdefault(name, []).append(((lambda lora=lora, name=name: lora.delta(name)),
-                                                       float(strength)))
+            per_layer.setdefault(name, []).append(((lambda lora=lora, name=name: lora.delta(name)), float(strength)))
     for name in state["layers"] - set(per_layer):
         module.get_submodule(name).__dict__.pop("lora_function", None)  # back to the class's empty list
     for name, deltas in per_layer.items():

@@ -51,6 +51,27 @@ def problems(module: torch.nn.Module, ops) -> list[str]:
     return found
 
 
+def plain_weights(module: torch.nn.Module) -> dict[str, int]:
+    """Per class of module holding weights of its own that is not one of ComfyUI's cast layers (a model's own
+    classes, e.g. transformers' RMSNorm): the most bytes one holds, in bf16. ComfyUI's dynamic VRAM manager loads
+    such modules whole onto the GPU, as it loads its own layers of 16 KB or less."""
+    out: dict[str, int] = {}
+    for m in module.modules():
+        own = list(m.parameters(recurse=False))
+        if own and not hasattr(m, "comfy_cast_weights"):
+            out[type(m).__name__] = max(out.get(type(m).__name__, 0), sum(p.numel() * 2 for p in own))
+    return out
+
+
+def small_linears(module: torch.nn.Module, limit: int = 16 * 1024) -> list[str]:
+    """Linear layers whose weight packed at 4.5 bits (Q4_0) takes `limit` bytes or less: the dynamic manager would
+    load them whole, and a LoRA on a packed one would not reach its weight wrappers."""
+    from letterpress.loaders import layers
+
+    return [name for name, m in module.named_modules()
+            if layers.kind_of(m) == "Linear" and m.in_features * m.out_features * 18 // 32 <= limit]
+
+
 def check(dtype: torch.dtype) -> dict:
     from letterpress.loaders import layers
     from letterpress.loaders.host import get_host
@@ -61,6 +82,9 @@ def check(dtype: torch.dtype) -> dict:
     for stage, factory in stages().items():
         module = layers.build_layers(build_empty(factory), ops)
         report["stages"][stage] = problems(module, ops)
+        if "Linear" in ops.classes and hasattr(ops.classes["Linear"], "comfy_cast_weights"):  # inside ComfyUI
+            report.setdefault("plain_weights", {})[stage] = plain_weights(module)
+            report.setdefault("small_linears", {})[stage] = small_linears(module)
     return report
 
 

@@ -40,6 +40,16 @@ def test_every_stage_is_built_from_comfyui_op_classes(release):
         # every kind ComfyUI has an op for, RMSNorm included (the DiTs hold torch RMSNorm layers)
         assert {"Linear", "Conv2d", "GroupNorm", "LayerNorm", "Embedding", "RMSNorm"} <= set(report["kinds"])
         assert report["stages"] == {stage: [] for stage in report["stages"]}
+        # Every other module holding weights is small enough that the dynamic VRAM manager treats it as it treats
+        # ComfyUI's own small layers (loads it whole), but ERNIE-4.5-VL's expert banks and routers (#32: experts
+        # off the GPU), which it loads whole too.
+        large = {(stage, cls): n for stage, classes in report["plain_weights"].items()
+                 for cls, n in classes.items() if n > 16 * 1024}
+        assert set(large) == {("ERNIE-4.5-VL (28B-A3B)", "Ernie4_5_VLMoeMoeExperts"),
+                              ("ERNIE-4.5-VL (28B-A3B)", "Ernie4_5_VLMoeMoeTopKRouter")}, large
+        # Every Linear, packed at 4.5 bits, gets a slot of its own (more than 16 KB), so ComfyUI applies the
+        # weight wrappers that carry LoRAs on packed layers.
+        assert report["small_linears"] == {stage: [] for stage in report["stages"]}, report["small_linears"]
 
 
 def test_the_check_sees_a_class_swapped_layer():
