@@ -30,6 +30,24 @@ class HostedModule(torch.nn.Module):
         return compute_dtype(self.inner)
 
 
+_REPORTING: dict[type, type] = {}
+
+
+def _report_device(module: torch.nn.Module, device: torch.device) -> None:
+    """A transformers model's `device` is where its first parameter is, and generate() moves its inputs there at
+    every step. Under ComfyUI's managers the weights of streamed (dynamic VRAM: every large) layers stay on the
+    offload device while the model computes on the load device, so the model reports the load device instead
+    (its class becomes a subclass that only overrides `device`)."""
+    cls = type(module)
+    if not isinstance(getattr(cls, "device", None), property) or not hasattr(module, "generate"):
+        return
+    if cls not in _REPORTING:
+        _REPORTING[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                                      "device": property(lambda self: self._letterpress_device)})
+    module.__class__ = _REPORTING[cls]
+    module._letterpress_device = device
+
+
 class ComfyHost(StandaloneHost):
     """The host inside ComfyUI: ModelPatcher + load_models_gpu, ProgressBar, ComfyUI's interrupt."""
 
@@ -54,6 +72,7 @@ class ComfyHost(StandaloneHost):
         comfy_compat.archive_dtypes(handle.module)
         handle.patcher = comfy_compat.make_patcher(HostedModule(handle.module), self.compute_device(),
                                                    self.offload_device())
+        _report_device(handle.module, handle.patcher.load_device)
         return handle
 
     def add_patches(self, handle: ModelHandle, lora, strength: float) -> ModelHandle:

@@ -39,6 +39,11 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
+        """Where the stage computes: its patcher's load device inside ComfyUI (whose managers leave the weights of
+        streamed layers, and under dynamic VRAM of every large layer, on the offload device), else where its
+        weights are."""
+        if self.patcher is not None:
+            return self.patcher.load_device
         for p in self.module.parameters():
             return p.device
         return torch.device("cpu")

@@ -22,6 +22,9 @@ what it would do on a GPU is reproduced from its code as read in 0.33.0:
   a CPU device named `cpu:0` (so it differs from the weights' `cpu`, as a GPU does). Reports each kind's output
   against an independent reference (the plain torch layer with weight + LoRA) and against the layer without it.
 
+- `device`: a small transformers model loaded by the dynamic manager: where the stage and the model say they
+  compute.
+
 `--break NAME` breaks what a check checks, to show that it fails then (see BREAKS).
 """
 
@@ -338,6 +341,32 @@ def lora() -> dict:
     return report
 
 
+def device() -> dict:
+    """Where a stage computes once the dynamic manager loaded it: its large layers' weights stay on the offload
+    device, so the stage (handle.device) and a transformers model (model.device, where generate() moves its inputs)
+    must name the load device, not their first weight's."""
+    import comfy.model_patcher as mp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from letterpress.loaders.comfy_host import ComfyHost
+    from letterpress.loaders.handle import ModelHandle
+    from letterpress.loaders.weights import build_empty, fill_module
+
+    _stand_in_for_aimdo()
+    mp.CoreModelPatcher = mp.ModelPatcherDynamic
+    host = ComfyHost()
+    host.compute_device = lambda: FAKE_GPU
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    state = LlamaForCausalLM(config).state_dict()
+    model = fill_module(build_empty(lambda: LlamaForCausalLM(config)), state)
+    handle = host.wrap(ModelHandle("test", "llm", model))
+    handle.patcher.load(FAKE_GPU)
+    return {"patcher": type(handle.patcher).__name__, "first_weight": str(next(model.parameters()).device),
+            "slots": sum(hasattr(m, "_v") for m in model.modules()), "handle": str(handle.device),
+            "model": str(model.device), "class": type(model).__name__}
+
+
 def _meta_copy(layer: torch.nn.Module) -> torch.nn.Module:
     import copy
 
@@ -365,5 +394,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     _break(broken)
     mode = args[1]
-    out = draw(args[2], args[3], args[4:]) if mode == "draw" else lora()
+    out = draw(args[2], args[3], args[4:]) if mode == "draw" else lora() if mode == "lora" else device()
     print(json.dumps(out))

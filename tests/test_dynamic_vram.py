@@ -108,3 +108,13 @@ def test_the_lora_check_fails_when_packed_layers_drop_their_patches(release):
             assert r["diff"] > 0.5 * r["lora_effect"], (label, r)
         else:
             assert r["diff"] <= 1e-2 * r["scale"], (label, r)
+
+
+@params
+def test_a_stage_loaded_by_the_dynamic_manager_computes_on_the_load_device(release):
+    """Its large layers' weights stay on the offload device (the first weight is on the CPU, in a slot), yet the stage
+    and transformers' model.device (where generate() moves its inputs at every step) name the load device."""
+    r = _run(release, "device")
+    assert r["patcher"] == "ModelPatcherDynamic" and r["slots"] > 0 and r["first_weight"] == "cpu", r
+    assert r["handle"] == r["model"] == "cpu:0", r
+    assert r["class"] == "LlamaForCausalLM", r
