@@ -1,5 +1,5 @@
-"""Remote Image nodes: ERNIE-Image from SGLang Diffusion (OpenAI images API) and GLM-Image from vLLM-Omni
-(chat completions), each returning an IMAGE like the local decoders. Thin over samplers/remote_image.py."""
+"""Remote Image nodes: ERNIE-Image from SGLang Diffusion and GLM-Image from vLLM-Omni, both through the engines'
+OpenAI images API, each returning an IMAGE like the local decoders. Thin over samplers/remote_image.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def _server_inputs(url: str, model: str, engine: str) -> dict:
     return {
         "base_url": ("STRING", {"default": url, "tooltip": f"The {engine} server's OpenAI base URL (ends in /v1). "
                                 "Requests go to this address only: no redirect is followed, no proxy is used."}),
-        "model_name": ("STRING", {"default": model, "tooltip": "The model name the server serves (its --model-path)."}),
+        "model_name": ("STRING", {"default": model, "tooltip": "The model name the server serves (its --served-model-name, "
+                                  "else its model path). Checked against the server's GET /v1/models before generating."}),
         "api_key": ("STRING", {"default": "", "tooltip": "Sent as a Bearer token; leave empty for servers without keys."}),
     }
 
@@ -73,9 +74,10 @@ class LetterpressErnieImageRemote:
 
 class LetterpressGlmImageRemote:
     DESCRIPTION = ("GLM-Image on a vLLM-Omni server (vllm serve zai-org/GLM-Image --omni: the AR model and the DiT "
-                   "on GPUs of their own), through POST /v1/chat/completions with the image parameters in extra_body. "
-                   "Up to 4 reference images (editing) go as image_url parts. One image per request: a batch is "
-                   "several requests (seed, seed+1, ...), at most 'concurrency' at once. Cancel closes the connections.")
+                   "on GPUs of their own), through its OpenAI images API: POST /v1/images/generations, or with a "
+                   "reference image (editing) POST /v1/images/edits; the seed reaches both stages. vLLM-Omni takes one "
+                   "reference image for GLM-Image: a second is refused before sending. One image per request: a batch "
+                   "is several requests (seed, seed+1, ...), at most 'concurrency' at once. Cancel closes the connections.")
     CATEGORY = CAT
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
@@ -84,8 +86,9 @@ class LetterpressGlmImageRemote:
 
     @classmethod
     def INPUT_TYPES(cls):
-        refs = {f"reference_{i}": ("IMAGE", {"tooltip": "A reference image for editing (sent as a base64 PNG). Every "
-                                                         "frame of a batch counts as one reference, 4 in all."})
+        refs = {f"reference_{i}": ("IMAGE", {"tooltip": "A reference image for editing (sent as a PNG file to "
+                                                         "/v1/images/edits). vLLM-Omni takes one for GLM-Image: wire one "
+                                                         "image in all (every frame of a batch counts as one)."})
                 for i in range(1, remote.MAX_REFERENCES + 1)}
         return {
             "required": {

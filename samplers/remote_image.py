@@ -1,33 +1,21 @@
 """The image models on the serving engines that spread them over GPUs and machines: ERNIE-Image through SGLang
-Diffusion's OpenAI images API, GLM-Image through vLLM-Omni's chat-completions API. Standard library HTTP only
-(the Exchange, error mapping and Cancel of samplers/remote_openai.py).
+Diffusion's OpenAI images API, GLM-Image through vLLM-Omni's. Standard library HTTP only (the Exchange, error
+mapping and Cancel of samplers/remote_openai.py); the request bodies, and where each engine's code reads every
+field, are in samplers/remote_requests.py.
 
-What is sent follows each engine's own documentation and request code, as read for this module:
+Before generating, each node asks the server what it serves (`GET {base}/models`, which both engines answer with
+the names they serve) and stops with an error naming them when the model name is not among them: SGLang never
+checks the name of an images request, so without this a misspelled name would draw with whatever it serves.
 
-- SGLang Diffusion (`sglang serve --model-path baidu/ERNIE-Image-Turbo --num-gpus N`; docs "SGLang Diffusion OpenAI
-  API", python/sglang/multimodal_gen/runtime/entrypoints/openai/protocol.py `ImageGenerationsRequest`):
-  `POST {base}/images/generations` with `model, prompt, n, size: "WxH", response_format: "b64_json",
-  output_format: "png"` and SGLang's extensions `num_inference_steps, guidance_scale, seed`, plus ERNIE-Image's
-  own extra field `use_pe` (configs/sample/ernie_image.py; SGLang's default is on, the node's is off so the
-  prompt is drawn as typed, like the local workflows without the enhancer). The answer is
-  `{"data": [{"b64_json": ...}, ...]}`, one entry per image. SGLang clamps `n` to 1..10 on its side, so the
-  batch is at most 10 here, and an answer with another count is an error, never a silent short batch.
-- vLLM-Omni (`vllm serve zai-org/GLM-Image --omni`, AR stage and DiT stage on GPUs of their own; docs "GLM-Image
-  Online Serving" and "Chat Completions API", vllm_omni/entrypoints/openai/serving_chat.py
-  `_create_diffusion_chat_completion`): `POST {base}/chat/completions` with one user message (the prompt as a
-  string; with reference images a list: the text part first, then one `image_url` part per image as a base64 PNG
-  data URL, the order of the docs' editing example) and the image parameters `height, width,
-  num_inference_steps, guidance_scale, seed` in an `"extra_body"` object of the JSON body. The answer's
-  `choices[0].message.content` is a list of `image_url` parts holding `data:image/png;base64,...` URLs.
-  Where the documents differ: the Chat Completions API page says the OpenAI Python SDK merges `extra_body`
-  into the top level while a raw JSON body nests it under an `"extra_body"` key, and that the server reads
-  both; the GLM-Image page's raw HTTP examples nest it, and the server code reads the nested object
-  ("extra_body (preferred)"), so the nested form is what is sent here. One image per request (the GLM-Image
-  page documents no count field), so a batch is several concurrent requests, at most `concurrency` at a time,
-  seed + k for the k-th image.
+- ERNIE-Image: one `POST {base}/images/generations` with n = batch_size (SGLang makes output k with seed + k; at
+  most 10 per request). The answer is `{"data": [{"b64_json": ...}, ...]}`; another count is an error.
+- GLM-Image: `POST {base}/images/generations`, or `POST {base}/images/edits` (multipart) with a reference image;
+  one image per request, seed + k for the k-th, at most `concurrency` in flight. vLLM-Omni 0.30.0 takes one
+  reference image for GLM-Image (its edits endpoint refuses more, its pipeline conditions on one), so a second is
+  refused here before anything is sent rather than dropped.
 
-Every error becomes a LetterpressError naming what happened (refused model name, a size the server cannot do,
-timeout, an answer not in the documented shape); Cancel closes every open connection.
+Every error becomes a LetterpressError naming what happened (a model the server does not serve, a size it cannot
+do, timeout, an answer not in the API's shape); Cancel closes every open connection.
 """
 
 from __future__ import annotations
@@ -49,12 +37,13 @@ from ..loaders.host import get_host
 from . import ernie_image, glm_image
 from .ernie_vl import to_pil
 from .images import check_image
-from .remote_openai import Exchange, as_error, endpoint, image_data_url
+from .remote_openai import Exchange, as_error, endpoint, sentence
+from .remote_requests import sglang_request, vllm_omni_edit_form, vllm_omni_request
 
-SEED_MASK = 0x7FFFFFFFFFFFFFFF  # the servers read the seed as a signed 64-bit integer
 SGLANG_MAX_N = 10  # SGLang: num_outputs_per_prompt = max(1, min(n, 10))
-MAX_REFERENCES = 4
-IMAGES_API, CHAT_API = "OpenAI images (b64_json)", "vLLM-Omni chat-completions image"
+MAX_REFERENCES = 4  # the node's reference inputs
+SERVER_MAX_REFERENCES = 1  # vLLM-Omni 0.30.0 for GLM-Image (api_server.py edit_images, images/helpers.py)
+IMAGES_API, MODELS_API = "OpenAI images (b64_json)", "OpenAI models list"
 
 
 def _check_common(model: str, prompt: str, steps: int, guidance: float, seed: int, batch_size: int,
@@ -73,29 +62,6 @@ def _check_common(model: str, prompt: str, steps: int, guidance: float, seed: in
         raise LetterpressError(f"batch_size must be at least 1, got {batch_size}.")
     if not timeout > 0:
         raise LetterpressError(f"timeout must be above 0 seconds, got {timeout}.")
-
-
-# Request bodies ------------------------------------------------------------------------------------------
-
-
-def sglang_request(model: str, prompt: str, width: int, height: int, n: int, steps: int, guidance: float,
-                   seed: int, prompt_enhancer: bool) -> dict:
-    """The body of SGLang Diffusion's POST /v1/images/generations (use_pe: ERNIE-Image's own extra field)."""
-    return {"model": model, "prompt": prompt, "n": int(n), "size": f"{int(width)}x{int(height)}",
-            "response_format": "b64_json", "output_format": "png", "num_inference_steps": int(steps),
-            "guidance_scale": float(guidance), "seed": int(seed) & SEED_MASK, "use_pe": bool(prompt_enhancer)}
-
-
-def vllm_omni_request(model: str, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int,
-                      references: list[Image.Image]) -> dict:
-    """The body of vLLM-Omni's POST /v1/chat/completions for a diffusion model (GLM-Image)."""
-    content: str | list = prompt
-    if references:
-        content = [{"type": "text", "text": prompt}] + [
-            {"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in references]
-    return {"model": model, "messages": [{"role": "user", "content": content}],
-            "extra_body": {"height": int(height), "width": int(width), "num_inference_steps": int(steps),
-                           "guidance_scale": float(guidance), "seed": int(seed) & SEED_MASK}}
 
 
 # Answers -------------------------------------------------------------------------------------------------
@@ -118,7 +84,7 @@ def decode_picture(data: str, what: str) -> torch.Tensor:
     return torch.from_numpy(rgb.astype(np.float32) / 255.0)
 
 
-def sglang_images(answer) -> list[torch.Tensor]:
+def images_api_pictures(answer) -> list[torch.Tensor]:
     data = answer.get("data") if isinstance(answer, dict) else None
     if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
         raise ValueError(f"no 'data' list of images in {str(answer)[:200]}")
@@ -126,27 +92,6 @@ def sglang_images(answer) -> list[torch.Tensor]:
         raise ValueError("an image came without 'b64_json' (a 'url' instead?): the server ignored "
                          "response_format b64_json")
     return [decode_picture(d["b64_json"], f"data[{i}].b64_json") for i, d in enumerate(data)]
-
-
-def vllm_omni_images(answer) -> list[torch.Tensor]:
-    choices = answer.get("choices") if isinstance(answer, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise ValueError(f"no 'choices' in {str(answer)[:200]}")
-    message = choices[0].get("message")
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str):
-        raise ValueError(f"the answer is text, not an image: '{content[:200]}'. Is the server running GLM-Image "
-                         "with --omni?")
-    if not isinstance(content, list):
-        raise ValueError(f"choices[0].message.content is neither a list of image parts nor text: {str(message)[:200]}")
-    urls = [p.get("image_url", {}).get("url") for p in content
-            if isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict)]
-    if not urls:
-        raise ValueError(f"choices[0].message.content holds no image_url part: {str(content)[:200]}")
-    return [decode_picture(u, "choices[0].message.content image_url") for u in urls]
-
-
-# Requests in flight --------------------------------------------------------------------------------------
 
 
 def _worker(index: int, exchange: Exchange, out: queue.Queue) -> None:
@@ -159,24 +104,21 @@ def _worker(index: int, exchange: Exchange, out: queue.Queue) -> None:
         exchange.abort()  # one request per connection: closed once answered
 
 
-def run_requests(url: str, bodies: list[dict], api_key: str, timeout: float, concurrency: int,
-                 parse: Callable[[object], list[torch.Tensor]], expect: list[int], model: str,
-                 api: str) -> list[torch.Tensor]:
-    """Sends `bodies` with at most `concurrency` in flight, each on its own connection; the progress bar moves
-    by the images each answer brings. The node's thread waits in short slices for answers, checking Cancel;
-    on Cancel or any error every open connection is closed. Returns the images in request order."""
+def exchange_all(url: str, exchanges: list[Exchange], concurrency: int, on_answer: Callable[[int, object], None],
+                 model: str, timeout: float, api: str) -> None:
+    """Sends `exchanges` with at most `concurrency` in flight, each on its own connection, and hands every JSON
+    answer to on_answer(index, answer) in the node's thread, which waits in short slices and checks Cancel. On
+    Cancel or any error every open connection is closed."""
     host = get_host()
-    bar = host.progress(sum(expect))
     out: queue.Queue = queue.Queue()
-    pending = list(range(len(bodies)))
+    pending = list(range(len(exchanges)))
     open_: dict[int, Exchange] = {}
-    results: dict[int, list[torch.Tensor]] = {}
     try:
         while pending or open_:
             while pending and len(open_) < max(1, concurrency):
                 i = pending.pop(0)
-                open_[i] = Exchange(url, bodies[i], api_key, timeout)
-                threading.Thread(target=_worker, args=(i, open_[i], out), daemon=True,
+                open_[i] = exchanges[i]
+                threading.Thread(target=_worker, args=(i, exchanges[i], out), daemon=True,
                                  name=f"letterpress-remote-image-{i}").start()
             try:
                 kind, i, value = out.get(timeout=0.05)
@@ -187,20 +129,62 @@ def run_requests(url: str, bodies: list[dict], api_key: str, timeout: float, con
             if kind == "error":
                 raise as_error(value, url, model, timeout, api)
             try:
-                images = parse(value)
+                on_answer(i, value)
+            except LetterpressError:
+                raise
             except ValueError as e:
-                raise LetterpressError(f"The server at {url} did not answer in the {api} format: {e}.") from None
-            if len(images) != expect[i]:
-                raise LetterpressError(f"The server at {url} sent {len(images)} image(s) where {expect[i]} were asked "
-                                       "for. Check the engine's limits on images per request.")
-            results[i] = images
-            bar.update(len(images))
+                raise LetterpressError(sentence(f"The server at {url} did not answer in the {api} format: {e}")) from None
             host.check_interrupt()
     finally:
         for exchange in open_.values():
             exchange.abort()
+
+
+def served_models(base_url: str, api_key: str, timeout: float) -> list[str]:
+    """The model names the server serves: `GET {base}/models` (vLLM-Omni 0.30.0 api_server.py
+    `show_available_models`; SGLang 0.5.23 common_api.py `available_models`), `{"data": [{"id": ...}, ...]}`."""
+    url = endpoint(base_url, "/models")
+    found: list[str] = []
+
+    def read(_, answer):
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list) or not all(isinstance(d, dict) and isinstance(d.get("id"), str) for d in data):
+            raise ValueError(f"no 'data' list of models with an 'id' each in {str(answer)[:200]}")
+        found.extend(d["id"] for d in data)
+
+    exchange_all(url, [Exchange(url, None, api_key, timeout)], 1, read, "", timeout, MODELS_API)
+    return found
+
+
+def check_served_model(base_url: str, model: str, api_key: str, timeout: float) -> None:
+    """Stops before any generation when the server does not serve `model`, naming what it serves."""
+    names = served_models(base_url, api_key, timeout)
+    if model not in names:
+        listed = ", ".join(f"'{n}'" for n in names) or "no model"
+        raise LetterpressError(f"The server at {base_url.strip()} serves {listed}, not '{model}'. Set model_name to "
+                               "the name it serves (its --served-model-name, else its model path).")
+
+
+def run_requests(url: str, exchanges: list[Exchange], timeout: float, concurrency: int, expect: list[int],
+                 model: str, api: str) -> list[torch.Tensor]:
+    """Sends the image requests; the progress bar moves by the images each answer brings. Returns the images in
+    request order; an answer with another count than asked is an error, never a silent short batch."""
+    bar = get_host().progress(sum(expect))
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def read(i, answer):
+        images = images_api_pictures(answer)
+        if len(images) != expect[i]:
+            raise LetterpressError(f"The server at {url} sent {len(images)} image(s) where {expect[i]} were asked "
+                                   "for. Check the engine's limits on images per request.")
+        results[i] = images
+        bar.update(len(images))
+
+    try:
+        exchange_all(url, exchanges, concurrency, read, model, timeout, api)
+    finally:
         bar.close()
-    return [img for i in range(len(bodies)) for img in results[i]]
+    return [img for i in range(len(exchanges)) for img in results[i]]
 
 
 def _stack(images: list[torch.Tensor], width: int, height: int, url: str) -> torch.Tensor:
@@ -217,43 +201,56 @@ def _stack(images: list[torch.Tensor], width: int, height: int, url: str) -> tor
 def ernie_image_remote(base_url: str, model: str, api_key: str, prompt: str, width: int, height: int, steps: int,
                        guidance: float, seed: int, batch_size: int, timeout: float,
                        prompt_enhancer: bool = False) -> torch.Tensor:
-    """ERNIE-Image(-Turbo) from SGLang Diffusion: one request with n = batch_size."""
+    """ERNIE-Image(-Turbo) from SGLang Diffusion: one request with n = batch_size (seeds seed .. seed+n-1)."""
     url = endpoint(base_url, "/images/generations")
     _check_common(model, prompt, steps, guidance, seed, batch_size, timeout)
     ernie_image.check_size(width, height)  # as the local nodes check it, before any request
     if batch_size > SGLANG_MAX_N:
         raise LetterpressError(f"batch_size {batch_size} is above {SGLANG_MAX_N}, the most images SGLang makes per "
                                "request (it clamps n). Use 10 or fewer, or chain a second node.")
-    body = sglang_request(model.strip(), prompt, width, height, batch_size, steps, guidance, seed, prompt_enhancer)
-    images = run_requests(url, [body], api_key.strip(), timeout, 1, sglang_images, [batch_size], model, IMAGES_API)
+    model, api_key = model.strip(), api_key.strip()
+    check_served_model(base_url, model, api_key, timeout)
+    body = sglang_request(model, prompt, width, height, batch_size, steps, guidance, seed, prompt_enhancer)
+    images = run_requests(url, [Exchange(url, body, api_key, timeout)], timeout, 1, [batch_size], model, IMAGES_API)
     return _stack(images, width, height, url)
 
 
 def reference_images(references: list) -> list[Image.Image]:
-    """The wired reference batches, one picture per frame, in order; at most MAX_REFERENCES in all."""
+    """The wired reference batches, one picture per frame, in order; at most what the server takes."""
     frames = []
     for k, batch in enumerate(references):
         if batch is not None:
             batch = check_image(batch, f"GLM-Image Remote reference_{k + 1}")
             frames.extend(to_pil(batch))
-    if len(frames) > MAX_REFERENCES:
-        raise LetterpressError(f"GLM-Image takes at most {MAX_REFERENCES} reference images in all, got {len(frames)} "
-                               "(a batch counts one per frame). Pass fewer images, or split the batch.")
+    if len(frames) > SERVER_MAX_REFERENCES:
+        raise LetterpressError(
+            f"GLM-Image Remote got {len(frames)} reference images (a batch counts one per frame), and vLLM-Omni takes "
+            f"{SERVER_MAX_REFERENCES} for GLM-Image: its /v1/images/edits refuses more (\"Only a single image is "
+            "supported by this model\", release 0.30.0) and its GLM-Image pipeline conditions on one. Wire one "
+            "image; the local GLM-Image nodes take up to 4.")
     return frames
 
 
 def glm_image_remote(base_url: str, model: str, api_key: str, prompt: str, width: int, height: int, steps: int,
                      guidance: float, seed: int, batch_size: int, concurrency: int, timeout: float,
                      references: list) -> torch.Tensor:
-    """GLM-Image from vLLM-Omni: one request per image (seed + k), at most `concurrency` at a time."""
-    url = endpoint(base_url, "/chat/completions")
+    """GLM-Image from vLLM-Omni: one request per image (seed + k), at most `concurrency` at a time; text to
+    image through /images/generations, editing through /images/edits."""
     _check_common(model, prompt, steps, guidance, seed, batch_size, timeout)
     glm_image.check_size(width, height)  # as the local nodes check it, before any request
     if not isinstance(concurrency, int) or concurrency < 1:
         raise LetterpressError(f"concurrency must be at least 1, got {concurrency}.")
     refs = reference_images(references)
-    bodies = [vllm_omni_request(model.strip(), prompt, width, height, steps, guidance, seed + k, refs)
-              for k in range(batch_size)]
-    images = run_requests(url, bodies, api_key.strip(), timeout, concurrency, vllm_omni_images, [1] * batch_size,
-                          model, CHAT_API)
+    model, api_key = model.strip(), api_key.strip()
+    url = endpoint(base_url, "/images/edits" if refs else "/images/generations")
+    check_served_model(base_url, model, api_key, timeout)
+    exchanges = []
+    for k in range(batch_size):
+        if refs:
+            form, ctype = vllm_omni_edit_form(model, prompt, width, height, steps, guidance, seed + k, refs[0])
+            exchanges.append(Exchange(url, form, api_key, timeout, content_type=ctype))
+        else:
+            body = vllm_omni_request(model, prompt, width, height, steps, guidance, seed + k)
+            exchanges.append(Exchange(url, body, api_key, timeout))
+    images = run_requests(url, exchanges, timeout, concurrency, [1] * batch_size, model, IMAGES_API)
     return _stack(images, width, height, url)

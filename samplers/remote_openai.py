@@ -67,16 +67,21 @@ class ServerError(Exception):
 
 
 class Exchange:
-    """One JSON POST on its own connection. `abort()` from another thread closes the connection, which ends a
-    wait for the answer at once (Cancel) and tells the server the client has gone."""
+    """One request on its own connection: a JSON POST (`body` a dict), a POST of ready-made bytes (`body` bytes,
+    e.g. a multipart form, with its `content_type`), or a GET (`body` None). `abort()` from another thread closes
+    the connection, which ends a wait for the answer at once (Cancel) and tells the server the client has gone."""
 
-    def __init__(self, url: str, body: dict, api_key: str, timeout: float, accept: str = "application/json"):
+    def __init__(self, url: str, body: dict | bytes | None, api_key: str, timeout: float,
+                 accept: str = "application/json", content_type: str = "application/json"):
         parts = urllib.parse.urlsplit(url)
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         self.conn = kind(parts.hostname, parts.port, timeout=timeout)
         self.path = parts.path or "/"
-        self.data = json.dumps(body).encode("utf-8")
-        self.headers = {"Content-Type": "application/json", "Accept": accept}
+        self.method = "GET" if body is None else "POST"
+        self.data = json.dumps(body).encode("utf-8") if isinstance(body, dict) else body
+        self.headers = {"Accept": accept}
+        if body is not None:
+            self.headers["Content-Type"] = content_type
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self._lock = threading.Lock()
@@ -89,7 +94,7 @@ class Exchange:
             if self._aborted:
                 self.conn.close()
                 raise ConnectionAbortedError("cancelled")
-        self.conn.request("POST", self.path, body=self.data, headers=self.headers)
+        self.conn.request(self.method, self.path, body=self.data, headers=self.headers)
         resp = self.conn.getresponse()
         if not 200 <= resp.status < 300:
             raise ServerError(resp.status, resp.reason, resp.read() or b"", resp.getheader("Location"))
@@ -151,6 +156,12 @@ def _server_message(raw: bytes) -> str:
     return text[:300]
 
 
+def sentence(text: str) -> str:
+    """`text` on one line, ending in exactly one full stop (a server's message may end in one already)."""
+    text = " ".join(str(text).split()).rstrip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 def _http_error(url: str, e: ServerError, model: str) -> LetterpressError:
     if 300 <= e.status < 400:
         where = f" to {e.location}" if e.location else ""
@@ -159,7 +170,7 @@ def _http_error(url: str, e: ServerError, model: str) -> LetterpressError:
     msg = _server_message(e.body)
     hint = {401: " Check the API key.", 403: " Check the API key.",
             404: f" Check the base URL (usually ending in /v1) and the model name '{model}'."}.get(e.status, "")
-    return LetterpressError(f"The server at {url} answered HTTP {e.status}: {msg or e.reason}.{hint}")
+    return LetterpressError(sentence(f"The server at {url} answered HTTP {e.status}: {msg or e.reason}") + hint)
 
 
 def _refuses_keep_fields(e: BaseException) -> bool:
@@ -292,12 +303,12 @@ def as_error(e: BaseException, url: str, model: str, timeout: float,
         return LetterpressError(f"No answer from {url} within {timeout:g} s. The server is busy or stuck; "
                                 "raise the timeout or check the server.")
     if isinstance(e, (ConnectionRefusedError, socket.gaierror)):
-        return LetterpressError(f"Could not reach {url}: {e}. Is the server running, and is the base URL right?")
+        return LetterpressError(sentence(f"Could not reach {url}: {e}") + " Is the server running, and is the base URL right?")
     if isinstance(e, http.client.RemoteDisconnected):
         return LetterpressError(f"The server at {url} closed the connection without answering ({e}). "
                                 "Check the server's log.")
     if isinstance(e, (ValueError, http.client.HTTPException)):  # a JSON decode error is a ValueError
         return LetterpressError(f"The server at {url} did not answer in the {api} format ({e}).")
     if isinstance(e, (ConnectionError, OSError)):
-        return LetterpressError(f"The connection to {url} failed: {e}.")
-    return LetterpressError(f"The request to {url} failed: {e!r}.")
+        return LetterpressError(sentence(f"The connection to {url} failed: {e}"))
+    return LetterpressError(sentence(f"The request to {url} failed: {e!r}"))

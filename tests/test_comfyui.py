@@ -345,6 +345,54 @@ def test_api_workflow_queues_and_draws_what_the_headless_runner_draws(comfy, hos
         assert np.abs(_image(comfy, entry, nid) - headless.astype(int)).max() <= 1, nid
 
 
+REMOTE_WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*remote*_api.json")))
+
+
+def _remote(path: str, standins: dict) -> tuple[dict, str, object]:
+    """The workflow made small, its Remote node's base_url on the stand-in, and a fresh seed (so no cache)."""
+    wf = small(json.load(open(path)))
+    (nid,) = [k for k, n in wf.items() if n["class_type"] in standins]
+    wf[nid]["inputs"]["base_url"] = standins[wf[nid]["class_type"]].base_url
+    wf[nid]["inputs"]["seed"] = int(uuid.uuid4().int % 2**31)
+    return wf, nid, standins[wf[nid]["class_type"]]
+
+
+@pytest.mark.parametrize("path", REMOTE_WORKFLOWS, ids=lambda p: os.path.basename(p))
+def test_remote_workflow_settings_reach_the_engine_as_its_code_reads_them(comfy, standins, path):
+    """Through POST /prompt: the stand-in (written from the engine's code) draws with the workflow's seed (seed + k
+    for the k-th image of a batch, on both GLM-Image stages), steps, guidance and size, reads every field sent but
+    the ones its engine never reads (SGLang: `model`), and the pictures of a batch are distinct."""
+    if any(n["class_type"] == "LetterpressTextRead" for n in small(json.load(open(path))).values()):
+        pytest.importorskip("rapidocr")
+    wf, nid, srv = _remote(path, standins)
+    drawn, ignored = len(srv.drawn), len(srv.ignored)
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    inputs, new = wf[nid]["inputs"], srv.drawn[drawn:]
+    assert sorted(d["seed"] for d in new) == [inputs["seed"] + k for k in range(inputs["batch_size"])]
+    for d in new:
+        assert (d["steps"], d["guidance"], d["width"], d["height"]) == (
+            inputs["steps"], inputs["guidance"], inputs["width"], inputs["height"])
+        assert d.get("ar_seed", d["seed"]) == d["seed"]
+    unread = {"model"} if srv is standins["LetterpressErnieImageRemote"] else set()  # SGLang never reads `model`
+    assert set(srv.ignored[ignored:]) <= unread
+
+
+@pytest.mark.parametrize("path", REMOTE_WORKFLOWS, ids=lambda p: os.path.basename(p))
+def test_remote_workflow_with_a_wrong_model_name_stops_before_any_generation(comfy, standins, path):
+    wf, nid, srv = _remote(path, standins)
+    wf[nid]["inputs"]["model_name"] += "-typo"
+    posts = len(srv.generations())
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "error"
+    error = messages(entry)["execution_error"]
+    assert error["node_id"] == nid
+    assert error["exception_message"].strip() == (
+        f"The server at {srv.base_url} serves '{srv.served}', not '{wf[nid]['inputs']['model_name']}'. Set model_name "
+        "to the name it serves (its --served-model-name, else its model path).")
+    assert len(srv.generations()) == posts
+
+
 def test_requeue_with_new_seed_uses_the_cache(comfy):
     wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))))
     comfy.wait(comfy.queue(wf))
