@@ -97,7 +97,8 @@ class LetterpressTestLowVram:
             castable = [m for m in model.modules()  # layers with weights (a norm without any has nothing to stream)
                         if hasattr(m, "comfy_cast_weights") and any(True for _ in m.parameters(recurse=False))]
             streamed = [m for m in castable if m.comfy_cast_weights]
-            lora = [m for m in streamed if any(type(f).__name__ == "LowVramPatch" for f in m.weight_function)]
+            lora = [m for m in streamed  # ComfyUI's patches, and the pack's LoRAs on packed layers (weight wrappers)
+                    if any(type(f).__name__ in ("LowVramPatch", "PackedLora") for f in m.weight_function)]
             with torch.no_grad():
                 low = model(**args)[0]
             patcher.unpatch_model(patcher.offload_device)
@@ -485,7 +486,7 @@ def test_dit_and_vae_loads_ask_comfyui_for_their_working_memory(comfy):
 def test_lowvram_streaming_with_a_budget_smaller_than_the_dit_matches_the_full_load(comfy):
     """ModelPatcher's lowvram load with a third of the DiT's size: the layers past the budget stream (cast per call),
     the LoRA on them rides ComfyUI's LowVramPatch, and the output equals the fully loaded (LoRA merged) one; the same
-    for a GGUF DiT, whose packed weights stream as they are stored."""
+    for a GGUF DiT, whose packed weights stream as they are stored, and its LoRA rides the weight wrapper."""
     def probe(dit_node: dict) -> dict:
         wf = {"1": {"class_type": "LetterpressErnieImageDiTLoader",
                     "inputs": {"dit_name": "ernie-image.safetensors", "weight_dtype": "fp32"}},
@@ -493,18 +494,23 @@ def test_lowvram_streaming_with_a_budget_smaller_than_the_dit_matches_the_full_l
                     "inputs": {"dit": ["1", 0], "lora_name": "ernie_image_lora.safetensors", "strength": 2.0}},
               "4": {"class_type": "LetterpressErnieImageDiTLoader",
                     "inputs": {"dit_name": "ernie-image-turbo-Q4_K_M.gguf", "weight_dtype": "fp32"}},
+              "5": {"class_type": "LetterpressErnieImageLoraLoader",
+                    "inputs": {"dit": ["4", 0], "lora_name": "ernie_image_lora.safetensors", "strength": 2.0}},
               "3": {"class_type": "LetterpressTestLowVram", "inputs": {"dit": dit_node}}}
         entry = comfy.wait(comfy.queue(wf))
         assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
         return json.loads(entry["outputs"]["3"]["text"][0])
 
-    base, lora, packed = probe(["1", 0]), probe(["2", 0]), probe(["4", 0])
-    for r in (base, lora, packed):  # packed: a GGUF DiT, whose layers dequantize what ComfyUI streams
+    base, lora, packed, packed_lora = probe(["1", 0]), probe(["2", 0]), probe(["4", 0]), probe(["5", 0])
+    for r in (base, lora, packed, packed_lora):  # packed: a GGUF DiT, whose layers dequantize what ComfyUI streams
         assert 0 < r["third"]["streamed"] < r["third"]["layers"]  # some layers within the budget, the rest streamed
         assert r["none"]["streamed"] == r["none"]["layers"]  # a budget of nothing: every layer streams
         assert r["third"]["diff"] <= 1e-5 * r["scale"] and r["none"]["diff"] <= 1e-5 * r["scale"]
     assert base["none"]["lora_streamed"] == 0 < lora["none"]["lora_streamed"]
     assert max(abs(a - b) for a, b in zip(base["none"]["sample"], lora["none"]["sample"])) > 1e-3  # LoRA applied
+    # on the packed layers, the LoRA rides the weight wrapper ComfyUI puts in weight_function, streamed or not
+    assert packed["none"]["lora_streamed"] == 0 < packed_lora["none"]["lora_streamed"]
+    assert max(abs(a - b) for a, b in zip(packed["none"]["sample"], packed_lora["none"]["sample"])) > 1e-3
 
 
 def test_lora_on_a_gguf_dit_inside_comfyui_draws_what_the_headless_runner_draws(comfy, host):
