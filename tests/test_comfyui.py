@@ -581,12 +581,18 @@ def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
         # server's node definitions registered, then each workflow's nodes all in the graph.
         page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.LiteGraph"
                                " && 'LetterpressErnieImageTextEncode' in window.LiteGraph.registered_node_types",
-                               timeout=120000)
+                               polling=250, timeout=120000)
         assert page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__") == comfy.frontend_version  # the one named
         for path in ui_files:
             ui = json.load(open(path))
             page.evaluate("([ui, name]) => window.app.loadGraphData(ui, true, true, name)", [ui, os.path.basename(path)])
-            page.wait_for_function("(n) => window.app.graph._nodes.length === n", arg=len(ui["nodes"]), timeout=60000)
+            try:  # polled on a timer, not per animation frame (a starved headless browser may draw no frames)
+                page.wait_for_function("(n) => window.app.graph._nodes.length === n", arg=len(ui["nodes"]),
+                                       polling=250, timeout=120000)
+            except sync_api.TimeoutError:
+                seen = page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
+                raise AssertionError(f"{path}: {len(ui['nodes'])} nodes expected in the editor's graph, it holds "
+                                     f"{len(seen)} after 120 s: {seen}") from None
             result = page.evaluate("""async () => {
                 const missing = window.app.graph._nodes
                     .filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type);
