@@ -2,9 +2,14 @@
 through /interrupt, caching on re-queue, and ComfyUI's memory manager holding, streaming and freeing the models.
 
 Every test runs once per release: the ComfyUI trees in COMFYUI_PATH (several joined with os.pathsep), else every
-release under ../shared/comfyui/ beside the project (0.3.64 and 0.8.0 in this workplace). ComfyUI's own
+release under ../shared/comfyui/ beside the project (0.3.64, 0.8.0 and 0.33.0 in this workplace). ComfyUI's own
 requirements must be installed (the `test` extra does it); a release that does not start fails its tests with the
 end of its log. Skips only when no ComfyUI tree is found at all.
+
+One Python environment serves every release, except the editor: a release whose requirements.txt pins a newer
+frontend than the installed comfyui-frontend-package is started with --front-end-root on a frontend installed beside
+the project, `pip install --target .comfyui-frontends/<version> comfyui-frontend-package==<version>` (.ci/run does
+it; COMFYUI_FRONTENDS names another folder). A release with no such frontend fails its tests, saying so.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,6 +30,7 @@ import pytest
 from test_workflows import api_twin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRONTENDS = os.environ.get("COMFYUI_FRONTENDS", os.path.join(ROOT, ".comfyui-frontends"))
 
 
 def _releases() -> list[str]:
@@ -223,6 +230,35 @@ def release_name(path: str) -> str:
     return os.path.basename(path)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def frontend_for(release: str) -> tuple[str | None, str]:
+    """(--front-end-root, or None for the installed package; the frontend version the release will serve): the
+    installed comfyui-frontend-package when it is not older than the release's requirements.txt pin (ComfyUI's own
+    check), else the oldest frontend under FRONTENDS that is not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = re.findall(r"^comfyui-frontend-package==(\S+)", open(os.path.join(release, "requirements.txt")).read(), re.M)
+    required = pins[0] if pins else "0"
+    try:
+        installed = version("comfyui-frontend-package")
+    except PackageNotFoundError:
+        installed = "0"
+    if _version(installed) >= _version(required):
+        return None, installed
+    found = sorted((_version(name), name) for name in (os.listdir(FRONTENDS) if os.path.isdir(FRONTENDS) else [])
+                   if os.path.isdir(os.path.join(FRONTENDS, name, "comfyui_frontend_package", "static"))
+                   and _version(name) >= _version(required))
+    if not found:
+        pytest.fail(f"ComfyUI at {release} needs comfyui-frontend-package>={required} (installed: {installed}); install "
+                    f"one beside the project: pip install --target {FRONTENDS}/<version> "
+                    f"comfyui-frontend-package==<version> (.ci/run does)")
+    name = found[0][1]
+    return os.path.join(FRONTENDS, name, "comfyui_frontend_package", "static"), name
+
+
 @pytest.fixture(scope="module", params=RELEASES, ids=[release_name(p) for p in RELEASES])
 def comfy(request, shipped_models, models_dir, tmp_path_factory):
     COMFYUI = request.param
@@ -246,14 +282,17 @@ def comfy(request, shipped_models, models_dir, tmp_path_factory):
                 for i, (size, colour) in enumerate((((96, 64), (200, 40, 40)), ((64, 96), (40, 40, 200)))):
                     Image.new("RGB", size, colour).save(folder / f"{i}.png")
                     (folder / f"{i}.txt").write_text(f"a sign in colour {i}")
+    front_end_root, c_frontend = frontend_for(COMFYUI)
     port = _free_port()
     log = open(base / "comfyui.log", "w")
+    started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--disable-auto-launch",
-                             "--preview-method", "auto"],
+                             "--base-directory", str(base), "--disable-auto-launch", "--preview-method", "auto",
+                             *(["--front-end-root", front_end_root] if front_end_root else [])],
                             cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
     c = Comfy(port, base / "comfyui.log")
     c.input_dir = str(inputs)
+    c.frontend_version = c_frontend
     try:
         deadline = time.monotonic() + 600  # bounds a hang only: a busy machine may take minutes to start ComfyUI
         while True:
@@ -267,6 +306,7 @@ def comfy(request, shipped_models, models_dir, tmp_path_factory):
                     tail = "".join(open(base / "comfyui.log", errors="replace").readlines()[-15:])
                     pytest.fail(f"ComfyUI at {COMFYUI} exited at start (are its requirements installed?):\n{tail}")
                 time.sleep(0.5)
+        print(f"\n{release_name(COMFYUI)} (frontend {c_frontend}) answered {time.monotonic() - started:.0f} s after start")
         yield c
     finally:
         proc.terminate()
@@ -595,11 +635,18 @@ def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
         # server's node definitions registered, then each workflow's nodes all in the graph.
         page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.LiteGraph"
                                " && 'LetterpressErnieImageTextEncode' in window.LiteGraph.registered_node_types",
-                               timeout=120000)
+                               polling=250, timeout=120000)
+        assert page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__") == comfy.frontend_version  # the one named
         for path in ui_files:
             ui = json.load(open(path))
             page.evaluate("([ui, name]) => window.app.loadGraphData(ui, true, true, name)", [ui, os.path.basename(path)])
-            page.wait_for_function("(n) => window.app.graph._nodes.length === n", arg=len(ui["nodes"]), timeout=60000)
+            try:  # polled on a timer, not per animation frame (a starved headless browser may draw no frames)
+                page.wait_for_function("(n) => window.app.graph._nodes.length === n", arg=len(ui["nodes"]),
+                                       polling=250, timeout=120000)
+            except sync_api.TimeoutError:
+                seen = page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
+                raise AssertionError(f"{path}: {len(ui['nodes'])} nodes expected in the editor's graph, it holds "
+                                     f"{len(seen)} after 120 s: {seen}") from None
             result = page.evaluate("""async () => {
                 const missing = window.app.graph._nodes
                     .filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type);
