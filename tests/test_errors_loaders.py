@@ -117,7 +117,7 @@ def test_single_file_loaders_name_where_to_get_a_missing_file(ernie, ovis, tmp_p
     host.models_dir = str(tmp_path / "models")
     msg = refused(wf)
     assert "'ernie-image-turbo.safetensors' is not a file in" in msg or "'ernie-image.safetensors' is not a file in" in msg
-    assert "flux2-vae.safetensors from the Hugging Face repository Comfy-Org/flux2-dev to " \
+    assert "vae/flux2-vae.safetensors from the Hugging Face repository Comfy-Org/ERNIE-Image to " \
            f"{tmp_path / 'models' / 'vae' / 'flux2-vae.safetensors'}" in msg
     assert f"baidu/ERNIE-Image downloaded into {tmp_path / 'models' / 'diffusers' / 'ERNIE-Image'}" in msg
     # Ovis's DiT: the Comfy-Org file
@@ -157,6 +157,23 @@ def test_readme_model_table_is_the_code_table():
 
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         assert readme_table() in f.read()
+
+
+def test_each_single_file_source_is_a_properties_models_entry_comfyui_can_download():
+    """ComfyUI's missing-models dialog saves an entry's url under models/<directory>/<name>: the url names the file
+    by that name, in a folder ComfyUI has, and ERNIE-Image's files come from the repository its templates use."""
+    from letterpress.loaders.explain import MODELS
+
+    comfy_folders = {"diffusion_models", "text_encoders", "vae", "diffusers", "LLM", "loras", "checkpoints"}
+    files = [s for s in MODELS if s.file]
+    assert files and all(s.kind in comfy_folders for s in MODELS)
+    for s in files:
+        entry = s.as_model()
+        assert entry == {"name": s.name, "url": f"https://huggingface.co/{s.repo}/resolve/main/{s.file}",
+                         "directory": s.kind}
+        assert entry["url"].rsplit("/", 1)[1] == entry["name"]
+    vae = next(s for s in MODELS if s.name == "flux2-vae.safetensors")
+    assert vae.url == "https://huggingface.co/Comfy-Org/ERNIE-Image/resolve/main/vae/flux2-vae.safetensors"
 
 
 def test_ernie_image_single_files_name_the_comfy_org_files(tmp_path, host):
