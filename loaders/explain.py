@@ -112,7 +112,7 @@ def place(source: Source) -> str:
     return os.path.join(_base(source.kind), source.name)
 
 
-def _get(source: Source, command: bool = True) -> str:
+def how_to_get(source: Source, command: bool = True) -> str:
     """'download REPO from Hugging Face into PATH' (with the hf command when `command`) for one source."""
     if not source.repo:
         return f"put the single file {source.name} into {_base(source.kind)}"
@@ -128,7 +128,7 @@ def where_to_get(family: str, role: str = "folder", name: str = "") -> str:
     single file also the whole folder, which holds the same stage."""
     own = sources(family, role)
     own.sort(key=lambda s: (not name or _stem(s.name) != _stem(name), not s.repo))
-    ways = [_get(s, i == 0) for i, s in enumerate(own[:2])]
+    ways = [how_to_get(s, i == 0) for i, s in enumerate(own[:2])]
     if role != "folder":
         whole = sources(family)
         if whole:
