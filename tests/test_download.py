@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -86,15 +87,31 @@ def test_single_files_fetch_exactly_what_the_loaders_read_resume_a_broken_file_a
     assert len(hub.requests) == before  # everything there: nothing asked of the Hub
 
 
-def test_a_folder_fetches_only_the_subfolders_its_loader_reads(hub, models_dir, tmp_path, capsys):
+def readme_main_command() -> list[str]:
+    """The arguments of README's main command (the first set-up command: pip install ... && python -m letterpress)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        line = next(x for x in f if x.startswith("pip install -e . && python -m letterpress run "))
+    return shlex.split(line.split("&& python -m letterpress ", 1)[1])
+
+
+def test_readme_main_command_fetches_only_the_subfolders_its_folder_loader_reads(hub, models_dir, tmp_path, capsys,
+                                                                                monkeypatch):
+    """README's main command, as printed, on an empty models folder (a fresh machine) with the Hub at hand."""
     models = tmp_path / "models"
-    assert run("ernie_image_t2i_api.json", models, tmp_path / "a", "--download") == 0
+    argv = readme_main_command()
+    assert "--download" in argv
+    argv[argv.index("--models-dir") + 1] = str(models)
+    small = [x for s in SMALL[:3] for x in ("--set", s)]
+    monkeypatch.chdir(ROOT)  # the command names the workflow relative to the clone
+    assert cli.main(argv + small + ["--output-dir", str(tmp_path / "a"), "--quiet"]) == 0
     image = drawn(capsys)
     # not the prompt enhancer (switched off in this workflow), the scheduler (ERNIE-Image's shift is an input),
     # the fp16 copy of the DiT or the documents
     unread = ("pe/", "pe_tokenizer/", "scheduler/")
     assert hub.downloaded() == {("baidu/ERNIE-Image", f) for f in hub.folder if not f.startswith(unread)}
-    assert run("ernie_image_t2i_api.json", models_dir, tmp_path / "b") == 0
+    prompt = argv[argv.index("--set") + 1]
+    assert cli.main(argv[:2] + ["--models-dir", models_dir, "--set", prompt] + small +
+                    ["--output-dir", str(tmp_path / "b"), "--quiet"]) == 0
     np.testing.assert_array_equal(image, drawn(capsys))
 
 
@@ -151,3 +168,20 @@ def test_a_failed_download_is_one_sentence_naming_the_repository_and_what_to_do(
     err = capsys.readouterr().err
     assert "\nerror: " + expected.format(endpoint=hub.endpoint) in err, err
     assert "Traceback" not in err and err.count("error: ") == 1
+
+
+def test_every_model_file_of_every_shipped_workflow_can_be_downloaded(tmp_path, host):
+    """In an empty models folder, each loader of each shipped workflow has what it reads planned from the sources
+    table, but the LoRA (yours to pick): the README's promise that --download works from zero."""
+    from letterpress.loaders.download import plan
+    from letterpress.runner import Runner, load_workflow
+
+    host.models_dir = str(tmp_path / "models")
+    runner = Runner()
+    for name in sorted(os.listdir(WORKFLOWS)):
+        wf = load_workflow(os.path.join(WORKFLOWS, name))
+        wanted = plan(wf, runner.nodes, runner.order(wf))
+        loaders = {nid for nid in runner.order(wf) if wf[nid]["class_type"].endswith("Loader")
+                   and "Lora" not in wf[nid]["class_type"]}
+        assert set(wanted) == loaders, name
+        assert all(f.repo and f.patterns for fs in wanted.values() for f in fs)
