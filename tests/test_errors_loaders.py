@@ -212,3 +212,25 @@ def test_a_single_file_loader_reports_a_missing_file_once_and_leaves_the_dtype_t
     assert "node 1 (LetterpressErnieImageDiTLoader) input 'weight_dtype': 'fp4' is not available" in refused(wf)
     wf["1"]["inputs"].update(weight_dtype="auto", dit_name="elsewhere/ernie-image.safetensors")
     assert refused(wf).count("node 1 (LetterpressErnieImageDiTLoader)") == 1
+
+
+def test_every_node_has_its_help_page_as_generated_with_a_description_and_every_input_a_tooltip():
+    """web/docs/<NodeName>.md is what ComfyUI's editor shows as a custom node's help (nodes/help.py): one per node,
+    equal to what tools/help_pages.py writes from the node's own texts and the sources table."""
+    from letterpress.nodes import NODE_CLASS_MAPPINGS
+    from letterpress.nodes.help import DOCS, pages
+
+    wanted = pages()
+    folder = os.path.join(ROOT, DOCS)
+    assert sorted(os.listdir(folder)) == sorted(f"{name}.md" for name in NODE_CLASS_MAPPINGS)
+    for name, text in wanted.items():
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            assert f.read() == text, f"{name}: run python tools/help_pages.py"
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert cls.DESCRIPTION.strip(), name
+        spec = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for key, value in spec.get(group, {}).items():
+                assert len(value) > 1 and value[1].get("tooltip", "").strip(), f"{name}.{key}"
+    assert "[Comfy-Org/ERNIE-Image/vae/flux2-vae.safetensors](https://huggingface.co/Comfy-Org/ERNIE-Image/resolve/main/" \
+           "vae/flux2-vae.safetensors)" in wanted["LetterpressErnieImageVAELoader.md"]
