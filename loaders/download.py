@@ -18,7 +18,8 @@ import shutil
 import sys
 
 from .errors import LetterpressError
-from .explain import MODELS, Source, explain_diffusers_folder, explain_file, explain_llm_folder, how_to_get, place, sources
+from .explain import (Source, explain_diffusers_folder, explain_file, explain_llm_folder, file_source, how_to_get, place,
+                      sources)
 from .files import list_diffusers_folders, pipeline_class, read_json
 from .host import get_host
 
@@ -60,7 +61,7 @@ def plan(wf: dict, nodes: dict, order: list[str]) -> dict[str, list[Fetch]]:
 
 def _single_file(cls, inputs: dict) -> list[Fetch]:
     name, family = inputs.get(cls.INPUT), getattr(cls, "FAMILY", "")
-    source = next((s for s in MODELS if s.file and s.kind == cls.KIND and s.name == name), None)
+    source = file_source(cls.KIND, name)
     if source is None or not family:
         return []
     out = []

@@ -92,6 +92,12 @@ FAMILY_NAMES = {"ernie_image": "ERNIE-Image", "glm_image": "GLM-Image", "ovis_im
                 "ernie_vl": "ERNIE-4.5-VL"}
 
 
+def file_source(kind: str, name: str) -> Source | None:
+    """The table's single file that a loader's pick `name` under models/`kind` is, if any: what --download fetches
+    for it, and what a workflow's properties.models entry for that loader names (Source.as_model)."""
+    return next((s for s in MODELS if s.file and s.kind == kind and s.name == name), None)
+
+
 def family_of(pipeline_classes: tuple[str, ...]) -> str:
     return next((PIPELINES[c].family for c in pipeline_classes if c in PIPELINES), "")
 
