@@ -7,7 +7,6 @@ import os
 import sys
 
 from .loaders.errors import LetterpressError
-
 from .loaders.host import StandaloneHost, set_host
 
 

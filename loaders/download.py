@@ -18,8 +18,16 @@ import shutil
 import sys
 
 from .errors import LetterpressError
-from .explain import (Source, explain_diffusers_folder, explain_file, explain_llm_folder, file_source, how_to_get, place,
-                      sources)
+from .explain import (
+    Source,
+    explain_diffusers_folder,
+    explain_file,
+    explain_llm_folder,
+    file_source,
+    how_to_get,
+    place,
+    sources,
+)
 from .files import list_diffusers_folders, pipeline_class, read_json
 from .host import get_host
 
@@ -134,7 +142,7 @@ def fetch(wanted: dict[str, list[Fetch]], progress: bool = True) -> None:
         print(f"Downloading {item} into {item.flatten or item.local_dir}", file=sys.stderr)
         try:
             _fetch(item)
-        except Exception as e:  # noqa: BLE001: every failure becomes one sentence (or is raised as it is)
+        except Exception as e:  # noqa: BLE001 (each failure becomes one sentence; an unknown one is raised as it is)
             raise LetterpressError(explain_failure(e, item)) from None
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from fixtures.standin_hub import HubStandIn, repo_from_folder
 from letterpress import cli
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = os.path.join(ROOT, "workflows", "api")
@@ -33,7 +33,7 @@ def hub(ernie, models_dir, monkeypatch):
     baidu = {**folder, "README.md": b"# ERNIE-Image", ".gitattributes": b"*.safetensors filter=lfs",
              "transformer/diffusion_pytorch_model.fp16.safetensors":
                  folder["transformer/diffusion_pytorch_model.safetensors"]}
-    comfy = {f: open(os.path.join(models_dir, f), "rb").read() for f in COMFY_FILES}
+    comfy = {f: Path(models_dir, f).read_bytes() for f in COMFY_FILES}
     with HubStandIn({"baidu/ERNIE-Image": baidu, "Comfy-Org/ERNIE-Image": {**comfy, "README.md": b"# files"}},
                     gated=("baidu/ERNIE-Image-Turbo",)) as server:
         # huggingface_hub reads HF_ENDPOINT once, into these two (constants.py); the runner's calls read them
@@ -132,16 +132,16 @@ def test_the_whole_workflow_is_checked_before_anything_is_fetched(hub, tmp_path,
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("gated", "Downloading ERNIE-Image-Turbo from baidu/ERNIE-Image-Turbo failed: baidu/ERNIE-Image-Turbo is a gated "
-              "repository. Accept its conditions on {endpoint}/baidu/ERNIE-Image-Turbo while logged in, then log in "
-              "here (hf auth login) or set HF_TOKEN, and run again."),
-    ("missing", "Downloading ERNIE-Image-Turbo DiT from Comfy-Org/ERNIE-Image failed: Comfy-Org/ERNIE-Image has no "
-                "diffusion_models/ernie-image-turbo.safetensors (HTTP 404): the repository changed."),
-    ("offline", "Downloading Flux2 VAE from Comfy-Org/ERNIE-Image failed: the Hugging Face Hub (http://127.0.0.1:9) "
-                "cannot be reached from this machine (ConnectError: [Errno 111] Connection refused). Check the internet "
-                "connection (and HTTPS_PROXY if you need a proxy). Run the same command again: the download goes on "
-                "where it stopped. Or download vae/flux2-vae.safetensors from the Hugging Face repository "
-                "Comfy-Org/ERNIE-Image to "),
+    ("gated", ("Downloading ERNIE-Image-Turbo from baidu/ERNIE-Image-Turbo failed: baidu/ERNIE-Image-Turbo is a gated "
+               "repository. Accept its conditions on {endpoint}/baidu/ERNIE-Image-Turbo while logged in, then log in "
+               "here (hf auth login) or set HF_TOKEN, and run again.")),
+    ("missing", ("Downloading ERNIE-Image-Turbo DiT from Comfy-Org/ERNIE-Image failed: Comfy-Org/ERNIE-Image has no "
+                 "diffusion_models/ernie-image-turbo.safetensors (HTTP 404): the repository changed.")),
+    ("offline", ("Downloading Flux2 VAE from Comfy-Org/ERNIE-Image failed: the Hugging Face Hub (http://127.0.0.1:9) "
+                 "cannot be reached from this machine (ConnectError: [Errno 111] Connection refused). Check the internet "
+                 "connection (and HTTPS_PROXY if you need a proxy). Run the same command again: the download goes on "
+                 "where it stopped. Or download vae/flux2-vae.safetensors from the Hugging Face repository "
+                 "Comfy-Org/ERNIE-Image to ")),
     ("disk full", "Downloading Flux2 VAE from Comfy-Org/ERNIE-Image failed: the disk holding "),
 ])
 def test_a_failed_download_is_one_sentence_naming_the_repository_and_what_to_do(

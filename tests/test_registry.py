@@ -19,7 +19,8 @@ READ = ("import json, sys; from comfy_config import config_parser; "
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(COMFYUI, "comfy_config")), reason="no ComfyUI 0.33.0 tree beside the clone")
 def test_comfyui_reads_the_registry_metadata():
-    out = subprocess.run([sys.executable, "-c", READ, ROOT], cwd=COMFYUI, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", READ, ROOT], cwd=COMFYUI, capture_output=True, text=True, timeout=120,
+                         check=False)
     assert out.returncode == 0, out.stderr
     config = json.loads(out.stdout)
     project, comfy = config["project"], config["tool_comfy"]
