@@ -7,7 +7,6 @@ import os
 import sys
 
 from .loaders.errors import LetterpressError
-
 from .loaders.host import StandaloneHost, set_host
 
 
@@ -25,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="change an input: NODE_ID.input=value, or an input name such as prompt, seed, width")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    run.add_argument("--download", action="store_true", help="first download from the Hugging Face Hub what the "
+                     "workflow's loaders read and the models folder lacks (only those files; an interrupted download "
+                     "goes on where it stopped)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -42,10 +44,30 @@ def check_device(name: str, where: str = "--device ") -> None:
         ) from None
 
 
+def _missing(runner, wf: dict) -> dict:
+    """node id -> the downloads its loader needs (empty when the workflow's files are all there)."""
+    from .loaders.download import plan
+
+    try:
+        return plan(wf, runner.nodes, runner.order(wf))
+    except LetterpressError:  # a workflow that cannot be ordered says so when it is validated
+        return {}
+
+
+def _download(runner, wf: dict, progress: bool) -> None:
+    """Check the whole workflow but the files about to be fetched, fetch them, and leave the run to check it all."""
+    from .loaders.download import fetch
+
+    wanted = _missing(runner, wf)
+    runner.validate(wf, pending=frozenset(wanted))
+    fetch(wanted, progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .runner import Runner, load_workflow, set_values
+    from .runner import Runner, WorkflowError, load_workflow, set_values
 
+    wf = None
     try:
         if args.device:
             check_device(args.device)
@@ -63,8 +85,16 @@ def main(argv: list[str] | None = None) -> int:
             for lib in (diffusers, transformers):
                 lib.utils.logging.disable_progress_bar()
         set_host(host)
+        runner = Runner()
         wf = set_values(load_workflow(args.workflow), args.set)
-        result = Runner().run(wf)
+        if args.download:
+            _download(runner, wf, progress=not args.quiet)
+        result = runner.run(wf)
+    except WorkflowError as e:
+        hint = "" if args.download or wf is None or not _missing(runner, wf) else (
+            "\nRun again with --download to fetch the missing model files from the Hugging Face Hub.")
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 2
     except LetterpressError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

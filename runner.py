@@ -163,15 +163,16 @@ class Runner:
         self.executed: list[str] = []  # node ids run (not cached) in the last run
 
     # validation --------------------------------------------------------------------------------
-    def validate(self, wf: dict) -> list[str]:
-        """Check everything that can be checked without running; return the execution order."""
+    def validate(self, wf: dict, pending: frozenset = frozenset()) -> list[str]:
+        """Check everything that can be checked without running; return the execution order. The nodes in
+        `pending` (loaders whose files are about to be downloaded) skip their own file check."""
         core = ", ".join(CORE_NODES)
         problems = [f"node {nid}: unknown node type '{n.get('class_type')}'. The headless runner has this pack's nodes "
                     f"and, of ComfyUI's own, {core}; run other nodes inside ComfyUI (with the packs that provide them)"
                     for nid, n in wf.items() if n.get("class_type") not in self.nodes]
         if problems:
             raise WorkflowError("The workflow cannot run:\n- " + "\n- ".join(problems))
-        order = self._order(wf)
+        order = self.order(wf)
         for nid in order:  # as ComfyUI: nodes that feed no output are not checked (nor run)
             node = wf[nid]
             ctype = node["class_type"]
@@ -193,7 +194,7 @@ class Runner:
                     continue  # extra widgets (e.g. control_after_generate) are ignored, as ComfyUI does
                 own = name in wanted or any_input
                 problems.extend(self._check_input(wf, nid, ctype, name, value, ispec, own))
-            if hasattr(cls, "VALIDATE_INPUTS"):  # the node's own checks, as ComfyUI runs them: literal values only
+            if hasattr(cls, "VALIDATE_INPUTS") and nid not in pending:  # the node's own checks, as ComfyUI runs them: literal values only
                 literal = {k: v for k, v in inputs.items()
                            if (k in wanted or (any_input and k in _all_inputs(cls))) and not _is_link(v)}
                 verdict = cls.VALIDATE_INPUTS(**literal)
@@ -248,7 +249,8 @@ class Runner:
             return [f"{where} needs a {kind} link, got the value {value!r}"]
         return []
 
-    def _order(self, wf: dict) -> list[str]:
+    def order(self, wf: dict) -> list[str]:
+        """The nodes that feed an output node, each after its inputs (what runs; the rest is neither checked nor run)."""
         outputs = [nid for nid, n in wf.items() if getattr(self.nodes[n["class_type"]], "OUTPUT_NODE", False)]
         if not outputs:
             raise WorkflowError("The workflow has no output node (SaveImage, PreviewImage, ...): nothing would run.")

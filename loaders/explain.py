@@ -27,6 +27,23 @@ class Source:
     file: str = ""  # the file inside `repo` (single files)
     pipeline: str = ""  # a diffusers folder's model_index.json _class_name
     model_type: str = ""  # a transformers folder's config.json model_type
+    # a single-file text encoder's tokenizer: the files of the family's diffusers repository (the first folder
+    # source) that its loader reads from a folder beside the file named like it (text_encoders/<stem>/)
+    companion: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        """Where the file is downloaded from (as ComfyUI's templates write it), or the repository page."""
+        if self.file:
+            return f"{HUB}/{self.repo}/resolve/main/{self.file}"
+        return f"{HUB}/{self.repo}" if self.repo else ""
+
+    def as_model(self) -> dict:
+        """A single file as an entry of a workflow node's properties.models (ComfyUI's templates' fields)."""
+        return {"name": self.name, "url": self.url, "directory": self.kind}
+
+
+HUB = "https://huggingface.co"
 
 
 MODELS: tuple[Source, ...] = (
@@ -41,8 +58,8 @@ MODELS: tuple[Source, ...] = (
            model_type="ernie4_5_vl_moe"),
     Source("ERNIE-4.5-VL Thinking", "ernie_vl", "folder", "LLM", "ERNIE-4.5-VL-28B-A3B-Thinking",
            "baidu/ERNIE-4.5-VL-28B-A3B-Thinking", model_type="ernie4_5_vl_moe"),
-    # single files as ComfyUI users have them (Comfy-Org's repackaged files, as ComfyUI's own ERNIE-Image tutorial
-    # links them)
+    # single files as ComfyUI users have them: Comfy-Org's repackaged files, at the URLs ComfyUI's own templates and
+    # tutorials name (the ERNIE-Image templates of comfyui-workflow-templates; docs.comfy.org's Ovis-Image page)
     Source("ERNIE-Image-Turbo DiT", "ernie_image", "dit", "diffusion_models", "ernie-image-turbo.safetensors",
            "Comfy-Org/ERNIE-Image", "diffusion_models/ernie-image-turbo.safetensors"),
     Source("ERNIE-Image-Turbo DiT (GGUF)", "ernie_image", "dit", "diffusion_models", "ernie-image-turbo-Q4_K_M.gguf",
@@ -50,17 +67,19 @@ MODELS: tuple[Source, ...] = (
     Source("ERNIE-Image DiT", "ernie_image", "dit", "diffusion_models", "ernie-image.safetensors",
            "Comfy-Org/ERNIE-Image", "diffusion_models/ernie-image.safetensors"),
     Source("ERNIE-Image text encoder", "ernie_image", "text_encoder", "text_encoders", "ministral-3-3b.safetensors",
-           "Comfy-Org/ERNIE-Image", "text_encoders/ministral-3-3b.safetensors"),
+           "Comfy-Org/ERNIE-Image", "text_encoders/ministral-3-3b.safetensors", companion=("tokenizer/*",)),
     Source("ERNIE-Image prompt enhancer", "ernie_image", "prompt_enhancer", "text_encoders",
            "ernie-image-prompt-enhancer.safetensors", "Comfy-Org/ERNIE-Image",
-           "text_encoders/ernie-image-prompt-enhancer.safetensors"),
-    Source("Flux2 VAE", "ernie_image", "vae", "vae", "flux2-vae.safetensors", "Comfy-Org/flux2-dev",
-           "split_files/vae/flux2-vae.safetensors"),
+           "text_encoders/ernie-image-prompt-enhancer.safetensors",
+           companion=("pe_tokenizer/*", "pe/generation_config.json")),
+    Source("Flux2 VAE", "ernie_image", "vae", "vae", "flux2-vae.safetensors", "Comfy-Org/ERNIE-Image",
+           "vae/flux2-vae.safetensors"),
     Source("Ovis-Image DiT", "ovis_image", "dit", "diffusion_models", "ovis_image_bf16.safetensors", "Comfy-Org/Ovis-Image",
            "split_files/diffusion_models/ovis_image_bf16.safetensors"),
     Source("Ovis-Image text encoder", "ovis_image", "text_encoder", "text_encoders", "ovis_2.5.safetensors",
-           "Comfy-Org/Ovis-Image", "split_files/text_encoders/ovis_2.5.safetensors"),
-    Source("FLUX.1 VAE", "ovis_image", "vae", "vae", "ae.safetensors", "black-forest-labs/FLUX.1-schnell", "ae.safetensors"),
+           "Comfy-Org/Ovis-Image", "split_files/text_encoders/ovis_2.5.safetensors", companion=("tokenizer/*",)),
+    Source("FLUX.1 VAE", "ovis_image", "vae", "vae", "ae.safetensors", "Comfy-Org/z_image_turbo",
+           "split_files/vae/ae.safetensors"),
 )
 
 PIPELINES = {s.pipeline: s for s in MODELS if s.pipeline}  # the first source of each pipeline class
@@ -71,6 +90,12 @@ OTHER_PIPELINES = {"FluxPipeline": "FLUX.1", "Flux2Pipeline": "FLUX.2", "QwenIma
 
 FAMILY_NAMES = {"ernie_image": "ERNIE-Image", "glm_image": "GLM-Image", "ovis_image": "Ovis-Image",
                 "ernie_vl": "ERNIE-4.5-VL"}
+
+
+def file_source(kind: str, name: str) -> Source | None:
+    """The table's single file that a loader's pick `name` under models/`kind` is, if any: what --download fetches
+    for it, and what a workflow's properties.models entry for that loader names (Source.as_model)."""
+    return next((s for s in MODELS if s.file and s.kind == kind and s.name == name), None)
 
 
 def family_of(pipeline_classes: tuple[str, ...]) -> str:
@@ -93,7 +118,7 @@ def place(source: Source) -> str:
     return os.path.join(_base(source.kind), source.name)
 
 
-def _get(source: Source, command: bool = True) -> str:
+def how_to_get(source: Source, command: bool = True) -> str:
     """'download REPO from Hugging Face into PATH' (with the hf command when `command`) for one source."""
     if not source.repo:
         return f"put the single file {source.name} into {_base(source.kind)}"
@@ -109,7 +134,7 @@ def where_to_get(family: str, role: str = "folder", name: str = "") -> str:
     single file also the whole folder, which holds the same stage."""
     own = sources(family, role)
     own.sort(key=lambda s: (not name or _stem(s.name) != _stem(name), not s.repo))
-    ways = [_get(s, i == 0) for i, s in enumerate(own[:2])]
+    ways = [how_to_get(s, i == 0) for i, s in enumerate(own[:2])]
     if role != "folder":
         whole = sources(family)
         if whole:
@@ -345,6 +370,6 @@ def readme_table() -> str:
     order = list(FAMILY_NAMES)
     for s in sorted(MODELS, key=lambda s: (order.index(s.family), s.role != "folder")):
         name = s.name + ("/" if s.role == "folder" else "")
-        source = f"`{s.repo}`" + (f" (`{s.file}`)" if s.file and s.file != s.name else "") if s.repo else ""
+        source = (f"`{s.repo}` ([`{s.file}`]({s.url}))" if s.file else f"[`{s.repo}`]({s.url})") if s.repo else ""
         rows.append(f"| {s.model} | `{s.kind}/` | `{name}` | {source} |")
     return "\n".join(rows)

@@ -85,8 +85,10 @@ class LetterpressErnieImageFolderLoader:
     RETURN_TYPES = (DIT, TE, VAE, PE)
     RETURN_NAMES = ("dit", "text_encoder", "vae", "prompt_enhancer")
     FUNCTION = "run"
-    VALIDATE_INPUTS = folder_validator(load.FAMILY, "the ERNIE-Image Folder Loader",
-                                       ("transformer", "text_encoder", "tokenizer", "vae"))
+    # what the loader reads of the folder (what --download fetches): the stages, and pe/ when switched on
+    FAMILY, PARTS = load.FAMILY, ("transformer", "text_encoder", "tokenizer", "vae")
+    PARTS_IF = {"load_prompt_enhancer": ("pe", "pe_tokenizer")}
+    VALIDATE_INPUTS = folder_validator(load.FAMILY, "the ERNIE-Image Folder Loader", PARTS)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -62,6 +62,7 @@ class LetterpressErnieVLLoader:
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
     FUNCTION = "run"
+    FAMILY, PARTS = load.FAMILY, ("",)  # a transformers folder: its own files, no subfolders
 
     @classmethod
     def INPUT_TYPES(cls):

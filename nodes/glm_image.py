@@ -38,6 +38,7 @@ class _ComponentLoader:
     CATEGORY = CAT
     FUNCTION = "run"
     LOAD = None
+    FAMILY, PARTS = load.FAMILY, ()  # the subfolders its loader reads (what --download fetches)
     VALIDATE_INPUTS = folder_validator(load.FAMILY, "this GLM-Image loader")
 
     @classmethod
@@ -53,6 +54,7 @@ class LetterpressGlmImageARLoader(_ComponentLoader):
                    "processor, from the GLM-Image folder's vision_language_encoder/ and processor/.")
     RETURN_TYPES = (AR,)
     RETURN_NAMES = ("ar_model",)
+    PARTS = ("vision_language_encoder", "processor")
     LOAD = staticmethod(load.load_ar)
 
 
@@ -60,6 +62,7 @@ class LetterpressGlmImageGlyphEncoderLoader(_ComponentLoader):
     DESCRIPTION = "Loads the ByT5 glyph encoder (text_encoder/ + tokenizer/) that encodes the quoted text to render."
     RETURN_TYPES = (GLYPH,)
     RETURN_NAMES = ("glyph_encoder",)
+    PARTS = ("text_encoder", "tokenizer")
     LOAD = staticmethod(load.load_glyph_encoder)
 
 
@@ -67,6 +70,7 @@ class LetterpressGlmImageDiTLoader(_ComponentLoader):
     DESCRIPTION = "Loads the GLM-Image DiT (transformer/, ~7B) and its scheduler settings (scheduler/)."
     RETURN_TYPES = (DIT,)
     RETURN_NAMES = ("dit",)
+    PARTS = ("transformer", "scheduler")
     LOAD = staticmethod(load.load_dit)
 
 
@@ -74,6 +78,7 @@ class LetterpressGlmImageVAELoader(_ComponentLoader):
     DESCRIPTION = "Loads GLM-Image's 16-channel KL VAE (vae/, with its latents mean and std)."
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
+    PARTS = ("vae",)
     LOAD = staticmethod(load.load_kl_vae)
 
 
@@ -84,8 +89,10 @@ class LetterpressGlmImageFolderLoader:
     RETURN_TYPES = (AR, GLYPH, DIT, VAE)
     RETURN_NAMES = ("ar_model", "glyph_encoder", "dit", "vae")
     FUNCTION = "run"
-    VALIDATE_INPUTS = folder_validator(load.FAMILY, "the GLM-Image Folder Loader", (
-        "vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae"))
+    FAMILY, PARTS = load.FAMILY, ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer",
+                                  "scheduler", "vae")
+    VALIDATE_INPUTS = folder_validator(load.FAMILY, "the GLM-Image Folder Loader",
+                                       tuple(p for p in PARTS if p != "scheduler"))  # without it: the defaults
 
     @classmethod
     def INPUT_TYPES(cls):

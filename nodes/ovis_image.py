@@ -37,8 +37,9 @@ class LetterpressOvisImageFolderLoader:
     RETURN_TYPES = (DIT, TE, VAE)
     RETURN_NAMES = ("dit", "text_encoder", "vae")
     FUNCTION = "run"
+    FAMILY, PARTS = load.FAMILY, ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
     VALIDATE_INPUTS = folder_validator(load.FAMILY, "the Ovis-Image Folder Loader",
-                                       ("transformer", "text_encoder", "tokenizer", "vae"))
+                                       tuple(p for p in PARTS if p != "scheduler"))  # without it: the defaults
 
     @classmethod
     def INPUT_TYPES(cls):

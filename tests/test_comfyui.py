@@ -740,6 +740,20 @@ def test_torch_compile_node_runs_inside_comfyui_and_follows_lora_strength(comfy)
     assert "First compiled pass of the ernie_image dit" in comfy.log()  # the sampler took the compiled path
 
 
+def test_each_node_help_page_is_served_where_the_editor_looks_for_it(comfy):
+    """The editor's NodeHelpService (comfyui-frontend-package) fetches a custom node's help from
+    /extensions/<pack>/docs/<NodeName>.md, <pack> being the folder its python_module names; every node has one."""
+    from letterpress.nodes import NODE_CLASS_MAPPINGS
+
+    info = comfy.get("/object_info")
+    for name in NODE_CLASS_MAPPINGS:
+        assert info[name]["python_module"] == "custom_nodes.ComfyUI-Letterpress" and info[name]["description"]
+        with urllib.request.urlopen(f"{comfy.url}/extensions/ComfyUI-Letterpress/docs/{name}.md", timeout=30) as r:
+            served = r.read().decode("utf-8")
+        with open(os.path.join(ROOT, "web", "docs", f"{name}.md"), encoding="utf-8") as f:
+            assert served == f.read(), name
+
+
 def test_template_browser_lists_the_editor_workflows_only(comfy):
     listed = comfy.get("/workflow_templates")["ComfyUI-Letterpress"]
     ui = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "workflows", "*.json"))}

@@ -117,7 +117,7 @@ def test_single_file_loaders_name_where_to_get_a_missing_file(ernie, ovis, tmp_p
     host.models_dir = str(tmp_path / "models")
     msg = refused(wf)
     assert "'ernie-image-turbo.safetensors' is not a file in" in msg or "'ernie-image.safetensors' is not a file in" in msg
-    assert "flux2-vae.safetensors from the Hugging Face repository Comfy-Org/flux2-dev to " \
+    assert "vae/flux2-vae.safetensors from the Hugging Face repository Comfy-Org/ERNIE-Image to " \
            f"{tmp_path / 'models' / 'vae' / 'flux2-vae.safetensors'}" in msg
     assert f"baidu/ERNIE-Image downloaded into {tmp_path / 'models' / 'diffusers' / 'ERNIE-Image'}" in msg
     # Ovis's DiT: the Comfy-Org file
@@ -159,6 +159,23 @@ def test_readme_model_table_is_the_code_table():
         assert readme_table() in f.read()
 
 
+def test_each_single_file_source_is_a_properties_models_entry_comfyui_can_download():
+    """ComfyUI's missing-models dialog saves an entry's url under models/<directory>/<name>: the url names the file
+    by that name, in a folder ComfyUI has, and ERNIE-Image's files come from the repository its templates use."""
+    from letterpress.loaders.explain import MODELS
+
+    comfy_folders = {"diffusion_models", "text_encoders", "vae", "diffusers", "LLM", "loras", "checkpoints"}
+    files = [s for s in MODELS if s.file]
+    assert files and all(s.kind in comfy_folders for s in MODELS)
+    for s in files:
+        entry = s.as_model()
+        assert entry == {"name": s.name, "url": f"https://huggingface.co/{s.repo}/resolve/main/{s.file}",
+                         "directory": s.kind}
+        assert entry["url"].rsplit("/", 1)[1] == entry["name"]
+    vae = next(s for s in MODELS if s.name == "flux2-vae.safetensors")
+    assert vae.url == "https://huggingface.co/Comfy-Org/ERNIE-Image/resolve/main/vae/flux2-vae.safetensors"
+
+
 def test_ernie_image_single_files_name_the_comfy_org_files(tmp_path, host):
     """A new user's first run of ernie_image_single_files: each missing file is named with Comfy-Org's repackaged
     file (huggingface.co/Comfy-Org/ERNIE-Image) and the exact path to put it at, in sentences of their own."""
@@ -195,3 +212,25 @@ def test_a_single_file_loader_reports_a_missing_file_once_and_leaves_the_dtype_t
     assert "node 1 (LetterpressErnieImageDiTLoader) input 'weight_dtype': 'fp4' is not available" in refused(wf)
     wf["1"]["inputs"].update(weight_dtype="auto", dit_name="elsewhere/ernie-image.safetensors")
     assert refused(wf).count("node 1 (LetterpressErnieImageDiTLoader)") == 1
+
+
+def test_every_node_has_its_help_page_as_generated_with_a_description_and_every_input_a_tooltip():
+    """web/docs/<NodeName>.md is what ComfyUI's editor shows as a custom node's help (nodes/help.py): one per node,
+    equal to what tools/help_pages.py writes from the node's own texts and the sources table."""
+    from letterpress.nodes import NODE_CLASS_MAPPINGS
+    from letterpress.nodes.help import DOCS, pages
+
+    wanted = pages()
+    folder = os.path.join(ROOT, DOCS)
+    assert sorted(os.listdir(folder)) == sorted(f"{name}.md" for name in NODE_CLASS_MAPPINGS)
+    for name, text in wanted.items():
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            assert f.read() == text, f"{name}: run python tools/help_pages.py"
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert cls.DESCRIPTION.strip(), name
+        spec = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for key, value in spec.get(group, {}).items():
+                assert len(value) > 1 and value[1].get("tooltip", "").strip(), f"{name}.{key}"
+    assert "[Comfy-Org/ERNIE-Image/vae/flux2-vae.safetensors](https://huggingface.co/Comfy-Org/ERNIE-Image/resolve/main/" \
+           "vae/flux2-vae.safetensors)" in wanted["LetterpressErnieImageVAELoader.md"]
