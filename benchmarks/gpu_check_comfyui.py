@@ -162,58 +162,67 @@ def image_diff(png: np.ndarray, ref_image: torch.Tensor) -> float:
     return float(np.abs(png[..., :3] / 255.0 - ref_image[0].numpy()).max())
 
 
-def check_family(key: str, args, work: str, logs: list[str], rows_so_far: list[dict]) -> list[dict]:
+def prepare(key: str, args, models_dir: str, rows: list[dict]) -> dict | None:
+    """The family built and its reference image drawn, or None (a row says why) when the budget has no room for it."""
     fam, budget = gpu_check.FAMILIES[key], args.budget
     build_s, ref_s, config_s = ESTIMATE_S[key] if not args.tiny else (0, 0, 0)
-    rows = []
-
-    def skipped(config, storage, why):
-        rows.append({"family": fam.label, "config": config, "run": storage, "skipped": why})
-
     if not budget.allows(build_s + ref_s + config_s):
-        skipped("-", "-", f"did not fit the budget ({budget.left():.0f} s left, about {build_s + ref_s + config_s} s needed)")
-        return rows
-    models_dir = os.path.join(work, "models")
+        rows.append({"family": fam.label, "config": "-", "run": "-", "skipped": f"did not fit the budget "
+                     f"({budget.left():.0f} s left, about {build_s + ref_s + config_s} s needed)"})
+        return None
     t = time.monotonic()
     gguf_file, dit_bytes = build(key, args, models_dir)
     print(f"{fam.label}: built in {time.monotonic() - t:.0f} s (DiT {dit_bytes / 1e9:.2f} GB)", flush=True)
     t = time.monotonic()
     ref = reference(fam, models_dir, args)
-    label = "diffusers" if args.tiny else "diffusers cpu_offload"
-    rows.append({"family": fam.label, "config": "in process", "run": label, "step": ref["step"],
-                 "peak": ref["peak"], "wall": ref["wall"], "setup_s": time.monotonic() - t - ref["wall"]})
+    rows.append({"family": fam.label, "config": "in process", "run": "diffusers" if args.tiny else "diffusers cpu_offload",
+                 "step": ref["step"], "peak": ref["peak"], "wall": ref["wall"], "load_s": time.monotonic() - t - ref["wall"]})
     runs = [("bf16", None)] + ([(GGUF_RUNS[key], gguf_file)] if gguf_file else [])
+    return {"fam": fam, "gguf_file": gguf_file, "dit_bytes": dit_bytes, "ref": ref, "runs": runs, "config_s": config_s}
+
+
+def check_group(keys: list[str], args, work: str, logs: list[str], rows: list[dict]) -> None:
+    """The families built and drawn by the reference, then each server configuration once for all of them; the
+    families' files removed at the end unless --keep."""
+    models_dir = os.path.join(work, "models")
+    ready = [p for p in (prepare(key, args, models_dir, rows) for key in keys) if p]
+    if not ready:
+        return
+    config_s = sum(p["config_s"] for p in ready)
     for config in args.configs:
-        if not budget.allows(config_s):
-            for storage, _ in runs:
-                skipped(config, storage, f"did not fit the budget ({budget.left():.0f} s left)")
+        if not args.budget.allows(config_s):
+            rows.extend({"family": p["fam"].label, "config": config, "run": storage,
+                         "skipped": f"did not fit the budget ({args.budget.left():.0f} s left)"}
+                        for p in ready for storage, _ in p["runs"])
             continue
         t = time.monotonic()
+        dit_bytes = max(p["dit_bytes"] for p in ready)
         comfy = comfy_server.start(args.comfyui, base_directory(work), server_args(config, args.tiny, dit_bytes))
         started = time.monotonic() - t
         try:
-            for storage, dit_file in runs:
-                try:
-                    out = run_prompt(comfy, fam, storage, dit_file, args)
-                except Exception as e:  # the server died or hung: say so, go on with the next configuration
-                    rows.append({"family": fam.label, "config": config, "run": storage, "error": repr(e)[:300]})
-                    break
-                row = {"family": fam.label, "config": config, "run": storage, "start_s": started,
-                       **{k: v for k, v in out.items() if k != "image"}}
-                if "image" in out:
-                    row["diff"] = image_diff(out["image"], ref["image"]) if dit_file is None else "random Q4_K weights"
-                rows.append(row)
-                print(f"  {config} {storage}: {json.dumps(row, default=str)}", flush=True)
-                report(rows_so_far + rows, logs, args)
+            for p in ready:
+                for storage, dit_file in p["runs"]:
+                    row = {"family": p["fam"].label, "config": config, "run": storage, "start_s": started}
+                    try:
+                        out = run_prompt(comfy, p["fam"], storage, dit_file, args)
+                    except Exception as e:  # the server died or hung: say so, go on with the next configuration
+                        rows.append({**row, "error": repr(e)[:300]})
+                        break
+                    row.update((k, v) for k, v in out.items() if k != "image")
+                    if "image" in out:  # a random Q4_K DiT draws something else: not compared
+                        row["diff"] = image_diff(out["image"], p["ref"]["image"]) if dit_file is None else "random Q4_K weights"
+                    rows.append(row)
+                    print(f"  {config} {storage}: {json.dumps(row, default=str)}", flush=True)
+                    report(rows, logs, args)
         finally:
             comfy.stop()
-            logs.append(f"===== {fam.label} {config}: {comfy.log_path}\n" + "".join(comfy.log().splitlines(True)[-60:]))
+            logs.append(f"===== {config}: {comfy.log_path}\n" + "".join(comfy.log().splitlines(True)[-60:]))
         config_s = max(config_s, time.monotonic() - t)  # the next configuration takes about as long
-    if not args.tiny and not args.keep:  # the disk holds one family at a time
-        shutil.rmtree(os.path.join(models_dir, "diffusers", fam.folder), ignore_errors=True)
-        if gguf_file:
-            os.remove(os.path.join(models_dir, "diffusion_models", gguf_file))
-    return rows
+    if not args.keep:  # the disk holds one family at a time
+        for p in ready:
+            shutil.rmtree(os.path.join(models_dir, "diffusers", p["fam"].folder), ignore_errors=True)
+            if p["gguf_file"]:
+                os.remove(os.path.join(models_dir, "diffusion_models", p["gguf_file"]))
 
 
 # Report --------------------------------------------------------------------------------------------------------------
@@ -251,14 +260,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--families", default=",".join(FAMILY_ORDER))
     parser.add_argument("--configs", default=",".join(CONFIGS), help="dynamic,static,stream")
     parser.add_argument("--size", type=int, default=None, help="image side (1024; --tiny: 32)")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None, help="DiT steps (8; --tiny: 3)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--budget-s", type=float, default=480, help="what does not fit in this is skipped")
     parser.add_argument("--work", default=None, help="ComfyUI's base directory, models/ inside it")
-    parser.add_argument("--keep", action="store_true", help="keep each family's models (the disk must hold all)")
+    parser.add_argument("--keep", action="store_true", help="keep the models (the disk must hold all families'; then "
+                                                            "each server configuration starts once for all families)")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny models on CPU")
     args = parser.parse_args(argv)
     args.size = args.size or (32 if args.tiny else 1024)
+    args.steps = args.steps or (3 if args.tiny else 8)
     args.configs = [c for c in args.configs.split(",") if c]
     if not args.comfyui:
         parser.error("no ComfyUI 0.33.0 tree: name one with --comfyui")
@@ -266,9 +277,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("no CUDA device: run on an NVIDIA GPU, or use --tiny for the CPU run")
     args.budget = Budget(args.budget_s)
     work = args.work or tempfile.mkdtemp(prefix="lp_gpu_check_comfyui_")
+    args.keep = args.keep or args.tiny
+    keys = [f for f in args.families.split(",") if f]
     rows, logs = [], []
-    for key in [f for f in args.families.split(",") if f]:
-        rows += check_family(key, args, work, logs, rows)
+    for group in [keys] if args.keep else [[key] for key in keys]:  # kept models: one server per configuration
+        check_group(group, args, work, logs, rows)
     report(rows, logs, args, final=True)
     return rows
 
