@@ -162,12 +162,18 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
+def _ernie_reference(guidance: float) -> Callable:
+    return lambda pipe, size, steps, seed, cb: pipe(
+        "a poster", height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+        generator=_gen(seed), output_type="np", use_pe=False, callback_on_step_end=cb).images
+
+
 FAMILIES = {
     "ernie": Family("ERNIE-Image", "ERNIE-Image", "ErnieImagePipeline", "ernie_image_t2i_api.json", "1", "5", "6",
-                    "LetterpressErnieImageDiTLoader", 0, ernie_components,
-                    lambda pipe, size, steps, seed, cb: pipe(
-                        "a poster", height=size, width=size, num_inference_steps=steps, guidance_scale=4.0,
-                        generator=_gen(seed), output_type="np", use_pe=False, callback_on_step_end=cb).images),
+                    "LetterpressErnieImageDiTLoader", 0, ernie_components, _ernie_reference(4.0)),
+    # ERNIE-Image-Turbo: the same architecture, its own workflow (8 steps, no negative prompt, guidance 1)
+    "ernie_turbo": Family("ERNIE-Image-Turbo", "ERNIE-Image-Turbo", "ErnieImagePipeline", "ernie_image_turbo_t2i_api.json",
+                          "1", "5", "6", "LetterpressErnieImageDiTLoader", 0, ernie_components, _ernie_reference(1.0)),
     "ovis": Family("Ovis-Image", "Ovis-Image-7B", "OvisImagePipeline", "ovis_image_t2i_api.json", "1", "4", "5",
                    "LetterpressOvisImageDiTLoader", 0, ovis_components,
                    lambda pipe, size, steps, seed, cb: pipe(
@@ -195,15 +201,14 @@ def write_gguf(state: dict, path: str, qtype_name: str) -> None:
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(path, "letterpress_bench")
     for key, value in state.items():
-        array = value.detach().float().numpy()
         name = "model.diffusion_model." + key
-        if array.ndim == 2 and array.shape[1] % block == 0:
-            if qtype_name == "Q4_K":
-                writer.add_tensor(name, random_q4_k(rng, array.shape), raw_dtype=qtype)
+        if value.ndim == 2 and value.shape[1] % block == 0:
+            if qtype_name == "Q4_K":  # random blocks: the weights' values are not read
+                writer.add_tensor(name, random_q4_k(rng, tuple(value.shape)), raw_dtype=qtype)
             else:
-                writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+                writer.add_tensor(name, gguf.quants.quantize(value.detach().float().numpy(), qtype), raw_dtype=qtype)
         else:
-            writer.add_tensor(name, array)
+            writer.add_tensor(name, value.detach().float().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -321,22 +326,45 @@ def run_pack(fam: Family, storage: str, size: int, steps: int, seed: int, dit_fi
     return {"wall": wall, "step": clock.per_step(), "peak": _peak_gb(), "image": results[fam.decode_node][0].float()}
 
 
+def build_folder(key: str, tiny: bool, models_dir: str) -> dict | None:
+    """The family's pipeline with random weights saved under models_dir/diffusers/<repo folder> (kept when already
+    there); returns the DiT's state dict when it was built now (for the GGUF files), else None."""
+    import diffusers
+
+    fam = FAMILIES[key]
+    folder = os.path.join(models_dir, "diffusers", fam.folder)
+    print(f"\n{fam.label}: building {'tiny' if tiny else 'real-size'} random weights under {folder}", flush=True)
+    if os.path.isdir(folder):
+        return None
+    components = fam.components(tiny)
+    getattr(diffusers, fam.pipeline)(**components).save_pretrained(folder)
+    return components["transformer"].state_dict()
+
+
+def gguf_dit(key: str, storage: str, models_dir: str, dit_state: dict | None) -> str:
+    """The family's DiT as a GGUF file of `storage` (Q8_0, Q4_K) under models_dir/diffusion_models (written unless
+    there); returns its name as the DiT loaders list it."""
+    fam = FAMILIES[key]
+    dit_file = f"{key}-bench-{storage}.gguf"
+    path = os.path.join(models_dir, "diffusion_models", dit_file)
+    if not os.path.exists(path):
+        if dit_state is None:  # a re-run over a kept --work folder: the folder's DiT, read back
+            import diffusers
+
+            pipe = getattr(diffusers, fam.pipeline).from_pretrained(os.path.join(models_dir, "diffusers", fam.folder))
+            dit_state = pipe.transformer.state_dict()
+            del pipe
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_gguf(dit_state, path, storage)
+    return dit_file
+
+
 def check_family(key: str, args, work: str) -> list[tuple]:
     from letterpress.loaders.host import StandaloneHost, set_host
 
     fam = FAMILIES[key]
     models_dir = os.path.join(work, "models")
-    folder = os.path.join(models_dir, "diffusers", fam.folder)
-    print(f"\n{fam.label}: building {'tiny' if args.tiny else 'real-size'} random weights under {folder}", flush=True)
-    if not os.path.isdir(folder):
-        import diffusers
-
-        components = fam.components(args.tiny)
-        getattr(diffusers, fam.pipeline)(**components).save_pretrained(folder)
-        dit_state = components["transformer"].state_dict()
-        del components
-    else:
-        dit_state = None
+    dit_state = build_folder(key, args.tiny, models_dir)
     host = StandaloneHost()
     host.models_dir, host.output_dir, host.show_progress = models_dir, os.path.join(work, "output"), False
     set_host(host)
@@ -348,17 +376,7 @@ def check_family(key: str, args, work: str) -> list[tuple]:
             if fam.dit_loader is None:
                 rows.append((fam.label, f"pack {storage}", None, None, None, "skipped: no single-file DiT loader"))
                 continue
-            dit_file = f"{key}-bench-{storage}.gguf"
-            path = os.path.join(models_dir, "diffusion_models", dit_file)
-            if not os.path.exists(path):
-                if dit_state is None:  # a re-run over a kept --work folder: the folder's DiT, read back
-                    import diffusers
-
-                    pipe = getattr(diffusers, fam.pipeline).from_pretrained(folder)
-                    dit_state = pipe.transformer.state_dict()
-                    del pipe
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                write_gguf(dit_state, path, storage)
+            dit_file = gguf_dit(key, storage, models_dir, dit_state)
         out = run_pack(fam, storage, args.size, args.steps, args.seed, dit_file, args.tiny)
         diff = (out["image"] - ref["image"]).abs().max().item()
         rows.append((fam.label, f"pack {storage}", out["step"], out["peak"], out["wall"], diff))

@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ import urllib.request
 import uuid
 
 import pytest
+from comfy_server import Comfy, view_image as _image
+from comfy_server import free_port as _free_port
 from test_workflows import api_twin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,45 +181,6 @@ NODE_CLASS_MAPPINGS = {"LetterpressTestLoadedModels": LetterpressTestLoadedModel
                        "LetterpressTestLoadRequests": LetterpressTestLoadRequests,
                        "LetterpressTestInterruptAt": LetterpressTestInterruptAt}
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Comfy:
-    def __init__(self, port: int, log_path=None):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-
-    def log(self) -> str:
-        return open(self.log_path, errors="replace").read()
-
-    def get(self, path):
-        return json.load(urllib.request.urlopen(self.url + path, timeout=30))
-
-    def post(self, path, body=None):
-        req = urllib.request.Request(self.url + path, json.dumps(body or {}).encode(), {"Content-Type": "application/json"})
-        data = urllib.request.urlopen(req, timeout=30).read()
-        return json.loads(data) if data.strip() else None
-
-    def queue(self, wf) -> str:
-        try:
-            return self.post("/prompt", {"prompt": wf, "client_id": str(uuid.uuid4())})["prompt_id"]
-        except urllib.error.HTTPError as e:
-            raise AssertionError(f"ComfyUI refused the prompt: {e.read().decode()[:2000]}")
-
-    def wait(self, pid, timeout=600) -> dict:
-        """The history entry of a finished prompt (polled; the timeout only bounds a hang)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            h = self.get(f"/history/{pid}")
-            if pid in h:
-                return h[pid]
-            time.sleep(0.3)
-        raise TimeoutError(pid)
 
 
 def release_name(path: str) -> str:
@@ -668,18 +630,6 @@ def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
             api = json.load(open(api_twin(path)))
             assert {k: declared(v) for k, v in result["prompt"].items()} == {k: declared(v) for k, v in api.items()}, path
         browser.close()
-
-
-def _image(comfy, entry, node_id):
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    info = entry["outputs"][node_id]["images"][0]
-    data = urllib.request.urlopen(f"{comfy.url}/view?filename={info['filename']}&subfolder={info['subfolder']}"
-                                  f"&type={info['type']}").read()
-    return np.asarray(Image.open(io.BytesIO(data))).astype(int)
 
 
 def test_lora_applies_through_modelpatcher_and_strength_zero_is_the_base(comfy):
