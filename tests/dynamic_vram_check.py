@@ -299,7 +299,6 @@ def lora() -> dict:
         with torch.no_grad():
             for p in plain.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
-        module = torch.nn.Sequential(plain)
         ops = host.layer_ops(layers.FP8 if storage == "fp8" else torch.float32)
         if callable(storage):
             ops = layers.with_quantized(ops)

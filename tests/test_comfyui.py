@@ -26,8 +26,8 @@ import urllib.request
 import uuid
 
 import pytest
-from comfy_server import Comfy, view_image as _image
-from comfy_server import free_port as _free_port
+from comfy_server import view_image as _image
+from comfy_server import StartError, start
 from test_workflows import api_twin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,35 +257,19 @@ def comfy(request, shipped_models, models_dir, tmp_path_factory):
                     Image.new("RGB", size, colour).save(folder / f"{i}.png")
                     (folder / f"{i}.txt").write_text(f"a sign in colour {i}")
     front_end_root, c_frontend = frontend_for(COMFYUI)
-    port = _free_port()
-    log = open(base / "comfyui.log", "w")
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--disable-auto-launch", "--preview-method", "auto",
-                             *(["--front-end-root", front_end_root] if front_end_root else [])],
-                            cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
-    c = Comfy(port, base / "comfyui.log")
+    try:
+        c = start(COMFYUI, str(base), ["--cpu", "--preview-method", "auto",
+                                       *(["--front-end-root", front_end_root] if front_end_root else [])])
+    except StartError as e:
+        pytest.fail(str(e))
     c.input_dir = str(inputs)
     c.frontend_version = c_frontend
+    print(f"\n{release_name(COMFYUI)} (frontend {c_frontend}) answered {time.monotonic() - started:.0f} s after start")
     try:
-        deadline = time.monotonic() + 600  # bounds a hang only: a busy machine may take minutes to start ComfyUI
-        while True:
-            try:
-                c.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"ComfyUI at {COMFYUI} did not answer within 10 minutes")
-                if proc.poll() is not None:
-                    tail = "".join(open(base / "comfyui.log", errors="replace").readlines()[-15:])
-                    pytest.fail(f"ComfyUI at {COMFYUI} exited at start (are its requirements installed?):\n{tail}")
-                time.sleep(0.5)
-        print(f"\n{release_name(COMFYUI)} (frontend {c_frontend}) answered {time.monotonic() - started:.0f} s after start")
         yield c
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        c.stop()
 
 
 def small(wf: dict, steps: int = 2, size: int = 64) -> dict:
