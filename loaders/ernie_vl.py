@@ -16,7 +16,7 @@ import glob
 import json
 import os
 
-from . import layers
+from . import expert_offload, layers
 from .errors import LetterpressError
 from .files import PICKLE_EXTENSIONS, list_subfolders
 from .handle import ModelHandle
@@ -117,8 +117,9 @@ def load_processor(folder: str):
     return _processor_class()(image_processor, tokenizer, chat_template=_chat_template(folder, tokenizer))
 
 
-def load(folder: str, dtype_choice: str = "auto") -> ModelHandle:
-    """The model, its processor and chat template, wrapped for the host's memory manager."""
+def load(folder: str, dtype_choice: str = "auto", experts: str = "auto") -> ModelHandle:
+    """The model, its processor and chat template, wrapped for the host's memory manager; `experts` (one of
+    expert_offload.CHOICES) keeps the routed experts in CPU memory, out of the memory manager's reach."""
     from transformers import Ernie4_5_VLMoeForConditionalGeneration
 
     cfg = read_json(os.path.join(folder, "config.json"), "ERNIE-4.5-VL")
@@ -146,6 +147,8 @@ def load(folder: str, dtype_choice: str = "auto") -> ModelHandle:
     # transformers built it with torch's layers: rebuild them as the host's (their tensors pass through each new
     # layer's loading path), as the meta-device loaders do before filling
     layers.build_layers(model, get_host().layer_ops(dtype))
+    if expert_offload.wanted(experts, model, get_host().compute_device()):
+        expert_offload.offload_experts(model)
     model.eval()
     model.requires_grad_(False)
     handle = ModelHandle(family=FAMILY, role="vl_model", module=model, tokenizer=processor.tokenizer, source=folder,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from ..loaders import ernie_vl as load
+from ..loaders import expert_offload
 from ..loaders.errors import LetterpressError
 from ..loaders.files import list_model_folders, resolve
 from ..loaders.host import get_host
@@ -71,6 +72,14 @@ class LetterpressErnieVLLoader:
                 "tooltip": "A folder under models/LLM, e.g. ERNIE-4.5-VL-28B-A3B-PT. ERNIE-4.5-VL folders are listed "
                            "first; picking another folder says what it holds and what to download instead."}),
             "weight_dtype": dtype_input(),
+        }, "optional": {
+            "experts": (expert_offload.CHOICES, {
+                "default": "auto",
+                "tooltip": "Where the routed experts (almost all of the 28B parameters; 6 of 64 run per token) are "
+                           "kept. 'in CPU memory': only attention, the shared experts, the routers and the vision "
+                           "encoder go to the GPU; each token's experts run on the CPU, or an expert's weights are "
+                           "copied to the GPU when many tokens need it (a prompt's prefill). 'auto': in CPU memory "
+                           "when the whole model does not fit the GPU."}),
         }}
 
     @classmethod
@@ -79,8 +88,8 @@ class LetterpressErnieVLLoader:
 
         return explain_llm_folder(folder, load.FAMILY, "the ERNIE-VL Loader") or True
 
-    def run(self, folder, weight_dtype):
-        return hosted(load.load(resolve("LLM", folder), weight_dtype))
+    def run(self, folder, weight_dtype, experts="auto"):
+        return hosted(load.load(resolve("LLM", folder), weight_dtype, experts))
 
 
 class LetterpressErnieVLGenerate:

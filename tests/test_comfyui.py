@@ -128,6 +128,25 @@ def _recording_load_models_gpu(models, memory_required=0, *args, **kwargs):
 mm.load_models_gpu = _recording_load_models_gpu
 
 
+class LetterpressTestText:
+    """Shows a STRING (and the sizes ComfyUI's memory manager counts for the models it holds) in the history."""
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"forceInput": True})}}
+
+    def run(self, text):
+        import json
+
+        sizes = {type(m.model.model.inner).__name__: m.model.model_size() for m in mm.current_loaded_models
+                 if m.model is not None and hasattr(m.model.model, "inner")}
+        return {"ui": {"text": [text, json.dumps(sizes)]}}
+
+
 class LetterpressTestLoadRequests(LetterpressTestLoadedModels):
     """What load_models_gpu was asked since the last run of this node: [[model classes], memory_required]."""
 
@@ -177,6 +196,7 @@ class LetterpressTestInterruptAt:
 
 
 NODE_CLASS_MAPPINGS = {"LetterpressTestLoadedModels": LetterpressTestLoadedModels,
+                       "LetterpressTestText": LetterpressTestText,
                        "LetterpressTestLowVram": LetterpressTestLowVram,
                        "LetterpressTestLoadRequests": LetterpressTestLoadRequests,
                        "LetterpressTestInterruptAt": LetterpressTestInterruptAt}
@@ -812,3 +832,41 @@ def test_a_missing_single_file_is_explained_at_queue_time(comfy, shipped_models)
     wf["1"]["inputs"]["weight_dtype"] = "fp4"  # ComfyUI's own list check still covers the dtype
     with pytest.raises(AssertionError, match=r"Value not in list.*weight_dtype: 'fp4'"):
         comfy.queue(wf)
+
+
+def test_ernie_vl_with_its_experts_in_cpu_memory_answers_as_with_them_in_the_model(comfy, host):
+    """The ERNIE-VL Loader's experts option inside ComfyUI: the memory manager holds the model without its routed
+    experts (a smaller size), and the answer equals the headless runner's with the experts in the model."""
+    from letterpress.runner import Runner
+
+    def workflow(experts):
+        wf = small({k: v for k, v in json.load(open(os.path.join(
+            ROOT, "workflows", "api", "ernie_vl_grounding_api.json"))).items() if k in ("1", "2")})
+        wf["2"]["inputs"]["experts"] = experts
+        wf["3"] = {"class_type": "LetterpressErnieVLGenerate",
+                   "inputs": {"model": ["2", 0], "images": ["1", 0], "preset": "free question",
+                              "prompt": "describe this image", "system_prompt": "", "thinking": False,
+                              "max_new_tokens": 8, "temperature": 0.0, "top_p": 0.8, "seed": 0}}
+        return wf
+
+    def answer(experts):
+        wf = workflow(experts)
+        wf["4"] = {"class_type": "LetterpressTestText", "inputs": {"text": ["3", 0]}}
+        entry = comfy.wait(comfy.queue(wf))
+        assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+        text, sizes = entry["outputs"]["4"]["text"]
+        return text, json.loads(sizes)["Ernie4_5_VLMoeForConditionalGeneration"]
+
+    inside, inside_size = answer("with the model")
+    offloaded, offloaded_size = answer("in CPU memory")
+    host.input_dir = comfy.input_dir
+    wf = workflow("with the model")
+    wf["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}
+    headless = Runner().run(wf)["results"]["3"][0]
+    assert offloaded == inside == headless
+    from letterpress.loaders import expert_offload
+    from letterpress.nodes import NODE_CLASS_MAPPINGS
+
+    folder = workflow("in CPU memory")["2"]["inputs"]["folder"]
+    model = NODE_CLASS_MAPPINGS["LetterpressErnieVLLoader"]().run(folder, "auto", "in CPU memory")[0].module
+    assert inside_size - offloaded_size == expert_offload.bank_bytes(model) > 0  # ComfyUI holds all but the experts
