@@ -22,8 +22,10 @@ the one with the fewest wires across node boxes is kept, else of those within 2%
 workflows/NAME.json, then opens that file in a fresh page at 1600x1000 and checks through the canvas's own transform
 that every node and group lies inside the window and is not hidden by the editor's bars, and that the scale is at
 least READABLE (below it the editor draws nodes as blank boxes); with --screenshots, a picture of each.
-The output depends only on the API twin, the spec and the editor release. Needs ComfyUI's requirements, playwright
-and /usr/bin/chromium.
+Each single-file loader carries properties.models (the file with its URL and folder, from loaders/explain.py's
+table), which the editor's missing-models dialog offers for download.
+The output depends only on the API twin, the spec and the editor release. Needs ComfyUI's requirements, playwright,
+/usr/bin/chromium and the pack importable as `letterpress` (e.g. installed with pip install -e .).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join(ROOT, "tools", "workflow_notes.json")
 FOLDERS = {"dit_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae",
-           "lora_name": "loras", "enhancer_name": "text_encoders"}
+           "lora_name": "loras", "prompt_enhancer_name": "text_encoders"}
 CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,6 +398,7 @@ MAKE = """([lay, fixed]) => {
     for (const n of graph._nodes)
         for (const w of n.widgets || []) if (fixed.includes(n.type) && w.name === "control_after_generate") w.value = "fixed";
     for (const n of graph._nodes) n.pos = lay.pos[String(n.id)];
+    for (const n of graph._nodes) if (lay.models[String(n.id)]) n.properties.models = lay.models[String(n.id)];
     const note = window.LiteGraph.createNode("Note");
     graph.add(note);
     note.title = "Files this workflow needs";
@@ -434,10 +437,24 @@ CHECK = """() => {
 }"""
 
 
+def node_models(api: dict) -> dict[str, list[dict]]:
+    """properties.models of each single-file loader of the workflow, by node id: the file it picks, with its URL and
+    folder from loaders/explain.py's table (FileLoader.models), as ComfyUI's templates carry them."""
+    from letterpress.nodes import NODE_CLASS_MAPPINGS
+    from letterpress.nodes.common import FileLoader
+
+    found = {}
+    for nid, node in api.items():
+        cls = NODE_CLASS_MAPPINGS.get(node["class_type"])
+        if isinstance(cls, type) and issubclass(cls, FileLoader) and cls.models(node["inputs"]):
+            found[nid] = cls.models(node["inputs"])
+    return found
+
+
 def make(page, api: dict, name: str, spec: dict) -> dict:
     _load(page, "([api, name]) => window.app.loadApiJson(api, name)", [api, name], len(api))
     sizes = page.evaluate("() => Object.fromEntries(window.app.graph._nodes.map(n => [String(n.id), [...n.size]]))")
-    lay = layout(api, sizes, spec)
+    lay = {**layout(api, sizes, spec), "models": node_models(api)}
     ui = json.loads(page.evaluate(MAKE, [lay, FIXED]))
     ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-letterpress/workflows/" + name))  # not a random one
     for node in ui["nodes"]:
