@@ -31,6 +31,7 @@ The output depends only on the API twin, the spec and the editor release. Needs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -485,6 +486,41 @@ def check(browser, url: str, ui: dict, name: str, screenshot: str | None) -> lis
         page.close()
 
 
+@contextlib.contextmanager
+def editor(comfyui: str, apis: list[dict], front_end_root: str | None = None):
+    """(browser, url): the ComfyUI tree `comfyui` on CPU with this pack and stand-ins for the files `apis` name,
+    its editor (`front_end_root`, else the installed frontend) reached through Debian's chromium."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as base:
+        os.makedirs(os.path.join(base, "custom_nodes"))
+        os.makedirs(os.path.join(base, "input"))
+        os.symlink(ROOT, os.path.join(base, "custom_nodes", "ComfyUI-Letterpress"))
+        for api in apis:
+            _stand_ins(api, base)
+        port = _port()
+        log = open(os.path.join(tempfile.gettempdir(), "letterpress_ui_workflow.log"), "w")
+        server = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                   "--base-directory", base, "--disable-auto-launch",
+                                   *(["--front-end-root", front_end_root] if front_end_root else [])],
+                                  cwd=comfyui, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(480):
+                try:
+                    urllib.request.urlopen(url + "/system_stats", timeout=5)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM)
+                yield browser, url
+                browser.close()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("api", nargs="*", help="API workflows (workflows/api/NAME_api.json)")
@@ -507,47 +543,22 @@ def main() -> None:
         layout(jobs[-1][1], {n: [300, 100] for n in jobs[-1][1]}, jobs[-1][2])  # a bad spec fails before the editor starts
     if args.screenshots:
         os.makedirs(args.screenshots, exist_ok=True)
-    from playwright.sync_api import sync_playwright
 
     failed = []
-    with tempfile.TemporaryDirectory() as base:
-        os.makedirs(os.path.join(base, "custom_nodes"))
-        os.makedirs(os.path.join(base, "input"))
-        os.symlink(ROOT, os.path.join(base, "custom_nodes", "ComfyUI-Letterpress"))
-        for _, api, _ in jobs:
-            _stand_ins(api, base)
-        port = _port()
-        log = open(os.path.join(tempfile.gettempdir(), "letterpress_ui_workflow.log"), "w")
-        server = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                   "--base-directory", base, "--disable-auto-launch"], cwd=args.comfyui,
-                                  stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(480):
-                try:
-                    urllib.request.urlopen(url + "/system_stats", timeout=5)
-                    break
-                except OSError:
-                    time.sleep(0.5)
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM)
-                for name, api, spec in jobs:
-                    page = _open_editor(browser, url)
-                    ui = make(page, api, name, spec)
-                    page.close()
-                    out = os.path.join(ROOT, "workflows", name + ".json")
-                    with open(out, "w") as f:
-                        json.dump(ui, f, indent=2)
-                        f.write("\n")
-                    shot = os.path.join(args.screenshots, name + ".png") if args.screenshots else None
-                    problems = check(browser, url, ui, name, shot)
-                    print(out, f"ok (scale {ui['extra']['ds']['scale']})" if not problems else
-                          "NOT IN VIEW OR NOT READABLE:\n  " + "\n  ".join(problems), flush=True)
-                    failed += [name] if problems else []
-                browser.close()
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    with editor(args.comfyui, [api for _, api, _ in jobs]) as (browser, url):
+        for name, api, spec in jobs:
+            page = _open_editor(browser, url)
+            ui = make(page, api, name, spec)
+            page.close()
+            out = os.path.join(ROOT, "workflows", name + ".json")
+            with open(out, "w") as f:
+                json.dump(ui, f, indent=2)
+                f.write("\n")
+            shot = os.path.join(args.screenshots, name + ".png") if args.screenshots else None
+            problems = check(browser, url, ui, name, shot)
+            print(out, f"ok (scale {ui['extra']['ds']['scale']})" if not problems else
+                  "NOT IN VIEW OR NOT READABLE:\n  " + "\n  ".join(problems), flush=True)
+            failed += [name] if problems else []
     if failed:
         sys.exit(f"not fully in view or not readable at {VIEW[0]}x{VIEW[1]}: {', '.join(failed)}")
 
