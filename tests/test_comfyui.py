@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -264,6 +265,7 @@ def comfy(request, shipped_models, models_dir, tmp_path_factory):
     except StartError as e:
         pytest.fail(str(e))
     c.input_dir = str(inputs)
+    c.release = COMFYUI
     c.frontend_version = c_frontend
     print(f"\n{release_name(COMFYUI)} (frontend {c_frontend}) answered {time.monotonic() - started:.0f} s after start")
     try:
@@ -812,3 +814,52 @@ def test_a_missing_single_file_is_explained_at_queue_time(comfy, shipped_models)
     wf["1"]["inputs"]["weight_dtype"] = "fp4"  # ComfyUI's own list check still covers the dtype
     with pytest.raises(AssertionError, match=r"Value not in list.*weight_dtype: 'fp4'"):
         comfy.queue(wf)
+
+
+# The editor of ComfyUI 0.33.0 (frontend 1.49.6): downloads offered for missing files, blueprints listed ---------
+
+MISSING = ["ernie-image-turbo.safetensors", "ministral-3-3b.safetensors", "ernie-image-prompt-enhancer.safetensors",
+           "flux2-vae.safetensors"]
+
+
+def test_a_shipped_workflow_with_its_files_absent_offers_each_for_download(comfy, tmp_path):
+    """Opened on a ComfyUI whose models/ is empty, the editor's Missing Models panel lists every single file of the
+    workflow with its folder and a Download button, and holds the URL of loaders/explain.py's table for each."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright for the editor test")
+    if _version(comfy.frontend_version) < (1, 49):
+        pytest.skip(f"frontend {comfy.frontend_version} has no missing-models panel of this kind")
+    from letterpress.loaders.explain import MODELS
+
+    (tmp_path / "custom_nodes").mkdir()
+    os.symlink(ROOT, tmp_path / "custom_nodes" / "ComfyUI-Letterpress")
+    root, _ = frontend_for(comfy.release)
+    empty = start(comfy.release, str(tmp_path), ["--cpu", *(["--front-end-root", root] if root else [])])
+    ui = json.load(open(os.path.join(ROOT, "workflows", "ernie_image_turbo_single_files.json")))
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(empty.url, wait_until="domcontentloaded")
+            page.wait_for_function("() => window.app && window.app.graph && 'LetterpressErnieImageDiTLoader' in "
+                                   "window.LiteGraph.registered_node_types", polling=250, timeout=120000)
+            page.evaluate("() => document.querySelectorAll('.p-dialog-mask, .p-toast').forEach(e => e.remove())")
+            page.evaluate("([ui, name]) => window.app.loadGraphData(ui, true, true, name)", [ui, "turbo.json"])
+            # the error overlay's button (the template browser a new user sees first may cover it)
+            page.locator("[data-testid=error-overlay-see-errors]").dispatch_event("click", timeout=60000)
+            page.wait_for_function("(names) => names.every(n => document.body.innerText.includes(n))", arg=MISSING,
+                                   polling=250, timeout=60000)
+            page.screenshot(path=os.path.join(tempfile.gettempdir(), "letterpress_missing_models.png"))
+            assert page.get_by_text("Missing Models").count() and \
+                page.evaluate("() => [...document.querySelectorAll('button')].filter(b => b.innerText.trim() === "
+                              "'Download').length") == len(MISSING)
+            # the candidates behind the panel: each file with the URL and folder the table gives it
+            shown = page.evaluate("""() => {
+                const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
+                const store = [...pinia._s.values()].find(s => Array.isArray(s.missingModelCandidates));
+                return store.missingModelCandidates.map(c => ({name: c.name, url: c.url, directory: c.directory}));
+            }""")
+            table = {s.name: s.as_model() for s in MODELS if s.file}
+            assert sorted(shown, key=lambda m: m["name"]) == sorted((table[n] for n in MISSING), key=lambda m: m["name"])
+            browser.close()
+    finally:
+        empty.stop()
