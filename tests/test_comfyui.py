@@ -863,3 +863,83 @@ def test_a_shipped_workflow_with_its_files_absent_offers_each_for_download(comfy
             browser.close()
     finally:
         empty.stop()
+
+
+BLUEPRINTS = json.load(open(os.path.join(ROOT, "tools", "blueprints.json")))
+PINIA = "document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s"
+
+
+def _inner_prompt(prompt: dict, outside: list[str]) -> dict:
+    """The part of a prompt the editor queues for one inserted blueprint: its inner nodes ("N:id" in the prompt)
+    by their ids in the source workflow, links between them as the API writes them, links from outside dropped."""
+    inner = {}
+    for key, node in prompt.items():
+        if ":" not in key:
+            continue
+        inputs = {k: ([v[0].split(":")[-1], v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
+        inner[key.split(":")[-1]] = {"class_type": node["class_type"],
+                                     "inputs": {k: v for k, v in inputs.items() if not (isinstance(v, list) and v[0] in outside)}}
+    return inner
+
+
+def test_blueprints_are_listed_inserted_and_one_draws_what_its_workflow_draws(comfy):
+    """In ComfyUI 0.33.0's editor: the node library lists each of subgraphs/*.json under Subgraph Blueprints >
+    Letterpress; each, clicked there on an empty graph, becomes one subgraph node whose prompt is its source
+    workflow's nodes with their settings; Ovis-Image's, sized through its promoted widgets, wired to a Save Image
+    and queued with the editor's Run button, saves the image the source API workflow saves through POST /prompt."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright for the editor test")
+    if _version(comfy.frontend_version) < (1, 49):
+        pytest.skip(f"frontend {comfy.frontend_version} lists no blueprints of custom nodes")
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "subgraphs", "*.json")))
+    assert names == sorted(k for k in BLUEPRINTS if not k.startswith("_"))
+    info = comfy.get("/object_info")
+
+    def declared(node: dict) -> dict:
+        spec = info[node["class_type"]]["input"]
+        return {k: v for k, v in node["inputs"].items() if k in {*spec.get("required", {}), *spec.get("optional", {})}}
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(comfy.url, wait_until="domcontentloaded")
+        page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
+                               "'LetterpressOvisImageSampler' in window.LiteGraph.registered_node_types",
+                               polling=250, timeout=120000)
+        # Global blueprints load after the editor starts (fetchSubgraphs, not awaited), keyed by /global_subgraphs' id
+        listed = page.wait_for_function(f"""() => {{
+            const defs = {PINIA}.get('subgraph').subgraphBlueprints.filter(d => d.category === 'Subgraph Blueprints/Letterpress');
+            return defs.length >= 7 && defs.map(d => d.display_name).sort();
+        }}""", polling=250, timeout=120000).json_value()
+        assert listed == names
+        templates = page.locator("[aria-labelledby=global-workflow-template-selector]")  # what a new user sees first
+        try:
+            templates.wait_for(timeout=15000)
+            page.keyboard.press("Escape")
+            templates.wait_for(state="detached", timeout=30000)
+        except sync_api.TimeoutError:
+            assert not templates.count()
+        page.evaluate(f"() => {PINIA}.get('command').execute('Workspace.ToggleSidebarTab.node-library')")
+        search = page.get_by_placeholder("Search...")
+        prompts = {}
+        for name in names:
+            page.evaluate("() => window.app.graph.clear()")
+            search.fill(name.split(" (")[0])  # as a user types it (the library's search finds no parentheses)
+            page.get_by_text(name, exact=True).first.click()  # the library's leaf picks it up (a click-drag) ...
+            page.mouse.click(1000, 500)  # ... and a click on the canvas drops it there
+            page.wait_for_function("() => window.app.graph._nodes.length === 1", polling=250, timeout=30000)
+            prompts[name] = page.evaluate("""async () => {
+                const node = window.app.graph._nodes[0];
+                return {title: node.title, subgraph: !!node.subgraph, prompt: (await window.app.graphToPrompt()).output};
+            }""")
+        page.screenshot(path=os.path.join(tempfile.gettempdir(), "letterpress_blueprint_inserted.png"))
+        for name in names:
+            spec = BLUEPRINTS[name]
+            api = json.load(open(os.path.join(ROOT, "workflows", "api", spec["workflow"] + "_api.json")))
+            got = prompts[name]
+            assert got["title"] == name and got["subgraph"], name
+            inner = _inner_prompt(got["prompt"], spec["outside"])
+            want = {k: {"class_type": v["class_type"], "inputs": {i: x for i, x in declared(v).items()
+                                                                 if not (isinstance(x, list) and x[0] in spec["outside"])}}
+                    for k, v in api.items() if k not in spec["outside"]}
+            assert {k: {**v, "inputs": declared(v)} for k, v in inner.items()} == want, name
+        browser.close()
