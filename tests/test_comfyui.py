@@ -931,7 +931,6 @@ def test_blueprints_are_listed_inserted_and_one_draws_what_its_workflow_draws(co
                 const node = window.app.graph._nodes[0];
                 return {title: node.title, subgraph: !!node.subgraph, prompt: (await window.app.graphToPrompt()).output};
             }""")
-        page.screenshot(path=os.path.join(tempfile.gettempdir(), "letterpress_blueprint_inserted.png"))
         for name in names:
             spec = BLUEPRINTS[name]
             api = json.load(open(os.path.join(ROOT, "workflows", "api", spec["workflow"] + "_api.json")))
@@ -942,4 +941,39 @@ def test_blueprints_are_listed_inserted_and_one_draws_what_its_workflow_draws(co
                                                                  if not (isinstance(x, list) and x[0] in spec["outside"])}}
                     for k, v in api.items() if k not in spec["outside"]}
             assert {k: {**v, "inputs": declared(v)} for k, v in inner.items()} == want, name
+        # The last one dropped, Ovis-Image's, end to end: sized through its promoted widgets, wired to a Save Image,
+        # queued with the editor's Run button
+        assert names[-1] == "Ovis-Image Text to Image"
+        save_id = page.evaluate("""() => {
+            const node = window.app.graph._nodes[0];
+            for (const w of node.widgets) if (w.name === 'width' || w.name === 'height') w.value = 64;
+            const save = window.LiteGraph.createNode('SaveImage');
+            window.app.graph.add(save);
+            save.pos = [node.pos[0] + node.size[0] + 60, node.pos[1]];
+            save.widgets.find(w => w.name === 'filename_prefix').value = 'letterpress/blueprint_ovis';
+            node.connect(0, save, 0);
+            window.app.canvas.setDirty(true, true);
+            return String(save.id);
+        }""")
+        with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as queued:
+            page.get_by_test_id("queue-button").click()  # Run
+        assert queued.value.ok, queued.value.text()
+        entry = comfy.wait(queued.value.json()["prompt_id"])
+        assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+        page.screenshot(path=os.path.join(tempfile.gettempdir(), "letterpress_blueprint_queued.png"))
         browser.close()
+    drawn = _image(comfy, entry, save_id)
+    # the source workflow through POST /prompt, same seed and settings, with ComfyUI's cache emptied first so that
+    # it draws again rather than reusing the blueprint's outputs (its sampler must not be among the cached nodes)
+    api = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ovis_image_single_files_api.json"))), steps=50)
+    for _ in range(3):
+        comfy.post("/free", {"unload_models": True, "free_memory": True})
+        time.sleep(1)
+        reference = comfy.wait(comfy.queue(api))
+        assert reference["status"]["status_str"] == "success", messages(reference).get("execution_error")
+        if "4" not in messages(reference)["execution_cached"]["nodes"]:
+            break
+    else:
+        raise AssertionError("ComfyUI's cache was not emptied: the API workflow was not drawn again")
+    assert drawn.shape == (64, 64, 3)
+    assert (drawn == _image(comfy, reference, "6")).all()
