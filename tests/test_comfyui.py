@@ -569,6 +569,16 @@ def test_progress_moves_and_previews_reach_the_browser(comfy):
     assert previews >= 3
 
 
+def _declared_inputs(info: dict):
+    """node -> the inputs of an API node that the server (its /object_info `info`) declares: a newer editor adds its
+    own widgets (e.g. Preview Any's previewMode), which the server ignores."""
+    def declared(node: dict) -> dict:
+        spec = info[node["class_type"]]["input"]
+        return {k: v for k, v in node["inputs"].items() if k in {*spec.get("required", {}), *spec.get("optional", {})}}
+
+    return declared
+
+
 def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
     """In the real frontend (Debian's chromium through playwright): every UI workflow loads with no missing
     node, and the prompt the editor would queue equals the API twin."""
@@ -578,14 +588,7 @@ def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     ui_files = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
-    info = comfy.get("/object_info")
-
-    def declared(node: dict) -> dict:
-        """The inputs the server declares for the node (a newer editor adds its own widgets, e.g. Preview Any's
-        previewMode, which the server ignores)."""
-        spec = info[node["class_type"]]["input"]
-        names = {*spec.get("required", {}), *spec.get("optional", {})}
-        return {k: v for k, v in node["inputs"].items() if k in names}
+    declared = _declared_inputs(comfy.get("/object_info"))
 
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
@@ -892,11 +895,7 @@ def test_blueprints_are_listed_inserted_and_one_draws_what_its_workflow_draws(co
         pytest.skip(f"frontend {comfy.frontend_version} lists no blueprints of custom nodes")
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "subgraphs", "*.json")))
     assert names == sorted(k for k in BLUEPRINTS if not k.startswith("_"))
-    info = comfy.get("/object_info")
-
-    def declared(node: dict) -> dict:
-        spec = info[node["class_type"]]["input"]
-        return {k: v for k, v in node["inputs"].items() if k in {*spec.get("required", {}), *spec.get("optional", {})}}
+    declared = _declared_inputs(comfy.get("/object_info"))
 
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox"])
