@@ -9,7 +9,10 @@ lays it out (ui_workflow.layout), gives each single-file loader its properties.m
 spec's `outside` ones into one subgraph with the editor's own `convertToSubgraph` (the links across become the
 subgraph's inputs and outputs), shows the spec's widgets on the node through subgraph inputs (as ComfyUI's own
 blueprints do) and saves what the editor's "Publish subgraph" saves: the one node and its subgraph definition.
-ComfyUI 0.33.0 lists custom_nodes/<pack>/subgraphs/*.json in the node library (app/subgraph_manager.py).
+ComfyUI 0.33.0 lists custom_nodes/<pack>/subgraphs/*.json in the node library (app/subgraph_manager.py): its
+frontend (1.49.6, stores/subgraphStore.ts) fetches /global_subgraphs after start-up and registers each file as node
+type `SubgraphBlueprint.<its /global_subgraphs id>` (a hash, not the name), shown by its file name under
+Subgraph Blueprints/<the subgraph's category>; tests/test_comfyui.py finds, inserts and queues them there.
 """
 
 from __future__ import annotations
