@@ -125,6 +125,15 @@ class FileLoader:
     def INPUT_TYPES(cls):
         return {"required": {cls.INPUT: file_input(cls.KIND, cls.TOOLTIP), "weight_dtype": dtype_input()}}
 
+    @classmethod
+    def models(cls, inputs: dict) -> list[dict]:
+        """The node's properties.models in a workflow that picks `inputs`: the picked file with its download URL and
+        folder, as ComfyUI's templates write them (empty for a file the table of sources does not know)."""
+        from ..loaders.explain import file_source
+
+        source = file_source(cls.KIND, inputs.get(cls.INPUT))
+        return [source.as_model()] if source else []
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.INPUT and "VALIDATE_INPUTS" not in cls.__dict__:

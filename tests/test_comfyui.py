@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -284,6 +285,7 @@ def comfy(request, shipped_models, models_dir, tmp_path_factory):
     except StartError as e:
         pytest.fail(str(e))
     c.input_dir = str(inputs)
+    c.release = COMFYUI
     c.frontend_version = c_frontend
     print(f"\n{release_name(COMFYUI)} (frontend {c_frontend}) answered {time.monotonic() - started:.0f} s after start")
     try:
@@ -587,6 +589,16 @@ def test_progress_moves_and_previews_reach_the_browser(comfy):
     assert previews >= 3
 
 
+def _declared_inputs(info: dict):
+    """node -> the inputs of an API node that the server (its /object_info `info`) declares: a newer editor adds its
+    own widgets (e.g. Preview Any's previewMode), which the server ignores."""
+    def declared(node: dict) -> dict:
+        spec = info[node["class_type"]]["input"]
+        return {k: v for k, v in node["inputs"].items() if k in {*spec.get("required", {}), *spec.get("optional", {})}}
+
+    return declared
+
+
 def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
     """In the real frontend (Debian's chromium through playwright): every UI workflow loads with no missing
     node, and the prompt the editor would queue equals the API twin."""
@@ -596,14 +608,7 @@ def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     ui_files = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
-    info = comfy.get("/object_info")
-
-    def declared(node: dict) -> dict:
-        """The inputs the server declares for the node (a newer editor adds its own widgets, e.g. Preview Any's
-        previewMode, which the server ignores)."""
-        spec = info[node["class_type"]]["input"]
-        names = {*spec.get("required", {}), *spec.get("optional", {})}
-        return {k: v for k, v in node["inputs"].items() if k in names}
+    declared = _declared_inputs(comfy.get("/object_info"))
 
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
@@ -870,3 +875,163 @@ def test_ernie_vl_with_its_experts_in_cpu_memory_answers_as_with_them_in_the_mod
     folder = workflow("in CPU memory")["2"]["inputs"]["folder"]
     model = NODE_CLASS_MAPPINGS["LetterpressErnieVLLoader"]().run(folder, "auto", "in CPU memory")[0].module
     assert inside_size - offloaded_size == expert_offload.bank_bytes(model) > 0  # ComfyUI holds all but the experts
+
+
+# The editor of ComfyUI 0.33.0 (frontend 1.49.6): downloads offered for missing files, blueprints listed ---------
+
+MISSING = ["ernie-image-turbo.safetensors", "ministral-3-3b.safetensors", "ernie-image-prompt-enhancer.safetensors",
+           "flux2-vae.safetensors"]
+
+
+def test_a_shipped_workflow_with_its_files_absent_offers_each_for_download(comfy, tmp_path):
+    """Opened on a ComfyUI whose models/ is empty, the editor's Missing Models panel lists every single file of the
+    workflow with its folder and a Download button, and holds the URL of loaders/explain.py's table for each."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright for the editor test")
+    if _version(comfy.frontend_version) < (1, 49):
+        pytest.skip(f"frontend {comfy.frontend_version} has no missing-models panel of this kind")
+    from letterpress.loaders.explain import MODELS
+
+    (tmp_path / "custom_nodes").mkdir()
+    os.symlink(ROOT, tmp_path / "custom_nodes" / "ComfyUI-Letterpress")
+    root, _ = frontend_for(comfy.release)
+    empty = start(comfy.release, str(tmp_path), ["--cpu", *(["--front-end-root", root] if root else [])])
+    ui = json.load(open(os.path.join(ROOT, "workflows", "ernie_image_turbo_single_files.json")))
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(empty.url, wait_until="domcontentloaded")
+            page.wait_for_function("() => window.app && window.app.graph && 'LetterpressErnieImageDiTLoader' in "
+                                   "window.LiteGraph.registered_node_types", polling=250, timeout=120000)
+            page.evaluate("() => document.querySelectorAll('.p-dialog-mask, .p-toast').forEach(e => e.remove())")
+            page.evaluate("([ui, name]) => window.app.loadGraphData(ui, true, true, name)", [ui, "turbo.json"])
+            # the error overlay's button (the template browser a new user sees first may cover it)
+            page.locator("[data-testid=error-overlay-see-errors]").dispatch_event("click", timeout=60000)
+            page.wait_for_function("(names) => names.every(n => document.body.innerText.includes(n))", arg=MISSING,
+                                   polling=250, timeout=60000)
+            page.screenshot(path=os.path.join(tempfile.gettempdir(), "letterpress_missing_models.png"))
+            assert page.get_by_text("Missing Models").count() and \
+                page.evaluate("() => [...document.querySelectorAll('button')].filter(b => b.innerText.trim() === "
+                              "'Download').length") == len(MISSING)
+            # the candidates behind the panel: each file with the URL and folder the table gives it
+            shown = page.evaluate("""() => {
+                const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
+                const store = [...pinia._s.values()].find(s => Array.isArray(s.missingModelCandidates));
+                return store.missingModelCandidates.map(c => ({name: c.name, url: c.url, directory: c.directory}));
+            }""")
+            table = {s.name: s.as_model() for s in MODELS if s.file}
+            assert sorted(shown, key=lambda m: m["name"]) == sorted((table[n] for n in MISSING), key=lambda m: m["name"])
+            browser.close()
+    finally:
+        empty.stop()
+
+
+BLUEPRINTS = json.load(open(os.path.join(ROOT, "tools", "blueprints.json")))
+PINIA = "document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s"
+
+
+def _inner_prompt(prompt: dict, outside: list[str]) -> dict:
+    """The part of a prompt the editor queues for one inserted blueprint: its inner nodes ("N:id" in the prompt)
+    by their ids in the source workflow, links between them as the API writes them, links from outside dropped."""
+    inner = {}
+    for key, node in prompt.items():
+        if ":" not in key:
+            continue
+        inputs = {k: ([v[0].split(":")[-1], v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
+        inner[key.split(":")[-1]] = {"class_type": node["class_type"],
+                                     "inputs": {k: v for k, v in inputs.items() if not (isinstance(v, list) and v[0] in outside)}}
+    return inner
+
+
+def test_blueprints_are_listed_inserted_and_one_draws_what_its_workflow_draws(comfy):
+    """In ComfyUI 0.33.0's editor: the node library lists each of subgraphs/*.json under Subgraph Blueprints >
+    Letterpress; each, clicked there on an empty graph, becomes one subgraph node whose prompt is its source
+    workflow's nodes with their settings; Ovis-Image's, sized through its promoted widgets, wired to a Save Image
+    and queued with the editor's Run button, saves the image the source API workflow saves through POST /prompt."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright for the editor test")
+    if _version(comfy.frontend_version) < (1, 49):
+        pytest.skip(f"the test drives frontend 1.49's node library; {comfy.frontend_version}'s differs (1.35.9, of "
+                    "ComfyUI 0.8.0, lists the blueprints too, with no category folder)")
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "subgraphs", "*.json")))
+    assert names == sorted(k for k in BLUEPRINTS if not k.startswith("_"))
+    declared = _declared_inputs(comfy.get("/object_info"))
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(comfy.url, wait_until="domcontentloaded")
+        page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
+                               "'LetterpressOvisImageSampler' in window.LiteGraph.registered_node_types",
+                               polling=250, timeout=120000)
+        # Global blueprints load after the editor starts (fetchSubgraphs, not awaited), keyed by /global_subgraphs' id
+        listed = page.wait_for_function(f"""() => {{
+            const defs = {PINIA}.get('subgraph').subgraphBlueprints.filter(d => d.category === 'Subgraph Blueprints/Letterpress');
+            return defs.length >= 7 && defs.map(d => d.display_name).sort();
+        }}""", polling=250, timeout=120000).json_value()
+        assert listed == names
+        templates = page.locator("[aria-labelledby=global-workflow-template-selector]")  # what a new user sees first
+        try:
+            templates.wait_for(timeout=15000)
+            page.keyboard.press("Escape")
+            templates.wait_for(state="detached", timeout=30000)
+        except sync_api.TimeoutError:
+            assert not templates.count()
+        page.evaluate(f"() => {PINIA}.get('command').execute('Workspace.ToggleSidebarTab.node-library')")
+        search = page.get_by_placeholder("Search...")
+        prompts = {}
+        for name in names:
+            page.evaluate("() => window.app.graph.clear()")
+            search.fill(name.split(" (")[0])  # as a user types it (the library's search finds no parentheses)
+            page.get_by_text(name, exact=True).first.click()  # the library's leaf picks it up (a click-drag) ...
+            page.mouse.click(1000, 500)  # ... and a click on the canvas drops it there
+            page.wait_for_function("() => window.app.graph._nodes.length === 1", polling=250, timeout=30000)
+            prompts[name] = page.evaluate("""async () => {
+                const node = window.app.graph._nodes[0];
+                return {title: node.title, subgraph: !!node.subgraph, prompt: (await window.app.graphToPrompt()).output};
+            }""")
+        for name in names:
+            spec = BLUEPRINTS[name]
+            api = json.load(open(os.path.join(ROOT, "workflows", "api", spec["workflow"] + "_api.json")))
+            got = prompts[name]
+            assert got["title"] == name and got["subgraph"], name
+            inner = _inner_prompt(got["prompt"], spec["outside"])
+            want = {k: {"class_type": v["class_type"], "inputs": {i: x for i, x in declared(v).items()
+                                                                 if not (isinstance(x, list) and x[0] in spec["outside"])}}
+                    for k, v in api.items() if k not in spec["outside"]}
+            assert {k: {**v, "inputs": declared(v)} for k, v in inner.items()} == want, name
+        # The last one dropped, Ovis-Image's, end to end: sized through its promoted widgets, wired to a Save Image,
+        # queued with the editor's Run button
+        assert names[-1] == "Ovis-Image Text to Image"
+        save_id = page.evaluate("""() => {
+            const node = window.app.graph._nodes[0];
+            for (const w of node.widgets) if (w.name === 'width' || w.name === 'height') w.value = 64;
+            const save = window.LiteGraph.createNode('SaveImage');
+            window.app.graph.add(save);
+            save.pos = [node.pos[0] + node.size[0] + 60, node.pos[1]];
+            save.widgets.find(w => w.name === 'filename_prefix').value = 'letterpress/blueprint_ovis';
+            node.connect(0, save, 0);
+            window.app.canvas.setDirty(true, true);
+            return String(save.id);
+        }""")
+        with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as queued:
+            page.get_by_test_id("queue-button").click()  # Run
+        assert queued.value.ok, queued.value.text()
+        entry = comfy.wait(queued.value.json()["prompt_id"])
+        assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+        page.screenshot(path=os.path.join(tempfile.gettempdir(), "letterpress_blueprint_queued.png"))
+        browser.close()
+    drawn = _image(comfy, entry, save_id)
+    # the source workflow through POST /prompt, same seed and settings, with ComfyUI's cache emptied first so that
+    # it draws again rather than reusing the blueprint's outputs (its sampler must not be among the cached nodes)
+    api = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ovis_image_single_files_api.json"))), steps=50)
+    for _ in range(3):
+        comfy.post("/free", {"unload_models": True, "free_memory": True})
+        time.sleep(1)
+        reference = comfy.wait(comfy.queue(api))
+        assert reference["status"]["status_str"] == "success", messages(reference).get("execution_error")
+        if "4" not in messages(reference)["execution_cached"]["nodes"]:
+            break
+    else:
+        raise AssertionError("ComfyUI's cache was not emptied: the API workflow was not drawn again")
+    assert drawn.shape == (64, 64, 3)
+    assert (drawn == _image(comfy, reference, "6")).all()

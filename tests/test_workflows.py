@@ -183,6 +183,50 @@ def test_ui_workflow_queues_as_its_api_twin(path):
     assert ours == {k: {"class_type": v["class_type"], "inputs": declared(v)} for k, v in api.items()}
 
 
+# properties.models: the download the editor offers for each single file a loader picks -------------------------
+
+BLUEPRINTS = sorted(glob.glob(os.path.join(ROOT, "subgraphs", "*.json")))
+
+
+def all_nodes(ui: dict) -> list[dict]:
+    """The nodes of a UI workflow or blueprint, those inside its subgraph definitions included."""
+    return ui["nodes"] + [n for sg in ui.get("definitions", {}).get("subgraphs", []) for n in sg["nodes"]]
+
+
+def picked(node: dict, cls, name: str):
+    """The value of widget `name` of a saved node (kept in widgets_values also where a subgraph input feeds it)."""
+    names = [n for n, _ in widget_slots(cls)]
+    return node["widgets_values"][names.index(name)]
+
+
+@pytest.mark.parametrize("path", UI + BLUEPRINTS, ids=[os.path.relpath(p, ROOT) for p in UI + BLUEPRINTS])
+def test_single_file_loaders_name_their_download_as_the_table_of_sources_does(path):
+    """Every properties.models entry is the file, URL and folder of loaders/explain.py's table (as ComfyUI's
+    templates write them), and every single-file loader picking a file the table knows carries exactly it."""
+    from letterpress.loaders.explain import file_source
+    from letterpress.nodes.common import FileLoader
+
+    classes = _classes()
+    for node in all_nodes(json.load(open(path))):
+        models = node.get("properties", {}).get("models", [])
+        for entry in models:
+            source = file_source(entry["directory"], entry["name"])
+            assert source is not None and entry == source.as_model(), f"{node['type']}: {entry}"
+        cls = classes.get(node["type"])
+        if isinstance(cls, type) and issubclass(cls, FileLoader):
+            name = picked(node, cls, cls.INPUT)
+            want = [file_source(cls.KIND, name).as_model()] if file_source(cls.KIND, name) else []
+            assert models == want, f"{node['type']} picks {name}"
+
+
+def test_the_single_file_workflows_carry_downloads():
+    """The checks above hold on something: the workflows of single files name each of their files."""
+    named = {m["name"] for path in UI + BLUEPRINTS for node in all_nodes(json.load(open(path)))
+             for m in node.get("properties", {}).get("models", [])}
+    assert {"ernie-image.safetensors", "ministral-3-3b.safetensors", "flux2-vae.safetensors",
+            "ernie-image-turbo-Q4_K_M.gguf"} <= named
+
+
 @pytest.mark.parametrize("workflow", ["ovis_image_t2i_api.json", "glm_image_t2i_api.json"])
 def test_other_families_send_live_previews(shipped_models, host, workflow):
     from letterpress.runner import set_values

@@ -22,13 +22,16 @@ the one with the fewest wires across node boxes is kept, else of those within 2%
 workflows/NAME.json, then opens that file in a fresh page at 1600x1000 and checks through the canvas's own transform
 that every node and group lies inside the window and is not hidden by the editor's bars, and that the scale is at
 least READABLE (below it the editor draws nodes as blank boxes); with --screenshots, a picture of each.
-The output depends only on the API twin, the spec and the editor release. Needs ComfyUI's requirements, playwright
-and /usr/bin/chromium.
+Each single-file loader carries properties.models (the file with its URL and folder, from loaders/explain.py's
+table), which the editor's missing-models dialog offers for download.
+The output depends only on the API twin, the spec and the editor release. Needs ComfyUI's requirements, playwright,
+/usr/bin/chromium and the pack importable as `letterpress` (e.g. installed with pip install -e .).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -43,7 +46,7 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join(ROOT, "tools", "workflow_notes.json")
 FOLDERS = {"dit_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae",
-           "lora_name": "loras", "enhancer_name": "text_encoders"}
+           "lora_name": "loras", "prompt_enhancer_name": "text_encoders"}
 CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,6 +399,7 @@ MAKE = """([lay, fixed]) => {
     for (const n of graph._nodes)
         for (const w of n.widgets || []) if (fixed.includes(n.type) && w.name === "control_after_generate") w.value = "fixed";
     for (const n of graph._nodes) n.pos = lay.pos[String(n.id)];
+    for (const n of graph._nodes) if (lay.models[String(n.id)]) n.properties.models = lay.models[String(n.id)];
     const note = window.LiteGraph.createNode("Note");
     graph.add(note);
     note.title = "Files this workflow needs";
@@ -434,10 +438,24 @@ CHECK = """() => {
 }"""
 
 
+def node_models(api: dict) -> dict[str, list[dict]]:
+    """properties.models of each single-file loader of the workflow, by node id: the file it picks, with its URL and
+    folder from loaders/explain.py's table (FileLoader.models), as ComfyUI's templates carry them."""
+    from letterpress.nodes import NODE_CLASS_MAPPINGS
+    from letterpress.nodes.common import FileLoader
+
+    found = {}
+    for nid, node in api.items():
+        cls = NODE_CLASS_MAPPINGS.get(node["class_type"])
+        if isinstance(cls, type) and issubclass(cls, FileLoader) and cls.models(node["inputs"]):
+            found[nid] = cls.models(node["inputs"])
+    return found
+
+
 def make(page, api: dict, name: str, spec: dict) -> dict:
     _load(page, "([api, name]) => window.app.loadApiJson(api, name)", [api, name], len(api))
     sizes = page.evaluate("() => Object.fromEntries(window.app.graph._nodes.map(n => [String(n.id), [...n.size]]))")
-    lay = layout(api, sizes, spec)
+    lay = {**layout(api, sizes, spec), "models": node_models(api)}
     ui = json.loads(page.evaluate(MAKE, [lay, FIXED]))
     ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-letterpress/workflows/" + name))  # not a random one
     for node in ui["nodes"]:
@@ -468,6 +486,41 @@ def check(browser, url: str, ui: dict, name: str, screenshot: str | None) -> lis
         page.close()
 
 
+@contextlib.contextmanager
+def editor(comfyui: str, apis: list[dict], front_end_root: str | None = None):
+    """(browser, url): the ComfyUI tree `comfyui` on CPU with this pack and stand-ins for the files `apis` name,
+    its editor (`front_end_root`, else the installed frontend) reached through Debian's chromium."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as base:
+        os.makedirs(os.path.join(base, "custom_nodes"))
+        os.makedirs(os.path.join(base, "input"))
+        os.symlink(ROOT, os.path.join(base, "custom_nodes", "ComfyUI-Letterpress"))
+        for api in apis:
+            _stand_ins(api, base)
+        port = _port()
+        log = open(os.path.join(tempfile.gettempdir(), "letterpress_ui_workflow.log"), "w")
+        server = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                   "--base-directory", base, "--disable-auto-launch",
+                                   *(["--front-end-root", front_end_root] if front_end_root else [])],
+                                  cwd=comfyui, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(480):
+                try:
+                    urllib.request.urlopen(url + "/system_stats", timeout=5)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM)
+                yield browser, url
+                browser.close()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("api", nargs="*", help="API workflows (workflows/api/NAME_api.json)")
@@ -490,47 +543,22 @@ def main() -> None:
         layout(jobs[-1][1], {n: [300, 100] for n in jobs[-1][1]}, jobs[-1][2])  # a bad spec fails before the editor starts
     if args.screenshots:
         os.makedirs(args.screenshots, exist_ok=True)
-    from playwright.sync_api import sync_playwright
 
     failed = []
-    with tempfile.TemporaryDirectory() as base:
-        os.makedirs(os.path.join(base, "custom_nodes"))
-        os.makedirs(os.path.join(base, "input"))
-        os.symlink(ROOT, os.path.join(base, "custom_nodes", "ComfyUI-Letterpress"))
-        for _, api, _ in jobs:
-            _stand_ins(api, base)
-        port = _port()
-        log = open(os.path.join(tempfile.gettempdir(), "letterpress_ui_workflow.log"), "w")
-        server = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                   "--base-directory", base, "--disable-auto-launch"], cwd=args.comfyui,
-                                  stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(480):
-                try:
-                    urllib.request.urlopen(url + "/system_stats", timeout=5)
-                    break
-                except OSError:
-                    time.sleep(0.5)
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM)
-                for name, api, spec in jobs:
-                    page = _open_editor(browser, url)
-                    ui = make(page, api, name, spec)
-                    page.close()
-                    out = os.path.join(ROOT, "workflows", name + ".json")
-                    with open(out, "w") as f:
-                        json.dump(ui, f, indent=2)
-                        f.write("\n")
-                    shot = os.path.join(args.screenshots, name + ".png") if args.screenshots else None
-                    problems = check(browser, url, ui, name, shot)
-                    print(out, f"ok (scale {ui['extra']['ds']['scale']})" if not problems else
-                          "NOT IN VIEW OR NOT READABLE:\n  " + "\n  ".join(problems), flush=True)
-                    failed += [name] if problems else []
-                browser.close()
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    with editor(args.comfyui, [api for _, api, _ in jobs]) as (browser, url):
+        for name, api, spec in jobs:
+            page = _open_editor(browser, url)
+            ui = make(page, api, name, spec)
+            page.close()
+            out = os.path.join(ROOT, "workflows", name + ".json")
+            with open(out, "w") as f:
+                json.dump(ui, f, indent=2)
+                f.write("\n")
+            shot = os.path.join(args.screenshots, name + ".png") if args.screenshots else None
+            problems = check(browser, url, ui, name, shot)
+            print(out, f"ok (scale {ui['extra']['ds']['scale']})" if not problems else
+                  "NOT IN VIEW OR NOT READABLE:\n  " + "\n  ".join(problems), flush=True)
+            failed += [name] if problems else []
     if failed:
         sys.exit(f"not fully in view or not readable at {VIEW[0]}x{VIEW[1]}: {', '.join(failed)}")
 
