@@ -158,3 +158,24 @@ def compute_device() -> torch.device:
 
     device = get_host().compute_device()
     return device if device.type == "cuda" else torch.device("cpu")
+
+
+def build_layers(model: torch.nn.Module, ops, qtype: int | None) -> torch.nn.Module:
+    """For a model another library has already loaded (ERNIE-4.5-VL, through transformers): its layers rebuilt as the
+    host's (layers.build_layers), then, for a GGUF type, each Linear weight `packs` picks quantized and put back
+    packed, one layer at a time (each layer's full-precision weight is freed as its packed bytes replace it; the
+    loaded model itself was full precision, so such a load peaks at that size, unlike fill_module's)."""
+    from . import layers
+
+    if qtype is None:
+        return layers.build_layers(model, ops)
+    layers.build_layers(model, layers.with_quantized(ops))
+    device = compute_device()
+    # a head tied to the token embeddings stays as it is, as the meta-device loaders tie it after loading
+    embedded = {m.weight.untyped_storage().data_ptr() for m in model.modules() if layers.kind_of(m) == "Embedding"}
+    for layer in model.modules():
+        weight = getattr(layer, "weight", None)
+        if (isinstance(layer, layers.QuantizedWeight) and not layer.packed and isinstance(weight, torch.Tensor)
+                and packs(tuple(weight.shape), qtype) and weight.untyped_storage().data_ptr() not in embedded):
+            layers.load_into(layer, {"weight": pack(weight.detach(), qtype, device)}, "")
+    return model

@@ -66,3 +66,84 @@ def test_ernie_image_every_stage_quantized_equals_the_pipeline_with_those_weight
                                             top_p=1.0)
     ours = ernie_node("PromptEnhance").run(pe, "a cat", 64, 48, 0, 0.0, 1.0, max_new)[0]
     assert ours == ref_text
+
+
+# Ovis-Image: DiT, text encoder -----------------------------------------------------------------------------------
+
+
+def test_ovis_image_every_stage_quantized_equals_the_pipeline_with_those_weights(ovis, models_dir):
+    from diffusers import OvisImagePipeline
+
+    qtype = quantize.TYPES["Q8_0"]
+    dit, te, vae = N["LetterpressOvisImageFolderLoader"]().run("Ovis-Image-7B", "Q8_0")
+    pipe = OvisImagePipeline.from_pretrained(os.path.join(models_dir, "diffusers", "Ovis-Image-7B"))
+    pipe.set_progress_bar_config(disable=True)
+    for stage, ref in ((dit, pipe.transformer), (te, pipe.text_encoder)):
+        assert len(packed_layers(stage.module, qtype)) == expected_packed(ref, qtype) > 0
+        dequantized_like_the_loader(ref, qtype)
+    pos, neg = N["LetterpressOvisImageTextEncode"]().run(te, PROMPT, "", 256)
+    lat = N["LetterpressOvisImageEmptyLatent"]().run(48, 32, 1)[0]
+    out = N["LetterpressOvisImageSampler"]().run(dit, pos, lat, 3, 3, 4.0, 1.0, negative=neg)[0]
+    image = N["LetterpressOvisImageVAEDecode"]().run(vae, out)[0]
+    ref = pipe(PROMPT, negative_prompt="", height=32, width=48, num_inference_steps=3, guidance_scale=4.0,
+               generator=torch.Generator("cpu").manual_seed(3), output_type="np", max_sequence_length=256).images
+    assert (image - torch.from_numpy(ref)).abs().max().item() <= 1e-4
+
+
+# GLM-Image: AR model (its vision encoder too) and DiT; the glyph encoder (ByT5, 0.2B) stays in the compute dtype --
+
+
+def test_glm_image_every_stage_quantized_equals_the_pipeline_with_those_weights(glm):
+    from diffusers import GlmImagePipeline
+
+    qtype = quantize.TYPES["Q4_0"]
+    ar, glyph, dit, vae = N["LetterpressGlmImageFolderLoader"]().run("GLM-Image", "Q4_0")
+    pipe = GlmImagePipeline.from_pretrained(glm["folder"])
+    pipe.set_progress_bar_config(disable=True)
+    for stage, ref in ((ar, pipe.vision_language_encoder), (dit, pipe.transformer)):
+        assert len(packed_layers(stage.module, qtype)) == expected_packed(ref, qtype) > 0
+        dequantized_like_the_loader(ref, qtype)
+    vision = ar.module.model.visual
+    assert any(layers.is_packed(m) for m in vision.modules())  # the vision part is quantized too
+    assert not any(layers.is_packed(m) for m in glyph.module.modules())
+
+    seed, w, h, prompt = 5, 96, 64, 'a vintage poster that says "hello world" in red'
+    ref_tokens, _, _ = pipe.generate_prior_tokens(prompt, h, w, device=torch.device("cpu"),
+                                                  generator=torch.Generator().manual_seed(seed))
+    ref = pipe(prompt, height=h, width=w, num_inference_steps=3, guidance_scale=1.5, prior_token_ids=ref_tokens,
+               generator=torch.Generator().manual_seed(seed), output_type="pt").images.permute(0, 2, 3, 1)
+    prior, text = N["LetterpressGlmImageARTokens"]().run(ar, prompt, w, h, seed, 0.9, 0.75)
+    pos, _ = N["LetterpressGlmImageGlyphEncode"]().run(glyph, text)
+    neg, _ = N["LetterpressGlmImageGlyphEncode"]().run(glyph, "")
+    lat = N["LetterpressGlmImageSampler"]().run(dit, prior, pos, seed, 3, 1.5, negative=neg)[0]
+    image = N["LetterpressGlmImageVAEDecode"]().run(vae, lat)[0]
+    assert torch.equal(prior.tokens, ref_tokens)
+    assert (image - ref).abs().max().item() <= 1e-4
+
+
+# ERNIE-4.5-VL (loaded by transformers, then its Linear layers packed; the routed experts are item 2's bank) ------
+
+
+def test_ernie_vl_quantized_answers_as_transformers_with_those_weights(ernie_vl):
+    from transformers import AutoTokenizer, Ernie4_5_VLMoeForConditionalGeneration, Ernie4_5_VLMoeImageProcessorPil
+
+    from test_ernie_vl import as_tensor, pil_images, reference_ids, words
+
+    qtype = quantize.TYPES["Q8_0"]
+    vl = N["LetterpressErnieVLLoader"]().run("ERNIE-4.5-VL-28B-A3B-PT", "Q8_0")[0]
+    folder = ernie_vl["folder"]
+    model = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(folder).eval()
+    assert len(packed_layers(vl.module, qtype)) == expected_packed(model, qtype) > 0
+    assert any(layers.is_packed(m) for m in vl.module.model.vision_tower.modules())
+    dequantized_like_the_loader(model, qtype)
+    reference = model, AutoTokenizer.from_pretrained(folder), Ernie4_5_VLMoeImageProcessorPil.from_pretrained(folder)
+    tok = reference[1]
+    for seed in range(1, 9):  # an image whose reference answer is long and holds no framing token
+        images = pil_images(seed, 1)
+        ref = reference_ids(reference, images, thinking=False, tokens=16)
+        body = ref[:-1] if ref and ref[-1] == tok.eos_token_id else ref
+        if len(body) >= 8 and tok.bos_token_id not in body and tok.pad_token_id not in body:
+            break
+    answer, _ = N["LetterpressErnieVLGenerate"]().run(vl, as_tensor(images), "free question", "describe this image", "",
+                                                      False, 16, 0.0, 0.8, 0)
+    assert len(body) >= 8 and answer == words(tok, body), seed
