@@ -147,3 +147,34 @@ def test_ernie_vl_quantized_answers_as_transformers_with_those_weights(ernie_vl)
     answer, _ = N["LetterpressErnieVLGenerate"]().run(vl, as_tensor(images), "free question", "describe this image", "",
                                                       False, 16, 0.0, 0.8, 0)
     assert len(body) >= 8 and answer == words(tok, body), seed
+
+
+# The same layers as a GGUF file's: LoRAs (and QLoRA training, tests/test_lora_training.py) work on them unchanged --
+
+
+def test_a_dit_quantized_at_load_is_the_gguf_files_dit_byte_for_byte_and_takes_loras_alike(shipped_models):
+    """ernie-image.safetensors loaded as Q4_0 against the GGUF the `gguf` package writes from the same weights in Q4_0
+    (conftest's ernie-image-turbo-Q4_K_M.gguf): the same layer classes holding the same bytes, so the same image with
+    and without a LoRA."""
+    loader, lora_node = ernie_node("DiTLoader"), N["LetterpressErnieImageLoraLoader"]()
+    ours = loader.run("ernie-image.safetensors", "Q4_0")[0]
+    theirs = loader.run("ernie-image-turbo-Q4_K_M.gguf", "auto")[0]
+    a, b = dict(ours.module.named_modules()), dict(theirs.module.named_modules())
+    packed = [n for n, m in a.items() if layers.is_packed(m)]
+    assert packed == [n for n, m in b.items() if layers.is_packed(m)] and packed
+    for n in packed:
+        assert type(a[n]) is type(b[n]) and a[n].pack_fmt == b[n].pack_fmt and a[n].qshape == b[n].qshape
+        assert torch.equal(a[n].weight, b[n].weight), n
+    te, vae = ernie_node("TextEncoderLoader").run("ministral-3-3b.safetensors", "auto")[0], \
+        ernie_node("VAELoader").run("flux2-vae.safetensors", "auto")[0]
+
+    def image(dit):
+        pos = ernie_node("TextEncode").run(te, PROMPT)[0]
+        lat = ernie_node("EmptyLatent").run(32, 32, 1)[0]
+        return ernie_node("VAEDecode").run(vae, ernie_node("Sampler").run(dit, pos, lat, 1, 2, 1.0, 4.0, 1.0)[0])[0]
+
+    plain = image(ours)
+    assert torch.equal(plain, image(theirs))
+    with_lora = image(lora_node.run(ours, "ernie_image_lora.safetensors", 1.0)[0])
+    assert torch.equal(with_lora, image(lora_node.run(theirs, "ernie_image_lora.safetensors", 1.0)[0]))
+    assert (with_lora - plain).abs().max().item() > 1e-3  # the LoRA is there
