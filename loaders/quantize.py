@@ -33,7 +33,7 @@ from .packed import Packed
 TYPES = {"Q8_0": Q8_0, "Q5_1": Q5_1, "Q5_0": Q5_0, "Q4_1": Q4_1, "Q4_0": Q4_0}
 BLOCK = 32
 SMALL = 1024  # ComfyUI-GGUF keeps tensors of at most this many values unquantized
-_CHUNK = 1 << 22  # values quantized at once: bounds the float32 working memory (about 6 x 16 MiB)
+_CHUNK = 1 << 20  # values quantized at once: bounds the float32 working memory (a few 4 MiB temporaries)
 
 
 def type_of(choice: str) -> int | None:
@@ -129,7 +129,7 @@ _QUANT = {Q8_0: _q8_0, Q4_0: _q4_0, Q4_1: _q4_1, Q5_0: _q5_0, Q5_1: _q5_1}
 def quantize(x: torch.Tensor, qtype: int, device: torch.device | str | None = None) -> torch.Tensor:
     """`x` (any float dtype, last dimension whole 32-value blocks, e.g. a Linear weight or a bank of expert weights)
     as ggml `qtype` bytes: uint8 of x's shape with the last dimension in bytes, on the CPU. Computed on `device`
-    (default: x's own) in slices of about 4M values, so the float32 working copy stays small."""
+    (default: x's own) in slices of about 1M values, so the float32 working copy stays small."""
     if qtype not in _QUANT:
         raise LetterpressError(f"cannot quantize to ggml type {qtype}: the types offered are {', '.join(TYPES)}.")
     if x.dim() == 0 or x.shape[-1] % BLOCK:
