@@ -2,10 +2,13 @@
 peak RSS / file size and load time / diffusers `from_single_file`, each load in a fresh process,
 interleaved, medians. `--gguf Q8_0` (or Q4_K, ...) measures a GGUF file of that type instead (written with the
 `gguf` package's quantizer): the weights stay packed, so peak RSS after loading and dequantizing every layer once
-(as a forward pass does, one layer at a time) should stay near the file size.
+(as a forward pass does, one layer at a time) should stay near the file size. `--quantize Q8_0` (or Q4_0, ...)
+loads a bf16 safetensors file with that weight_dtype: each Linear weight quantized as it is read, so peak RSS should
+stay near the packed model's size plus its largest layer, never the bf16 file's.
 
     python benchmarks/load_single_file.py [--runs 3] [--layers 10] [--keep DIR]
     python benchmarks/load_single_file.py --gguf Q8_0 --layers 37 [--runs 3] [--keep DIR]
+    python benchmarks/load_single_file.py --quantize Q8_0 --layers 19 [--runs 3] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ def rss(field):
 kind, path, cfg_dir = sys.argv[1:4]
 baseline = rss("VmRSS")
 start = time.perf_counter()
-if kind in ("pack", "gguf"):
+if kind in ("pack", "gguf") or kind.startswith("Q"):
     from letterpress.loaders.ernie_image import load_dit
-    handle = load_dit(path, "bf16" if kind == "gguf" else "fp32")
+    handle = load_dit(path, {"pack": "fp32", "gguf": "bf16"}.get(kind, kind))
     n = sum(p.numel() for p in handle.module.parameters())
 else:
     from diffusers import ErnieImageTransformer2DModel
@@ -44,7 +47,9 @@ else:
     n = sum(p.numel() for p in model.parameters())
 elapsed = time.perf_counter() - start
 peak_load = rss("VmHWM")
-if kind == "gguf":  # every packed layer dequantized once, one at a time, as a forward pass does
+loaded = sum(t.numel() * t.element_size() for t in [*handle.module.parameters(), *handle.module.buffers()]) \
+    if kind != "diffusers" else 0
+if kind != "pack" and kind != "diffusers":  # every packed layer dequantized once, one at a time, as a forward pass does
     from letterpress.loaders import layers
     touched = 0.0
     for m in handle.module.modules():
@@ -55,11 +60,12 @@ if kind == "gguf":  # every packed layer dequantized once, one at a time, as a f
 else:
     params = handle.module.parameters() if kind == "pack" else model.parameters()
     touched = sum(float(p.float().sum()) for p in params)  # read every weight, as a first forward would
-print(json.dumps({"seconds": elapsed, "baseline": baseline, "peak_load": peak_load, "peak_used": rss("VmHWM"), "params": n}))
+print(json.dumps({"seconds": elapsed, "baseline": baseline, "peak_load": peak_load, "peak_used": rss("VmHWM"),
+                  "params": n, "loaded": loaded}))
 """
 
 
-def make_checkpoint(folder: str, layers: int) -> str:
+def make_checkpoint(folder: str, layers: int, dtype=None) -> str:
     import torch
     from diffusers import ErnieImageTransformer2DModel
     from safetensors.torch import save_file
@@ -69,9 +75,9 @@ def make_checkpoint(folder: str, layers: int) -> str:
                                              ffn_hidden_size=FFN, text_in_dim=TEXT)
     model.save_config(os.path.join(folder, "transformer"))
     gen = torch.Generator().manual_seed(0)
-    tensors = {f"model.diffusion_model.{k}": (0.02 * torch.randn(v.shape, generator=gen)).float()
+    tensors = {f"model.diffusion_model.{k}": (0.02 * torch.randn(v.shape, generator=gen)).to(dtype or torch.float32)
                for k, v in model.state_dict().items()}
-    path = os.path.join(folder, "ernie-image-bench.safetensors")
+    path = os.path.join(folder, "ernie-image-bench.safetensors" if dtype is None else "ernie-image-bench-bf16.safetensors")
     save_file(tensors, path)
     return path
 
@@ -125,15 +131,51 @@ def main_gguf(args) -> None:
     print(f"  peak RSS / file size (whole process)                                  {med['peak_used'] / size:.3f}")
 
 
+def main_quantize(args) -> None:
+    import torch
+    from safetensors import safe_open
+
+    folder = args.keep or tempfile.mkdtemp()
+    path = os.path.join(folder, "ernie-image-bench-bf16.safetensors")
+    if not os.path.exists(path):
+        path = make_checkpoint(folder, args.layers, torch.bfloat16)
+    size = os.path.getsize(path)
+    with safe_open(path, "pt") as f:  # the largest layer, as the file holds it (bf16)
+        largest = max(2 * torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+    runs = []
+    for _ in range(args.runs):
+        out = subprocess.run([sys.executable, "-c", CHILD, args.quantize, path, folder], capture_output=True,
+                             text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {m: statistics.median(r[m] for r in runs) for m in ("seconds", "baseline", "peak_load", "peak_used", "loaded")}
+    above = med["peak_used"] - med["baseline"]
+    print(f"bf16 ERNIE-Image DiT, {size / 2**30:.2f} GiB ({runs[0]['params'] / 1e6:.0f} M weights) loaded as "
+          f"{args.quantize}, {args.runs} fresh-process loads, medians; RSS after imports is the baseline")
+    print(f"  load {med['seconds']:.1f} s | loaded model {med['loaded'] / 2**30:.2f} GiB (packed Linear weights, the rest "
+          f"in the compute dtype) | largest layer {largest / 2**20:.0f} MiB bf16 | peak RSS after load "
+          f"{med['peak_load'] / 2**30:.2f} GiB, after dequantizing every layer once {med['peak_used'] / 2**30:.2f} GiB")
+    load_above = med["peak_load"] - med["baseline"]
+    print(f"  peak RSS while loading, above baseline / (loaded size + largest layer)   "
+          f"{load_above / (med['loaded'] + largest):.3f}  (goal <= 1.15)")
+    print(f"  peak RSS above baseline, every layer also dequantized once / (loaded size + largest layer)   "
+          f"{above / (med['loaded'] + largest):.3f}")
+    print(f"  peak RSS above baseline / loaded size                     {above / med['loaded']:.3f}")
+    print(f"  peak RSS above baseline / bf16 file size                  {above / size:.3f}")
+    print(f"  peak RSS of the whole process / loaded size               {med['peak_used'] / med['loaded']:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--keep", default=None, help="reuse/keep the checkpoint in this folder")
     ap.add_argument("--gguf", default=None, help="measure a GGUF file of this type (Q8_0, Q4_K, ...) instead")
+    ap.add_argument("--quantize", default=None, help="load a bf16 file quantized at load to this type (Q8_0, Q4_0, ...)")
     args = ap.parse_args()
     if args.gguf:
         return main_gguf(args)
+    if args.quantize:
+        return main_quantize(args)
     folder = args.keep or tempfile.mkdtemp()
     path = os.path.join(folder, "ernie-image-bench.safetensors")
     if not os.path.exists(path):

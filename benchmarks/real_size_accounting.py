@@ -48,6 +48,22 @@ def gguf_bytes(module: torch.nn.Module, qtype: str) -> int:
     return total
 
 
+def quantized_at_load_bytes(module: torch.nn.Module, choice: str) -> int:
+    """Bytes of a stage loaded with weight_dtype `choice` (Q8_0, Q4_0, ...): the Linear weights loaders/quantize.py
+    packs (2-D, rows of whole 32-value blocks, more than 1024 values, not tied to an embedding) in the type's bytes,
+    everything else in bf16, as on a GPU."""
+    from letterpress.loaders import quantize
+
+    qtype = quantize.TYPES[choice]
+    total = 2 * sum(p.numel() for p in module.parameters())
+    embedded = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear) and id(w) not in embedded and quantize.packs(tuple(w.shape), qtype):
+            total += quantize.packed_size(tuple(w.shape), qtype) - 2 * w.numel()
+    return total
+
+
 def on_meta(factory):
     with torch.device("meta"):
         return factory()
@@ -278,9 +294,12 @@ def main() -> None:
                 (bf16, fp8), act = weight_bytes(on_meta(factory)), forward
             module = on_meta(factory)
             q8, q4 = gguf_bytes(module, "Q8_0"), gguf_bytes(module, "Q4_K")
-            rows.append((stage, bf16, fp8, act, q8, q4))
+            # quantized at load (every stage's weight_dtype Q8_0 / Q4_0); ByT5 stays in the compute dtype
+            at_load = [bf16 if "ByT5" in stage else quantized_at_load_bytes(module, c) for c in ("Q8_0", "Q4_0")]
+            rows.append((stage, bf16, fp8, act, q8, q4, *at_load))
             print(f"  {stage:40s} weights bf16 {bf16 / GB:6.2f} | fp8 storage {fp8 / GB:6.2f} | "
-                  f"GGUF Q8_0 {q8 / GB:6.2f} | Q4_K {q4 / GB:6.2f} | activations {act / GB:5.2f}")
+                  f"GGUF Q8_0 {q8 / GB:6.2f} | Q4_K {q4 / GB:6.2f} | quantized at load Q8_0 {at_load[0] / GB:6.2f} | "
+                  f"Q4_0 {at_load[1] / GB:6.2f} | activations {act / GB:5.2f}")
         all_bf16 = sum(r[1] for r in rows)
         peak_bf16 = max(r[1] + r[3] for r in rows)
         peak_fp8 = max(r[2] + r[3] for r in rows)
@@ -296,6 +315,11 @@ def main() -> None:
             peak = max((r[column] if r is dit else r[1]) + r[3] for r in rows)
             print(f"  staged peak with a GGUF {label} DiT:        {peak / GB:6.2f}  "
                   f"(DiT weights {dit[column] / GB:.2f} GB = {dit[column] / dit[1]:.2f} x bf16)")
+        for column, label in ((6, "Q8_0"), (7, "Q4_0")):
+            big = max(rows, key=lambda r: r[column] + r[3])
+            peak = big[column] + big[3]
+            print(f"  staged peak, every stage quantized at load to {label}: {peak / GB:6.2f}  [{big[0]}]  "
+                  f"{card_for(peak)}")
 
 
 if __name__ == "__main__":

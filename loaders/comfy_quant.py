@@ -36,8 +36,9 @@ call):
                              weight = (w.float() * weight_scale).to(dtype). Its "convrot" variant (Hadamard-rotated) and
                              convrot_w4a4 / asym_w4a8_int8 / awq_w4a16 are refused by name.
 
-Everything here is plain torch on the tensors' own device, vectorised, and bit-identical to comfy_kitchen's eager
-reference dequantization for the same output dtype.
+Where comfy-kitchen is installed its dequantization ops do the work (kitchen.py: its CUDA / Triton kernels on a GPU);
+otherwise, or where it has no kernel, the code here: plain torch on the tensors' own device, vectorised, and
+bit-identical to comfy_kitchen's eager reference dequantization for the same output dtype (tests/test_kitchen.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from . import kitchen
 from .errors import LetterpressError
 
 # Suffixes (the part after a layer's name) of the side tensors quantized files carry next to `<layer>.weight`, and
@@ -300,10 +302,14 @@ def dequantize_layer(tensors: Mapping[str, torch.Tensor], fmt: dict | str | None
             raise LetterpressError(f"layer {layer} is {name} but has no weight_scale (or scale_weight) tensor: the "
                                    "file is incomplete or damaged.")
         scale = _per_tensor(scale.to(w.device), w, layer)
-        out = w.to(dtype) * scale.to(torch.float32).to(dtype)
+        out = kitchen.dequantize_fp8(w, scale, dtype)
+        if out is None:
+            out = w.to(dtype) * scale.to(torch.float32).to(dtype)
     elif name == "int8_tensorwise":
         scale = _per_tensor(_need(tensors, "weight_scale", name, layer).to(w.device), w, layer)
-        out = (w.float() * scale.float()).to(dtype)
+        out = kitchen.dequantize_int8(w, scale, dtype)
+        if out is None:
+            out = (w.float() * scale.float()).to(dtype)
     elif name == "nvfp4":
         if w.dim() != 2:
             raise LetterpressError(f"layer {layer} is nvfp4 with a {w.dim()}-D weight; only 2-D weights are supported.")
@@ -311,24 +317,29 @@ def dequantize_layer(tensors: Mapping[str, torch.Tensor], fmt: dict | str | None
         if cols % 16:
             raise LetterpressError(f"layer {layer} is nvfp4 with {cols} columns, not a multiple of the 16-value "
                                    "block: the file is damaged.")
-        blocks = _unswizzle_checked(_need(tensors, "weight_scale", name, layer), rows, cols // 16,
-                                    torch.float8_e4m3fn, name, layer)
+        swizzled = _need(tensors, "weight_scale", name, layer).to(w.device)
+        blocks = _unswizzle_checked(swizzled, rows, cols // 16, torch.float8_e4m3fn, name, layer)
         global_scale = _need(tensors, "weight_scale_2", name, layer).to(w.device)
         if global_scale.numel() != 1:
             raise LetterpressError(f"layer {layer} has a weight_scale_2 of shape {tuple(global_scale.shape)}; nvfp4 "
                                    "uses one per-tensor scale.")
-        values = torch.nn.functional.embedding(w.to(torch.int32), _pair_table(w.device, dtype))  # [R, C/2, 2]
-        scale = global_scale.reshape(()).to(torch.float32).to(dtype) * blocks.to(dtype)  # [R, C/16]
-        out = (values.reshape(rows, cols // 16, 16) * scale.unsqueeze(-1)).reshape(rows, cols)
+        out = kitchen.dequantize_nvfp4(w, global_scale, swizzled, dtype)
+        if out is None:
+            values = torch.nn.functional.embedding(w.to(torch.int32), _pair_table(w.device, dtype))  # [R, C/2, 2]
+            scale = global_scale.reshape(()).to(torch.float32).to(dtype) * blocks.to(dtype)  # [R, C/16]
+            out = (values.reshape(rows, cols // 16, 16) * scale.unsqueeze(-1)).reshape(rows, cols)
     else:  # mxfp8
         if w.dim() != 2 or w.shape[1] % 32:
             raise LetterpressError(f"layer {layer} is mxfp8 with a weight of shape {tuple(w.shape)}; it must be 2-D "
                                    "with columns in blocks of 32.")
         rows, cols = w.shape
-        exps = _unswizzle_checked(_need(tensors, "weight_scale", name, layer), rows, cols // 32, torch.uint8, name,
-                                  layer).to(torch.int32)
-        scale = torch.where(exps == 0, 0, exps << 23).view(torch.float32)  # E8M0 -> 2**(e - 127), 0 as ComfyUI
-        out = (w.float().reshape(rows, cols // 32, 32) * scale.unsqueeze(-1)).reshape(rows, cols).to(dtype)
+        swizzled = _need(tensors, "weight_scale", name, layer).to(w.device)
+        exps = _unswizzle_checked(swizzled, rows, cols // 32, torch.uint8, name, layer)
+        out = kitchen.dequantize_mxfp8(w, swizzled, dtype)
+        if out is None:
+            exps = exps.to(torch.int32)
+            scale = torch.where(exps == 0, 0, exps << 23).view(torch.float32)  # E8M0 -> 2**(e - 127), 0 as ComfyUI
+            out = (w.float().reshape(rows, cols // 32, 32) * scale.unsqueeze(-1)).reshape(rows, cols).to(dtype)
 
     out = _crop(out, shape, layer)
     pre = tensors.get("pre_quant_scale")

@@ -17,7 +17,8 @@ from .handle import ModelHandle
 from .host import get_host
 from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer, read_generation_config
 from .vae import load_vae
-from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read_json, strip_prefix, weight_dtype
+from .weights import (Checkpoint, build_empty, fill_module, open_checkpoint, quant_type, read_json, strip_prefix,
+                      weight_dtype)
 
 FAMILY = "ernie_image"
 PIPELINE_CLASSES = ("ErnieImagePipeline",)
@@ -101,7 +102,8 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
         cfg, cfg_file = dit_config_from_shapes(ck, prefix), None
     module = build_empty(lambda: ErnieImageTransformer2DModel.from_config(cfg), cfg_file)
     key_map = lambda k: k[len(prefix) :] if k.startswith(prefix) else None  # noqa: E731
-    fill_module(module, ck, key_map, dtype=weight_dtype(dtype_choice), what="ERNIE-Image DiT")
+    fill_module(module, ck, key_map, dtype=weight_dtype(dtype_choice), what="ERNIE-Image DiT",
+                quant=quant_type(dtype_choice))
     module.eval()
     turbo = "turbo" in os.path.basename(os.path.dirname(path) if os.path.isdir(path) else path).lower()
     return ModelHandle(FAMILY, "dit", module, source=path, extras={"turbo": turbo})
@@ -135,7 +137,8 @@ def load_text_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
     _check_llm(ck, path, "the ERNIE-Image text encoder loader")
     folder = path if os.path.isdir(path) else None
     config = llm_config(ck, folder, Ministral3Config, MINISTRAL3_TEMPLATE, sub_config="text_config")
-    module = load_llm(ck, config, Ministral3Model, weight_dtype(dtype_choice), False, "ERNIE-Image text encoder")
+    module = load_llm(ck, config, Ministral3Model, weight_dtype(dtype_choice), False, "ERNIE-Image text encoder",
+                      quant_type(dtype_choice))
     tokenizer = _tokenizer_for(path, "tokenizer", "ERNIE-Image text encoder")
     return ModelHandle("ernie_image", "text_encoder", module, tokenizer=tokenizer, source=path)
 
@@ -148,7 +151,8 @@ def load_prompt_enhancer(path: str, dtype_choice: str = "auto") -> ModelHandle:
     _check_llm(ck, path, "the ERNIE-Image prompt enhancer loader")
     folder = path if os.path.isdir(path) else None
     config = llm_config(ck, folder, Ministral3Config, MINISTRAL3_TEMPLATE)
-    module = load_llm(ck, config, Ministral3ForCausalLM, weight_dtype(dtype_choice), True, "ERNIE-Image prompt enhancer")
+    module = load_llm(ck, config, Ministral3ForCausalLM, weight_dtype(dtype_choice), True, "ERNIE-Image prompt enhancer",
+                      quant_type(dtype_choice))
     # a single file takes the sampling defaults of the release's pe/ folder, found as its tokenizer is
     read_generation_config(module, [folder] if folder else find_tokenizer_folders(path, _sibling_tokenizers("pe")),
                            "ERNIE-Image prompt enhancer")

@@ -16,13 +16,13 @@ import glob
 import json
 import os
 
-from . import expert_offload, layers
+from . import expert_offload, quantize
 from .errors import LetterpressError
 from .files import PICKLE_EXTENSIONS, list_subfolders
 from .handle import ModelHandle
 from .host import get_host
 from .llm import read_tokenizer
-from .weights import read_json, weight_dtype
+from .weights import quant_type, read_json, weight_dtype
 
 FAMILY = "ernie_vl"
 MODEL_TYPE = "ernie4_5_vl_moe"
@@ -146,7 +146,7 @@ def load(folder: str, dtype_choice: str = "auto", experts: str = "auto") -> Mode
         raise LetterpressError(f"ERNIE-4.5-VL: the weights in {folder} could not be loaded ({e}).")
     # transformers built it with torch's layers: rebuild them as the host's (their tensors pass through each new
     # layer's loading path), as the meta-device loaders do before filling
-    layers.build_layers(model, get_host().layer_ops(dtype))
+    quantize.build_layers(model, get_host().layer_ops(dtype), quant_type(dtype_choice))  # Q8_0 ...: packed
     if expert_offload.wanted(experts, model, get_host().compute_device()):
         expert_offload.offload_experts(model)
     model.eval()

@@ -19,7 +19,7 @@ from .files import check_pipeline, component
 from .handle import ModelHandle
 from .llm import TOKENIZER_FILES, read_generation_config, read_tokenizer
 from .vae import load_vae
-from .weights import build_empty, fill_module, open_checkpoint, read_json, weight_dtype
+from .weights import build_empty, fill_module, open_checkpoint, quant_type, read_json, weight_dtype
 
 FAMILY = "glm_image"
 PIPELINE_CLASSES = ("GlmImagePipeline",)
@@ -63,7 +63,7 @@ def load_ar(path: str, dtype_choice: str = "auto") -> ModelHandle:
     cfg_file = os.path.join(path, "config.json")
     cfg = {k: v for k, v in read_json(cfg_file, what).items() if k not in ("architectures", "model_type", "transformers_version", "dtype")}
     module = build_empty(lambda: GlmImageForConditionalGeneration(GlmImageConfig(**cfg)), cfg_file)
-    fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what)
+    fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what, quant=quant_type(dtype_choice))
     module.eval()
     read_generation_config(module, [path], what)
     proc_dir = next((p for p in (_sibling(path, "processor"), path)
@@ -92,6 +92,8 @@ def load_glyph_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
     dtype = weight_dtype(dtype_choice)
     if dtype.itemsize == 1:  # T5 casts its activations to its weights' dtype, which fp8 cannot compute in; and
         dtype = torch.bfloat16  # ByT5 is small (0.2B), so fp8 storage would save little: bf16 instead
+    # A GGUF type (Q8_0, ...) is not applied here for the same reason (packed weights are uint8): ByT5 loads in the
+    # compute dtype those choices give.
     fill_module(module, ck, key_map, dtype=dtype, what=what, optional=("encoder.embed_tokens.",))
     module.encoder.embed_tokens = module.shared  # tied, as T5EncoderModel ties them
     module.eval()
@@ -114,7 +116,7 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
     expect(ck.keys(), FAMILY, what, os.path.basename(path), "the GLM-Image DiT loader")
     cfg = _config(path, what)
     module = build_empty(lambda: GlmImageTransformer2DModel.from_config(cfg), os.path.join(path, "config.json"))
-    fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what)
+    fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what, quant=quant_type(dtype_choice))
     module.eval()
     scheduler = dict(DEFAULT_SCHEDULER)
     sched_file = os.path.join(_sibling(path, "scheduler"), "scheduler_config.json")

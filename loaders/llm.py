@@ -70,10 +70,12 @@ def load_llm(
     dtype: torch.dtype,
     with_head: bool,
     what: str,
+    quant: int | None = None,
 ) -> torch.nn.Module:
     """Build `model_cls(config)` on meta and fill it; keys of any wrapper prefix are mapped on.
 
     with_head: the module is a *ForCausalLM (keys model.* and lm_head.*); else the bare model.
+    quant: the ggml type its Linear weights are quantized to at load (weights.quant_type), or None.
     """
     prefix = llm_prefix(ck)
     head_prefix = prefix[: -len("model.")] if prefix.endswith("model.") else prefix
@@ -90,7 +92,7 @@ def load_llm(
     tied = with_head and getattr(config, "tie_word_embeddings", False)
     if with_head and not tied and head_prefix + "lm_head.weight" not in ck:
         raise LetterpressError(f"{what}: the file has no lm_head; it is a text encoder, not a text generator.")
-    fill_module(module, ck, key_map, dtype=dtype, what=what, optional=("lm_head.",) if tied else ())
+    fill_module(module, ck, key_map, dtype=dtype, what=what, optional=("lm_head.",) if tied else (), quant=quant)
     if tied:
         module.lm_head.weight = module.model.embed_tokens.weight
     module.eval()

@@ -33,7 +33,8 @@ from .host import get_host
 from .packed import cat_rows, split_rows
 from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer
 from .vae import load_vae
-from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read_json, strip_prefix, weight_dtype
+from .weights import (Checkpoint, build_empty, fill_module, open_checkpoint, quant_type, read_json, strip_prefix,
+                      weight_dtype)
 
 FAMILY = "ovis_image"
 PIPELINE_CLASSES = ("OvisImagePipeline",)
@@ -300,7 +301,8 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
         state = ck
         key_map = lambda k: k[len(prefix):] if k.startswith(prefix) else None  # noqa: E731
     module = build_empty(lambda: OvisImageTransformer2DModel.from_config(cfg), cfg_file)
-    fill_module(module, state, key_map, dtype=weight_dtype(dtype_choice), what="Ovis-Image DiT")
+    fill_module(module, state, key_map, dtype=weight_dtype(dtype_choice), what="Ovis-Image DiT",
+                quant=quant_type(dtype_choice))
     module.eval()
     return ModelHandle(FAMILY, "dit", module, source=path, extras={"schedule": _schedule_for(path)})
 
@@ -329,7 +331,8 @@ def load_text_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
            "the Ovis-Image text encoder loader")
     folder = path if os.path.isdir(path) else None
     config = llm_config(ck, folder, Qwen3Config, QWEN3_TEMPLATE, sub_config="llm_config")
-    module = load_llm(ck, config, Qwen3Model, weight_dtype(dtype_choice), False, "Ovis-Image text encoder")
+    module = load_llm(ck, config, Qwen3Model, weight_dtype(dtype_choice), False, "Ovis-Image text encoder",
+                      quant_type(dtype_choice))
     tokenizer = _tokenizer_for(path)
     if tokenizer.pad_token_id is None:
         raise LetterpressError("Ovis-Image text encoder: its tokenizer has no pad token; use the Ovis-Image tokenizer folder.")

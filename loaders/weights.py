@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from . import comfy_quant, layers
+from . import comfy_quant, layers, quantize
 from .errors import LetterpressError
 from .files import PICKLE_EXTENSIONS, SHARD, read_json, readable
 from .gguf_file import GgufCheckpoint, is_gguf
@@ -31,12 +31,13 @@ from .layers import FP8, FP8_COMPUTE
 from .packed import Packed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
-WEIGHT_DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
+WEIGHT_DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", *quantize.TYPES]
 
 
 def weight_dtype(choice: str) -> torch.dtype:
     """'auto' is fp32 on CPU, bf16 on a device that has it, fp16 otherwise. 'fp8_e4m3fn' stores the
-    Linear weights in fp8 (half of bf16) and computes in bf16."""
+    Linear weights in fp8 (half of bf16) and computes in bf16. A GGUF type (Q8_0, ..., Q4_0) computes in what 'auto'
+    does; its Linear weights are quantized at load (`quant_type`, quantize.py)."""
     if choice in DTYPES:
         return DTYPES[choice]
     device = get_host().compute_device()
@@ -45,6 +46,11 @@ def weight_dtype(choice: str) -> torch.dtype:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
+
+
+def quant_type(choice: str) -> int | None:
+    """The ggml type a weight_dtype choice quantizes Linear weights to at load, or None (stored as read)."""
+    return quantize.type_of(choice)
 
 
 _ST_DTYPES = {
@@ -194,6 +200,19 @@ class Checkpoint(Mapping):
 
     def __len__(self) -> int:
         return len(self._info)
+
+    def release(self, key: str) -> None:
+        """Drop the pages of `key`'s data from this process's memory once it is no longer viewed (it was quantized
+        into a copy): the whole pages inside its byte range only, which no other tensor shares. A later read pages
+        them in again from the file (the map is private and never written)."""
+        path, info, start = self._info[key]
+        mm = self._maps.get(path)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = (start + o for o in info["data_offsets"])
+        first, last = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
         self._handles.clear()
@@ -355,14 +374,17 @@ def fill_module(
     what: str = "model",
     optional: tuple[str, ...] = (),
     source: str = "",
+    quant: int | None = None,
 ) -> torch.nn.Module:
     """Assign every parameter and persistent buffer of `module` from `checkpoint`, tensor by tensor.
 
     `key_map` maps a checkpoint key to the module's key (None drops it). Missing or unexpected keys
     raise a LetterpressError naming them, since they mean the file is not the model the loader expects.
+    `quant`: a ggml type (`quant_type`) the Linear weights `quantize.packs` are quantized to as they are read, kept
+    packed as a GGUF file's (weights already packed in the file stay as they are).
     """
     try:
-        return _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
+        return _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source, quant)
     except BaseException as e:
         # A load that fails halfway leaves nothing behind: the module's tensors (views of the file's memory
         # map) are dropped, the checkpoint's maps closed and the failed frames' locals cleared, so no mapping
@@ -375,12 +397,12 @@ def fill_module(
         raise
 
 
-def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source):
+def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source, quant):
     # What the file must hold, read off the model as its own code built it (a host's layer class may create its
     # tensors only when they are loaded, as upstream ComfyUI's do under dynamic VRAM)
     expected = dict(module.state_dict(keep_vars=True))
     ops = get_host().layer_ops(dtype)
-    if getattr(checkpoint, "quantized", False):
+    if getattr(checkpoint, "quantized", False) or quant is not None:
         ops = layers.with_quantized(ops)  # Linear weights stay packed, dequantized per call
     layers.build_layers(module, ops)
     if dtype == FP8:
@@ -426,6 +448,11 @@ def _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, source)
                     "download or disk). Download it again."
                 )
             nonzero[name] = nonzero.get(name, False) or bool(sample.any())
+        if (quant is not None and leaf == "weight" and isinstance(tensor, torch.Tensor)
+                and isinstance(owners[owner_name], layers.QuantizedWeight) and quantize.packs(tensor.shape, quant)):
+            tensor = quantize.pack(tensor, quant, quantize.compute_device())
+            if hasattr(checkpoint, "release"):
+                checkpoint.release(ck)  # the file's pages of it: no full-precision copy stays behind
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             want = torch.float32 if any(s in mk for s in keep_fp32) else dtype
             tensor = tensor.to(layers.storage_dtype(owners[owner_name], leaf, want, ops))

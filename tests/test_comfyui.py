@@ -554,6 +554,37 @@ def test_lora_on_a_gguf_dit_inside_comfyui_draws_what_the_headless_runner_draws(
     assert np.abs(with_lora - plain).max() > 2
 
 
+QUANTIZED_WORKFLOWS = ["ernie_image_enhanced_t2i_api.json", "ovis_image_t2i_api.json", "glm_image_t2i_api.json",
+                       "ernie_vl_image_to_prompt_to_image_api.json"]
+
+
+@pytest.mark.parametrize("name,choice", [(n, "Q8_0") for n in QUANTIZED_WORKFLOWS] + [(QUANTIZED_WORKFLOWS[0], "Q4_0")])
+def test_every_stage_quantized_at_load_draws_what_the_headless_runner_draws(comfy, host, name, choice):
+    """Each family's workflow with every loader's weight_dtype a GGUF type (its Linear weights quantized as they are
+    read, kept packed under ModelPatcher): the image equals the headless runner's, which tests/test_quantize_at_load.py
+    holds to the reference pipelines on the dequantized weights; and it differs from the unquantized image."""
+    import numpy as np
+
+    from letterpress.runner import Runner
+
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", name))))
+    saved = next(nid for nid, node in wf.items() if node["class_type"] == "SaveImage")
+    plain = _image(comfy, comfy.wait(comfy.queue(wf)), saved)
+    loaders = [node for node in wf.values() if "weight_dtype" in node["inputs"]]
+    assert loaders
+    for node in loaders:
+        node["inputs"]["weight_dtype"] = choice
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    quantized = _image(comfy, entry, saved)
+    host.input_dir = comfy.input_dir
+    src, index = wf[saved]["inputs"]["images"]
+    headless = Runner().run(wf)["results"][src][index][0]
+    headless = np.clip(255.0 * headless.float().numpy(), 0, 255).astype(np.uint8).astype(int)
+    assert np.abs(quantized - headless).max() <= 1
+    assert np.abs(quantized - plain).max() > 1  # the quantized weights are what drew it
+
+
 def test_progress_moves_and_previews_reach_the_browser(comfy):
     """Over ComfyUI's websocket, as the editor sees it: DiT Sample's progress goes 1..steps and each step sends a
     preview image (the server runs with --preview-method auto)."""
