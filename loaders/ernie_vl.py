@@ -146,9 +146,10 @@ def load(folder: str, dtype_choice: str = "auto", experts: str = "auto") -> Mode
         raise LetterpressError(f"ERNIE-4.5-VL: the weights in {folder} could not be loaded ({e}).")
     # transformers built it with torch's layers: rebuild them as the host's (their tensors pass through each new
     # layer's loading path), as the meta-device loaders do before filling
-    quantize.build_layers(model, get_host().layer_ops(dtype), quant_type(dtype_choice))  # Q8_0 ...: packed
-    if expert_offload.wanted(experts, model, get_host().compute_device()):
-        expert_offload.offload_experts(model)
+    qtype = quant_type(dtype_choice)
+    quantize.build_layers(model, get_host().layer_ops(dtype), qtype)  # Q8_0 ...: the Linear layers packed
+    offload = expert_offload.wanted(experts, model, get_host().compute_device(), qtype)
+    expert_offload.replace_banks(model, offload, qtype)  # the routed experts in CPU memory and/or packed
     model.eval()
     model.requires_grad_(False)
     handle = ModelHandle(family=FAMILY, role="vl_model", module=model, tokenizer=processor.tokenizer, source=folder,

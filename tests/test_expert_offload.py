@@ -98,3 +98,29 @@ def test_the_model_answers_token_for_token_with_its_experts_in_cpu_memory(ernie_
     assert ask(offloaded) == ask(plain)
     traffic = expert_offload.traffic(offloaded.module)
     assert traffic.tokens > 0 and traffic.token_bytes + traffic.weight_bytes > 0
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["in CPU memory", "in the model"])
+@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_0"])
+def test_a_packed_bank_computes_what_the_bank_computes_with_its_dequantized_weights(monkeypatch, offload, qtype_name):
+    """Packed to a ggml type at load (ERNIE-4.5-VL at weight_dtype Q8_0 ...): each expert dequantized where it runs
+    equals the eager bank holding gguf's own dequantization of the same bytes; in the model the packed bytes are its
+    parameters (what a memory manager places), in CPU memory none are."""
+    import gguf
+
+    from letterpress.loaders import quantize
+
+    qtype = quantize.TYPES[qtype_name]
+    bank = _bank(hidden=64, intermediate=64)
+    packed = OffloadedExperts(bank, 5, offload, qtype)
+    with torch.no_grad():
+        for w in (bank.gate_up_proj, bank.down_proj):
+            raw = gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType(qtype))
+            w.copy_(torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(qtype))))
+    hidden = torch.randn(20, 64, generator=torch.Generator().manual_seed(2))
+    index, weights = _routing(20, 8)
+    monkeypatch.setattr(OffloadedExperts, "separate", staticmethod(lambda device: True))
+    assert torch.equal(packed(hidden, index, weights), bank(hidden, index, weights))
+    stored = sum(p.numel() for p in packed.parameters())
+    assert packed.weight_bytes() == 8 * (quantize.packed_size((128, 64), qtype) + quantize.packed_size((64, 64), qtype))
+    assert stored == (0 if offload else packed.weight_bytes())  # uint8 parameters: bytes = elements

@@ -121,7 +121,7 @@ def test_glm_image_every_stage_quantized_equals_the_pipeline_with_those_weights(
     assert (image - ref).abs().max().item() <= 1e-4
 
 
-# ERNIE-4.5-VL (loaded by transformers, then its Linear layers packed; the routed experts are item 2's bank) ------
+# ERNIE-4.5-VL (loaded by transformers, then its Linear layers and expert banks packed) ---------------------------
 
 
 def test_ernie_vl_quantized_answers_as_transformers_with_those_weights(ernie_vl):
