@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the fixtures' tokenizer
 
 STORAGES = ("bf16", "fp8", "Q8_0", "Q4_K")
 WEIGHT_DTYPE = {"bf16": "bf16", "fp8": "fp8_e4m3fn", "Q8_0": "auto", "Q4_K": "auto"}
+AT_LOAD = {"Q8_0 at load": "Q8_0", "Q4_0 at load": "Q4_0"}  # every stage of the folder quantized as it loads
 
 
 @dataclass
@@ -288,7 +289,8 @@ def pack_workflow(fam: Family, storage: str, size: int, steps: int, seed: int, d
 
     wf = load_workflow(os.path.join(HERE, "..", "workflows", "api", fam.workflow))
     # --tiny: the pack computes in fp32 as the reference does on CPU, so the image difference checks the harness
-    wf[fam.loader_node]["inputs"]["weight_dtype"] = "auto" if tiny else WEIGHT_DTYPE[storage]
+    wf[fam.loader_node]["inputs"]["weight_dtype"] = (AT_LOAD[storage] if storage in AT_LOAD
+                                                     else "auto" if tiny else WEIGHT_DTYPE[storage])
     for node in wf.values():
         inputs = node["inputs"]
         for key in ("width", "height"):
