@@ -103,7 +103,7 @@ class ComfyHost(StandaloneHost):
         return comfy_compat.loaded_bytes()
 
     def progress(self, total: int) -> Progress:
-        return Progress(total, _comfy_utils.ProgressBar(total), self.progress_listeners)
+        return Progress(total, _comfy_utils.ProgressBar(total), self.progress_listeners, comfy_compat.progress_text)
 
     def request_interrupt(self, value: bool = True) -> None:
         _mm.interrupt_current_processing(value)

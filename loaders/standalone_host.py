@@ -30,11 +30,14 @@ FOLDER_ALIASES = {
 class Progress:
     """Per-step progress: tqdm in the standalone host, ComfyUI's ProgressBar (with previews) inside it."""
 
-    def __init__(self, total: int, bar: Any = None, listeners: Iterable[Callable] = ()):
+    def __init__(self, total: int, bar: Any = None, listeners: Iterable[Callable] = (),
+                 show_text: Callable[[str], None] | None = None):
         self.total = total
         self.done = 0
         self._bar = bar
         self._listeners = list(listeners)
+        self._show_text = show_text
+        self.last_text = ""
 
     def update(self, n: int = 1, preview: Any = None) -> None:
         """Advance by n; `preview` is a PIL image of the current estimate, shown where the host can."""
@@ -48,6 +51,14 @@ class Progress:
         self.last_preview = preview
         for listener in self._listeners:
             listener(self.done, self.total)
+
+    def text(self, message: str) -> None:
+        """A line shown with the bar (tqdm's postfix; ComfyUI's progress text under the node)."""
+        self.last_text = message
+        if self._show_text is not None:
+            self._show_text(message)
+        elif self._bar is not None and hasattr(self._bar, "set_postfix_str"):
+            self._bar.set_postfix_str(message, refresh=False)
 
     def close(self) -> None:
         if self._bar is not None and hasattr(self._bar, "close"):

@@ -166,8 +166,12 @@ def train_lora_node(class_name: str, family_title: str, description: str, models
     class TrainLoRA:
         DESCRIPTION = description
         CATEGORY = f"{CATEGORY}/{family_title}"
-        RETURN_TYPES = (LORA, "IMAGE")
-        RETURN_NAMES = ("lora", "loss_plot")
+        RETURN_TYPES = (LORA, "IMAGE", "STRING")
+        RETURN_NAMES = ("lora", "loss_plot", "loss_log")
+        OUTPUT_TOOLTIPS = ("The trained LoRA: into Save LoRA or Apply Trained LoRA.",
+                           "The loss per step (light) and its moving average (dark), with step and loss axes.",
+                           "The same numbers as JSON: each step's loss, its items' timesteps, the learning rate and "
+                           "the moving average, and a summary (final loss, final average, mean, minimum).")
         FUNCTION = "run"
 
         @classmethod
@@ -183,7 +187,7 @@ def train_lora_node(class_name: str, family_title: str, description: str, models
             fam = family(**extras)
             lora = training.train(handles[0], fam, latents, conds, settings_of(values),
                                   on_cancel=cancelled_saver(fam.name))
-            return (lora, training.loss_plot(lora.losses))
+            return (lora, training.loss_plot(lora.losses), lora.log.to_json())
 
     TrainLoRA.__name__ = TrainLoRA.__qualname__ = class_name
     return TrainLoRA

@@ -28,7 +28,8 @@ from ..loaders.errors import Interrupted, LetterpressError
 from ..loaders.handle import ModelHandle
 from ..loaders.host import get_host
 from ..loaders.lora import LoraTensors, LoraWeights, parse_lora
-from .numerics import check_seed
+from .lora_loss import LossLog, loss_plot  # noqa: F401 (loss_plot: the nodes' and tests' name for it)
+from .numerics import check_seed, log
 
 LAYER_CHOICES = ("attention", "mlp", "all")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -191,7 +192,11 @@ class TrainedLora:
     alpha: float
     targets: list
     steps: int
-    losses: list = field(default_factory=list)
+    log: LossLog = field(default_factory=LossLog)
+
+    @property
+    def losses(self) -> list[float]:
+        return self.log.losses
 
     @property
     def metadata(self) -> dict:
@@ -200,7 +205,7 @@ class TrainedLora:
                   "init_lora_weights": True}
         packed = {f"transformer.{k}": v for k, v in config.items()}  # as diffusers' save_lora_weights packs them
         return {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True),
-                "letterpress_family": self.family, "letterpress_steps": str(self.steps)}
+                "letterpress_family": self.family, "letterpress_steps": str(self.steps), **self.log.metadata()}
 
     def weights(self) -> LoraWeights:
         return parse_lora(LoraTensors(self.tensors, self.metadata), f"trained {self.family} LoRA ({self.steps} steps)")
@@ -253,10 +258,11 @@ class TrainingSettings:
     seed: int = 0
     layers: str = "attention"
     gradient_checkpointing: bool = True
+    log_every: int = 10
 
     def check(self) -> None:
         check_seed(self.seed)
-        for name in ("rank", "steps", "batch_size"):
+        for name in ("rank", "steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise LetterpressError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -315,12 +321,13 @@ def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> 
 
 
 def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torch.Tensor], conds: list,
-                       d: Draw, cache: dict | None = None) -> torch.Tensor:
+                       d: Draw, cache: dict | None = None, seen: list | None = None) -> torch.Tensor:
     """The training objective on one drawn batch: x_t = sigma * noise + (1 - sigma) * x0, target noise - x0, the
-    mean over items of each item's mean squared error (times its timestep's weight)."""
+    mean over items of each item's mean squared error (times its timestep's weight). `seen` receives the timestep
+    each item was noised at (the value the family's DiT call gets)."""
     if family.one_at_a_time and len(d.items) > 1:
         parts = [flow_matching_loss(family, dit, run, latents, conds, Draw([i], d.noise[k: k + 1], d.t_index[k: k + 1]),
-                                    cache) for k, i in enumerate(d.items)]
+                                    cache, seen) for k, i in enumerate(d.items)]
         return torch.stack(parts).mean()
     device, dtype = dit.device, dit.dtype
     x0 = torch.cat([latents[i] for i in d.items]).to(device, torch.float32)
@@ -330,7 +337,10 @@ def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torc
     xt = sigma * noise + (1 - sigma) * x0
     target = noise - x0
     inputs = family.inputs(dit, [conds[i] for i in d.items], x0.shape)
-    v = family.velocity(run, family.to_model(xt.to(dtype)), timesteps[d.t_index], inputs)
+    t = timesteps[d.t_index]
+    if seen is not None:
+        seen.extend(float(v) for v in t.flatten())
+    v = family.velocity(run, family.to_model(xt.to(dtype)), t, inputs)
     per_item = ((v.float() - family.to_model(target)) ** 2).flatten(1).mean(1)
     if weights is not None:
         per_item = per_item * weights[d.t_index].to(device)
@@ -387,7 +397,7 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
         checkpointing = settings.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False)
         if checkpointing:
             module.enable_gradient_checkpointing()
-        losses: list[float] = []
+        losses = LossLog()
         schedules: dict = {}  # the family's schedule per latent size, computed once
 
         def result() -> TrainedLora:
@@ -395,7 +405,8 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
             for name, ad in adapters.items():
                 tensors[f"transformer.{name}.lora_A.weight"] = ad.lora_A.detach().float().cpu().clone()
                 tensors[f"transformer.{name}.lora_B.weight"] = ad.lora_B.detach().float().cpu().clone()
-            return TrainedLora(family.name, tensors, settings.rank, settings.alpha, targets, len(losses), list(losses))
+            return TrainedLora(family.name, tensors, settings.rank, settings.alpha, targets, len(losses.steps),
+                               LossLog(list(losses.steps)))
 
         bar = host.progress(settings.steps)
         try:
@@ -404,23 +415,24 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
                 d = draw(gen, latents, b)
                 if record is not None:
                     record.append(d)
-                loss = flow_matching_loss(family, dit, module, latents, conds, d, schedules)
+                seen: list[float] = []
+                loss = flow_matching_loss(family, dit, module, latents, conds, d, schedules, seen)
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    raise LetterpressError(f"The training loss became {value} at step {len(losses) + 1}: lower the "
-                                           "learning rate.")
+                    raise LetterpressError(f"The training loss became {value} at step {len(losses.steps) + 1}: "
+                                           "lower the learning rate.")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(value)
-                bar.update(1)
+                losses.add(value, seen, settings.learning_rate)
+                report(losses, bar, settings)
             host.check_interrupt()
         except Interrupted:
-            if on_cancel is not None and losses:
+            if on_cancel is not None and losses.steps:
                 on_cancel(result())
             raise
         except BaseException as e:  # ComfyUI's own interrupt exception is not ours: keep the steps done too
-            if type(e).__name__ == "InterruptProcessingException" and on_cancel is not None and losses:
+            if type(e).__name__ == "InterruptProcessingException" and on_cancel is not None and losses.steps:
                 on_cancel(result())
             raise
         finally:
@@ -432,31 +444,12 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
         return result()
 
 
-# Loss plot -----------------------------------------------------------------------------------------------------
-
-
-def loss_plot(losses: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
-    """The loss per step as an IMAGE (1, H, W, 3): a line on a white plot with its range and step count written."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), "white")
-    draw_ = ImageDraw.Draw(img)
-    left, right, top, bottom = 48, width - 10, 18, height - 22
-    draw_.rectangle([left, top, right, bottom], outline=(160, 160, 160))
-    if losses:
-        lo, hi = min(losses), max(losses)
-        span = (hi - lo) or 1.0
-        n = len(losses)
-        pts = [(left + (right - left) * (i / max(1, n - 1)), bottom - (bottom - top) * ((v - lo) / span))
-               for i, v in enumerate(losses)]
-        if len(pts) == 1:
-            draw_.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(200, 40, 40))
-        else:
-            draw_.line(pts, fill=(200, 40, 40), width=2)
-        draw_.text((2, top - 2), f"{hi:.4g}", fill=(0, 0, 0))
-        draw_.text((2, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
-        draw_.text((left, bottom + 6), "step 1", fill=(0, 0, 0))
-        draw_.text((right - 60, bottom + 6), f"step {n}", fill=(0, 0, 0))
-    draw_.text((left + 4, 2), "training loss", fill=(0, 0, 0))
-    arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
-    return arr.float().div(255)[None]
+def report(losses: LossLog, bar, settings: TrainingSettings) -> None:
+    """After each step: the bar advances with the loss and its running average (EMA) as its text; every
+    `log_every` steps and at the last the same line goes to the log."""
+    line = losses.line(settings.steps)
+    bar.text(line)
+    bar.update(1)
+    n = len(losses.steps)
+    if n % settings.log_every == 0 or n == settings.steps:
+        log.info("Train LoRA: %s", line)

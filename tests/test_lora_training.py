@@ -84,6 +84,42 @@ def test_one_step_matches_diffusers_peft_and_adamw(setup, models_dir):
     assert_same_step(lora, ref, ref_loss, init)
 
 
+def test_loss_output_holds_the_losses_and_timesteps_the_steps_computed(setup, host):
+    """The node's loss_log JSON: each step's loss is the one the step computed (step 1: the diffusers + PEFT
+    reference's), its timesteps those the items were noised at (DiffSynth-Studio's shifted schedule at the drawn
+    indices); the progress text and the saved file's metadata carry the running average and the final figures."""
+    from safetensors import safe_open
+
+    s = setup
+    record, texts = [], []
+    fam = stage.training_family(3.0)
+    original = host.progress
+
+    def progress(total):  # the host's bar, its text lines kept
+        bar = original(total)
+        show = bar.text
+        bar.text = lambda message: (texts.append(message), show(message))
+        return bar
+
+    host.progress = progress
+    lora = training.train(s["dit"], fam, s["latents"], s["conds"], settings(steps=3, batch_size=1), record=record)
+    data = json.loads(lora.log.to_json())
+    assert [st["loss"] for st in data["steps"]] == lora.losses and len(lora.losses) == 3
+    shifted = 3.0 * torch.linspace(1.0, 0.0, 1001)[:-1] / (1 + 2.0 * torch.linspace(1.0, 0.0, 1001)[:-1])
+    for st, d in zip(data["steps"], record):
+        assert st["timesteps"] == pytest.approx([float(shifted[i]) * 1000 for i in d.t_index], abs=1e-3)
+    with torch.no_grad():  # step 1's loss, recomputed from the draw on the untrained LoRA (B = 0: the bare DiT)
+        first = training.flow_matching_loss(fam, s["dit"], s["dit"].module, s["latents"], s["conds"], record[0])
+    assert abs(data["steps"][0]["loss"] - first.item()) <= 1e-6
+    ema = [st["ema"] for st in data["steps"]]
+    assert texts == [f"step {k + 1}/3  loss {lora.losses[k]:.4f}  avg {ema[k]:.4f}" for k in range(3)]
+    path = N["LetterpressSaveLoRA"]().run(lora, "loras/with_loss")["result"][0]
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert float(meta["letterpress_loss_final_loss"]) == pytest.approx(lora.losses[-1], rel=1e-5)
+    assert float(meta["letterpress_loss_final_ema"]) == pytest.approx(ema[-1], rel=1e-5)
+
+
 def test_attention_and_mlp_layer_choices(setup):
     module = setup["dit"].module
     att, mlp = training.target_layers(module, "attention"), training.target_layers(module, "mlp")
@@ -122,7 +158,7 @@ def test_loss_falls_and_the_trained_lora_applies_like_its_file(setup, models_dir
     from_file = node("LoraLoader").run(s["dit"], "trained_ernie.safetensors", 1.0)[0]
     assert _eval_loss(from_file, s["latents"], s["conds"]) == after
     plot = training.loss_plot(lora.losses)
-    assert plot.shape == (1, 256, 512, 3) and plot.std() > 0.01
+    assert plot.shape == (1, 320, 640, 3) and plot.std() > 0.01
 
 
 def test_saved_file_loads_in_diffusers_and_draws_what_the_lora_loader_draws(setup, models_dir, host):
@@ -200,8 +236,10 @@ def test_train_node_caches_and_saves_on_cancel(setup, host):
     assert ds.captions == CAPTIONS and ds.images[0].shape == (1, 32, 48, 3)
     widgets = dict(rank=2, alpha=2.0, learning_rate=1e-3, steps=2, batch_size=1, seed=0, layers="attention",
                    resolution=32, gradient_checkpointing=False)
-    lora, plot = node("TrainLoRA").run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, shift=3.0, **widgets)
+    lora, plot, loss_log = node("TrainLoRA").run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds,
+                                                 shift=3.0, **widgets)
     assert lora.steps == 2 and plot.shape[-1] == 3
+    assert [st["loss"] for st in json.loads(loss_log)["steps"]] == lora.losses
     host.progress_listeners.append(lambda done, total: host.request_interrupt() if done == 1 else None)
     with pytest.raises(Interrupted):
         node("TrainLoRA").run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, shift=3.0, **{**widgets, "steps": 5})

@@ -193,7 +193,7 @@ def test_glm_loss_falls_and_the_node_trains(glm_setup, host):
                       s["conds"])
     assert after < 0.8 * before, (before, after)
     ds = N["LetterpressTrainingDataset"]().run("unused", two_images(64, 96), "\n".join(GLM_CAPTIONS))[0]
-    out, plot = N["LetterpressGlmImageTrainLoRA"]().run(
+    out, plot, _ = N["LetterpressGlmImageTrainLoRA"]().run(
         dit=s["dit"], ar_model=s["ar"], glyph_encoder=s["glyph"], vae=s["vae"], dataset=ds, rank=2, alpha=2.0,
         learning_rate=1e-3, steps=2, batch_size=1, seed=0, layers="attention", resolution=64,
         gradient_checkpointing=False)
@@ -203,7 +203,7 @@ def test_glm_loss_falls_and_the_node_trains(glm_setup, host):
 def test_ovis_node_trains(ovis_setup, host):
     ds = N["LetterpressTrainingDataset"]().run("unused", two_images(32, 48), "\n".join(CAPTIONS))[0]
     s = ovis_setup
-    out, _ = N["LetterpressOvisImageTrainLoRA"]().run(
+    out, _, _ = N["LetterpressOvisImageTrainLoRA"]().run(
         dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, rank=2, alpha=2.0, learning_rate=1e-3, steps=2,
         batch_size=2, seed=0, layers="mlp", resolution=32, gradient_checkpointing=True)
     assert out.family == "ovis_image" and out.steps == 2
