@@ -3,6 +3,7 @@ widgets and Apply Trained LoRA node. The training itself is samplers/lora_traini
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Callable
@@ -112,7 +113,9 @@ def train_widgets() -> dict:
                                "resolution bucket, so a batch may be smaller where a bucket has fewer images)."}),
         "seed": seed_input(),
         "layers": (list(training.LAYER_CHOICES), {"default": "attention", "tooltip": "Which Linear layers of the "
-                   "DiT's blocks get a LoRA: attention projections, the MLPs, or every one."}),
+                   "DiT's blocks get a LoRA: attention projections, the MLPs, or every Linear layer of the blocks "
+                   "(not the embedders or the modulation outside them). The node's progress text and loss_log say "
+                   "how many layers and parameters each choice trains."}),
         "resolution": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16, "tooltip": "Each image is "
                        "resized to about resolution x resolution pixels keeping its aspect ratio (a bucket), never "
                        "cropped."}),
@@ -121,10 +124,20 @@ def train_widgets() -> dict:
     }
 
 
+def optional_train_widgets() -> dict:
+    """The Train LoRA settings added after the first release, optional so workflows saved before them still load
+    (their widget values stay in place) and run with the defaults."""
+    return {
+        "target_modules": ("STRING", {"default": "", "tooltip": "Instead of layers: the modules to train, named as "
+                           "DiffSynth-Studio's --lora_target_modules and PEFT's target_modules (a layer is trained "
+                           "when its name ends with an entry), e.g. to_q,to_k,to_v,to_out.0. Empty: use layers."}),
+    }
+
+
 def settings_of(values: dict) -> training.TrainingSettings:
-    return training.TrainingSettings(**{k: values[k] for k in ("rank", "alpha", "learning_rate", "steps",
-                                                                "batch_size", "seed", "layers",
-                                                                "gradient_checkpointing")})
+    """The training settings among the node's widget values (the others are the dataset's and the family's)."""
+    names = {f.name for f in dataclasses.fields(training.TrainingSettings)}
+    return training.TrainingSettings(**{k: v for k, v in values.items() if k in names})
 
 
 def cancelled_saver(family: str):
@@ -178,7 +191,8 @@ def train_lora_node(class_name: str, family_title: str, description: str, models
         def INPUT_TYPES(cls):
             return {"required": {**{name: (kind, {"tooltip": tip}) for name, (kind, tip) in models.items()},
                                  "dataset": (DATASET, {"tooltip": "From LoRA Training Dataset."}),
-                                 **train_widgets(), **extra()}}
+                                 **train_widgets(), **extra()},
+                    "optional": optional_train_widgets()}
 
         def run(self, dataset, **values):
             handles = [values.pop(name) for name in models]

@@ -29,6 +29,7 @@ class LossLog:
     were noised at (the values the DiT saw, on the family's 0..1000 scale) and the learning rate it used."""
 
     steps: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # what else the JSON reports (the layers trained)
 
     def add(self, loss: float, timesteps: list[float], lr: float) -> None:
         self.steps.append({"step": len(self.steps) + 1, "loss": loss, "timesteps": [round(t, 4) for t in timesteps],
@@ -56,7 +57,7 @@ class LossLog:
         return f"step {len(self.steps)}/{total}  loss {self.losses[-1]:.4f}  avg {self.ema()[-1]:.4f}"
 
     def to_json(self) -> str:
-        return json.dumps({"smoothing": SMOOTHING, "summary": self.summary(),
+        return json.dumps({"smoothing": SMOOTHING, "summary": self.summary(), **self.info,
                            "steps": [{**s, "ema": e} for s, e in zip(self.steps, self.ema())]}, indent=1)
 
     def metadata(self) -> dict:

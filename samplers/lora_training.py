@@ -28,10 +28,11 @@ from ..loaders.errors import Interrupted, LetterpressError
 from ..loaders.handle import ModelHandle
 from ..loaders.host import get_host
 from ..loaders.lora import LoraTensors, LoraWeights, parse_lora
+from . import lora_targets
 from .lora_loss import LossLog, loss_plot  # noqa: F401 (loss_plot: the nodes' and tests' name for it)
+from .lora_targets import LAYER_CHOICES, target_layers  # noqa: F401 (the nodes' and tests' names for them)
 from .numerics import check_seed, log
 
-LAYER_CHOICES = ("attention", "mlp", "all")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 WEIGHT_DECAY = 0.01  # torch's AdamW default
 
@@ -124,24 +125,6 @@ def resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
 
 
 # LoRA layers ---------------------------------------------------------------------------------------------------
-
-
-def target_layers(module: torch.nn.Module, which: str) -> list[str]:
-    """The Linear layers of the DiT's blocks a LoRA trains: those of attention, of the MLPs, or all of them."""
-    if which not in LAYER_CHOICES:
-        raise LetterpressError(f"layers must be one of {', '.join(LAYER_CHOICES)}, got {which!r}.")
-    out = []
-    for name, m in module.named_modules():
-        parts = name.split(".")
-        if layer_kinds.kind_of(m) != "Linear" or not any(p.isdigit() for p in parts):
-            continue
-        attention = any("attn" in p or "attention" in p for p in parts)
-        mlp = any(p in ("mlp", "ff", "ff_context") for p in parts) or parts[-1] == "proj_mlp"
-        if which == "all" or (which == "attention" and attention) or (which == "mlp" and mlp):
-            out.append(name)
-    if not out:
-        raise LetterpressError(f"This DiT has no {which} layers in its blocks to train.")
-    return out
 
 
 class LoraLayer(torch.nn.Module):
@@ -258,6 +241,7 @@ class TrainingSettings:
     seed: int = 0
     layers: str = "attention"
     gradient_checkpointing: bool = True
+    target_modules: str = ""  # DiffSynth-Studio / PEFT target modules; when given, instead of `layers`
     log_every: int = 10
 
     def check(self) -> None:
@@ -368,7 +352,9 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
     settings.check()
     host = get_host()
     module = dit.module
-    targets = target_layers(module, settings.layers)
+    targets = target_layers(module, settings.layers, settings.target_modules)
+    counts = lora_targets.describe_choices(module, settings.rank, targets)
+    log.info("Train LoRA: %s", lora_targets.choices_line(counts))
     b = settings.batch_size
     shape = max((lat.shape for lat in latents), key=lambda s: s[-1] * s[-2])
     # Activations kept for backward (block inputs with checkpointing, one block's in its backward): the host makes
@@ -397,7 +383,7 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
         checkpointing = settings.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False)
         if checkpointing:
             module.enable_gradient_checkpointing()
-        losses = LossLog()
+        losses = LossLog(info={"layers": counts})
         schedules: dict = {}  # the family's schedule per latent size, computed once
 
         def result() -> TrainedLora:
@@ -406,9 +392,10 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
                 tensors[f"transformer.{name}.lora_A.weight"] = ad.lora_A.detach().float().cpu().clone()
                 tensors[f"transformer.{name}.lora_B.weight"] = ad.lora_B.detach().float().cpu().clone()
             return TrainedLora(family.name, tensors, settings.rank, settings.alpha, targets, len(losses.steps),
-                               LossLog(list(losses.steps)))
+                               LossLog(list(losses.steps), losses.info))
 
         bar = host.progress(settings.steps)
+        bar.text(lora_targets.choices_line(counts))
         try:
             for _ in range(settings.steps):
                 host.check_interrupt()

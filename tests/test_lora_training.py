@@ -112,7 +112,10 @@ def test_loss_output_holds_the_losses_and_timesteps_the_steps_computed(setup, ho
         first = training.flow_matching_loss(fam, s["dit"], s["dit"].module, s["latents"], s["conds"], record[0])
     assert abs(data["steps"][0]["loss"] - first.item()) <= 1e-6
     ema = [st["ema"] for st in data["steps"]]
-    assert texts == [f"step {k + 1}/3  loss {lora.losses[k]:.4f}  avg {ema[k]:.4f}" for k in range(3)]
+    assert texts[0] == "training 14 layers, 8,704 LoRA parameters (layers / parameters: attention 8 / 4,096; mlp 6 / " \
+                       "4,608; all 14 / 8,704)"  # rank 4 on the tiny DiT: 4 x (64 + 64) per attention projection
+    assert texts[1:] == [f"step {k + 1}/3  loss {lora.losses[k]:.4f}  avg {ema[k]:.4f}" for k in range(3)]
+    assert json.loads(lora.log.to_json())["layers"]["trained"] == {"layers": 14, "parameters": 8704}
     path = N["LetterpressSaveLoRA"]().run(lora, "loras/with_loss")["result"][0]
     with safe_open(path, "pt") as f:
         meta = f.metadata()
