@@ -25,6 +25,9 @@ FOLDER_ALIASES = {
     "loras": ("loras",),
     "LLM": ("LLM",),
 }
+# Where Train LoRA's cancelled runs and Save LoRA's default prefix write, under the output folder: a LoRA folder
+# too (here and, registered with folder_paths, in ComfyUI), so the LoRA Loaders list what was trained.
+TRAINED_LORAS = "loras"
 
 
 class Progress:
@@ -181,7 +184,8 @@ class StandaloneHost:
     # model folders -------------------------------------------------------------------------
     def model_folders(self, kind: str) -> list[str]:
         names = FOLDER_ALIASES.get(kind, (kind,))
-        return [os.path.join(self.models_dir, n) for n in names]
+        folders = [os.path.join(self.models_dir, n) for n in names]
+        return folders + [os.path.join(self.output_dir, TRAINED_LORAS)] if kind == "loras" else folders
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:

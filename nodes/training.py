@@ -53,7 +53,9 @@ SAVE_FORMATS = ("diffusers/PEFT", "DiffSynth-Studio")
 
 
 def save_lora(lora: training.TrainedLora, folder: str, prefix: str, fmt: str = SAVE_FORMATS[0]) -> str:
-    """Write the LoRA as <prefix>_NNNNN_.safetensors under `folder`, never replacing a file that exists."""
+    """Write the LoRA as <prefix>_NNNNN_.safetensors under `folder`, never replacing a file: the number is the next
+    free one there and, for a file in a LoRA folder, in every LoRA folder (so the LoRA Loader's list names one
+    file)."""
     from ..core_nodes import expand_prefix, prefix_problem
 
     problem = prefix_problem(prefix)
@@ -62,20 +64,36 @@ def save_lora(lora: training.TrainedLora, folder: str, prefix: str, fmt: str = S
     sub, base = os.path.split(os.path.normpath(expand_prefix(prefix)))
     target = os.path.join(folder, sub)
     os.makedirs(target, exist_ok=True)
+    listed = lora_folder_name(target)
+    places = [target] + ([os.path.join(f, listed) for f in get_host().model_folders("loras")]
+                         if listed is not None else [])
     pattern = re.compile(re.escape(base) + r"_(\d{5})_\.safetensors$")
-    counter = max([int(m.group(1)) for f in os.listdir(target) if (m := pattern.match(f))], default=0) + 1
-    while os.path.exists(path := os.path.join(target, f"{base}_{counter:05}_.safetensors")):
+    found = [int(m.group(1)) for p in places if os.path.isdir(p) for f in os.listdir(p) if (m := pattern.match(f))]
+    counter = max(found, default=0) + 1
+    while any(os.path.exists(os.path.join(p, f"{base}_{counter:05}_.safetensors")) for p in places):
         counter += 1
+    path = os.path.join(target, f"{base}_{counter:05}_.safetensors")
     lora.save(path, "diffsynth" if fmt == SAVE_FORMATS[1] else "diffusers")
     return path
+
+
+def lora_folder_name(path: str) -> str | None:
+    """The name the LoRA Loaders list `path` (a file or folder) under, or None outside the LoRA folders."""
+    real = os.path.realpath(path)
+    for folder in get_host().model_folders("loras"):
+        root = os.path.realpath(folder)
+        if real == root or real.startswith(root + os.sep):
+            return os.path.relpath(real, root).replace(os.sep, "/")
+    return None
 
 
 class LetterpressSaveLoRA:
     DESCRIPTION = ("Writes a trained LoRA to the output folder in the diffusers/PEFT format "
                    "(transformer.<layer>.lora_A.weight, the PEFT settings in the file's metadata as diffusers writes "
                    "them), which diffusers' load_lora_weights and the LoRA Loader nodes read, or in DiffSynth-Studio's "
-                   "(<layer>.lora_A.default.weight, the scale folded in). Move it to models/loras to use it in other "
-                   "workflows.")
+                   "(<layer>.lora_A.default.weight, the scale folded in). output/loras is one of the LoRA folders, so "
+                   "a file saved under loras/ appears in the LoRA Loaders' lists (refresh) without being moved; a file "
+                   "is never replaced.")
     CATEGORY = CAT
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
@@ -87,7 +105,8 @@ class LetterpressSaveLoRA:
         return {"required": {"lora": (LORA, {"tooltip": "The LoRA from a Train LoRA node."}),
                              "filename_prefix": ("STRING", {"default": "loras/letterpress_lora", "tooltip":
                                                             "File name inside the output folder; _00001_.safetensors "
-                                                            "and so on are appended."})},
+                                                            "and so on are appended. Under loras/ the LoRA Loaders "
+                                                            "list it."})},
                 "optional": {"format": (list(SAVE_FORMATS), {"default": SAVE_FORMATS[0], "tooltip":
                                         "diffusers/PEFT (diffusers, ComfyUI, this pack) or DiffSynth-Studio's naming "
                                         "(its trainer's files; this pack reads both)."})}}
@@ -96,7 +115,10 @@ class LetterpressSaveLoRA:
         if not isinstance(lora, training.TrainedLora):
             raise LetterpressError("The lora input is not a trained LoRA: wire it from a Train LoRA node.")
         path = save_lora(lora, get_host().output_dir, filename_prefix, format)
-        return {"ui": {"text": [path]}, "result": (path,)}
+        name = lora_folder_name(path)
+        shown = (f"{path}\nLoRA Loader: {name}" if name is not None else
+                 f"{path}\nNot in a LoRA folder: start filename_prefix with loras/ to see it in the LoRA Loaders.")
+        return {"ui": {"text": [shown]}, "result": (path,)}
 
 
 def train_widgets() -> dict:

@@ -755,7 +755,7 @@ def test_cancel_mid_training_keeps_the_steps_done_and_the_next_prompt_runs(comfy
 
 def test_training_on_a_gguf_dit_inside_comfyui_saves_a_lora(comfy):
     """QLoRA inside ComfyUI: the DiT from a GGUF file (weights kept packed under ModelPatcher) trains, and Save LoRA
-    writes a file the LoRA Loader reads."""
+    writes a file the LoRA Loader reads, listed by ComfyUI's and the pack's LoRA Loaders where it is."""
     from letterpress.loaders.lora import read_lora
 
     wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_train_lora_api.json"))))
@@ -771,6 +771,8 @@ def test_training_on_a_gguf_dit_inside_comfyui_saves_a_lora(comfy):
     assert len(saved) == 1
     lora = read_lora(os.path.join(folder, saved[0]))
     assert "layers.0.self_attention.to_q" in lora.layers
+    for loader in ("LoraLoaderModelOnly", "LetterpressErnieImageLoraLoader"):  # output/loras is a LoRA folder
+        assert saved[0] in comfy.get(f"/object_info/{loader}")[loader]["input"]["required"]["lora_name"][0], loader
     assert any(b.abs().max() > 0 for _, b, _ in lora.layers.values())
 
 

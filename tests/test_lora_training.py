@@ -199,6 +199,38 @@ def test_saved_file_loads_in_diffusers_and_draws_what_the_lora_loader_draws(setu
     assert torch.equal(ours(node("ApplyTrainedLoRA").run(s["dit"], lora, 1.0)[0]), got)
 
 
+def test_saved_loras_are_listed_by_the_lora_loader_where_they_are_and_never_replace_a_file(setup, host, models_dir):
+    """output/loras is a LoRA folder: Save LoRA's file is in the LoRA Loader's list and loads by that name, unmoved;
+    the number follows the highest in any LoRA folder (models/loras too), so no file is replaced and no name is
+    shared."""
+    from safetensors.torch import save_file
+
+    from letterpress.loaders.files import list_files
+
+    s = setup
+    lora = training.train(s["dit"], stage.training_family(3.0), s["latents"], s["conds"],
+                          settings(steps=1, layers="attention"))
+    os.makedirs(os.path.join(models_dir, "loras", "mine"), exist_ok=True)
+    taken = os.path.join(models_dir, "loras", "mine", "style_00002_.safetensors")
+    save_file({"x": torch.zeros(1)}, taken)
+    save = N["LetterpressSaveLoRA"]()
+    first = save.run(lora, "loras/mine/style")
+    second = save.run(lora, "loras/mine/style")["result"][0]
+    try:
+        assert first["result"][0] == os.path.join(host.output_dir, "loras", "mine", "style_00003_.safetensors")
+        assert second == os.path.join(host.output_dir, "loras", "mine", "style_00004_.safetensors")
+        assert first["ui"]["text"][0].endswith("LoRA Loader: mine/style_00003_.safetensors")
+        assert {"mine/style_00002_.safetensors", "mine/style_00003_.safetensors",
+                "mine/style_00004_.safetensors"} <= set(list_files("loras"))
+        loaded = node("LoraLoader").run(s["dit"], "mine/style_00004_.safetensors", 1.0)[0]
+        assert _eval_loss(loaded, s["latents"], s["conds"]) == _eval_loss(
+            node("ApplyTrainedLoRA").run(s["dit"], lora, 1.0)[0], s["latents"], s["conds"])
+        outside = save.run(lora, "elsewhere/style")
+        assert "Not in a LoRA folder: start filename_prefix with loras/" in outside["ui"]["text"][0]
+    finally:
+        os.remove(taken)
+
+
 def test_cancel_at_step_k_keeps_a_lora_of_the_steps_done(setup, host):
     from letterpress.loaders.errors import Interrupted
 
