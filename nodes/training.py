@@ -124,13 +124,16 @@ class LetterpressSaveLoRA:
 def train_widgets() -> dict:
     """The Train LoRA widgets every family shares."""
     return {
-        "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank: 8-32 for a style or font, "
-                         "more for a subject with detail."}),
-        "alpha": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.01, "tooltip":
-                            "LoRA alpha; the update is scaled by alpha / rank (PEFT's lora_alpha)."}),
+        "rank": ("INT", {"default": 32, "min": 1, "max": 256, "tooltip": "LoRA rank (DiffSynth-Studio's recipe: "
+                         "32): 8-32 for a style or font, more for a subject with detail."}),
+        "alpha": ("FLOAT", {"default": 32.0, "min": 0.01, "max": 1024.0, "step": 0.01, "tooltip":
+                            "LoRA alpha; the update is scaled by alpha / rank (PEFT's lora_alpha; DiffSynth-Studio's "
+                            "recipe: alpha = rank)."}),
         "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
-                                    "tooltip": "AdamW learning rate (1e-4 is the usual LoRA rate)."}),
-        "steps": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Optimizer steps."}),
+                                    "tooltip": "Learning rate (DiffSynth-Studio's recipe: 1e-4; Prodigy: 1.0, a "
+                                    "multiplier of the step size it finds)."}),
+        "steps": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Optimizer steps (ignored when "
+                          "epochs is above 0)."}),
         "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per step (drawn from one "
                                "resolution bucket, so a batch may be smaller where a bucket has fewer images)."}),
         "seed": seed_input(),
@@ -153,6 +156,28 @@ def optional_train_widgets() -> dict:
         "target_modules": ("STRING", {"default": "", "tooltip": "Instead of layers: the modules to train, named as "
                            "DiffSynth-Studio's --lora_target_modules and PEFT's target_modules (a layer is trained "
                            "when its name ends with an entry), e.g. to_q,to_k,to_v,to_out.0. Empty: use layers."}),
+        "epochs": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "Train this many epochs instead of "
+                           "`steps`: each epoch uses every image once (times its repeats) in a random order."}),
+        "gradient_accumulation": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Batches per optimizer "
+                                          "step (their gradients summed: the step of a batch this many times "
+                                          "larger)."}),
+        "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.01, "tooltip":
+                                    "Gradient clipping: the gradients' total norm is scaled down to this (kohya's "
+                                    "default 1.0); 0 turns it off."}),
+        "optimizer": (list(training.lora_optim.OPTIMIZERS), {"default": "AdamW", "tooltip": "AdamW (torch, weight "
+                      "decay 0.01); AdamW 8-bit needs the bitsandbytes package, Prodigy the prodigyopt package "
+                      "(give it learning_rate 1.0)."}),
+        "lr_schedule": (list(training.lora_optim.SCHEDULES), {"default": "constant", "tooltip": "The learning "
+                        "rate over the run, after the warmup: constant, half a cosine down to 0, or a straight "
+                        "line down to 0 (diffusers' get_scheduler formulas)."}),
+        "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Steps over which the learning "
+                                 "rate rises linearly from 0."}),
+        "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01, "tooltip": "The "
+                                      "chance that an image is trained with the empty caption instead of its own."}),
+        "flip": ("BOOLEAN", {"default": False, "tooltip": "Mirror each image left-right half of the time (not for "
+                             "text, which reads backwards mirrored)."}),
+        "trigger_word": ("STRING", {"default": "", "tooltip": "A word put first in every caption (or where a "
+                                    "caption writes [trigger]), to call the LoRA up in prompts."}),
     }
 
 
@@ -219,10 +244,13 @@ def train_lora_node(class_name: str, family_title: str, description: str, models
         def run(self, dataset, **values):
             handles = [values.pop(name) for name in models]
             extras = {name: values.pop(name) for name in extra()}
-            latents, conds = encode(*handles[1:], dataset, values["resolution"])
+            settings = settings_of(values)
+            settings.check()  # before the encoding: a bad setting is named at once
+            items, table = training.prepare(dataset, settings)
+            latents, conds = encode(*handles[1:], items, values["resolution"])
             fam = family(**extras)
-            lora = training.train(handles[0], fam, latents, conds, settings_of(values),
-                                  on_cancel=cancelled_saver(fam.name))
+            lora = training.train(handles[0], fam, latents, conds, settings, on_cancel=cancelled_saver(fam.name),
+                                  table=table)
             return (lora, training.loss_plot(lora.losses), lora.log.to_json())
 
     TrainLoRA.__name__ = TrainLoRA.__qualname__ = class_name

@@ -28,13 +28,13 @@ from ..loaders.errors import Interrupted, LetterpressError
 from ..loaders.handle import ModelHandle
 from ..loaders.host import get_host
 from ..loaders.lora import LoraTensors, LoraWeights, parse_lora
-from . import lora_targets
+from . import lora_optim, lora_targets
+from .lora_plan import Draw, ItemTable, StepPlan, buckets_of, expand
 from .lora_loss import LossLog, loss_plot  # noqa: F401 (loss_plot: the nodes' and tests' name for it)
 from .lora_targets import LAYER_CHOICES, target_layers  # noqa: F401 (the nodes' and tests' names for them)
 from .numerics import check_seed, log
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-WEIGHT_DECAY = 0.01  # torch's AdamW default
 
 
 # Datasets ------------------------------------------------------------------------------------------------------
@@ -47,9 +47,18 @@ class TrainingDataset:
     images: list
     captions: list
     source: str = ""
+    repeats: list | None = None  # per image, its repeats per epoch (kohya's N_name folders); None: once each
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+def prepare(dataset: TrainingDataset, settings) -> tuple[TrainingDataset, ItemTable]:
+    """The items to encode for a run (the dataset's, then their mirrored and caption-dropped variants, the trigger
+    word in the captions) and the table the run's steps pick them by."""
+    images, captions, table = expand(dataset.images, dataset.captions, dataset.repeats or [1] * len(dataset),
+                                     settings.flip, settings.caption_dropout, settings.trigger_word)
+    return TrainingDataset(images, captions, dataset.source), table
 
 
 def dataset_from_folder(folder: str) -> TrainingDataset:
@@ -102,11 +111,13 @@ def encode_items(vae: ModelHandle, te: ModelHandle, dataset, resolution: int, st
     from . import working_memory
 
     host = get_host()
-    latents = []
+    latents, done = [], {}  # an image object listed twice (a caption-dropped variant) is encoded once
     for img in dataset.images:
-        w, h = bucket_size(img.shape[2], img.shape[1], resolution, step)
-        host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
-        latents.append(encode_image(vae, resize(img, w, h)))
+        if id(img) not in done:
+            w, h = bucket_size(img.shape[2], img.shape[1], resolution, step)
+            host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
+            done[id(img)] = encode_image(vae, resize(img, w, h))
+        latents.append(done[id(img)])
     host.load(te)
     cache: dict[str, torch.Tensor] = {}
     for c in dataset.captions:
@@ -233,24 +244,57 @@ def check_trained(lora, family: str) -> TrainedLora:
 
 @dataclass
 class TrainingSettings:
-    rank: int = 16
-    alpha: float = 16.0
+    """A run's settings; the defaults are DiffSynth-Studio's ERNIE-Image LoRA recipe (rank 32, alpha = rank,
+    learning rate 1e-4, AdamW with weight decay 0.01, constant rate, the attention projections) with kohya's
+    gradient clipping at 1.0."""
+
+    rank: int = 32
+    alpha: float = 32.0
     learning_rate: float = 1e-4
-    steps: int = 100
+    steps: int = 500
     batch_size: int = 1
     seed: int = 0
     layers: str = "attention"
     gradient_checkpointing: bool = True
     target_modules: str = ""  # DiffSynth-Studio / PEFT target modules; when given, instead of `layers`
+    epochs: int = 0  # when > 0, the run is this many epochs (`steps` is ignored)
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0  # 0: no clipping
+    optimizer: str = "AdamW"
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    caption_dropout: float = 0.0
+    flip: bool = False
+    trigger_word: str = ""
     log_every: int = 10
 
     def check(self) -> None:
         check_seed(self.seed)
-        for name in ("rank", "steps", "batch_size", "log_every"):
+        for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every"):
             if getattr(self, name) < 1:
                 raise LetterpressError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("epochs", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise LetterpressError(f"{name} must be 0 or more, got {getattr(self, name)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise LetterpressError(f"learning_rate must be a positive number, got {self.learning_rate}.")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise LetterpressError(f"alpha must be a positive number, got {self.alpha}.")
+        if not (0 <= self.caption_dropout < 1):
+            raise LetterpressError(f"caption_dropout is a probability below 1 (0 keeps every caption), got "
+                                   f"{self.caption_dropout}.")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise LetterpressError(f"max_grad_norm must be 0 (no clipping) or more, got {self.max_grad_norm}.")
+        lora_optim.lr_factor(self.lr_schedule, 0, 0, 1)  # an unknown schedule is named
+        if self.optimizer not in lora_optim.OPTIMIZERS:
+            raise LetterpressError(f"optimizer must be one of {', '.join(lora_optim.OPTIMIZERS)}, got "
+                                   f"{self.optimizer!r}.")
+
+    def total_steps(self, plan: StepPlan) -> int:
+        """The optimizer steps of the run: `steps`, or `epochs` times an epoch's batches over the accumulation."""
+        if self.epochs > 0:
+            return math.ceil(self.epochs * plan.batches_per_epoch() / self.gradient_accumulation)
+        return self.steps
 
 
 @dataclass
@@ -275,28 +319,11 @@ class Family:
     one_at_a_time: bool = False
 
 
-@dataclass
-class Draw:
-    """One step's random choices: which items, the noise, the timestep indices into the training schedule."""
-
-    items: list
-    noise: torch.Tensor
-    t_index: torch.Tensor
-
-
-def buckets_of(latents: list[torch.Tensor]) -> list[list[int]]:
-    """Item indices grouped by latent shape (a batch is drawn from one bucket)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, lat in enumerate(latents):
-        groups.setdefault(tuple(lat.shape), []).append(i)
-    return list(groups.values())
-
-
 def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> Draw:
-    """The step's choices from the seeded CPU generator: an item uniformly, its bucket, then up to batch_size
-    items of that bucket in random order; fp32 noise shaped like their latents; timestep indices in 0..999."""
+    """Random choices for evaluating a LoRA (training goes through StepPlan's epochs): an item uniformly, then up to
+    batch_size items of its bucket in random order; fp32 noise shaped like their latents; timestep indices."""
     first = int(torch.randint(len(latents), (1,), generator=gen))
-    bucket = next(b for b in buckets_of(latents) if first in b)
+    bucket = next(b for b in buckets_of([lat.shape for lat in latents]) if first in b)
     order = [bucket[int(i)] for i in torch.randperm(len(bucket), generator=gen)]
     items = [first] + [i for i in order if i != first][: batch_size - 1]
     shape = (len(items), *latents[first].shape[1:])
@@ -343,47 +370,61 @@ def _schedule(family: Family, dit: ModelHandle, shape, cache: dict | None) -> tu
     return cache[key]
 
 
-def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: list, settings: TrainingSettings,
-          init: dict | None = None, record: list | None = None, on_cancel: Callable | None = None) -> TrainedLora:
-    """Train a LoRA on the cached items: `settings.steps` AdamW steps, progress and Cancel per step.
+def attach_adapters(module: torch.nn.Module, targets: list[str], settings: TrainingSettings, device,
+                    gen: torch.Generator, init: dict | None) -> tuple[dict, list]:
+    """A LoraLayer per target (PEFT's init from `gen`, or the factors of `init`) hooked onto its layer."""
+    adapters, hooks = {}, []
+    for name in targets:
+        layer = module.get_submodule(name)
+        out_f, in_f = layer_kinds.weight_shape(layer)
+        ad = LoraLayer(in_f, out_f, settings.rank, settings.alpha / settings.rank, device, gen)
+        if init is not None and name in init:
+            with torch.no_grad():
+                ad.lora_A.copy_(init[name][0])
+                ad.lora_B.copy_(init[name][1])
+        adapters[name] = ad
+        hooks.append(layer.register_forward_hook(ad.hook))
+    return adapters, hooks
 
-    `init` (layer -> (A, B)) starts from given factors instead of PEFT's init; `record` receives each step's Draw.
-    On Cancel the LoRA of the steps done goes to `on_cancel` (the node saves it), then the interrupt propagates."""
+
+def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: list, settings: TrainingSettings,
+          init: dict | None = None, record: list | None = None, on_cancel: Callable | None = None,
+          table: ItemTable | None = None) -> TrainedLora:
+    """Train a LoRA on the encoded items (`table`: the dataset items' repeats and variants among them; by default
+    each item once, as it is): the optimizer steps of `settings`, progress and Cancel per step.
+
+    `init` (layer -> (A, B)) starts from given factors instead of PEFT's init; `record` receives each micro-batch's
+    Draw. On Cancel the LoRA of the steps done goes to `on_cancel` (the node saves it), then the interrupt
+    propagates."""
     settings.check()
     host = get_host()
     module = dit.module
     targets = target_layers(module, settings.layers, settings.target_modules)
     counts = lora_targets.describe_choices(module, settings.rank, targets)
     log.info("Train LoRA: %s", lora_targets.choices_line(counts))
-    b = settings.batch_size
+    gen = torch.Generator("cpu").manual_seed(settings.seed)
+    table = table or ItemTable.plain(len(latents))
+    plan = StepPlan(gen, latents, table, settings.batch_size, settings.gradient_accumulation, settings.flip,
+                    settings.caption_dropout)
+    total = settings.total_steps(plan)
+    if settings.warmup_steps >= total:
+        raise LetterpressError(f"warmup_steps ({settings.warmup_steps}) must be fewer than the run's {total} steps.")
     shape = max((lat.shape for lat in latents), key=lambda s: s[-1] * s[-2])
     # Activations kept for backward (block inputs with checkpointing, one block's in its backward): the host makes
     # room for them as for a sampler's forward.
-    need = family.memory(dit, b, shape, conds)
+    need = family.memory(dit, settings.batch_size, shape, conds)
     with torch.inference_mode(False), torch.enable_grad():
         host.load(dit, memory_required=need)
         usable_for_autograd(module)
         module.requires_grad_(False)
-        device = host.compute_device()
-        gen = torch.Generator("cpu").manual_seed(settings.seed)
-        scale = settings.alpha / settings.rank
-        adapters, hooks = {}, []
-        for name in targets:
-            layer = module.get_submodule(name)
-            out_f, in_f = layer_kinds.weight_shape(layer)
-            ad = LoraLayer(in_f, out_f, settings.rank, scale, device, gen)
-            if init is not None and name in init:
-                with torch.no_grad():
-                    ad.lora_A.copy_(init[name][0])
-                    ad.lora_B.copy_(init[name][1])
-            adapters[name] = ad
-            hooks.append(layer.register_forward_hook(ad.hook))
+        adapters, hooks = attach_adapters(module, targets, settings, host.compute_device(), gen, init)
         params = [p for ad in adapters.values() for p in (ad.lora_A, ad.lora_B)]
-        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=WEIGHT_DECAY)
+        optimizer = lora_optim.make_optimizer(settings.optimizer, params, settings.learning_rate)
+        scheduler = lora_optim.make_scheduler(optimizer, settings.lr_schedule, settings.warmup_steps, total)
         checkpointing = settings.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False)
         if checkpointing:
             module.enable_gradient_checkpointing()
-        losses = LossLog(info={"layers": counts})
+        losses = LossLog(info={"layers": counts, "epoch_batches": plan.batches_per_epoch()})
         schedules: dict = {}  # the family's schedule per latent size, computed once
 
         def result() -> TrainedLora:
@@ -394,25 +435,34 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
             return TrainedLora(family.name, tensors, settings.rank, settings.alpha, targets, len(losses.steps),
                                LossLog(list(losses.steps), losses.info))
 
-        bar = host.progress(settings.steps)
-        bar.text(lora_targets.choices_line(counts))
-        try:
-            for _ in range(settings.steps):
-                host.check_interrupt()
-                d = draw(gen, latents, b)
+        def step(draws: list[Draw]) -> None:
+            """One optimizer step over its micro-batches: each loss / their count backward (the gradient of their
+            mean), clipped, stepped, the learning rate scheduled."""
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            total_loss, seen = 0.0, []
+            for d in draws:
                 if record is not None:
                     record.append(d)
-                seen: list[float] = []
                 loss = flow_matching_loss(family, dit, module, latents, conds, d, schedules, seen)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise LetterpressError(f"The training loss became {value} at step {len(losses.steps) + 1}: "
                                            "lower the learning rate.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.add(value, seen, settings.learning_rate)
-                report(losses, bar, settings)
+                (loss / len(draws)).backward()
+                total_loss += value / len(draws)
+            lora_optim.clip(params, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.add(total_loss, seen, lr)
+
+        bar = host.progress(total)
+        bar.text(lora_targets.choices_line(counts))
+        try:
+            for _ in range(total):
+                host.check_interrupt()
+                step(plan.next_step())
+                report(losses, bar, total, settings.log_every)
             host.check_interrupt()
         except Interrupted:
             if on_cancel is not None and losses.steps:
@@ -431,12 +481,12 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
         return result()
 
 
-def report(losses: LossLog, bar, settings: TrainingSettings) -> None:
+def report(losses: LossLog, bar, total: int, log_every: int) -> None:
     """After each step: the bar advances with the loss and its running average (EMA) as its text; every
     `log_every` steps and at the last the same line goes to the log."""
-    line = losses.line(settings.steps)
+    line = losses.line(total)
     bar.text(line)
     bar.update(1)
     n = len(losses.steps)
-    if n % settings.log_every == 0 or n == settings.steps:
+    if n % log_every == 0 or n == total:
         log.info("Train LoRA: %s", line)

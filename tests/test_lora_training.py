@@ -37,10 +37,10 @@ def setup(ernie, models_dir):
     return dict(dit=dit, te=te, vae=vae, ds=ds, latents=latents, conds=conds)
 
 
-def reference_step(models_dir, init, latents, conds, d, rank, alpha, lr, shift, weights=None):
+def reference_step(models_dir, init, latents, conds, d, rank, alpha, lr, shift, weights=None, clip=0.0):
     """One step written with the libraries: diffusers' ErnieImageTransformer2DModel with a PEFT LoRA (add_adapter),
     flow matching as DiffSynth-Studio trains ERNIE-Image (its shifted 1000-step schedule and timestep weight,
-    computed here from its formulas), torch's AdamW."""
+    computed here from its formulas), torch's AdamW; with `clip`, torch's clip_grad_norm_ before the step."""
     from diffusers import ErnieImageTransformer2DModel
 
     model = ErnieImageTransformer2DModel.from_pretrained(os.path.join(models_dir, "diffusers", "ERNIE-Image", "transformer"))
@@ -67,6 +67,8 @@ def reference_step(models_dir, init, latents, conds, d, rank, alpha, lr, shift, 
     loss = per_item.mean()
     opt.zero_grad()
     loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
     return peft_factors(model, init), loss.item()
 
