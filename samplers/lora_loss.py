@@ -79,7 +79,7 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     first = math.floor(lo / step) * step
-    return [round(first + i * step, 12) for i in range(int(math.ceil((hi - first) / step)) + 1)]
+    return [round(first + i * step, 12) for i in range(math.ceil((hi - first) / step) + 1)]
 
 
 @dataclass
@@ -117,7 +117,7 @@ def loss_plot(losses: list[float], width: int = 640, height: int = 320) -> torch
 
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
-    d.text((8, 4), "training loss (light: per step, dark: EMA %.2f)" % SMOOTHING, fill=INK)
+    d.text((8, 4), f"training loss (light: per step, dark: EMA {SMOOTHING:.2f})", fill=INK)
     if not losses:
         d.text((width // 2 - 40, height // 2), "no steps yet", fill=INK)
     else:

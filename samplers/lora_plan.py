@@ -35,7 +35,7 @@ class ItemTable:
     variants: list = field(default_factory=list)
 
     @classmethod
-    def plain(cls, n: int, repeats: list | None = None) -> "ItemTable":
+    def plain(cls, n: int, repeats: list | None = None) -> ItemTable:
         return cls(list(repeats or [1] * n), [{(False, False): i} for i in range(n)])
 
 

@@ -29,8 +29,8 @@ from ..loaders.handle import ModelHandle
 from ..loaders.host import get_host
 from ..loaders.lora import LoraTensors, LoraWeights, parse_lora
 from . import lora_optim, lora_targets
-from .lora_plan import Draw, ItemTable, StepPlan, buckets_of, expand
 from .lora_loss import LossLog, loss_plot  # noqa: F401 (loss_plot: the nodes' and tests' name for it)
+from .lora_plan import Draw, ItemTable, StepPlan, buckets_of, expand
 from .lora_targets import LAYER_CHOICES, target_layers  # noqa: F401 (the nodes' and tests' names for them)
 from .numerics import check_seed, log
 

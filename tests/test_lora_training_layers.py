@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from letterpress.loaders.errors import LetterpressError
 from letterpress.samplers import lora_targets
 from letterpress.samplers import lora_training as training
@@ -38,9 +37,9 @@ def test_all_is_the_blocks_linear_layers_only(family, ernie, ovis, glm):
 def test_target_modules_train_what_peft_picks_and_count_its_parameters(ernie):
     """DiffSynth-Studio's ERNIE-Image recipe list, and one naming a layer outside the blocks: the layers are those
     PEFT's inject_adapter_in_model wraps, the parameter count its trainable parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
 
     for entries in (["to_q", "to_k", "to_v", "to_out.0"], ["linear_fc2", "adaLN_modulation.1"]):
         model = copy.deepcopy(ernie["transformer"])

@@ -7,7 +7,6 @@ import json
 import math
 
 import torch
-
 from letterpress.samplers import lora_loss
 
 

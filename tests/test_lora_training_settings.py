@@ -9,14 +9,12 @@ import math
 
 import pytest
 import torch
-
 from fixtures.lora_steps import assert_same_step, random_init, settings
-from test_lora_training import CAPTIONS, reference_step, setup, two_images  # noqa: F401 (setup: the fixture)
-
 from letterpress.loaders.errors import LetterpressError
 from letterpress.samplers import ernie_image as stage
 from letterpress.samplers import lora_optim, lora_plan
 from letterpress.samplers import lora_training as training
+from test_lora_training import CAPTIONS, reference_step, setup, two_images  # noqa: F401 (setup: the fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,17 +121,17 @@ def test_flip_caption_dropout_and_trigger_word_make_the_variants_a_step_picks():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(rank=0), r"rank must be at least 1, got 0"),
-    (dict(learning_rate=0.0), r"learning_rate must be a positive number, got 0.0"),
-    (dict(learning_rate=-1e-4), r"learning_rate must be a positive number"),
-    (dict(batch_size=3), r"batch_size 3 is larger than every resolution bucket .*2 at \(2, 2\).*Lower batch_size to 2"),
-    (dict(gradient_accumulation=0), r"gradient_accumulation must be at least 1"),
-    (dict(caption_dropout=1.0), r"caption_dropout is a probability below 1"),
-    (dict(max_grad_norm=-1.0), r"max_grad_norm must be 0 \(no clipping\) or more"),
-    (dict(warmup_steps=5, steps=5), r"warmup_steps \(5\) must be fewer than the run's 5 steps"),
-    (dict(lr_schedule="step"), r"lr_schedule must be one of constant, cosine, linear"),
-    (dict(optimizer="AdamW 8-bit"), r"needs the bitsandbytes package.*pip install bitsandbytes"),
-    (dict(optimizer="Prodigy"), r"needs the prodigyopt package.*pip install prodigyopt"),
+    ({"rank": 0}, r"rank must be at least 1, got 0"),
+    ({"learning_rate": 0.0}, r"learning_rate must be a positive number, got 0.0"),
+    ({"learning_rate": -1e-4}, r"learning_rate must be a positive number"),
+    ({"batch_size": 3}, r"batch_size 3 is larger than every resolution bucket .*2 at \(2, 2\).*Lower batch_size to 2"),
+    ({"gradient_accumulation": 0}, r"gradient_accumulation must be at least 1"),
+    ({"caption_dropout": 1.0}, r"caption_dropout is a probability below 1"),
+    ({"max_grad_norm": -1.0}, r"max_grad_norm must be 0 \(no clipping\) or more"),
+    ({"warmup_steps": 5, "steps": 5}, r"warmup_steps \(5\) must be fewer than the run's 5 steps"),
+    ({"lr_schedule": "step"}, r"lr_schedule must be one of constant, cosine, linear"),
+    ({"optimizer": "AdamW 8-bit"}, r"needs the bitsandbytes package.*pip install bitsandbytes"),
+    ({"optimizer": "Prodigy"}, r"needs the prodigyopt package.*pip install prodigyopt"),
 ])
 def test_bad_settings_are_named_with_their_fix(setup, change, message):
     import importlib.util
