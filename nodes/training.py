@@ -20,9 +20,12 @@ CAT = f"{CATEGORY}/Training"
 
 
 class LetterpressTrainingDataset:
-    DESCRIPTION = ("Images and captions to train a LoRA on: a folder under ComfyUI's input folder holding images and "
-                   "same-named .txt captions (a.png + a.txt), or an IMAGE batch with one caption per line. Images keep "
-                   "their aspect ratio: Train LoRA resizes each to its resolution bucket without cropping.")
+    DESCRIPTION = ("Images and captions to train a LoRA on, from a folder under ComfyUI's input folder: images with "
+                   "same-named .txt captions (a.png + a.txt), DiffSynth-Studio's metadata.csv (columns image, prompt), "
+                   "or kohya's N_name/ folders (each image N times per epoch; without a caption file, captioned with "
+                   "the folder's name); or an IMAGE batch with one caption per line. An image without a caption is "
+                   "named in an error. Images keep their aspect ratio: Train LoRA resizes each to its resolution "
+                   "bucket without cropping.")
     CATEGORY = CAT
     RETURN_TYPES = (DATASET,)
     RETURN_NAMES = ("dataset",)
@@ -31,22 +34,30 @@ class LetterpressTrainingDataset:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"folder": ("STRING", {"default": "lora_dataset", "tooltip": "A folder under ComfyUI's "
-                                                   "input folder with images and same-named .txt captions. Ignored "
-                                                   "when images are wired."})},
+                                                   "input folder: images with same-named .txt captions, a "
+                                                   "metadata.csv, or kohya N_name folders. Ignored when images are "
+                                                   "wired."})},
                 "optional": {"images": ("IMAGE", {"tooltip": "Instead of the folder: the training images."}),
                              "captions": ("STRING", {"multiline": True, "default": "", "tooltip":
                                                      "With images: one caption per line, one line per image (or one "
-                                                     "line for all)."})}}
+                                                     "line for all)."}),
+                             "repeats": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip": "Each image this "
+                                                 "many times per epoch (DiffSynth-Studio's --dataset_repeat), times "
+                                                 "a kohya folder's N."})}}
 
-    def run(self, folder, images=None, captions=""):
+    def run(self, folder, images=None, captions="", repeats=1):
+        return (self.load(folder, images, captions).repeated(repeats),)
+
+    @staticmethod
+    def load(folder, images, captions):
         if images is not None:
-            return (training.dataset_from_images(images, captions),)
+            return training.dataset_from_images(images, captions)
         root = os.path.realpath(get_host().input_dir)
         path = os.path.realpath(os.path.join(root, folder))
         if os.path.isabs(folder) or not (path == root or path.startswith(root + os.sep)):
             raise LetterpressError(f"The dataset folder '{folder}' must be a folder inside ComfyUI's input folder "
                                    f"({root}), named relative to it.")
-        return (training.dataset_from_folder(path),)
+        return training.dataset_from_folder(path)
 
 
 SAVE_FORMATS = ("diffusers/PEFT", "DiffSynth-Studio")

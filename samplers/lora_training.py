@@ -29,71 +29,18 @@ from ..loaders.handle import ModelHandle
 from ..loaders.host import get_host
 from ..loaders.lora import LoraTensors, LoraWeights, parse_lora
 from . import lora_optim, lora_targets
+from .lora_datasets import (  # noqa: F401 (the nodes' and families' names for them)
+    TrainingDataset,
+    dataset_from_folder,
+    dataset_from_images,
+    prepare,
+)
 from .lora_loss import LossLog, loss_plot  # noqa: F401 (loss_plot: the nodes' and tests' name for it)
-from .lora_plan import Draw, ItemTable, StepPlan, buckets_of, expand
+from .lora_plan import Draw, ItemTable, StepPlan, buckets_of
 from .lora_targets import LAYER_CHOICES, target_layers  # noqa: F401 (the nodes' and tests' names for them)
 from .numerics import check_seed, log
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
 # Datasets ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingDataset:
-    """Images (each (1, H, W, 3) in 0..1, any size) and their captions."""
-
-    images: list
-    captions: list
-    source: str = ""
-    repeats: list | None = None  # per image, its repeats per epoch (kohya's N_name folders); None: once each
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def prepare(dataset: TrainingDataset, settings) -> tuple[TrainingDataset, ItemTable]:
-    """The items to encode for a run (the dataset's, then their mirrored and caption-dropped variants, the trigger
-    word in the captions) and the table the run's steps pick them by."""
-    images, captions, table = expand(dataset.images, dataset.captions, dataset.repeats or [1] * len(dataset),
-                                     settings.flip, settings.caption_dropout, settings.trigger_word)
-    return TrainingDataset(images, captions, dataset.source), table
-
-
-def dataset_from_folder(folder: str) -> TrainingDataset:
-    """Every image in `folder` with the caption in the .txt file of the same name (empty without one)."""
-    from PIL import Image, ImageOps
-
-    if not os.path.isdir(folder):
-        raise LetterpressError(f"The dataset folder {folder} does not exist: put a folder of images and same-named "
-                               ".txt captions under ComfyUI's input folder and give its name.")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
-    if not names:
-        raise LetterpressError(f"The dataset folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    images, captions = [], []
-    for n in names:
-        with Image.open(os.path.join(folder, n)) as im:
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
-            images.append(torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-                          .view(rgb.height, rgb.width, 3).float().div(255)[None])
-        txt = os.path.join(folder, os.path.splitext(n)[0] + ".txt")
-        captions.append(open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else "")
-    return TrainingDataset(images, captions, folder)
-
-
-def dataset_from_images(images: torch.Tensor, captions: str) -> TrainingDataset:
-    """An IMAGE batch and its captions, one per line (a single line captions every image)."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise LetterpressError("images is not an IMAGE batch: wire Load Image (or a batch of images).")
-    lines = [c.strip() for c in captions.split("\n")] if captions.strip() else [""]
-    lines = [c for c in lines if c] or [""]
-    if len(lines) == 1:
-        lines = lines * images.shape[0]
-    if len(lines) != images.shape[0]:
-        raise LetterpressError(f"{images.shape[0]} images but {len(lines)} caption lines: give one caption per line, "
-                               "one per image (or a single line for all).")
-    return TrainingDataset([img[None, ..., :3].float() for img in images], lines, "images")
 
 
 def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
