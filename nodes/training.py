@@ -9,6 +9,7 @@ import re
 from typing import Callable
 
 from ..loaders.errors import LetterpressError
+from ..loaders.files import list_files
 from ..loaders.host import get_host
 from ..loaders.lora import check_against, for_dit
 from ..samplers import lora_training as training
@@ -189,7 +190,49 @@ def optional_train_widgets() -> dict:
                              "text, which reads backwards mirrored)."}),
         "trigger_word": ("STRING", {"default": "", "tooltip": "A word put first in every caption (or where a "
                                     "caption writes [trigger]), to call the LoRA up in prompts."}),
+        "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Save a checkpoint every this many "
+                               "steps to output/loras/<family>_checkpoints/ (listed by the LoRA Loaders, with its "
+                               "optimizer state beside it to resume from); 0: none."}),
+        "keep_last": ("INT", {"default": 3, "min": 0, "max": 1000, "tooltip": "Keep only this run's last this many "
+                              "checkpoints (older ones it wrote are deleted); 0 keeps all."}),
+        "resume_from": (["none", *list_files("loras")], {"default": "none", "tooltip": "Continue a run from a LoRA "
+                        "Train LoRA saved (a checkpoint, a cancelled run or Save LoRA's diffusers/PEFT file) with the "
+                        "same settings: its optimizer state is read from the .training_state file beside it, and "
+                        "`steps` (or epochs) counts the steps done."}),
     }
+
+
+def checkpointer(family: str, save_every: int, keep_last: int) -> Callable | None:
+    """Train's on_step for checkpoints: every `save_every` steps the LoRA so far (and its optimizer state) goes to
+    output/loras/<family>_checkpoints/, and all but the last `keep_last` this run wrote are deleted."""
+    from ..samplers.lora_resume import state_path
+    from ..samplers.numerics import log
+
+    if save_every <= 0:
+        return None
+    written: list[str] = []
+
+    def on_step(step: int, snapshot: Callable[[], training.TrainedLora]) -> None:
+        if step % save_every:
+            return
+        path = save_lora(snapshot(), get_host().output_dir, f"loras/{family}_checkpoints/{family}_step{step:06}")
+        written.append(path)
+        log.info("Train LoRA: checkpoint at step %d in %s", step, path)
+        while keep_last and len(written) > keep_last:
+            old = written.pop(0)
+            for f in (old, state_path(old)):
+                if os.path.exists(f):
+                    os.remove(f)
+
+    return on_step
+
+
+def resume_of(name: str, family: str):
+    """The saved run `resume_from` names (None for "none")."""
+    from ..loaders.files import resolve
+    from ..samplers import lora_resume
+
+    return None if name in ("", "none") else lora_resume.load(resolve("loras", name), family)
 
 
 def settings_of(values: dict) -> training.TrainingSettings:
@@ -261,7 +304,9 @@ def train_lora_node(class_name: str, family_title: str, description: str, models
             latents, conds = encode(*handles[1:], items, values["resolution"])
             fam = family(**extras)
             lora = training.train(handles[0], fam, latents, conds, settings, on_cancel=cancelled_saver(fam.name),
-                                  table=table)
+                                  table=table, resume=resume_of(values.get("resume_from", "none"), fam.name),
+                                  on_step=checkpointer(fam.name, values.get("save_every", 0),
+                                                       values.get("keep_last", 3)))
             return (lora, training.loss_plot(lora.losses), lora.log.to_json())
 
     TrainLoRA.__name__ = TrainLoRA.__qualname__ = class_name

@@ -31,9 +31,10 @@ class LossLog:
     steps: list = field(default_factory=list)
     info: dict = field(default_factory=dict)  # what else the JSON reports (the layers trained)
 
-    def add(self, loss: float, timesteps: list[float], lr: float) -> None:
-        self.steps.append({"step": len(self.steps) + 1, "loss": loss, "timesteps": [round(t, 4) for t in timesteps],
-                           "lr": lr})
+    def add(self, loss: float, timesteps: list[float], lr: float, step: int | None = None) -> None:
+        """Step `step` (by default the one after the last recorded)."""
+        self.steps.append({"step": step or len(self.steps) + 1, "loss": loss,
+                           "timesteps": [round(t, 4) for t in timesteps], "lr": lr})
 
     @property
     def losses(self) -> list[float]:
@@ -54,7 +55,7 @@ class LossLog:
         """'step 12/500  loss 0.2130  avg 0.1984' (avg: the EMA), for the progress text and the log."""
         if not self.steps:
             return f"step 0/{total}"
-        return f"step {len(self.steps)}/{total}  loss {self.losses[-1]:.4f}  avg {self.ema()[-1]:.4f}"
+        return f"step {self.steps[-1]['step']}/{total}  loss {self.losses[-1]:.4f}  avg {self.ema()[-1]:.4f}"
 
     def to_json(self) -> str:
         return json.dumps({"smoothing": SMOOTHING, "summary": self.summary(), **self.info,

@@ -28,7 +28,7 @@ from ..loaders.errors import Interrupted, LetterpressError
 from ..loaders.handle import ModelHandle
 from ..loaders.host import get_host
 from ..loaders.lora import LoraTensors, LoraWeights, parse_lora
-from . import lora_optim, lora_targets
+from . import lora_optim, lora_resume, lora_targets
 from .lora_datasets import (  # noqa: F401 (the nodes' and families' names for them)
     TrainingDataset,
     dataset_from_folder,
@@ -134,6 +134,7 @@ class TrainedLora:
     targets: list
     steps: int
     log: LossLog = field(default_factory=LossLog)
+    state: dict | None = None  # the optimizer's state when trained here: saved beside the file, to resume from
 
     @property
     def losses(self) -> list[float]:
@@ -173,6 +174,8 @@ class TrainedLora:
         else:
             tensors, metadata = self.tensors, self.metadata
         save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+        if self.state is not None and fmt != "diffsynth":
+            lora_resume.save_state(path, {"step": self.steps, "optimizer": self.state, "log": self.log.steps})
 
 
 def check_trained(lora, family: str) -> TrainedLora:
@@ -336,12 +339,15 @@ def attach_adapters(module: torch.nn.Module, targets: list[str], settings: Train
 
 def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: list, settings: TrainingSettings,
           init: dict | None = None, record: list | None = None, on_cancel: Callable | None = None,
-          table: ItemTable | None = None) -> TrainedLora:
+          table: ItemTable | None = None, resume: lora_resume.Resume | None = None,
+          on_step: Callable | None = None) -> TrainedLora:
     """Train a LoRA on the encoded items (`table`: the dataset items' repeats and variants among them; by default
     each item once, as it is): the optimizer steps of `settings`, progress and Cancel per step.
 
-    `init` (layer -> (A, B)) starts from given factors instead of PEFT's init; `record` receives each micro-batch's
-    Draw. On Cancel the LoRA of the steps done goes to `on_cancel` (the node saves it), then the interrupt
+    `init` (layer -> (A, B)) starts from given factors instead of PEFT's init; `resume` continues a saved run (its
+    factors, optimizer state and loss record, the choices of its steps replayed); `record` receives each
+    micro-batch's Draw; `on_step(step, snapshot)` runs after each step (snapshot() is the LoRA so far: checkpoints,
+    samples). On Cancel the LoRA of the steps done goes to `on_cancel` (the node saves it), then the interrupt
     propagates."""
     settings.check()
     host = get_host()
@@ -356,6 +362,10 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
     total = settings.total_steps(plan)
     if settings.warmup_steps >= total:
         raise LetterpressError(f"warmup_steps ({settings.warmup_steps}) must be fewer than the run's {total} steps.")
+    start = 0
+    if resume is not None:
+        resume.check(settings.rank, settings.alpha, targets, total)
+        init, start = resume.factors, resume.step
     shape = max((lat.shape for lat in latents), key=lambda s: s[-1] * s[-2])
     # Activations kept for backward (block inputs with checkpointing, one block's in its backward): the host makes
     # room for them as for a sampler's forward.
@@ -367,11 +377,14 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
         adapters, hooks = attach_adapters(module, targets, settings, host.compute_device(), gen, init)
         params = [p for ad in adapters.values() for p in (ad.lora_A, ad.lora_B)]
         optimizer = lora_optim.make_optimizer(settings.optimizer, params, settings.learning_rate)
-        scheduler = lora_optim.make_scheduler(optimizer, settings.lr_schedule, settings.warmup_steps, total)
+        if resume is not None and resume.optimizer is not None:
+            optimizer.load_state_dict(resume.optimizer)
+        scheduler = lora_optim.make_scheduler(optimizer, settings.lr_schedule, settings.warmup_steps, total, start)
         checkpointing = settings.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False)
         if checkpointing:
             module.enable_gradient_checkpointing()
-        losses = LossLog(info={"layers": counts, "epoch_batches": plan.batches_per_epoch()})
+        losses = LossLog(list(resume.log) if resume is not None else [],
+                         {"layers": counts, "epoch_batches": plan.batches_per_epoch()})
         schedules: dict = {}  # the family's schedule per latent size, computed once
 
         def result() -> TrainedLora:
@@ -379,8 +392,8 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
             for name, ad in adapters.items():
                 tensors[f"transformer.{name}.lora_A.weight"] = ad.lora_A.detach().float().cpu().clone()
                 tensors[f"transformer.{name}.lora_B.weight"] = ad.lora_B.detach().float().cpu().clone()
-            return TrainedLora(family.name, tensors, settings.rank, settings.alpha, targets, len(losses.steps),
-                               LossLog(list(losses.steps), losses.info))
+            return TrainedLora(family.name, tensors, settings.rank, settings.alpha, targets, done[0],
+                               LossLog(list(losses.steps), losses.info), lora_resume.to_cpu(optimizer.state_dict()))
 
         def step(draws: list[Draw]) -> None:
             """One optimizer step over its micro-batches: each loss / their count backward (the gradient of their
@@ -394,29 +407,35 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
                 loss = flow_matching_loss(family, dit, module, latents, conds, d, schedules, seen)
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    raise LetterpressError(f"The training loss became {value} at step {len(losses.steps) + 1}: "
+                    raise LetterpressError(f"The training loss became {value} at step {done[0] + 1}: "
                                            "lower the learning rate.")
                 (loss / len(draws)).backward()
                 total_loss += value / len(draws)
             lora_optim.clip(params, settings.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            losses.add(total_loss, seen, lr)
+            losses.add(total_loss, seen, lr, done[0] + 1)
 
-        bar = host.progress(total)
+        for _ in range(start):  # a resumed run: the choices of the steps done, skipped over
+            plan.next_step()
+        done = [start]
+        bar = host.progress(total - start)
         bar.text(lora_targets.choices_line(counts))
         try:
-            for _ in range(total):
+            for _ in range(start, total):
                 host.check_interrupt()
                 step(plan.next_step())
+                done[0] += 1
                 report(losses, bar, total, settings.log_every)
+                if on_step is not None:
+                    on_step(done[0], result)
             host.check_interrupt()
         except Interrupted:
-            if on_cancel is not None and losses.steps:
+            if on_cancel is not None and done[0] > start:
                 on_cancel(result())
             raise
         except BaseException as e:  # ComfyUI's own interrupt exception is not ours: keep the steps done too
-            if type(e).__name__ == "InterruptProcessingException" and on_cancel is not None and losses.steps:
+            if type(e).__name__ == "InterruptProcessingException" and on_cancel is not None and done[0] > start:
                 on_cancel(result())
             raise
         finally:
@@ -434,6 +453,6 @@ def report(losses: LossLog, bar, total: int, log_every: int) -> None:
     line = losses.line(total)
     bar.text(line)
     bar.update(1)
-    n = len(losses.steps)
+    n = losses.steps[-1]["step"]
     if n % log_every == 0 or n == total:
         log.info("Train LoRA: %s", line)

@@ -745,8 +745,8 @@ def test_cancel_mid_training_keeps_the_steps_done_and_the_next_prompt_runs(comfy
     entry = comfy.wait(comfy.queue(wf))
     assert "execution_interrupted" in messages(entry)
     folder = os.path.join(os.path.dirname(comfy.input_dir), "output", "loras")
-    kept = [f for f in os.listdir(folder) if f.startswith("ernie_image_cancelled_step3_")]
-    assert len(kept) == 1
+    kept = [f for f in os.listdir(folder) if f.startswith("ernie_image_cancelled_step3_") and f.endswith(".safetensors")]
+    assert len(kept) == 1 and os.path.isfile(os.path.join(folder, kept[0].replace(".safetensors", ".training_state")))
     with safe_open(os.path.join(folder, kept[0]), "pt") as f:
         assert f.metadata()["letterpress_steps"] == "3" and any(k.endswith("lora_B.weight") for k in f.keys())
     again = comfy.wait(comfy.queue(small(wf)))
@@ -767,7 +767,7 @@ def test_training_on_a_gguf_dit_inside_comfyui_saves_a_lora(comfy):
     entry = comfy.wait(comfy.queue(wf))
     assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
     folder = os.path.join(os.path.dirname(comfy.input_dir), "output", "loras")
-    saved = [f for f in os.listdir(folder) if f.startswith("gguf_trained_")]
+    saved = [f for f in os.listdir(folder) if f.startswith("gguf_trained_") and f.endswith(".safetensors")]
     assert len(saved) == 1
     lora = read_lora(os.path.join(folder, saved[0]))
     assert "layers.0.self_attention.to_q" in lora.layers

@@ -280,8 +280,8 @@ def test_train_node_caches_and_saves_on_cancel(setup, host):
     host.progress_listeners.append(lambda done, total: host.request_interrupt() if done == 1 else None)
     with pytest.raises(Interrupted):
         node("TrainLoRA").run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, shift=3.0, **{**widgets, "steps": 5})
-    saved = os.listdir(os.path.join(host.output_dir, "loras"))
-    assert saved == ["ernie_image_cancelled_step1_00001_.safetensors"]
+    saved = sorted(os.listdir(os.path.join(host.output_dir, "loras")))  # the LoRA and its optimizer state
+    assert saved == ["ernie_image_cancelled_step1_00001_.safetensors", "ernie_image_cancelled_step1_00001_.training_state"]
 
 
 def write_dataset(folder, h=32, w=48):
@@ -305,8 +305,8 @@ def test_shipped_training_workflow_runs_headless(setup, host, tmp_path):
     results = Runner().run(wf)["results"]
     lora = results["3"][0]
     assert lora.steps == 3 and lora.rank == 2
-    saved = os.listdir(os.path.join(host.output_dir, "loras"))
-    assert saved == ["ernie_image_lora_00001_.safetensors"]
+    saved = sorted(os.listdir(os.path.join(host.output_dir, "loras")))
+    assert saved == ["ernie_image_lora_00001_.safetensors", "ernie_image_lora_00001_.training_state"]
     assert results["11"][0].shape == (1, 32, 32, 3)
     assert os.listdir(os.path.join(host.output_dir, "letterpress")) == ["ernie_image_train_lora_00001_.png"]
 
