@@ -190,6 +190,13 @@ def optional_train_widgets() -> dict:
                              "text, which reads backwards mirrored)."}),
         "trigger_word": ("STRING", {"default": "", "tooltip": "A word put first in every caption (or where a "
                                     "caption writes [trigger]), to call the LoRA up in prompts."}),
+        "sample_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Draw sample_prompt with the LoRA "
+                                 "so far every this many steps (seed `seed`, at the training resolution): shown on "
+                                 "the node as the run goes (ComfyUI's preview) and saved to output/letterpress/"
+                                 "<family>_samples/; 0: none."}),
+        "sample_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "The prompt of the samples (with "
+                                     "the trigger word if the LoRA has one)."}),
+        "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps of each sample."}),
         "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Save a checkpoint every this many "
                                "steps to output/loras/<family>_checkpoints/ (listed by the LoRA Loaders, with its "
                                "optimizer state beside it to resume from); 0: none."}),
@@ -223,6 +230,43 @@ def checkpointer(family: str, save_every: int, keep_last: int) -> Callable | Non
             for f in (old, state_path(old)):
                 if os.path.exists(f):
                     os.remove(f)
+
+    return on_step
+
+
+def sampler_hook(family: str, draw: Callable, every: int, steps: int, dit) -> Callable:
+    """Train's on_step for samples: every `every` steps `draw(dit, steps)` (the DiT with the LoRA's training hooks
+    on it: the LoRA so far) -> an IMAGE, saved as output/letterpress/<family>_samples/stepNNNNNN_NNNNN_.png and
+    returned as the preview the node shows."""
+    from PIL import Image
+
+    def on_step(step: int, snapshot) -> Image.Image | None:
+        if step % every:
+            return None
+        image = draw(dit, steps)
+        pil = Image.fromarray((image[0].clamp(0, 1) * 255).round().byte().cpu().numpy())
+        folder = os.path.join(get_host().output_dir, "letterpress", f"{family}_samples")
+        os.makedirs(folder, exist_ok=True)
+        n = 1
+        while os.path.exists(path := os.path.join(folder, f"step{step:06}_{n:05}_.png")):
+            n += 1
+        pil.save(path)
+        return pil
+
+    return on_step
+
+
+def step_hooks(*hooks: Callable | None) -> Callable | None:
+    """One on_step running each hook; the preview is the last one any returned."""
+    live = [h for h in hooks if h is not None]
+    if not live:
+        return None
+
+    def on_step(step, snapshot):
+        shown = None
+        for h in live:
+            shown = h(step, snapshot) or shown
+        return shown
 
     return on_step
 
@@ -272,10 +316,11 @@ def apply_trained_node(class_name: str, family_title: str, dit_type: str, family
 
 
 def train_lora_node(class_name: str, family_title: str, description: str, models: dict, extra: Callable[[], dict],
-                    encode: Callable, family: Callable):
+                    encode: Callable, family: Callable, preview: Callable):
     """A family's Train LoRA node: its models (input name -> (socket type, tooltip), the DiT first) and the dataset
-    in, the shared widgets plus `extra()`; `encode(the other models..., dataset, resolution)` caches the items and
-    `family(**extra)` is the family's training objective."""
+    in, the shared widgets plus `extra()`; `encode(the other models..., dataset, resolution)` caches the items,
+    `family(**extra)` is the family's training objective and `preview(the other models..., prompt, size, seed)`
+    prepares the samples (the prompt encoded once) as a `draw(dit, steps) -> IMAGE`."""
 
     class TrainLoRA:
         DESCRIPTION = description
@@ -303,10 +348,16 @@ def train_lora_node(class_name: str, family_title: str, description: str, models
             items, table = training.prepare(dataset, settings)
             latents, conds = encode(*handles[1:], items, values["resolution"])
             fam = family(**extras)
+            resume = resume_of(values.get("resume_from", "none"), fam.name)
+            samples = None
+            if values.get("sample_every", 0) > 0:
+                draw = preview(*handles[1:], values.get("sample_prompt", ""), values["resolution"], settings.seed)
+                samples = sampler_hook(fam.name, draw, values["sample_every"], values.get("sample_steps", 20),
+                                       handles[0])
+            hooks = step_hooks(checkpointer(fam.name, values.get("save_every", 0), values.get("keep_last", 3)),
+                               samples)
             lora = training.train(handles[0], fam, latents, conds, settings, on_cancel=cancelled_saver(fam.name),
-                                  table=table, resume=resume_of(values.get("resume_from", "none"), fam.name),
-                                  on_step=checkpointer(fam.name, values.get("save_every", 0),
-                                                       values.get("keep_last", 3)))
+                                  table=table, resume=resume, on_step=hooks)
             return (lora, training.loss_plot(lora.losses), lora.log.to_json())
 
     TrainLoRA.__name__ = TrainLoRA.__qualname__ = class_name

@@ -347,7 +347,7 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
     `init` (layer -> (A, B)) starts from given factors instead of PEFT's init; `resume` continues a saved run (its
     factors, optimizer state and loss record, the choices of its steps replayed); `record` receives each
     micro-batch's Draw; `on_step(step, snapshot)` runs after each step (snapshot() is the LoRA so far: checkpoints,
-    samples). On Cancel the LoRA of the steps done goes to `on_cancel` (the node saves it), then the interrupt
+    samples; a PIL image it returns is shown as the node's preview). On Cancel the LoRA of the steps done goes to `on_cancel` (the node saves it), then the interrupt
     propagates."""
     settings.check()
     host = get_host()
@@ -428,7 +428,12 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
                 done[0] += 1
                 report(losses, bar, total, settings.log_every)
                 if on_step is not None:
-                    on_step(done[0], result)
+                    with torch.no_grad():
+                        shown = on_step(done[0], result)
+                    if shown is not None:  # a sample was drawn: shown on the node, the DiT made ready again
+                        bar.update(0, preview=shown)
+                        host.load(dit, memory_required=need)
+                        usable_for_autograd(module)
             host.check_interrupt()
         except Interrupted:
             if on_cancel is not None and done[0] > start:

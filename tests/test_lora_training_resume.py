@@ -88,3 +88,49 @@ def test_the_node_keeps_the_last_checkpoints_and_resumes_from_one(setup, host):
                        **{**widgets, "save_every": 0, "resume_from": name})[0]
     for key, t in full.tensors.items():
         assert torch.equal(resumed.tensors[key], t), key
+
+
+def test_samples_are_what_the_lora_of_their_step_draws_and_show_as_the_preview(setup, host):
+    """sample_every 2 of 4 steps: each sample equals DiT Sample with that step's checkpoint applied (same prompt,
+    seed, size and steps), is saved under output/letterpress/, and is the preview the node's bar shows."""
+    import numpy as np
+    from PIL import Image
+
+    s = setup
+    shown = []
+    original = host.progress
+
+    def progress(total):
+        bar = original(total)
+        update = bar.update
+        bar.update = lambda n=1, preview=None: (shown.append(preview) if preview is not None else None,
+                                                update(n, preview))
+        return bar
+
+    host.progress = progress
+    ds = N["LetterpressTrainingDataset"]().run("unused", torch.rand(2, 32, 32, 3), "one\ntwo")[0]
+    widgets = dict(rank=2, alpha=2.0, learning_rate=5e-2, steps=4, batch_size=1, seed=3, layers="attention",
+                   resolution=32, gradient_checkpointing=True, save_every=2, keep_last=0, sample_every=2,
+                   sample_prompt="a sign that says OPEN", sample_steps=2)
+    N["LetterpressErnieImageTrainLoRA"]().run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds,
+                                              shift=3.0, **widgets)
+    folder = os.path.join(host.output_dir, "letterpress", "ernie_image_samples")
+    assert sorted(os.listdir(folder)) == ["step000002_00001_.png", "step000004_00001_.png"] and len(shown) == 2
+    pos = N["LetterpressErnieImageTextEncode"]().run(s["te"], "a sign that says OPEN")[0]
+    neg = N["LetterpressErnieImageTextEncode"]().run(s["te"], "")[0]
+    latent = N["LetterpressErnieImageEmptyLatent"]().run(32, 32, 1)[0]
+    for k, step in enumerate((2, 4)):
+        path = os.path.join(host.output_dir, "loras", "ernie_image_checkpoints",
+                            f"ernie_image_step{step:06}_00001_.safetensors")
+        lora = lora_resume.load(path, "ernie_image")
+        trained = training.TrainedLora("ernie_image", {f"transformer.{n}.lora_{s_}.weight": t
+                                                       for n, (a, b) in lora.factors.items()
+                                                       for s_, t in (("A", a), ("B", b))}, 2, 2.0, lora.targets, step)
+        dit = N["LetterpressErnieImageApplyTrainedLoRA"]().run(s["dit"], trained, 1.0)[0]
+        out = N["LetterpressErnieImageSampler"]().run(dit, pos, latent, 3, 2, 4.0, 4.0, 1.0, neg)[0]
+        ref = (N["LetterpressErnieImageVAEDecode"]().run(s["vae"], out)[0][0] * 255).round()
+        saved = torch.from_numpy(np.asarray(Image.open(os.path.join(folder, f"step{step:06}_00001_.png")))).float()
+        assert (saved - ref).abs().max() <= 1, step
+        assert torch.equal(torch.from_numpy(np.asarray(shown[k])).float(), saved)
+    assert (saved - torch.from_numpy(np.asarray(Image.open(os.path.join(folder, "step000002_00001_.png"))))
+            .float()).abs().max() > 2  # the LoRA changed between the samples
