@@ -161,9 +161,9 @@ def train_widgets() -> dict:
     }
 
 
-def optional_train_widgets() -> dict:
-    """The Train LoRA settings added after the first release, optional so workflows saved before them still load
-    (their widget values stay in place) and run with the defaults."""
+def option_widgets() -> dict:
+    """LoRA Training Options: the trainer settings beyond Train LoRA's own (defaults: DiffSynth-Studio's recipe with
+    kohya's clipping)."""
     return {
         "target_modules": ("STRING", {"default": "", "tooltip": "Instead of layers: the modules to train, named as "
                            "DiffSynth-Studio's --lora_target_modules and PEFT's target_modules (a layer is trained "
@@ -190,6 +190,12 @@ def optional_train_widgets() -> dict:
                              "text, which reads backwards mirrored)."}),
         "trigger_word": ("STRING", {"default": "", "tooltip": "A word put first in every caption (or where a "
                                     "caption writes [trigger]), to call the LoRA up in prompts."}),
+    }
+
+
+def progress_widgets() -> dict:
+    """LoRA Training Checkpoints: checkpoints, samples and resuming."""
+    return {
         "sample_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Draw sample_prompt with the LoRA "
                                  "so far every this many steps (seed `seed`, at the training resolution): shown on "
                                  "the node as the run goes (ComfyUI's preview) and saved to output/letterpress/"
@@ -207,6 +213,43 @@ def optional_train_widgets() -> dict:
                         "same settings: its optimizer state is read from the .training_state file beside it, and "
                         "`steps` (or epochs) counts the steps done."}),
     }
+
+
+OPTIONS = "LP_TRAIN_OPTIONS"
+
+
+def options_node(class_name: str, description: str, widgets: Callable[[], dict]):
+    """A node adding settings to a Train LoRA node's `options` (chained: each adds its own to those wired in)."""
+
+    class Options:
+        DESCRIPTION = description
+        CATEGORY = CAT
+        RETURN_TYPES = (OPTIONS,)
+        RETURN_NAMES = ("options",)
+        FUNCTION = "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": widgets(), "optional": {"options": (OPTIONS, {"tooltip": "Other training options to "
+                                                                               "add these to."})}}
+
+        def run(self, options=None, **values):
+            return ({**(options or {}), **values},)
+
+    Options.__name__ = Options.__qualname__ = class_name
+    return Options
+
+
+LetterpressLoRATrainingOptions = options_node(
+    "LetterpressLoRATrainingOptions",
+    "Trainer settings for a Train LoRA node's options input: target modules, epochs, gradient accumulation and "
+    "clipping, optimizer, learning-rate schedule and warmup, caption dropout, flip, trigger word. Without it Train "
+    "LoRA uses these defaults (DiffSynth-Studio's recipe, kohya's clipping at 1.0).", option_widgets)
+LetterpressLoRATrainingCheckpoints = options_node(
+    "LetterpressLoRATrainingCheckpoints",
+    "Checkpoints, samples and resuming for a Train LoRA node's options input: a checkpoint every N steps (keeping the "
+    "last K, with the optimizer state beside it), a sample image every N steps shown on the node as the run goes, "
+    "and resume_from a saved LoRA.", progress_widgets)
 
 
 def checkpointer(family: str, save_every: int, keep_last: int) -> Callable | None:
@@ -338,9 +381,11 @@ def train_lora_node(class_name: str, family_title: str, description: str, models
             return {"required": {**{name: (kind, {"tooltip": tip}) for name, (kind, tip) in models.items()},
                                  "dataset": (DATASET, {"tooltip": "From LoRA Training Dataset."}),
                                  **train_widgets(), **extra()},
-                    "optional": optional_train_widgets()}
+                    "optional": {"options": (OPTIONS, {"tooltip": "From LoRA Training Options / Checkpoints: "
+                                                       "the settings beyond these (their defaults without it)."})}}
 
-        def run(self, dataset, **values):
+        def run(self, dataset, options=None, **values):
+            values = {**values, **(options or {})}
             handles = [values.pop(name) for name in models]
             extras = {name: values.pop(name) for name in extra()}
             settings = settings_of(values)
@@ -364,5 +409,8 @@ def train_lora_node(class_name: str, family_title: str, description: str, models
     return TrainLoRA
 
 
-NODES = {c.__name__: c for c in (LetterpressTrainingDataset, LetterpressSaveLoRA)}
-DISPLAY_NAMES = {"LetterpressTrainingDataset": "LoRA Training Dataset", "LetterpressSaveLoRA": "Save LoRA"}
+NODES = {c.__name__: c for c in (LetterpressTrainingDataset, LetterpressSaveLoRA, LetterpressLoRATrainingOptions,
+                                 LetterpressLoRATrainingCheckpoints)}
+DISPLAY_NAMES = {"LetterpressTrainingDataset": "LoRA Training Dataset", "LetterpressSaveLoRA": "Save LoRA",
+                 "LetterpressLoRATrainingOptions": "LoRA Training Options",
+                 "LetterpressLoRATrainingCheckpoints": "LoRA Training Checkpoints"}

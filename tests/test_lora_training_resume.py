@@ -76,16 +76,24 @@ def test_the_node_keeps_the_last_checkpoints_and_resumes_from_one(setup, host):
     s = setup
     ds = N["LetterpressTrainingDataset"]().run("unused", torch.rand(2, 32, 32, 3), "one\ntwo")[0]
     widgets = dict(rank=2, alpha=2.0, learning_rate=1e-3, steps=6, batch_size=1, seed=0, layers="attention",
-                   resolution=32, gradient_checkpointing=False, save_every=2, keep_last=2)
+                   resolution=32, gradient_checkpointing=False)
+    trainer = dict(target_modules="", epochs=0, gradient_accumulation=1, max_grad_norm=1.0, optimizer="AdamW",
+                   lr_schedule="linear", warmup_steps=2, caption_dropout=0.0, flip=False, trigger_word="")
+    progress = dict(sample_every=0, sample_prompt="", sample_steps=2, save_every=2, keep_last=2, resume_from="none")
+    options = N["LetterpressLoRATrainingCheckpoints"]().run(
+        N["LetterpressLoRATrainingOptions"]().run(**trainer)[0], **progress)[0]  # the two option nodes chained
+    assert options == {**trainer, **progress}
     node = N["LetterpressErnieImageTrainLoRA"]()
-    full = node.run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, shift=3.0, **widgets)[0]
+    full = node.run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, shift=3.0, options=options,
+                    **widgets)[0]
+    assert [st["lr"] for st in full.log.steps][:3] == [0.0, 5e-4, 1e-3]  # the options' warmup reached the run
     folder = os.path.join(host.output_dir, "loras", "ernie_image_checkpoints")
     assert sorted(os.listdir(folder)) == [f"ernie_image_step00000{n}_00001_.{ext}" for n in (4, 6)
                                           for ext in ("safetensors", "training_state")]
     name = "ernie_image_checkpoints/ernie_image_step000004_00001_.safetensors"
     assert name in list_files("loras")
     resumed = node.run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, shift=3.0,
-                       **{**widgets, "save_every": 0, "resume_from": name})[0]
+                       options={**options, "save_every": 0, "resume_from": name}, **widgets)[0]
     for key, t in full.tensors.items():
         assert torch.equal(resumed.tensors[key], t), key
 
