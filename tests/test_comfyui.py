@@ -776,6 +776,42 @@ def test_training_on_a_gguf_dit_inside_comfyui_saves_a_lora(comfy):
     assert any(b.abs().max() > 0 for _, b, _ in lora.layers.values())
 
 
+def test_training_options_through_the_server_train_as_the_headless_runner_does(comfy, host):
+    """The training settings through POST /prompt: LoRA Training Options (epochs over both buckets, accumulation,
+    clipping, a cosine schedule with warmup, flip, caption dropout, a trigger word) and Checkpoints (a checkpoint
+    and a sample each step, the last kept) into Train LoRA; the saved LoRA equals the headless runner's."""
+    from safetensors.torch import load_file
+
+    from letterpress.runner import Runner
+
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_train_lora_api.json"))))
+    wf["14"] = {"class_type": "LetterpressLoRATrainingOptions", "inputs": {
+        "target_modules": "to_q,to_out.0", "epochs": 2, "gradient_accumulation": 2, "max_grad_norm": 0.5,
+        "optimizer": "AdamW", "lr_schedule": "cosine", "warmup_steps": 1, "caption_dropout": 0.3, "flip": True,
+        "trigger_word": "lpstyle"}}
+    wf["15"] = {"class_type": "LetterpressLoRATrainingCheckpoints", "inputs": {
+        "sample_every": 1, "sample_prompt": "a sign", "sample_steps": 2, "save_every": 1, "keep_last": 1,
+        "resume_from": "none", "options": ["14", 0]}}
+    wf["3"]["inputs"].update(options=["15", 0], batch_size=1, learning_rate=1e-3, seed=77)
+    wf["4"]["inputs"]["filename_prefix"] = "loras/options_trained"
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    out = os.path.join(os.path.dirname(comfy.input_dir), "output")
+    # 2 images in 2 buckets, batch 1: 2 batches an epoch; 2 epochs of 2 accumulated batches: 2 steps
+    assert sorted(os.listdir(os.path.join(out, "loras", "ernie_image_checkpoints"))) == [
+        "ernie_image_step000002_00001_.safetensors", "ernie_image_step000002_00001_.training_state"]
+    assert sorted(os.listdir(os.path.join(out, "letterpress", "ernie_image_samples"))) == [
+        "step000001_00001_.png", "step000002_00001_.png"]
+    saved = load_file(os.path.join(out, "loras", "options_trained_00001_.safetensors"))
+    assert {k.split(".lora_")[0] for k in saved} == {f"transformer.layers.{i}.self_attention.{m}"
+                                                    for i in (0, 1) for m in ("to_q", "to_out.0")}
+    host.input_dir = comfy.input_dir
+    lora = Runner().run(wf)["results"]["3"][0]
+    assert lora.steps == 2 and set(lora.tensors) == set(saved)
+    for key, t in lora.tensors.items():
+        assert (t - saved[key]).abs().max().item() <= 1e-5, key
+
+
 def test_a_folder_of_another_model_is_explained_at_queue_time(comfy, shipped_models, models_dir):
     """ovis_image_t2i with ERNIE-Image's folder picked (issue #20): ComfyUI refused it as 'Value not in list ... not in
     []'; the loader's VALIDATE_INPUTS now names what the folder holds and what to download where. A folder that is
