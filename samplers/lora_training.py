@@ -347,8 +347,8 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
     `init` (layer -> (A, B)) starts from given factors instead of PEFT's init; `resume` continues a saved run (its
     factors, optimizer state and loss record, the choices of its steps replayed); `record` receives each
     micro-batch's Draw; `on_step(step, snapshot)` runs after each step (snapshot() is the LoRA so far: checkpoints,
-    samples; a PIL image it returns is shown as the node's preview). On Cancel the LoRA of the steps done goes to `on_cancel` (the node saves it), then the interrupt
-    propagates."""
+    samples; a PIL image it returns is shown as the node's preview). On Cancel the LoRA of the steps done goes to
+    `on_cancel` (the node saves it), then the interrupt propagates."""
     settings.check()
     host = get_host()
     module = dit.module
