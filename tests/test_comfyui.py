@@ -532,39 +532,65 @@ def test_lora_on_a_gguf_dit_inside_comfyui_draws_what_the_headless_runner_draws(
     assert np.abs(with_lora - plain).max() > 2
 
 
-def test_progress_moves_and_previews_reach_the_browser(comfy):
-    """Over ComfyUI's websocket, as the editor sees it: DiT Sample's progress goes 1..steps and each step sends a
-    preview image (the server runs with --preview-method auto)."""
+def watch(comfy, wf: dict) -> tuple[list, list]:
+    """Queue `wf` with a websocket open, as the editor does; its JSON events and binary messages (type, payload)
+    until the prompt ends."""
     import asyncio
     import struct
 
     aiohttp = pytest.importorskip("aiohttp")
-    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))), steps=3)
-    wf["5"]["inputs"]["seed"] = 31337  # not served from the cache
 
-    async def watch():
+    async def run():
         client = str(uuid.uuid4())
-        progress, previews = [], 0
+        events, binary = [], []
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(f"{comfy.url}/ws?clientId={client}") as ws:
                 await asyncio.to_thread(comfy.post, "/prompt", {"prompt": wf, "client_id": client})
                 while True:
                     msg = await asyncio.wait_for(ws.receive(), timeout=120)
                     if msg.type == aiohttp.WSMsgType.BINARY:
-                        previews += struct.unpack(">I", msg.data[:4])[0] in (1, 4)  # PREVIEW_IMAGE(_WITH_METADATA)
+                        binary.append((struct.unpack(">I", msg.data[:4])[0], msg.data[4:]))
                     elif msg.type == aiohttp.WSMsgType.TEXT:
                         event = json.loads(msg.data)
-                        if event["type"] == "progress" and event["data"].get("node") == "5":
-                            progress.append(event["data"]["value"])
+                        events.append(event)
                         if event["type"] in ("execution_success", "execution_error", "execution_interrupted") or (
                                 event["type"] == "executing" and event["data"].get("node") is None):
-                            return progress, previews
+                            return events, binary
                     else:
                         raise AssertionError(f"websocket closed: {msg}")
 
-    progress, previews = asyncio.run(watch())
+    return asyncio.run(run())
+
+
+def test_progress_moves_and_previews_reach_the_browser(comfy):
+    """Over ComfyUI's websocket, as the editor sees it: DiT Sample's progress goes 1..steps and each step sends a
+    preview image (the server runs with --preview-method auto)."""
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))), steps=3)
+    wf["5"]["inputs"]["seed"] = 31337  # not served from the cache
+    events, binary = watch(comfy, wf)
+    progress = [e["data"]["value"] for e in events if e["type"] == "progress" and e["data"].get("node") == "5"]
     assert progress[-3:] == [1, 2, 3]
-    assert previews >= 3
+    assert sum(kind in (1, 4) for kind, _ in binary) >= 3  # PREVIEW_IMAGE(_WITH_METADATA)
+
+
+def test_training_shows_its_loss_and_layers_as_progress_text(comfy):
+    """Train LoRA's progress text reaches the browser (ComfyUI's TEXT message for the node, as its own nodes send
+    it): the layers and parameters trained, then each step's loss and running average."""
+    import struct
+
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_train_lora_api.json"))))
+    wf["3"]["inputs"].update(steps=3, seed=9191)  # not served from the cache
+    events, binary = watch(comfy, wf)
+    assert events[-1]["type"] != "execution_error", events[-1]
+    texts = []
+    for kind, payload in binary:
+        if kind == 3:  # TEXT: node id length, node id, text
+            n = struct.unpack(">I", payload[:4])[0]
+            texts.append((payload[4: 4 + n].decode(), payload[4 + n:].decode()))
+    shown = [t for node, t in texts if node == "3"]
+    assert shown[0].startswith("training 8 layers, ") and "(layers / parameters: attention 8 / " in shown[0]
+    assert [t.split("  loss")[0] for t in shown[1:]] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert all("  avg " in t for t in shown[1:])
 
 
 def test_ui_workflows_open_in_the_editor_and_queue_as_their_api_twins(comfy):
