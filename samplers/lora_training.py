@@ -337,6 +337,69 @@ def attach_adapters(module: torch.nn.Module, targets: list[str], settings: Train
     return adapters, hooks
 
 
+class TrainingRun:
+    """One run on the loaded DiT: the LoRA adapters hooked onto their layers, the optimizer and its schedule, the
+    plan of the steps' items, and the loss record. Made inside train()'s grad-enabled context."""
+
+    def __init__(self, dit: ModelHandle, family: Family, latents: list, conds: list, settings: TrainingSettings,
+                 targets: list[str], plan: StepPlan, total: int, init: dict | None, resume, info: dict):
+        self.dit, self.family, self.latents, self.conds, self.settings = dit, family, latents, conds, settings
+        self.targets, self.plan, self.total = targets, plan, total
+        self.done = resume.step if resume is not None else 0
+        module = dit.module
+        self.adapters, self.hooks = attach_adapters(module, targets, settings, get_host().compute_device(), plan.gen,
+                                                    resume.factors if resume is not None else init)
+        self.params = [p for ad in self.adapters.values() for p in (ad.lora_A, ad.lora_B)]
+        self.optimizer = lora_optim.make_optimizer(settings.optimizer, self.params, settings.learning_rate)
+        if resume is not None and resume.optimizer is not None:
+            self.optimizer.load_state_dict(resume.optimizer)
+        self.scheduler = lora_optim.make_scheduler(self.optimizer, settings.lr_schedule, settings.warmup_steps, total,
+                                                   self.done)
+        self.losses = LossLog(list(resume.log) if resume is not None else [], info)
+        self.schedules: dict = {}  # the family's schedule per latent size, computed once
+        for _ in range(self.done):  # a resumed run: the choices of the steps done, skipped over
+            plan.next_step()
+
+    def snapshot(self) -> TrainedLora:
+        """The LoRA so far (its factors and optimizer state copied to the CPU)."""
+        tensors = {}
+        for name, ad in self.adapters.items():
+            tensors[f"transformer.{name}.lora_A.weight"] = ad.lora_A.detach().float().cpu().clone()
+            tensors[f"transformer.{name}.lora_B.weight"] = ad.lora_B.detach().float().cpu().clone()
+        s = self.settings
+        return TrainedLora(self.family.name, tensors, s.rank, s.alpha, self.targets, self.done,
+                           LossLog(list(self.losses.steps), self.losses.info),
+                           lora_resume.to_cpu(self.optimizer.state_dict()))
+
+    def step(self, record: list | None) -> None:
+        """One optimizer step over its micro-batches: each loss / their count backward (the gradient of their mean),
+        clipped, stepped, the learning rate scheduled, the loss recorded."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        draws = self.plan.next_step()
+        total_loss, seen = 0.0, []
+        for d in draws:
+            if record is not None:
+                record.append(d)
+            loss = flow_matching_loss(self.family, self.dit, self.dit.module, self.latents, self.conds, d,
+                                      self.schedules, seen)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise LetterpressError(f"The training loss became {value} at step {self.done + 1}: lower the "
+                                       "learning rate.")
+            (loss / len(draws)).backward()
+            total_loss += value / len(draws)
+        lora_optim.clip(self.params, self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.done += 1
+        self.losses.add(total_loss, seen, lr, self.done)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
 def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: list, settings: TrainingSettings,
           init: dict | None = None, record: list | None = None, on_cancel: Callable | None = None,
           table: ItemTable | None = None, resume: lora_resume.Resume | None = None,
@@ -355,17 +418,14 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
     targets = target_layers(module, settings.layers, settings.target_modules)
     counts = lora_targets.describe_choices(module, settings.rank, targets)
     log.info("Train LoRA: %s", lora_targets.choices_line(counts))
-    gen = torch.Generator("cpu").manual_seed(settings.seed)
     table = table or ItemTable.plain(len(latents))
-    plan = StepPlan(gen, latents, table, settings.batch_size, settings.gradient_accumulation, settings.flip,
-                    settings.caption_dropout)
+    plan = StepPlan(torch.Generator("cpu").manual_seed(settings.seed), latents, table, settings.batch_size,
+                    settings.gradient_accumulation, settings.flip, settings.caption_dropout)
     total = settings.total_steps(plan)
     if settings.warmup_steps >= total:
         raise LetterpressError(f"warmup_steps ({settings.warmup_steps}) must be fewer than the run's {total} steps.")
-    start = 0
     if resume is not None:
         resume.check(settings.rank, settings.alpha, targets, total)
-        init, start = resume.factors, resume.step
     shape = max((lat.shape for lat in latents), key=lambda s: s[-1] * s[-2])
     # Activations kept for backward (block inputs with checkpointing, one block's in its backward): the host makes
     # room for them as for a sampler's forward.
@@ -374,82 +434,38 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
         host.load(dit, memory_required=need)
         usable_for_autograd(module)
         module.requires_grad_(False)
-        adapters, hooks = attach_adapters(module, targets, settings, host.compute_device(), gen, init)
-        params = [p for ad in adapters.values() for p in (ad.lora_A, ad.lora_B)]
-        optimizer = lora_optim.make_optimizer(settings.optimizer, params, settings.learning_rate)
-        if resume is not None and resume.optimizer is not None:
-            optimizer.load_state_dict(resume.optimizer)
-        scheduler = lora_optim.make_scheduler(optimizer, settings.lr_schedule, settings.warmup_steps, total, start)
+        run = TrainingRun(dit, family, latents, conds, settings, targets, plan, total, init, resume,
+                          {"layers": counts, "epoch_batches": plan.batches_per_epoch()})
+        start = run.done
         checkpointing = settings.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False)
         if checkpointing:
             module.enable_gradient_checkpointing()
-        losses = LossLog(list(resume.log) if resume is not None else [],
-                         {"layers": counts, "epoch_batches": plan.batches_per_epoch()})
-        schedules: dict = {}  # the family's schedule per latent size, computed once
-
-        def result() -> TrainedLora:
-            tensors = {}
-            for name, ad in adapters.items():
-                tensors[f"transformer.{name}.lora_A.weight"] = ad.lora_A.detach().float().cpu().clone()
-                tensors[f"transformer.{name}.lora_B.weight"] = ad.lora_B.detach().float().cpu().clone()
-            return TrainedLora(family.name, tensors, settings.rank, settings.alpha, targets, done[0],
-                               LossLog(list(losses.steps), losses.info), lora_resume.to_cpu(optimizer.state_dict()))
-
-        def step(draws: list[Draw]) -> None:
-            """One optimizer step over its micro-batches: each loss / their count backward (the gradient of their
-            mean), clipped, stepped, the learning rate scheduled."""
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            total_loss, seen = 0.0, []
-            for d in draws:
-                if record is not None:
-                    record.append(d)
-                loss = flow_matching_loss(family, dit, module, latents, conds, d, schedules, seen)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise LetterpressError(f"The training loss became {value} at step {done[0] + 1}: "
-                                           "lower the learning rate.")
-                (loss / len(draws)).backward()
-                total_loss += value / len(draws)
-            lora_optim.clip(params, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            losses.add(total_loss, seen, lr, done[0] + 1)
-
-        for _ in range(start):  # a resumed run: the choices of the steps done, skipped over
-            plan.next_step()
-        done = [start]
         bar = host.progress(total - start)
         bar.text(lora_targets.choices_line(counts))
         try:
-            for _ in range(start, total):
+            while run.done < total:
                 host.check_interrupt()
-                step(plan.next_step())
-                done[0] += 1
-                report(losses, bar, total, settings.log_every)
+                run.step(record)
+                report(run.losses, bar, total, settings.log_every)
                 if on_step is not None:
                     with torch.no_grad():
-                        shown = on_step(done[0], result)
+                        shown = on_step(run.done, run.snapshot)
                     if shown is not None:  # a sample was drawn: shown on the node, the DiT made ready again
                         bar.update(0, preview=shown)
                         host.load(dit, memory_required=need)
                         usable_for_autograd(module)
             host.check_interrupt()
-        except Interrupted:
-            if on_cancel is not None and done[0] > start:
-                on_cancel(result())
-            raise
-        except BaseException as e:  # ComfyUI's own interrupt exception is not ours: keep the steps done too
-            if type(e).__name__ == "InterruptProcessingException" and on_cancel is not None and done[0] > start:
-                on_cancel(result())
+        except BaseException as e:  # Cancel: ours (standalone) or ComfyUI's own exception; the steps done are kept
+            if (isinstance(e, Interrupted) or type(e).__name__ == "InterruptProcessingException") and \
+                    on_cancel is not None and run.done > start:
+                on_cancel(run.snapshot())
             raise
         finally:
             bar.close()
-            for h in hooks:
-                h.remove()
+            run.remove()
             if checkpointing:
                 module.disable_gradient_checkpointing()
-        return result()
+        return run.snapshot()
 
 
 def report(losses: LossLog, bar, total: int, log_every: int) -> None:
