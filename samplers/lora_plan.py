@@ -89,9 +89,9 @@ class StepPlan:
         largest = max(len(b) for b in self.buckets)
         if batch_size > largest:
             sizes = ", ".join(f"{len(b)} at {tuple(latents[b[0]].shape[-2:])}" for b in self.buckets)
-            raise LetterpressError(f"batch_size {batch_size} is larger than every resolution bucket (images per bucket, "
-                                   f"latent size: {sizes}); a batch holds images of one bucket. Lower batch_size to "
-                                   f"{largest} or fewer, or add images of one aspect ratio.")
+            raise LetterpressError(f"batch_size {batch_size} is larger than every resolution bucket (images per "
+                                   f"bucket, latent size: {sizes}); a batch holds images of one bucket. Lower "
+                                   f"batch_size to {largest} or fewer, or add images of one aspect ratio.")
         self._queue: list[list[int]] = []
         self.epochs_started = 0
 
