@@ -235,3 +235,16 @@ def previews_enabled() -> bool:
     except ImportError:
         return True
     return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def progress_text(message: str) -> None:
+    """Show `message` under the running node (PromptServer.send_progress_text, the text ComfyUI's own nodes show
+    while they work); nothing where the release or the run (no server, no executing node) has no such channel."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return
+    context, server = get_executing_context(), getattr(PromptServer, "instance", None)
+    if context is not None and server is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(message, context.node_id)

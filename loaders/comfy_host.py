@@ -15,7 +15,13 @@ import torch
 
 from . import comfy_compat, layers
 from .handle import ModelHandle, compute_dtype
-from .standalone_host import FOLDER_ALIASES, Progress, StandaloneHost
+from .standalone_host import FOLDER_ALIASES, TRAINED_LORAS, Progress, StandaloneHost
+
+
+def register_trained_loras() -> None:
+    """ComfyUI's output/loras becomes one of its LoRA folders (folder_paths.add_model_folder_path, as packs add model
+    folders): the LoRAs trained there appear in every LoRA Loader's list without being moved."""
+    _folder_paths.add_model_folder_path("loras", os.path.join(_folder_paths.get_output_directory(), TRAINED_LORAS))
 
 
 class HostedModule(torch.nn.Module):
@@ -103,7 +109,7 @@ class ComfyHost(StandaloneHost):
         return comfy_compat.loaded_bytes()
 
     def progress(self, total: int) -> Progress:
-        return Progress(total, _comfy_utils.ProgressBar(total), self.progress_listeners)
+        return Progress(total, _comfy_utils.ProgressBar(total), self.progress_listeners, comfy_compat.progress_text)
 
     def request_interrupt(self, value: bool = True) -> None:
         _mm.interrupt_current_processing(value)

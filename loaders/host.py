@@ -22,6 +22,9 @@ if IN_COMFYUI:  # pragma: no cover - exercised only inside a real ComfyUI
     from . import comfy_compat
 
     comfy_compat.check_release()
+    from .comfy_host import register_trained_loras
+
+    register_trained_loras()
 
 _HOST: StandaloneHost | None = None
 

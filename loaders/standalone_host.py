@@ -25,16 +25,22 @@ FOLDER_ALIASES = {
     "loras": ("loras",),
     "LLM": ("LLM",),
 }
+# Where Train LoRA's cancelled runs and Save LoRA's default prefix write, under the output folder: a LoRA folder
+# too (here and, registered with folder_paths, in ComfyUI), so the LoRA Loaders list what was trained.
+TRAINED_LORAS = "loras"
 
 
 class Progress:
     """Per-step progress: tqdm in the standalone host, ComfyUI's ProgressBar (with previews) inside it."""
 
-    def __init__(self, total: int, bar: Any = None, listeners: Iterable[Callable] = ()):
+    def __init__(self, total: int, bar: Any = None, listeners: Iterable[Callable] = (),
+                 show_text: Callable[[str], None] | None = None):
         self.total = total
         self.done = 0
         self._bar = bar
         self._listeners = list(listeners)
+        self._show_text = show_text
+        self.last_text = ""
 
     def update(self, n: int = 1, preview: Any = None) -> None:
         """Advance by n; `preview` is a PIL image of the current estimate, shown where the host can."""
@@ -48,6 +54,14 @@ class Progress:
         self.last_preview = preview
         for listener in self._listeners:
             listener(self.done, self.total)
+
+    def text(self, message: str) -> None:
+        """A line shown with the bar (tqdm's postfix; ComfyUI's progress text under the node)."""
+        self.last_text = message
+        if self._show_text is not None:
+            self._show_text(message)
+        elif self._bar is not None and hasattr(self._bar, "set_postfix_str"):
+            self._bar.set_postfix_str(message, refresh=False)
 
     def close(self) -> None:
         if self._bar is not None and hasattr(self._bar, "close"):
@@ -170,7 +184,8 @@ class StandaloneHost:
     # model folders -------------------------------------------------------------------------
     def model_folders(self, kind: str) -> list[str]:
         names = FOLDER_ALIASES.get(kind, (kind,))
-        return [os.path.join(self.models_dir, n) for n in names]
+        folders = [os.path.join(self.models_dir, n) for n in names]
+        return folders + [os.path.join(self.output_dir, TRAINED_LORAS)] if kind == "loras" else folders
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:

@@ -200,6 +200,19 @@ class LetterpressErnieImageVAEEncode(VAEEncodeNode):
     ENCODE = staticmethod(stage.encode)
 
 
+def _training_preview(te, vae, prompt, size, seed):
+    """Train LoRA's samples: the prompt (and the empty negative) encoded once; each sample at CFG 4, shift 4."""
+    encode = LetterpressErnieImageTextEncode()
+    pos, neg = encode.run(te, prompt)[0], encode.run(te, "")[0]
+    latent = LetterpressErnieImageEmptyLatent().run(size, size, 1)[0]
+
+    def draw(dit, steps):
+        out = LetterpressErnieImageSampler().run(dit, pos, latent, seed, steps, 4.0, 4.0, 1.0, neg)[0]
+        return LetterpressErnieImageVAEDecode().run(vae, out)[0]
+
+    return draw
+
+
 LetterpressErnieImageTrainLoRA = train_lora_node(
     "LetterpressErnieImageTrainLoRA", "ERNIE-Image",
     "Trains a LoRA on the ERNIE-Image DiT from a dataset of images and captions, as DiffSynth-Studio trains it (flow "
@@ -212,7 +225,7 @@ LetterpressErnieImageTrainLoRA = train_lora_node(
      "vae": (VAE, "The Flux2 VAE, to encode the images.")},
     lambda: {"shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip":
                                  "Static shift of the training schedule (DiffSynth-Studio's ERNIE-Image default 3.0)."})},
-    stage.encode_dataset, stage.training_family)
+    stage.encode_dataset, stage.training_family, _training_preview)
 LetterpressErnieImageApplyTrainedLoRA = apply_trained_node("LetterpressErnieImageApplyTrainedLoRA", "ERNIE-Image", DIT,
                                                            stage.FAMILY)
 LetterpressErnieImageLoraLoader = lora_loader("LetterpressErnieImageLoraLoader", "ERNIE-Image", DIT)

@@ -254,6 +254,20 @@ class LetterpressGlmImageVAEEncode:
 
 LetterpressGlmImageLoraLoader = lora_loader("LetterpressGlmImageLoraLoader", "GLM-Image", DIT)
 LetterpressGlmImageCompile = compile_node("LetterpressGlmImageCompile", "GLM-Image", DIT)
+def _training_preview(ar, glyph, vae, prompt, size, seed):
+    """Train LoRA's samples: the AR model's prior tokens for the prompt and its glyphs, made once (the AR model is
+    not run again during training); each sample at CFG 1.5 against the empty prompt's glyphs."""
+    prior = LetterpressGlmImageARTokens().run(ar, prompt, size, size, seed, 0.9, 0.75)[0]
+    positive = LetterpressGlmImageGlyphEncode().run(glyph, prompt)[0]
+    negative = LetterpressGlmImageGlyphEncode().run(glyph, "")[0]
+
+    def draw(dit, steps):
+        out = LetterpressGlmImageSampler().run(dit, prior, positive, seed, steps, 1.5, negative)[0]
+        return LetterpressGlmImageVAEDecode().run(vae, out)[0]
+
+    return draw
+
+
 LetterpressGlmImageTrainLoRA = train_lora_node(
     "LetterpressGlmImageTrainLoRA", "GLM-Image",
     "Trains a LoRA on the GLM-Image DiT from a dataset of images and captions: flow matching on the sampler's schedule "
@@ -265,7 +279,7 @@ LetterpressGlmImageTrainLoRA = train_lora_node(
      "ar_model": (AR, "The GLM-Image AR model, to tokenize the training images into prior tokens."),
      "glyph_encoder": (GLYPH, "The ByT5 glyph encoder, to encode the captions' quoted text."),
      "vae": (VAE, "The GLM-Image VAE, to encode the images.")},
-    lambda: {}, stage.encode_dataset, stage.training_family)
+    lambda: {}, stage.encode_dataset, stage.training_family, _training_preview)
 LetterpressGlmImageApplyTrainedLoRA = apply_trained_node("LetterpressGlmImageApplyTrainedLoRA", "GLM-Image", DIT,
                                                          stage.FAMILY)
 

@@ -164,6 +164,18 @@ class LetterpressOvisImageVAEEncode(VAEEncodeNode):
 
 LetterpressOvisImageLoraLoader = lora_loader("LetterpressOvisImageLoraLoader", "Ovis-Image", DIT)
 LetterpressOvisImageCompile = compile_node("LetterpressOvisImageCompile", "Ovis-Image", DIT)
+def _training_preview(te, vae, prompt, size, seed):
+    """Train LoRA's samples: the prompt and the empty negative encoded once; each sample at CFG 5."""
+    pos, neg = LetterpressOvisImageTextEncode().run(te, prompt, "", stage.MAX_SEQUENCE_LENGTH)
+    latent = LetterpressOvisImageEmptyLatent().run(size, size, 1)[0]
+
+    def draw(dit, steps):
+        out = LetterpressOvisImageSampler().run(dit, pos, latent, seed, steps, 5.0, 1.0, neg)[0]
+        return LetterpressOvisImageVAEDecode().run(vae, out)[0]
+
+    return draw
+
+
 LetterpressOvisImageTrainLoRA = train_lora_node(
     "LetterpressOvisImageTrainLoRA", "Ovis-Image",
     "Trains a LoRA on the Ovis-Image DiT from a dataset of images and captions: flow matching on the sampler's "
@@ -174,7 +186,7 @@ LetterpressOvisImageTrainLoRA = train_lora_node(
     {"dit": (DIT, "The Ovis-Image DiT to train on (a LoRA chained before it is kept under it)."),
      "text_encoder": (TE, "The Ovis2.5 text encoder, to encode the captions."),
      "vae": (VAE, "The FLUX.1 VAE, to encode the images.")},
-    lambda: {}, stage.encode_dataset, stage.training_family)
+    lambda: {}, stage.encode_dataset, stage.training_family, _training_preview)
 LetterpressOvisImageApplyTrainedLoRA = apply_trained_node("LetterpressOvisImageApplyTrainedLoRA", "Ovis-Image", DIT,
                                                           stage.FAMILY)
 

@@ -305,23 +305,24 @@ def encode_dataset(ar: ModelHandle, glyph: ModelHandle, vae: ModelHandle, datase
     from .lora_training import bucket_size, resize
 
     host = get_host()
-    sized = []
+    sized = {}  # by image object: a variant sharing its item's image (caption dropped) is encoded once
     for img in dataset.images:
         w, h = bucket_size(img.shape[2], img.shape[1], resolution, SCALE)
         h, w = reference_size(ar.tokenizer, h, w)
-        sized.append(resize(img, w, h))
-    latents = []
-    for img in sized:
+        sized.setdefault(id(img), resize(img, w, h))
+    latents = {}
+    for key, img in sized.items():
         host.load(vae, memory_required=working_memory.vae(vae, 1, img.shape[1], img.shape[2]))
-        latents.append(encode(vae, img)["samples"].float())
+        latents[key] = encode(vae, img)["samples"].float()
     host.load(ar)
-    tokens = [image_prior_tokens(ar, img) for img in sized]
+    tokens = {key: image_prior_tokens(ar, img) for key, img in sized.items()}
     host.load(glyph)
     cache: dict[str, torch.Tensor] = {}
     for c in dataset.captions:
         if c not in cache:
             cache[c] = encode_glyphs(glyph, c).embeds[0]
-    return latents, [(t, cache[c]) for t, c in zip(tokens, dataset.captions)]
+    return ([latents[id(img)] for img in dataset.images],
+            [(tokens[id(img)], cache[c]) for img, c in zip(dataset.images, dataset.captions)])
 
 
 def training_family():

@@ -28,61 +28,19 @@ from ..loaders.errors import Interrupted, LetterpressError
 from ..loaders.handle import ModelHandle
 from ..loaders.host import get_host
 from ..loaders.lora import LoraTensors, LoraWeights, parse_lora
-from .numerics import check_seed
-
-LAYER_CHOICES = ("attention", "mlp", "all")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-WEIGHT_DECAY = 0.01  # torch's AdamW default
-
+from . import lora_optim, lora_resume, lora_targets
+from .lora_datasets import (  # noqa: F401 (the nodes' and families' names for them)
+    TrainingDataset,
+    dataset_from_folder,
+    dataset_from_images,
+    prepare,
+)
+from .lora_loss import LossLog, loss_plot  # noqa: F401 (loss_plot: the nodes' and tests' name for it)
+from .lora_plan import Draw, ItemTable, StepPlan, buckets_of
+from .lora_targets import LAYER_CHOICES, target_layers  # noqa: F401 (the nodes' and tests' names for them)
+from .numerics import check_seed, log
 
 # Datasets ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingDataset:
-    """Images (each (1, H, W, 3) in 0..1, any size) and their captions."""
-
-    images: list
-    captions: list
-    source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def dataset_from_folder(folder: str) -> TrainingDataset:
-    """Every image in `folder` with the caption in the .txt file of the same name (empty without one)."""
-    from PIL import Image, ImageOps
-
-    if not os.path.isdir(folder):
-        raise LetterpressError(f"The dataset folder {folder} does not exist: put a folder of images and same-named "
-                               ".txt captions under ComfyUI's input folder and give its name.")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
-    if not names:
-        raise LetterpressError(f"The dataset folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    images, captions = [], []
-    for n in names:
-        with Image.open(os.path.join(folder, n)) as im:
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
-            images.append(torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-                          .view(rgb.height, rgb.width, 3).float().div(255)[None])
-        txt = os.path.join(folder, os.path.splitext(n)[0] + ".txt")
-        captions.append(open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else "")
-    return TrainingDataset(images, captions, folder)
-
-
-def dataset_from_images(images: torch.Tensor, captions: str) -> TrainingDataset:
-    """An IMAGE batch and its captions, one per line (a single line captions every image)."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise LetterpressError("images is not an IMAGE batch: wire Load Image (or a batch of images).")
-    lines = [c.strip() for c in captions.split("\n")] if captions.strip() else [""]
-    lines = [c for c in lines if c] or [""]
-    if len(lines) == 1:
-        lines = lines * images.shape[0]
-    if len(lines) != images.shape[0]:
-        raise LetterpressError(f"{images.shape[0]} images but {len(lines)} caption lines: give one caption per line, "
-                               "one per image (or a single line for all).")
-    return TrainingDataset([img[None, ..., :3].float() for img in images], lines, "images")
 
 
 def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
@@ -100,11 +58,13 @@ def encode_items(vae: ModelHandle, te: ModelHandle, dataset, resolution: int, st
     from . import working_memory
 
     host = get_host()
-    latents = []
+    latents, done = [], {}  # an image object listed twice (a caption-dropped variant) is encoded once
     for img in dataset.images:
-        w, h = bucket_size(img.shape[2], img.shape[1], resolution, step)
-        host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
-        latents.append(encode_image(vae, resize(img, w, h)))
+        if id(img) not in done:
+            w, h = bucket_size(img.shape[2], img.shape[1], resolution, step)
+            host.load(vae, memory_required=working_memory.vae(vae, 1, h, w))
+            done[id(img)] = encode_image(vae, resize(img, w, h))
+        latents.append(done[id(img)])
     host.load(te)
     cache: dict[str, torch.Tensor] = {}
     for c in dataset.captions:
@@ -123,24 +83,6 @@ def resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
 
 
 # LoRA layers ---------------------------------------------------------------------------------------------------
-
-
-def target_layers(module: torch.nn.Module, which: str) -> list[str]:
-    """The Linear layers of the DiT's blocks a LoRA trains: those of attention, of the MLPs, or all of them."""
-    if which not in LAYER_CHOICES:
-        raise LetterpressError(f"layers must be one of {', '.join(LAYER_CHOICES)}, got {which!r}.")
-    out = []
-    for name, m in module.named_modules():
-        parts = name.split(".")
-        if layer_kinds.kind_of(m) != "Linear" or not any(p.isdigit() for p in parts):
-            continue
-        attention = any("attn" in p or "attention" in p for p in parts)
-        mlp = any(p in ("mlp", "ff", "ff_context") for p in parts) or parts[-1] == "proj_mlp"
-        if which == "all" or (which == "attention" and attention) or (which == "mlp" and mlp):
-            out.append(name)
-    if not out:
-        raise LetterpressError(f"This DiT has no {which} layers in its blocks to train.")
-    return out
 
 
 class LoraLayer(torch.nn.Module):
@@ -191,7 +133,12 @@ class TrainedLora:
     alpha: float
     targets: list
     steps: int
-    losses: list = field(default_factory=list)
+    log: LossLog = field(default_factory=LossLog)
+    state: dict | None = None  # the optimizer's state when trained here: saved beside the file, to resume from
+
+    @property
+    def losses(self) -> list[float]:
+        return self.log.losses
 
     @property
     def metadata(self) -> dict:
@@ -200,7 +147,7 @@ class TrainedLora:
                   "init_lora_weights": True}
         packed = {f"transformer.{k}": v for k, v in config.items()}  # as diffusers' save_lora_weights packs them
         return {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True),
-                "letterpress_family": self.family, "letterpress_steps": str(self.steps)}
+                "letterpress_family": self.family, "letterpress_steps": str(self.steps), **self.log.metadata()}
 
     def weights(self) -> LoraWeights:
         return parse_lora(LoraTensors(self.tensors, self.metadata), f"trained {self.family} LoRA ({self.steps} steps)")
@@ -227,6 +174,8 @@ class TrainedLora:
         else:
             tensors, metadata = self.tensors, self.metadata
         save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+        if self.state is not None and fmt != "diffsynth":
+            lora_resume.save_state(path, {"step": self.steps, "optimizer": self.state, "log": self.log.steps})
 
 
 def check_trained(lora, family: str) -> TrainedLora:
@@ -245,22 +194,57 @@ def check_trained(lora, family: str) -> TrainedLora:
 
 @dataclass
 class TrainingSettings:
-    rank: int = 16
-    alpha: float = 16.0
+    """A run's settings; the defaults are DiffSynth-Studio's ERNIE-Image LoRA recipe (rank 32, alpha = rank,
+    learning rate 1e-4, AdamW with weight decay 0.01, constant rate, the attention projections) with kohya's
+    gradient clipping at 1.0."""
+
+    rank: int = 32
+    alpha: float = 32.0
     learning_rate: float = 1e-4
-    steps: int = 100
+    steps: int = 500
     batch_size: int = 1
     seed: int = 0
     layers: str = "attention"
     gradient_checkpointing: bool = True
+    target_modules: str = ""  # DiffSynth-Studio / PEFT target modules; when given, instead of `layers`
+    epochs: int = 0  # when > 0, the run is this many epochs (`steps` is ignored)
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0  # 0: no clipping
+    optimizer: str = "AdamW"
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    caption_dropout: float = 0.0
+    flip: bool = False
+    trigger_word: str = ""
+    log_every: int = 10
 
     def check(self) -> None:
         check_seed(self.seed)
-        for name in ("rank", "steps", "batch_size"):
+        for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every"):
             if getattr(self, name) < 1:
                 raise LetterpressError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("epochs", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise LetterpressError(f"{name} must be 0 or more, got {getattr(self, name)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise LetterpressError(f"learning_rate must be a positive number, got {self.learning_rate}.")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise LetterpressError(f"alpha must be a positive number, got {self.alpha}.")
+        if not (0 <= self.caption_dropout < 1):
+            raise LetterpressError(f"caption_dropout is a probability below 1 (0 keeps every caption), got "
+                                   f"{self.caption_dropout}.")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise LetterpressError(f"max_grad_norm must be 0 (no clipping) or more, got {self.max_grad_norm}.")
+        lora_optim.lr_factor(self.lr_schedule, 0, 0, 1)  # an unknown schedule is named
+        if self.optimizer not in lora_optim.OPTIMIZERS:
+            raise LetterpressError(f"optimizer must be one of {', '.join(lora_optim.OPTIMIZERS)}, got "
+                                   f"{self.optimizer!r}.")
+
+    def total_steps(self, plan: StepPlan) -> int:
+        """The optimizer steps of the run: `steps`, or `epochs` times an epoch's batches over the accumulation."""
+        if self.epochs > 0:
+            return math.ceil(self.epochs * plan.batches_per_epoch() / self.gradient_accumulation)
+        return self.steps
 
 
 @dataclass
@@ -285,28 +269,11 @@ class Family:
     one_at_a_time: bool = False
 
 
-@dataclass
-class Draw:
-    """One step's random choices: which items, the noise, the timestep indices into the training schedule."""
-
-    items: list
-    noise: torch.Tensor
-    t_index: torch.Tensor
-
-
-def buckets_of(latents: list[torch.Tensor]) -> list[list[int]]:
-    """Item indices grouped by latent shape (a batch is drawn from one bucket)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, lat in enumerate(latents):
-        groups.setdefault(tuple(lat.shape), []).append(i)
-    return list(groups.values())
-
-
 def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> Draw:
-    """The step's choices from the seeded CPU generator: an item uniformly, its bucket, then up to batch_size
-    items of that bucket in random order; fp32 noise shaped like their latents; timestep indices in 0..999."""
+    """Random choices for evaluating a LoRA (training goes through StepPlan's epochs): an item uniformly, then up to
+    batch_size items of its bucket in random order; fp32 noise shaped like their latents; timestep indices."""
     first = int(torch.randint(len(latents), (1,), generator=gen))
-    bucket = next(b for b in buckets_of(latents) if first in b)
+    bucket = next(b for b in buckets_of([lat.shape for lat in latents]) if first in b)
     order = [bucket[int(i)] for i in torch.randperm(len(bucket), generator=gen)]
     items = [first] + [i for i in order if i != first][: batch_size - 1]
     shape = (len(items), *latents[first].shape[1:])
@@ -315,12 +282,13 @@ def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> 
 
 
 def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torch.Tensor], conds: list,
-                       d: Draw, cache: dict | None = None) -> torch.Tensor:
+                       d: Draw, cache: dict | None = None, seen: list | None = None) -> torch.Tensor:
     """The training objective on one drawn batch: x_t = sigma * noise + (1 - sigma) * x0, target noise - x0, the
-    mean over items of each item's mean squared error (times its timestep's weight)."""
+    mean over items of each item's mean squared error (times its timestep's weight). `seen` receives the timestep
+    each item was noised at (the value the family's DiT call gets)."""
     if family.one_at_a_time and len(d.items) > 1:
         parts = [flow_matching_loss(family, dit, run, latents, conds, Draw([i], d.noise[k: k + 1], d.t_index[k: k + 1]),
-                                    cache) for k, i in enumerate(d.items)]
+                                    cache, seen) for k, i in enumerate(d.items)]
         return torch.stack(parts).mean()
     device, dtype = dit.device, dit.dtype
     x0 = torch.cat([latents[i] for i in d.items]).to(device, torch.float32)
@@ -330,7 +298,10 @@ def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torc
     xt = sigma * noise + (1 - sigma) * x0
     target = noise - x0
     inputs = family.inputs(dit, [conds[i] for i in d.items], x0.shape)
-    v = family.velocity(run, family.to_model(xt.to(dtype)), timesteps[d.t_index], inputs)
+    t = timesteps[d.t_index]
+    if seen is not None:
+        seen.extend(float(v) for v in t.flatten())
+    v = family.velocity(run, family.to_model(xt.to(dtype)), t, inputs)
     per_item = ((v.float() - family.to_model(target)) ** 2).flatten(1).mean(1)
     if weights is not None:
         per_item = per_item * weights[d.t_index].to(device)
@@ -349,114 +320,160 @@ def _schedule(family: Family, dit: ModelHandle, shape, cache: dict | None) -> tu
     return cache[key]
 
 
-def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: list, settings: TrainingSettings,
-          init: dict | None = None, record: list | None = None, on_cancel: Callable | None = None) -> TrainedLora:
-    """Train a LoRA on the cached items: `settings.steps` AdamW steps, progress and Cancel per step.
+def attach_adapters(module: torch.nn.Module, targets: list[str], settings: TrainingSettings, device,
+                    gen: torch.Generator, init: dict | None) -> tuple[dict, list]:
+    """A LoraLayer per target (PEFT's init from `gen`, or the factors of `init`) hooked onto its layer."""
+    adapters, hooks = {}, []
+    for name in targets:
+        layer = module.get_submodule(name)
+        out_f, in_f = layer_kinds.weight_shape(layer)
+        ad = LoraLayer(in_f, out_f, settings.rank, settings.alpha / settings.rank, device, gen)
+        if init is not None and name in init:
+            with torch.no_grad():
+                ad.lora_A.copy_(init[name][0])
+                ad.lora_B.copy_(init[name][1])
+        adapters[name] = ad
+        hooks.append(layer.register_forward_hook(ad.hook))
+    return adapters, hooks
 
-    `init` (layer -> (A, B)) starts from given factors instead of PEFT's init; `record` receives each step's Draw.
-    On Cancel the LoRA of the steps done goes to `on_cancel` (the node saves it), then the interrupt propagates."""
+
+class TrainingRun:
+    """One run on the loaded DiT: the LoRA adapters hooked onto their layers, the optimizer and its schedule, the
+    plan of the steps' items, and the loss record. Made inside train()'s grad-enabled context."""
+
+    def __init__(self, dit: ModelHandle, family: Family, latents: list, conds: list, settings: TrainingSettings,
+                 targets: list[str], plan: StepPlan, total: int, init: dict | None, resume, info: dict):
+        self.dit, self.family, self.latents, self.conds, self.settings = dit, family, latents, conds, settings
+        self.targets, self.plan, self.total = targets, plan, total
+        self.done = resume.step if resume is not None else 0
+        module = dit.module
+        self.adapters, self.hooks = attach_adapters(module, targets, settings, get_host().compute_device(), plan.gen,
+                                                    resume.factors if resume is not None else init)
+        self.params = [p for ad in self.adapters.values() for p in (ad.lora_A, ad.lora_B)]
+        self.optimizer = lora_optim.make_optimizer(settings.optimizer, self.params, settings.learning_rate)
+        if resume is not None and resume.optimizer is not None:
+            self.optimizer.load_state_dict(resume.optimizer)
+        self.scheduler = lora_optim.make_scheduler(self.optimizer, settings.lr_schedule, settings.warmup_steps, total,
+                                                   self.done)
+        self.losses = LossLog(list(resume.log) if resume is not None else [], info)
+        self.schedules: dict = {}  # the family's schedule per latent size, computed once
+        for _ in range(self.done):  # a resumed run: the choices of the steps done, skipped over
+            plan.next_step()
+
+    def snapshot(self) -> TrainedLora:
+        """The LoRA so far (its factors and optimizer state copied to the CPU)."""
+        tensors = {}
+        for name, ad in self.adapters.items():
+            tensors[f"transformer.{name}.lora_A.weight"] = ad.lora_A.detach().float().cpu().clone()
+            tensors[f"transformer.{name}.lora_B.weight"] = ad.lora_B.detach().float().cpu().clone()
+        s = self.settings
+        return TrainedLora(self.family.name, tensors, s.rank, s.alpha, self.targets, self.done,
+                           LossLog(list(self.losses.steps), self.losses.info),
+                           lora_resume.to_cpu(self.optimizer.state_dict()))
+
+    def step(self, record: list | None) -> None:
+        """One optimizer step over its micro-batches: each loss / their count backward (the gradient of their mean),
+        clipped, stepped, the learning rate scheduled, the loss recorded."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        draws = self.plan.next_step()
+        total_loss, seen = 0.0, []
+        for d in draws:
+            if record is not None:
+                record.append(d)
+            loss = flow_matching_loss(self.family, self.dit, self.dit.module, self.latents, self.conds, d,
+                                      self.schedules, seen)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise LetterpressError(f"The training loss became {value} at step {self.done + 1}: lower the "
+                                       "learning rate.")
+            (loss / len(draws)).backward()
+            total_loss += value / len(draws)
+        lora_optim.clip(self.params, self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.done += 1
+        self.losses.add(total_loss, seen, lr, self.done)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: list, settings: TrainingSettings,
+          init: dict | None = None, record: list | None = None, on_cancel: Callable | None = None,
+          table: ItemTable | None = None, resume: lora_resume.Resume | None = None,
+          on_step: Callable | None = None) -> TrainedLora:
+    """Train a LoRA on the encoded items (`table`: the dataset items' repeats and variants among them; by default
+    each item once, as it is): the optimizer steps of `settings`, progress and Cancel per step.
+
+    `init` (layer -> (A, B)) starts from given factors instead of PEFT's init; `resume` continues a saved run (its
+    factors, optimizer state and loss record, the choices of its steps replayed); `record` receives each
+    micro-batch's Draw; `on_step(step, snapshot)` runs after each step (snapshot() is the LoRA so far: checkpoints,
+    samples; a PIL image it returns is shown as the node's preview). On Cancel the LoRA of the steps done goes to
+    `on_cancel` (the node saves it), then the interrupt propagates."""
     settings.check()
     host = get_host()
     module = dit.module
-    targets = target_layers(module, settings.layers)
-    b = settings.batch_size
+    targets = target_layers(module, settings.layers, settings.target_modules)
+    counts = lora_targets.describe_choices(module, settings.rank, targets)
+    log.info("Train LoRA: %s", lora_targets.choices_line(counts))
+    table = table or ItemTable.plain(len(latents))
+    plan = StepPlan(torch.Generator("cpu").manual_seed(settings.seed), latents, table, settings.batch_size,
+                    settings.gradient_accumulation, settings.flip, settings.caption_dropout)
+    total = settings.total_steps(plan)
+    if settings.warmup_steps >= total:
+        raise LetterpressError(f"warmup_steps ({settings.warmup_steps}) must be fewer than the run's {total} steps.")
+    if resume is not None:
+        resume.check(settings.rank, settings.alpha, targets, total)
     shape = max((lat.shape for lat in latents), key=lambda s: s[-1] * s[-2])
     # Activations kept for backward (block inputs with checkpointing, one block's in its backward): the host makes
     # room for them as for a sampler's forward.
-    need = family.memory(dit, b, shape, conds)
+    need = family.memory(dit, settings.batch_size, shape, conds)
     with torch.inference_mode(False), torch.enable_grad():
         host.load(dit, memory_required=need)
         usable_for_autograd(module)
         module.requires_grad_(False)
-        device = host.compute_device()
-        gen = torch.Generator("cpu").manual_seed(settings.seed)
-        scale = settings.alpha / settings.rank
-        adapters, hooks = {}, []
-        for name in targets:
-            layer = module.get_submodule(name)
-            out_f, in_f = layer_kinds.weight_shape(layer)
-            ad = LoraLayer(in_f, out_f, settings.rank, scale, device, gen)
-            if init is not None and name in init:
-                with torch.no_grad():
-                    ad.lora_A.copy_(init[name][0])
-                    ad.lora_B.copy_(init[name][1])
-            adapters[name] = ad
-            hooks.append(layer.register_forward_hook(ad.hook))
-        params = [p for ad in adapters.values() for p in (ad.lora_A, ad.lora_B)]
-        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=WEIGHT_DECAY)
+        run = TrainingRun(dit, family, latents, conds, settings, targets, plan, total, init, resume,
+                          {"layers": counts, "epoch_batches": plan.batches_per_epoch()})
+        start = run.done
         checkpointing = settings.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False)
         if checkpointing:
             module.enable_gradient_checkpointing()
-        losses: list[float] = []
-        schedules: dict = {}  # the family's schedule per latent size, computed once
-
-        def result() -> TrainedLora:
-            tensors = {}
-            for name, ad in adapters.items():
-                tensors[f"transformer.{name}.lora_A.weight"] = ad.lora_A.detach().float().cpu().clone()
-                tensors[f"transformer.{name}.lora_B.weight"] = ad.lora_B.detach().float().cpu().clone()
-            return TrainedLora(family.name, tensors, settings.rank, settings.alpha, targets, len(losses), list(losses))
-
-        bar = host.progress(settings.steps)
+        bar = host.progress(total - start)
+        bar.text(lora_targets.choices_line(counts))
         try:
-            for _ in range(settings.steps):
+            while run.done < total:
                 host.check_interrupt()
-                d = draw(gen, latents, b)
-                if record is not None:
-                    record.append(d)
-                loss = flow_matching_loss(family, dit, module, latents, conds, d, schedules)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise LetterpressError(f"The training loss became {value} at step {len(losses) + 1}: lower the "
-                                           "learning rate.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(value)
-                bar.update(1)
+                run.step(record)
+                report(run.losses, bar, total, settings.log_every)
+                if on_step is not None:
+                    with torch.no_grad():
+                        shown = on_step(run.done, run.snapshot)
+                    if shown is not None:  # a sample was drawn: shown on the node, the DiT made ready again
+                        bar.update(0, preview=shown)
+                        host.load(dit, memory_required=need)
+                        usable_for_autograd(module)
             host.check_interrupt()
-        except Interrupted:
-            if on_cancel is not None and losses:
-                on_cancel(result())
-            raise
-        except BaseException as e:  # ComfyUI's own interrupt exception is not ours: keep the steps done too
-            if type(e).__name__ == "InterruptProcessingException" and on_cancel is not None and losses:
-                on_cancel(result())
+        except BaseException as e:  # Cancel: ours (standalone) or ComfyUI's own exception; the steps done are kept
+            if (isinstance(e, Interrupted) or type(e).__name__ == "InterruptProcessingException") and \
+                    on_cancel is not None and run.done > start:
+                on_cancel(run.snapshot())
             raise
         finally:
             bar.close()
-            for h in hooks:
-                h.remove()
+            run.remove()
             if checkpointing:
                 module.disable_gradient_checkpointing()
-        return result()
+        return run.snapshot()
 
 
-# Loss plot -----------------------------------------------------------------------------------------------------
-
-
-def loss_plot(losses: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
-    """The loss per step as an IMAGE (1, H, W, 3): a line on a white plot with its range and step count written."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), "white")
-    draw_ = ImageDraw.Draw(img)
-    left, right, top, bottom = 48, width - 10, 18, height - 22
-    draw_.rectangle([left, top, right, bottom], outline=(160, 160, 160))
-    if losses:
-        lo, hi = min(losses), max(losses)
-        span = (hi - lo) or 1.0
-        n = len(losses)
-        pts = [(left + (right - left) * (i / max(1, n - 1)), bottom - (bottom - top) * ((v - lo) / span))
-               for i, v in enumerate(losses)]
-        if len(pts) == 1:
-            draw_.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(200, 40, 40))
-        else:
-            draw_.line(pts, fill=(200, 40, 40), width=2)
-        draw_.text((2, top - 2), f"{hi:.4g}", fill=(0, 0, 0))
-        draw_.text((2, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
-        draw_.text((left, bottom + 6), "step 1", fill=(0, 0, 0))
-        draw_.text((right - 60, bottom + 6), f"step {n}", fill=(0, 0, 0))
-    draw_.text((left + 4, 2), "training loss", fill=(0, 0, 0))
-    arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
-    return arr.float().div(255)[None]
+def report(losses: LossLog, bar, total: int, log_every: int) -> None:
+    """After each step: the bar advances with the loss and its running average (EMA) as its text; every
+    `log_every` steps and at the last the same line goes to the log."""
+    line = losses.line(total)
+    bar.text(line)
+    bar.update(1)
+    n = losses.steps[-1]["step"]
+    if n % log_every == 0 or n == total:
+        log.info("Train LoRA: %s", line)

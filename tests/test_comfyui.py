@@ -585,39 +585,65 @@ def test_every_stage_quantized_at_load_draws_what_the_headless_runner_draws(comf
     assert np.abs(quantized - plain).max() > 1  # the quantized weights are what drew it
 
 
-def test_progress_moves_and_previews_reach_the_browser(comfy):
-    """Over ComfyUI's websocket, as the editor sees it: DiT Sample's progress goes 1..steps and each step sends a
-    preview image (the server runs with --preview-method auto)."""
+def watch(comfy, wf: dict) -> tuple[list, list]:
+    """Queue `wf` with a websocket open, as the editor does; its JSON events and binary messages (type, payload)
+    until the prompt ends."""
     import asyncio
     import struct
 
     aiohttp = pytest.importorskip("aiohttp")
-    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))), steps=3)
-    wf["5"]["inputs"]["seed"] = 31337  # not served from the cache
 
-    async def watch():
+    async def run():
         client = str(uuid.uuid4())
-        progress, previews = [], 0
+        events, binary = [], []
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(f"{comfy.url}/ws?clientId={client}") as ws:
                 await asyncio.to_thread(comfy.post, "/prompt", {"prompt": wf, "client_id": client})
                 while True:
                     msg = await asyncio.wait_for(ws.receive(), timeout=120)
                     if msg.type == aiohttp.WSMsgType.BINARY:
-                        previews += struct.unpack(">I", msg.data[:4])[0] in (1, 4)  # PREVIEW_IMAGE(_WITH_METADATA)
+                        binary.append((struct.unpack(">I", msg.data[:4])[0], msg.data[4:]))
                     elif msg.type == aiohttp.WSMsgType.TEXT:
                         event = json.loads(msg.data)
-                        if event["type"] == "progress" and event["data"].get("node") == "5":
-                            progress.append(event["data"]["value"])
+                        events.append(event)
                         if event["type"] in ("execution_success", "execution_error", "execution_interrupted") or (
                                 event["type"] == "executing" and event["data"].get("node") is None):
-                            return progress, previews
+                            return events, binary
                     else:
                         raise AssertionError(f"websocket closed: {msg}")
 
-    progress, previews = asyncio.run(watch())
+    return asyncio.run(run())
+
+
+def test_progress_moves_and_previews_reach_the_browser(comfy):
+    """Over ComfyUI's websocket, as the editor sees it: DiT Sample's progress goes 1..steps and each step sends a
+    preview image (the server runs with --preview-method auto)."""
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_t2i_api.json"))), steps=3)
+    wf["5"]["inputs"]["seed"] = 31337  # not served from the cache
+    events, binary = watch(comfy, wf)
+    progress = [e["data"]["value"] for e in events if e["type"] == "progress" and e["data"].get("node") == "5"]
     assert progress[-3:] == [1, 2, 3]
-    assert previews >= 3
+    assert sum(kind in (1, 4) for kind, _ in binary) >= 3  # PREVIEW_IMAGE(_WITH_METADATA)
+
+
+def test_training_shows_its_loss_and_layers_as_progress_text(comfy):
+    """Train LoRA's progress text reaches the browser (ComfyUI's TEXT message for the node, as its own nodes send
+    it): the layers and parameters trained, then each step's loss and running average."""
+    import struct
+
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_train_lora_api.json"))))
+    wf["3"]["inputs"].update(steps=3, seed=9191)  # not served from the cache
+    events, binary = watch(comfy, wf)
+    assert events[-1]["type"] != "execution_error", events[-1]
+    texts = []
+    for kind, payload in binary:
+        if kind == 3:  # TEXT: node id length, node id, text
+            n = struct.unpack(">I", payload[:4])[0]
+            texts.append((payload[4: 4 + n].decode(), payload[4 + n:].decode()))
+    shown = [t for node, t in texts if node == "3"]
+    assert shown[0].startswith("training 8 layers, ") and "(layers / parameters: attention 8 / " in shown[0]
+    assert [t.split("  loss")[0] for t in shown[1:]] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert all("  avg " in t for t in shown[1:])
 
 
 def _declared_inputs(info: dict):
@@ -801,8 +827,8 @@ def test_cancel_mid_training_keeps_the_steps_done_and_the_next_prompt_runs(comfy
     entry = comfy.wait(comfy.queue(wf))
     assert "execution_interrupted" in messages(entry)
     folder = os.path.join(os.path.dirname(comfy.input_dir), "output", "loras")
-    kept = [f for f in os.listdir(folder) if f.startswith("ernie_image_cancelled_step3_")]
-    assert len(kept) == 1
+    kept = [f for f in os.listdir(folder) if f.startswith("ernie_image_cancelled_step3_") and f.endswith(".safetensors")]
+    assert len(kept) == 1 and os.path.isfile(os.path.join(folder, kept[0].replace(".safetensors", ".training_state")))
     with safe_open(os.path.join(folder, kept[0]), "pt") as f:
         assert f.metadata()["letterpress_steps"] == "3" and any(k.endswith("lora_B.weight") for k in f.keys())
     again = comfy.wait(comfy.queue(small(wf)))
@@ -811,7 +837,7 @@ def test_cancel_mid_training_keeps_the_steps_done_and_the_next_prompt_runs(comfy
 
 def test_training_on_a_gguf_dit_inside_comfyui_saves_a_lora(comfy):
     """QLoRA inside ComfyUI: the DiT from a GGUF file (weights kept packed under ModelPatcher) trains, and Save LoRA
-    writes a file the LoRA Loader reads."""
+    writes a file the LoRA Loader reads, listed by ComfyUI's and the pack's LoRA Loaders where it is."""
     from letterpress.loaders.lora import read_lora
 
     wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_train_lora_api.json"))))
@@ -823,11 +849,49 @@ def test_training_on_a_gguf_dit_inside_comfyui_saves_a_lora(comfy):
     entry = comfy.wait(comfy.queue(wf))
     assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
     folder = os.path.join(os.path.dirname(comfy.input_dir), "output", "loras")
-    saved = [f for f in os.listdir(folder) if f.startswith("gguf_trained_")]
+    saved = [f for f in os.listdir(folder) if f.startswith("gguf_trained_") and f.endswith(".safetensors")]
     assert len(saved) == 1
     lora = read_lora(os.path.join(folder, saved[0]))
     assert "layers.0.self_attention.to_q" in lora.layers
+    for loader in ("LoraLoaderModelOnly", "LetterpressErnieImageLoraLoader"):  # output/loras is a LoRA folder
+        assert saved[0] in comfy.get(f"/object_info/{loader}")[loader]["input"]["required"]["lora_name"][0], loader
     assert any(b.abs().max() > 0 for _, b, _ in lora.layers.values())
+
+
+def test_training_options_through_the_server_train_as_the_headless_runner_does(comfy, host):
+    """The training settings through POST /prompt: LoRA Training Options (epochs over both buckets, accumulation,
+    clipping, a cosine schedule with warmup, flip, caption dropout, a trigger word) and Checkpoints (a checkpoint
+    and a sample each step, the last kept) into Train LoRA; the saved LoRA equals the headless runner's."""
+    from safetensors.torch import load_file
+
+    from letterpress.runner import Runner
+
+    wf = small(json.load(open(os.path.join(ROOT, "workflows", "api", "ernie_image_train_lora_api.json"))))
+    wf["14"] = {"class_type": "LetterpressLoRATrainingOptions", "inputs": {
+        "target_modules": "to_q,to_out.0", "epochs": 2, "gradient_accumulation": 2, "max_grad_norm": 0.5,
+        "optimizer": "AdamW", "lr_schedule": "cosine", "warmup_steps": 1, "caption_dropout": 0.3, "flip": True,
+        "trigger_word": "lpstyle"}}
+    wf["15"] = {"class_type": "LetterpressLoRATrainingCheckpoints", "inputs": {
+        "sample_every": 1, "sample_prompt": "a sign", "sample_steps": 2, "save_every": 1, "keep_last": 1,
+        "resume_from": "none", "options": ["14", 0]}}
+    wf["3"]["inputs"].update(options=["15", 0], batch_size=1, learning_rate=1e-3, seed=77)
+    wf["4"]["inputs"]["filename_prefix"] = "loras/options_trained"
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    out = os.path.join(os.path.dirname(comfy.input_dir), "output")
+    # 2 images in 2 buckets, batch 1: 2 batches an epoch; 2 epochs of 2 accumulated batches: 2 steps
+    assert sorted(os.listdir(os.path.join(out, "loras", "ernie_image_checkpoints"))) == [
+        "ernie_image_step000002_00001_.safetensors", "ernie_image_step000002_00001_.training_state"]
+    assert sorted(os.listdir(os.path.join(out, "letterpress", "ernie_image_samples"))) == [
+        "step000001_00001_.png", "step000002_00001_.png"]
+    saved = load_file(os.path.join(out, "loras", "options_trained_00001_.safetensors"))
+    assert {k.split(".lora_")[0] for k in saved} == {f"transformer.layers.{i}.self_attention.{m}"
+                                                    for i in (0, 1) for m in ("to_q", "to_out.0")}
+    host.input_dir = comfy.input_dir
+    lora = Runner().run(wf)["results"]["3"][0]
+    assert lora.steps == 2 and set(lora.tensors) == set(saved)
+    for key, t in lora.tensors.items():
+        assert (t - saved[key]).abs().max().item() <= 1e-5, key
 
 
 def test_a_folder_of_another_model_is_explained_at_queue_time(comfy, shipped_models, models_dir):

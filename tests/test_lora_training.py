@@ -37,10 +37,10 @@ def setup(ernie, models_dir):
     return dict(dit=dit, te=te, vae=vae, ds=ds, latents=latents, conds=conds)
 
 
-def reference_step(models_dir, init, latents, conds, d, rank, alpha, lr, shift, weights=None):
+def reference_step(models_dir, init, latents, conds, d, rank, alpha, lr, shift, weights=None, clip=0.0):
     """One step written with the libraries: diffusers' ErnieImageTransformer2DModel with a PEFT LoRA (add_adapter),
     flow matching as DiffSynth-Studio trains ERNIE-Image (its shifted 1000-step schedule and timestep weight,
-    computed here from its formulas), torch's AdamW."""
+    computed here from its formulas), torch's AdamW; with `clip`, torch's clip_grad_norm_ before the step."""
     from diffusers import ErnieImageTransformer2DModel
 
     model = ErnieImageTransformer2DModel.from_pretrained(os.path.join(models_dir, "diffusers", "ERNIE-Image", "transformer"))
@@ -67,6 +67,8 @@ def reference_step(models_dir, init, latents, conds, d, rank, alpha, lr, shift, 
     loss = per_item.mean()
     opt.zero_grad()
     loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
     return peft_factors(model, init), loss.item()
 
@@ -82,6 +84,45 @@ def test_one_step_matches_diffusers_peft_and_adamw(setup, models_dir):
     assert len(record) == 1 and sorted(record[0].items) == [0, 1]
     ref, ref_loss = reference_step(models_dir, init, s["latents"], s["conds"], record[0], 4, 2.0, 1e-2, 3.0)
     assert_same_step(lora, ref, ref_loss, init)
+
+
+def test_loss_output_holds_the_losses_and_timesteps_the_steps_computed(setup, host):
+    """The node's loss_log JSON: each step's loss is the one the step computed (step 1: the diffusers + PEFT
+    reference's), its timesteps those the items were noised at (DiffSynth-Studio's shifted schedule at the drawn
+    indices); the progress text and the saved file's metadata carry the running average and the final figures."""
+    from safetensors import safe_open
+
+    s = setup
+    record, texts = [], []
+    fam = stage.training_family(3.0)
+    original = host.progress
+
+    def progress(total):  # the host's bar, its text lines kept
+        bar = original(total)
+        show = bar.text
+        bar.text = lambda message: (texts.append(message), show(message))
+        return bar
+
+    host.progress = progress
+    lora = training.train(s["dit"], fam, s["latents"], s["conds"], settings(steps=3, batch_size=1), record=record)
+    data = json.loads(lora.log.to_json())
+    assert [st["loss"] for st in data["steps"]] == lora.losses and len(lora.losses) == 3
+    shifted = 3.0 * torch.linspace(1.0, 0.0, 1001)[:-1] / (1 + 2.0 * torch.linspace(1.0, 0.0, 1001)[:-1])
+    for st, d in zip(data["steps"], record):
+        assert st["timesteps"] == pytest.approx([float(shifted[i]) * 1000 for i in d.t_index], abs=1e-3)
+    with torch.no_grad():  # step 1's loss, recomputed from the draw on the untrained LoRA (B = 0: the bare DiT)
+        first = training.flow_matching_loss(fam, s["dit"], s["dit"].module, s["latents"], s["conds"], record[0])
+    assert abs(data["steps"][0]["loss"] - first.item()) <= 1e-6
+    ema = [st["ema"] for st in data["steps"]]
+    assert texts[0] == "training 14 layers, 8,704 LoRA parameters (layers / parameters: attention 8 / 4,096; mlp 6 / " \
+                       "4,608; all 14 / 8,704)"  # rank 4 on the tiny DiT: 4 x (64 + 64) per attention projection
+    assert texts[1:] == [f"step {k + 1}/3  loss {lora.losses[k]:.4f}  avg {ema[k]:.4f}" for k in range(3)]
+    assert json.loads(lora.log.to_json())["layers"]["trained"] == {"layers": 14, "parameters": 8704}
+    path = N["LetterpressSaveLoRA"]().run(lora, "loras/with_loss")["result"][0]
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert float(meta["letterpress_loss_final_loss"]) == pytest.approx(lora.losses[-1], rel=1e-5)
+    assert float(meta["letterpress_loss_final_ema"]) == pytest.approx(ema[-1], rel=1e-5)
 
 
 def test_attention_and_mlp_layer_choices(setup):
@@ -122,7 +163,7 @@ def test_loss_falls_and_the_trained_lora_applies_like_its_file(setup, models_dir
     from_file = node("LoraLoader").run(s["dit"], "trained_ernie.safetensors", 1.0)[0]
     assert _eval_loss(from_file, s["latents"], s["conds"]) == after
     plot = training.loss_plot(lora.losses)
-    assert plot.shape == (1, 256, 512, 3) and plot.std() > 0.01
+    assert plot.shape == (1, 320, 640, 3) and plot.std() > 0.01
 
 
 def test_saved_file_loads_in_diffusers_and_draws_what_the_lora_loader_draws(setup, models_dir, host):
@@ -158,6 +199,38 @@ def test_saved_file_loads_in_diffusers_and_draws_what_the_lora_loader_draws(setu
     assert (ref - base_ref).abs().max() > 1e-3  # the trained LoRA changes the image
     assert (got - ref).abs().max().item() <= 1e-4
     assert torch.equal(ours(node("ApplyTrainedLoRA").run(s["dit"], lora, 1.0)[0]), got)
+
+
+def test_saved_loras_are_listed_by_the_lora_loader_where_they_are_and_never_replace_a_file(setup, host, models_dir):
+    """output/loras is a LoRA folder: Save LoRA's file is in the LoRA Loader's list and loads by that name, unmoved;
+    the number follows the highest in any LoRA folder (models/loras too), so no file is replaced and no name is
+    shared."""
+    from safetensors.torch import save_file
+
+    from letterpress.loaders.files import list_files
+
+    s = setup
+    lora = training.train(s["dit"], stage.training_family(3.0), s["latents"], s["conds"],
+                          settings(steps=1, layers="attention"))
+    os.makedirs(os.path.join(models_dir, "loras", "mine"), exist_ok=True)
+    taken = os.path.join(models_dir, "loras", "mine", "style_00002_.safetensors")
+    save_file({"x": torch.zeros(1)}, taken)
+    save = N["LetterpressSaveLoRA"]()
+    first = save.run(lora, "loras/mine/style")
+    second = save.run(lora, "loras/mine/style")["result"][0]
+    try:
+        assert first["result"][0] == os.path.join(host.output_dir, "loras", "mine", "style_00003_.safetensors")
+        assert second == os.path.join(host.output_dir, "loras", "mine", "style_00004_.safetensors")
+        assert first["ui"]["text"][0].endswith("LoRA Loader: mine/style_00003_.safetensors")
+        assert {"mine/style_00002_.safetensors", "mine/style_00003_.safetensors",
+                "mine/style_00004_.safetensors"} <= set(list_files("loras"))
+        loaded = node("LoraLoader").run(s["dit"], "mine/style_00004_.safetensors", 1.0)[0]
+        assert _eval_loss(loaded, s["latents"], s["conds"]) == _eval_loss(
+            node("ApplyTrainedLoRA").run(s["dit"], lora, 1.0)[0], s["latents"], s["conds"])
+        outside = save.run(lora, "elsewhere/style")
+        assert "Not in a LoRA folder: start filename_prefix with loras/" in outside["ui"]["text"][0]
+    finally:
+        os.remove(taken)
 
 
 def test_cancel_at_step_k_keeps_a_lora_of_the_steps_done(setup, host):
@@ -200,13 +273,15 @@ def test_train_node_caches_and_saves_on_cancel(setup, host):
     assert ds.captions == CAPTIONS and ds.images[0].shape == (1, 32, 48, 3)
     widgets = dict(rank=2, alpha=2.0, learning_rate=1e-3, steps=2, batch_size=1, seed=0, layers="attention",
                    resolution=32, gradient_checkpointing=False)
-    lora, plot = node("TrainLoRA").run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, shift=3.0, **widgets)
+    lora, plot, loss_log = node("TrainLoRA").run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds,
+                                                 shift=3.0, **widgets)
     assert lora.steps == 2 and plot.shape[-1] == 3
+    assert [st["loss"] for st in json.loads(loss_log)["steps"]] == lora.losses
     host.progress_listeners.append(lambda done, total: host.request_interrupt() if done == 1 else None)
     with pytest.raises(Interrupted):
         node("TrainLoRA").run(dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, shift=3.0, **{**widgets, "steps": 5})
-    saved = os.listdir(os.path.join(host.output_dir, "loras"))
-    assert saved == ["ernie_image_cancelled_step1_00001_.safetensors"]
+    saved = sorted(os.listdir(os.path.join(host.output_dir, "loras")))  # the LoRA and its optimizer state
+    assert saved == ["ernie_image_cancelled_step1_00001_.safetensors", "ernie_image_cancelled_step1_00001_.training_state"]
 
 
 def write_dataset(folder, h=32, w=48):
@@ -230,8 +305,8 @@ def test_shipped_training_workflow_runs_headless(setup, host, tmp_path):
     results = Runner().run(wf)["results"]
     lora = results["3"][0]
     assert lora.steps == 3 and lora.rank == 2
-    saved = os.listdir(os.path.join(host.output_dir, "loras"))
-    assert saved == ["ernie_image_lora_00001_.safetensors"]
+    saved = sorted(os.listdir(os.path.join(host.output_dir, "loras")))
+    assert saved == ["ernie_image_lora_00001_.safetensors", "ernie_image_lora_00001_.training_state"]
     assert results["11"][0].shape == (1, 32, 32, 3)
     assert os.listdir(os.path.join(host.output_dir, "letterpress")) == ["ernie_image_train_lora_00001_.png"]
 

@@ -193,18 +193,22 @@ def test_glm_loss_falls_and_the_node_trains(glm_setup, host):
                       s["conds"])
     assert after < 0.8 * before, (before, after)
     ds = N["LetterpressTrainingDataset"]().run("unused", two_images(64, 96), "\n".join(GLM_CAPTIONS))[0]
-    out, plot = N["LetterpressGlmImageTrainLoRA"]().run(
+    out, plot, _ = N["LetterpressGlmImageTrainLoRA"]().run(
         dit=s["dit"], ar_model=s["ar"], glyph_encoder=s["glyph"], vae=s["vae"], dataset=ds, rank=2, alpha=2.0,
         learning_rate=1e-3, steps=2, batch_size=1, seed=0, layers="attention", resolution=64,
-        gradient_checkpointing=False)
+        gradient_checkpointing=False, sample_every=2, sample_prompt="a sign that says 'OPEN'", sample_steps=2)
     assert out.family == "glm_image" and out.steps == 2 and plot.shape[0] == 1
+    assert os.listdir(os.path.join(host.output_dir, "letterpress", "glm_image_samples")) == ["step000002_00001_.png"]
 
 
 def test_ovis_node_trains(ovis_setup, host):
     ds = N["LetterpressTrainingDataset"]().run("unused", two_images(32, 48), "\n".join(CAPTIONS))[0]
     s = ovis_setup
-    out, _ = N["LetterpressOvisImageTrainLoRA"]().run(
+    out, _, _ = N["LetterpressOvisImageTrainLoRA"]().run(
         dit=s["dit"], text_encoder=s["te"], vae=s["vae"], dataset=ds, rank=2, alpha=2.0, learning_rate=1e-3, steps=2,
-        batch_size=2, seed=0, layers="mlp", resolution=32, gradient_checkpointing=True)
+        batch_size=2, seed=0, layers="mlp", resolution=32, gradient_checkpointing=True, sample_every=1,
+        sample_prompt="a sign", sample_steps=2)
     assert out.family == "ovis_image" and out.steps == 2
+    assert sorted(os.listdir(os.path.join(host.output_dir, "letterpress", "ovis_image_samples"))) == [
+        "step000001_00001_.png", "step000002_00001_.png"]
     assert all(".ff" in t or "proj_mlp" in t for t in out.targets)
