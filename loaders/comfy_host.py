@@ -36,22 +36,13 @@ class HostedModule(torch.nn.Module):
         return compute_dtype(self.inner)
 
 
-_REPORTING: dict[type, type] = {}
+_ON_LOAD_DEVICE: dict[type, type] = {}
 
 
-def _report_device(module: torch.nn.Module, device: torch.device) -> None:
-    """A transformers model's `device` is where its first parameter is, and generate() moves its inputs there at
-    every step. Under ComfyUI's managers the weights of streamed (dynamic VRAM: every large) layers stay on the
-    offload device while the model computes on the load device, so the model reports the load device instead
-    (its class becomes a subclass that only overrides `device`)."""
-    cls = type(module)
-    if not isinstance(getattr(cls, "device", None), property) or not hasattr(module, "generate"):
-        return
-    if cls not in _REPORTING:
-        _REPORTING[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                                      "device": property(lambda self: self._letterpress_device)})
-    module.__class__ = _REPORTING[cls]
-    module._letterpress_device = device
+def _load_device(model) -> torch.device:
+    from .host import get_host
+
+    return get_host().compute_device()
 
 
 class ComfyHost(StandaloneHost):
@@ -73,12 +64,24 @@ class ComfyHost(StandaloneHost):
     def layer_ops(self, weight_dtype: torch.dtype) -> layers.LayerOps:
         return comfy_compat.layer_ops(weight_dtype, self.compute_device())
 
+    def model_class(self, cls: type) -> type:
+        """A transformers model class built as a subclass whose `device` is the load device. transformers reads a
+        model's device off its first parameter, and generate() moves its inputs there at every step; ComfyUI's
+        managers leave the weights of streamed layers (under dynamic VRAM: of every large layer) on the offload
+        device while the model computes on the load device."""
+        if not isinstance(getattr(cls, "device", None), property):
+            return cls
+        if cls not in _ON_LOAD_DEVICE:
+            _ON_LOAD_DEVICE[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__,
+                                                               "__qualname__": cls.__qualname__,
+                                                               "device": property(_load_device)})
+        return _ON_LOAD_DEVICE[cls]
+
     def wrap(self, handle: ModelHandle) -> ModelHandle:
         handle.module.to(self.offload_device())
         comfy_compat.archive_dtypes(handle.module)
         handle.patcher = comfy_compat.make_patcher(HostedModule(handle.module), self.compute_device(),
                                                    self.offload_device())
-        _report_device(handle.module, handle.patcher.load_device)
         return handle
 
     def add_patches(self, handle: ModelHandle, lora, strength: float) -> ModelHandle:

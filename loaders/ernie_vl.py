@@ -141,7 +141,8 @@ def load(folder: str, dtype_choice: str = "auto", experts: str = "auto") -> Mode
         raise LetterpressError(f"ERNIE-4.5-VL: {dtype_choice} weight storage is offered for the image DiTs only; load "
                                "this model as auto, bf16, fp16 or fp32.")
     try:
-        model = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        model_cls = get_host().model_class(Ernie4_5_VLMoeForConditionalGeneration)
+        model = model_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise LetterpressError(f"ERNIE-4.5-VL: the weights in {folder} could not be loaded ({e}).")
     # transformers built it with torch's layers: rebuild them as the host's (their tensors pass through each new

@@ -17,6 +17,7 @@ from .detect import expect
 from .errors import LetterpressError
 from .files import check_pipeline, component
 from .handle import ModelHandle
+from .host import get_host
 from .llm import TOKENIZER_FILES, read_generation_config, read_tokenizer
 from .vae import load_vae
 from .weights import build_empty, fill_module, open_checkpoint, quant_type, read_json, weight_dtype
@@ -62,7 +63,8 @@ def load_ar(path: str, dtype_choice: str = "auto") -> ModelHandle:
     expect(ck.keys(), FAMILY, what, os.path.basename(path), "the GLM-Image AR loader")
     cfg_file = os.path.join(path, "config.json")
     cfg = {k: v for k, v in read_json(cfg_file, what).items() if k not in ("architectures", "model_type", "transformers_version", "dtype")}
-    module = build_empty(lambda: GlmImageForConditionalGeneration(GlmImageConfig(**cfg)), cfg_file)
+    model_cls = get_host().model_class(GlmImageForConditionalGeneration)
+    module = build_empty(lambda: model_cls(GlmImageConfig(**cfg)), cfg_file)
     fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what, quant=quant_type(dtype_choice))
     module.eval()
     read_generation_config(module, [path], what)

@@ -2,7 +2,8 @@
 
 Inside ComfyUI (its `comfy` package and `folder_paths` importable) the host is ComfyHost (comfy_host.py, the only
 module that imports ComfyUI, with comfy_compat.py for release differences); anywhere else StandaloneHost
-(standalone_host.py). Both offer the same surface: layer_ops (which layer classes a stage is built from), wrap,
+(standalone_host.py). Both offer the same surface: layer_ops (which layer classes a stage is built from), model_class
+(the class a transformers model is built as), wrap,
 add_patches, load, free, progress, check_interrupt, previews_enabled, model_folders.
 """
 

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .errors import LetterpressError
+from .host import get_host
 from .weights import Checkpoint, build_empty, fill_module, read_json, strip_prefix
 
 
@@ -88,7 +89,7 @@ def load_llm(
             return "lm_head.weight"
         return None  # vision tower, projector, tokenizer blobs, an unused lm_head
 
-    module = build_empty(lambda: model_cls(config))
+    module = build_empty(lambda: get_host().model_class(model_cls)(config))
     tied = with_head and getattr(config, "tie_word_embeddings", False)
     if with_head and not tied and head_prefix + "lm_head.weight" not in ck:
         raise LetterpressError(f"{what}: the file has no lm_head; it is a text encoder, not a text generator.")

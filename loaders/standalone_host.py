@@ -111,6 +111,10 @@ class StandaloneHost:
         """The layer classes a stage loaded in `weight_dtype` is built from (see layers.py)."""
         return layers.standalone_ops(weight_dtype, self.compute_device())
 
+    def model_class(self, cls: type) -> type:
+        """The class a transformers model is built as (here its own: its weights are where it computes)."""
+        return cls
+
     def wrap(self, handle: ModelHandle) -> ModelHandle:
         return handle
 

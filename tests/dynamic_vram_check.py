@@ -22,8 +22,8 @@ what it would do on a GPU is reproduced from its code as read in 0.33.0:
   a CPU device named `cpu:0` (so it differs from the weights' `cpu`, as a GPU does). Reports each kind's output
   against an independent reference (the plain torch layer with weight + LoRA) and against the layer without it.
 
-- `device`: a small transformers model loaded by the dynamic manager: where the stage and the model say they
-  compute.
+- `device MODELS_DIR`: the stages that generate, loaded by the pack's loaders and then by the dynamic manager:
+  where the stage and the transformers model say they compute.
 
 `--break NAME` breaks what a check checks, to show that it fails then (see BREAKS).
 """
@@ -340,30 +340,35 @@ def lora() -> dict:
     return report
 
 
-def device() -> dict:
-    """Where a stage computes once the dynamic manager loaded it: its large layers' weights stay on the offload
-    device, so the stage (handle.device) and a transformers model (model.device, where generate() moves its inputs)
-    must name the load device, not their first weight's."""
+def device(models_dir: str) -> dict:
+    """Where each stage that generates computes once the dynamic manager loaded it, loaded by the pack's own loaders
+    (ERNIE-Image's prompt enhancer, GLM-Image's AR model, ERNIE-4.5-VL): its large layers' weights stay on the
+    offload device, so the stage (handle.device) and the transformers model (model.device, where generate() moves
+    its inputs at every step) must name the load device, not their first weight's."""
     import comfy.model_patcher as mp
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from letterpress.loaders.comfy_host import ComfyHost
-    from letterpress.loaders.handle import ModelHandle
-    from letterpress.loaders.weights import build_empty, fill_module
+    from letterpress.loaders import ernie_image, ernie_vl, glm_image
+    from letterpress.loaders.host import get_host
 
     _stand_in_for_aimdo()
     mp.CoreModelPatcher = mp.ModelPatcherDynamic
-    host = ComfyHost()
+    host = get_host()  # the ComfyUI host, as the loaders reach it
     host.compute_device = lambda: FAKE_GPU
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
-    state = LlamaForCausalLM(config).state_dict()
-    model = fill_module(build_empty(lambda: LlamaForCausalLM(config)), state)
-    handle = host.wrap(ModelHandle("test", "llm", model))
-    handle.patcher.load(FAKE_GPU)
-    return {"patcher": type(handle.patcher).__name__, "first_weight": str(next(model.parameters()).device),
-            "slots": sum(hasattr(m, "_v") for m in model.modules()), "handle": str(handle.device),
-            "model": str(model.device), "class": type(model).__name__}
+    stages = {
+        "prompt enhancer": lambda: ernie_image.load_prompt_enhancer(os.path.join(models_dir, "diffusers",
+                                                                                 "ERNIE-Image")),
+        "GLM-Image AR model": lambda: glm_image.load_ar(os.path.join(models_dir, "diffusers", "GLM-Image")),
+        "ERNIE-4.5-VL": lambda: ernie_vl.load(os.path.join(models_dir, "LLM", "ERNIE-4.5-VL-28B-A3B-PT")),
+    }
+    report = {}
+    for name, load in stages.items():
+        handle = host.wrap(load())
+        handle.patcher.load(FAKE_GPU)
+        model = handle.module
+        report[name] = {"patcher": type(handle.patcher).__name__, "first_weight": str(next(model.parameters()).device),
+                        "slots": sum(hasattr(m, "_v") for m in model.modules()), "handle": str(handle.device),
+                        "model": str(model.device), "class": type(model).__name__}
+    return report
 
 
 def _meta_copy(layer: torch.nn.Module) -> torch.nn.Module:
@@ -393,5 +398,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     _break(broken)
     mode = args[1]
-    out = draw(args[2], args[3], args[4:]) if mode == "draw" else lora() if mode == "lora" else device()
+    out = draw(args[2], args[3], args[4:]) if mode == "draw" else lora() if mode == "lora" else device(args[2])
     print(json.dumps(out))

@@ -111,10 +111,13 @@ def test_the_lora_check_fails_when_packed_layers_drop_their_patches(release):
 
 
 @params
-def test_a_stage_loaded_by_the_dynamic_manager_computes_on_the_load_device(release):
-    """Its large layers' weights stay on the offload device (the first weight is on the CPU, in a slot), yet the stage
-    and transformers' model.device (where generate() moves its inputs at every step) name the load device."""
-    r = _run(release, "device")
-    assert r["patcher"] == "ModelPatcherDynamic" and r["slots"] > 0 and r["first_weight"] == "cpu", r
-    assert r["handle"] == r["model"] == "cpu:0", r
-    assert r["class"] == "LlamaForCausalLM", r
+def test_a_stage_loaded_by_the_dynamic_manager_computes_on_the_load_device(release, shipped_models, models_dir):
+    """Its large layers' weights stay on the offload device (the first weight is on the CPU, in a slot), yet each
+    stage that generates and its transformers model (model.device, where generate() moves its inputs at every step)
+    name the load device: the loaders build them as the host's model_class, a subclass reporting it."""
+    report = _run(release, "device", models_dir)
+    assert set(report) == {"prompt enhancer", "GLM-Image AR model", "ERNIE-4.5-VL"}
+    for name, r in report.items():
+        assert r["patcher"] == "ModelPatcherDynamic" and r["slots"] > 0 and r["first_weight"] == "cpu", (name, r)
+        assert r["handle"] == r["model"] == "cpu:0", (name, r)
+    assert report["ERNIE-4.5-VL"]["class"] == "Ernie4_5_VLMoeForConditionalGeneration"
