@@ -17,10 +17,12 @@ custom node (gpu_check_probe.py), runs the family's workflow (bf16 DiT, then the
     static   --disable-dynamic-vram (ComfyUI's classic ModelPatcher loads)
     stream   --reserve-vram leaving half the DiT's size free on the GPU, so the DiT cannot stay whole on it
 
-Each row: seconds per DiT step (median step-to-step time from the progress bar's timestamps in ComfyUI's process),
+Each row: seconds per DiT step (median step-to-step time of ComfyUI's websocket progress events, as the editor gets them),
 peak VRAM (torch.cuda.max_memory_allocated in ComfyUI's process; under dynamic VRAM comfy-aimdo maps weights outside
 torch's allocator, so the device's peak use, sampled every 20 ms, is given too), wall time of the prompt, whether
-dynamic VRAM was on (comfy.memory_management.aimdo_enabled, the loaded patchers' class) and the largest difference
+dynamic VRAM was on and how the models were loaded, as ComfyUI's log says ("DynamicVRAM support detected and
+enabled"; "prepared for dynamic VRAM loading" from ModelPatcherDynamic, "loaded completely/partially" from the
+classic ModelPatcher) and the largest difference
 of the saved PNG from the reference image (in 0..1; bf16 in both: small, not 0). Prints a table and a JSON line, and
 writes both, with the servers' log tails, to $OUT when it is set.
 
@@ -48,7 +50,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(ROOT, "tests")]
-import comfy_server  # noqa: E402  (tests/)
+import prompt_api  # noqa: E402  (tests/: the HTTP and websocket client, no ComfyUI import)
 import gpu_check  # noqa: E402  (benchmarks/)
 
 FAMILY_ORDER = ("ernie_turbo", "ovis", "glm")
@@ -110,26 +112,43 @@ def probe(after=None) -> dict:
     return {"class_type": "LetterpressGpuProbe", "inputs": inputs}
 
 
+DYNAMIC_ON = "DynamicVRAM support detected and enabled"  # main.py, once comfy-aimdo initialised the GPU
+LOAD_LINES = {"dynamic": "prepared for dynamic VRAM loading", "classic": ("loaded completely", "loaded partially")}
+
+
+def loads(log: str) -> list[str]:
+    """How ComfyUI loaded models, by the lines its patchers log: dynamic (ModelPatcherDynamic) or classic."""
+    found = set()
+    for kind, lines in LOAD_LINES.items():
+        if any(line in log for line in ((lines,) if isinstance(lines, str) else lines)):
+            found.add(kind)
+    return sorted(found)
+
+
 def run_prompt(comfy, fam, storage: str, dit_file: str | None, args) -> dict:
-    """One workflow through POST /prompt after a probe that clears the progress record and the peaks."""
+    """One workflow through POST /prompt, watched over the websocket, after a probe that clears the peaks."""
     comfy.wait(comfy.queue({PROBE_NODE: probe()}))
     wf = gpu_check.pack_workflow(fam, storage, args.size, args.steps, args.seed, dit_file, args.tiny)
     saved = next(k for k, n in wf.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"][0] == fam.decode_node)
     wf[PROBE_NODE] = probe([fam.decode_node, 0])
+    log_start = len(comfy.log())
     start = time.perf_counter()
-    entry = comfy.wait(comfy.queue(wf), timeout=max(args.budget.left(), 60))  # a hang ends with the budget
+    events, _ = prompt_api.watch(comfy, wf, timeout=max(args.budget.left(), 60))  # a hang ends with the budget
     wall = time.perf_counter() - start
+    pid = next(e["data"]["prompt_id"] for e in events if "prompt_id" in e.get("data", {}))
+    entry = comfy.wait(pid)
     if entry["status"]["status_str"] != "success":
         errors = {m[0]: m[1] for m in entry["status"]["messages"]}.get("execution_error", {})
         return {"error": f"{errors.get('exception_type')}: {errors.get('exception_message', '')[:300]}", "wall": wall}
     report = json.loads(entry["outputs"][PROBE_NODE]["text"][0])
     clock = gpu_check.StepClock(args.steps)
-    clock.times = [t for t, value, total in report["ticks"] if total == args.steps]
+    clock.times = [e["received"] for e in events if e["type"] == "progress" and e["data"]["max"] == args.steps]
+    log = comfy.log()
     gb = lambda b: b / 1e9 if b is not None else float("nan")  # noqa: E731
     return {"wall": wall, "step": clock.per_step(), "peak": gb(report["peak_allocated"]),
-            "device_peak": gb(report["peak_device_used"]), "rss": gb(report["peak_rss"]), "aimdo": report["aimdo_enabled"],
-            "patchers": report["patchers"], "device": report["device"],
-            "image": comfy_server.view_image(comfy, entry, saved)}
+            "device_peak": gb(report["peak_device_used"]), "rss": gb(report["peak_rss"]), "aimdo": DYNAMIC_ON in log,
+            "loads": loads(log[log_start:]), "device": report["device"],
+            "image": prompt_api.view_image(comfy, entry, saved)}
 
 
 # One family ----------------------------------------------------------------------------------------------------------
@@ -199,7 +218,7 @@ def check_group(keys: list[str], args, work: str, logs: list[str], rows: list[di
             continue
         t = time.monotonic()
         dit_bytes = max(p["dit_bytes"] for p in ready)
-        comfy = comfy_server.start(args.comfyui, base_directory(work), server_args(config, args.tiny, dit_bytes))
+        comfy = prompt_api.start(args.comfyui, base_directory(work), server_args(config, args.tiny, dit_bytes))
         started = time.monotonic() - t
         try:
             for p in ready:

@@ -27,8 +27,8 @@ import urllib.request
 import uuid
 
 import pytest
-from comfy_server import view_image as _image
-from comfy_server import StartError, start
+from prompt_api import StartError, start, watch
+from prompt_api import view_image as _image
 from test_workflows import api_twin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -583,36 +583,6 @@ def test_every_stage_quantized_at_load_draws_what_the_headless_runner_draws(comf
     headless = np.clip(255.0 * headless.float().numpy(), 0, 255).astype(np.uint8).astype(int)
     assert np.abs(quantized - headless).max() <= 1
     assert np.abs(quantized - plain).max() > 1  # the quantized weights are what drew it
-
-
-def watch(comfy, wf: dict) -> tuple[list, list]:
-    """Queue `wf` with a websocket open, as the editor does; its JSON events and binary messages (type, payload)
-    until the prompt ends."""
-    import asyncio
-    import struct
-
-    aiohttp = pytest.importorskip("aiohttp")
-
-    async def run():
-        client = str(uuid.uuid4())
-        events, binary = [], []
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{comfy.url}/ws?clientId={client}") as ws:
-                await asyncio.to_thread(comfy.post, "/prompt", {"prompt": wf, "client_id": client})
-                while True:
-                    msg = await asyncio.wait_for(ws.receive(), timeout=120)
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        binary.append((struct.unpack(">I", msg.data[:4])[0], msg.data[4:]))
-                    elif msg.type == aiohttp.WSMsgType.TEXT:
-                        event = json.loads(msg.data)
-                        events.append(event)
-                        if event["type"] in ("execution_success", "execution_error", "execution_interrupted") or (
-                                event["type"] == "executing" and event["data"].get("node") is None):
-                            return events, binary
-                    else:
-                        raise AssertionError(f"websocket closed: {msg}")
-
-    return asyncio.run(run())
 
 
 def test_progress_moves_and_previews_reach_the_browser(comfy):

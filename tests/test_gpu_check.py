@@ -48,7 +48,7 @@ COMFYUI_0_33 = os.path.join(ROOT, "..", "shared", "comfyui", "0.33.0")
 @pytest.mark.skipif(not os.path.exists(os.path.join(COMFYUI_0_33, "main.py")), reason="no ComfyUI 0.33.0 tree")
 def test_gpu_check_in_comfyui_tiny_mode_draws_the_reference_image_through_post_prompt(tmp_path):
     """benchmarks/gpu_check_comfyui.py --tiny: each family's shipped workflow through POST /prompt in ComfyUI 0.33.0
-    (--cpu: dynamic VRAM is never on there, and the patchers are ComfyUI's plain ModelPatcher) draws the image diffusers'
+    (--cpu: dynamic VRAM is never on there, and ComfyUI's log shows its classic ModelPatcher loads) draws the image diffusers'
     pipeline draws from the same files, to the PNG's rounding (fp32 on both sides), under each server configuration
     (on CPU the flags change nothing: the harness is what runs); ERNIE-Image-Turbo also from its Q4_K GGUF DiT and
     with every stage quantized to Q4_0 at load. Each run has its seconds per step, wall time and peak
@@ -65,7 +65,7 @@ def test_gpu_check_in_comfyui_tiny_mode_draws_the_reference_image_through_post_p
         r = by_run[key]
         assert r["step"] > 0 and math.isfinite(r["step"]) and r["wall"] > 0 and r["rss"] > 0, key
         assert math.isnan(r["peak"]) and math.isnan(r["device_peak"]), key  # no CUDA here
-        assert r["aimdo"] is False and r["patchers"] == ["ModelPatcher"], key
+        assert r["aimdo"] is False and r["loads"] in (["classic"], []), key  # [] when every model stayed loaded
         if key[2] == "bf16":
             assert r["diff"] <= 1 / 255 + 1e-3, (key, r["diff"])
         elif key[2] == "Q4_K":

@@ -1,5 +1,6 @@
-"""A ComfyUI server in a subprocess and a small client for its HTTP API (POST /prompt, /history, /view, /free), shared
-by the tests that run the pack inside ComfyUI (test_comfyui.py) and the GPU check (benchmarks/gpu_check_comfyui.py).
+"""A ComfyUI server in a subprocess and a small client for its HTTP API (POST /prompt, /history, /view, /free) and its
+websocket (`watch`), shared by the tests that run the pack inside ComfyUI (test_comfyui.py) and the GPU check
+(benchmarks/gpu_check_comfyui.py). It talks to ComfyUI over HTTP only, never imports it.
 """
 
 from __future__ import annotations
@@ -104,3 +105,34 @@ def start(comfyui: str, base: str, args: list[str] = (), timeout: float = 600, e
                 tail = "".join(open(log_path, errors="replace").readlines()[-15:])
                 raise StartError(f"ComfyUI at {comfyui} did not start (are its requirements installed?):\n{tail}")
             time.sleep(0.5)
+
+
+def watch(comfy: Comfy, wf: dict, timeout: float = 120) -> tuple[list, list]:
+    """Queue `wf` with a websocket open, as the editor does; its JSON events (each with the perf_counter time it
+    arrived, as "received") and binary messages (type, payload) until the prompt ends. `timeout`: the longest wait
+    for one message (bounds a hang only)."""
+    import asyncio
+    import struct
+
+    import aiohttp
+
+    async def run():
+        client = str(uuid.uuid4())
+        events, binary = [], []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{comfy.url}/ws?clientId={client}") as ws:
+                await asyncio.to_thread(comfy.post, "/prompt", {"prompt": wf, "client_id": client})
+                while True:
+                    msg = await asyncio.wait_for(ws.receive(), timeout=timeout)
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        binary.append((struct.unpack(">I", msg.data[:4])[0], msg.data[4:]))
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        event = {**json.loads(msg.data), "received": time.perf_counter()}
+                        events.append(event)
+                        if event["type"] in ("execution_success", "execution_error", "execution_interrupted") or (
+                                event["type"] == "executing" and event["data"].get("node") is None):
+                            return events, binary
+                    else:
+                        raise AssertionError(f"websocket closed: {msg}")
+
+    return asyncio.run(run())
