@@ -318,13 +318,14 @@ def dequantize_layer(tensors: Mapping[str, torch.Tensor], fmt: dict | str | None
             raise LetterpressError(f"layer {layer} is nvfp4 with {cols} columns, not a multiple of the 16-value "
                                    "block: the file is damaged.")
         swizzled = _need(tensors, "weight_scale", name, layer).to(w.device)
-        blocks = _unswizzle_checked(swizzled, rows, cols // 16, torch.float8_e4m3fn, name, layer)
+        _check_swizzled(swizzled, rows, cols // 16, name, layer)
         global_scale = _need(tensors, "weight_scale_2", name, layer).to(w.device)
         if global_scale.numel() != 1:
             raise LetterpressError(f"layer {layer} has a weight_scale_2 of shape {tuple(global_scale.shape)}; nvfp4 "
                                    "uses one per-tensor scale.")
         out = kitchen.dequantize_nvfp4(w, global_scale, swizzled, dtype)
-        if out is None:
+        if out is None:  # the torch fallback unswizzles the scales itself (only here: this runs at every call)
+            blocks = _unswizzle(swizzled.contiguous().view(torch.float8_e4m3fn), rows, cols // 16)
             values = torch.nn.functional.embedding(w.to(torch.int32), _pair_table(w.device, dtype))  # [R, C/2, 2]
             scale = global_scale.reshape(()).to(torch.float32).to(dtype) * blocks.to(dtype)  # [R, C/16]
             out = (values.reshape(rows, cols // 16, 16) * scale.unsqueeze(-1)).reshape(rows, cols)
@@ -334,10 +335,10 @@ def dequantize_layer(tensors: Mapping[str, torch.Tensor], fmt: dict | str | None
                                    "with columns in blocks of 32.")
         rows, cols = w.shape
         swizzled = _need(tensors, "weight_scale", name, layer).to(w.device)
-        exps = _unswizzle_checked(swizzled, rows, cols // 32, torch.uint8, name, layer)
+        _check_swizzled(swizzled, rows, cols // 32, name, layer)
         out = kitchen.dequantize_mxfp8(w, swizzled, dtype)
         if out is None:
-            exps = exps.to(torch.int32)
+            exps = _unswizzle(swizzled.contiguous().view(torch.uint8), rows, cols // 32).to(torch.int32)
             scale = torch.where(exps == 0, 0, exps << 23).view(torch.float32)  # E8M0 -> 2**(e - 127), 0 as ComfyUI
             out = (w.float().reshape(rows, cols // 32, 32) * scale.unsqueeze(-1)).reshape(rows, cols).to(dtype)
 
@@ -351,7 +352,8 @@ def dequantize_layer(tensors: Mapping[str, torch.Tensor], fmt: dict | str | None
     return out
 
 
-def _unswizzle_checked(scales: torch.Tensor, rows: int, cols: int, view: torch.dtype, fmt: str, layer: str):
+def _check_swizzled(scales: torch.Tensor, rows: int, cols: int, fmt: str, layer: str) -> None:
+    """That `scales` hold ComfyUI's swizzled block scales of a `rows` x `cols`-block weight, in 8-bit values."""
     need = -(-rows // 128) * 128 * (-(-cols // 4) * 4)
     if scales.numel() != need:
         raise LetterpressError(
@@ -359,4 +361,3 @@ def _unswizzle_checked(scales: torch.Tensor, rows: int, cols: int, view: torch.d
             f"{rows}-row weight with {cols} blocks a row holds {need}: the file is damaged or uses another layout.")
     if scales.element_size() != 1:
         raise LetterpressError(f"layer {layer} has {fmt} block scales stored as {scales.dtype}, not as 8-bit values.")
-    return _unswizzle(scales.contiguous().view(view), rows, cols)
