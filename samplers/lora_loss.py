@@ -30,6 +30,7 @@ class LossLog:
 
     steps: list = field(default_factory=list)
     info: dict = field(default_factory=dict)  # what else the JSON reports (the layers trained)
+    _running: tuple = field(default=(0.0, 0), repr=False)  # the EMA's m and how many steps it has folded in
 
     def add(self, loss: float, timesteps: list[float], lr: float, step: int | None = None) -> None:
         """Step `step` (by default the one after the last recorded)."""
@@ -55,7 +56,16 @@ class LossLog:
         """'step 12/500  loss 0.2130  avg 0.1984' (avg: the EMA), for the progress text and the log."""
         if not self.steps:
             return f"step 0/{total}"
-        return f"step {self.steps[-1]['step']}/{total}  loss {self.losses[-1]:.4f}  avg {self.ema()[-1]:.4f}"
+        return f"step {self.steps[-1]['step']}/{total}  loss {self.steps[-1]['loss']:.4f}  avg {self.last_ema():.4f}"
+
+    def last_ema(self) -> float:
+        """ema(self.losses)[-1], folding in only the steps added since the last call (the progress text reads it at
+        every step: recomputing the whole curve each time would be quadratic in the run's length)."""
+        m, k = self._running
+        for s in self.steps[k:]:
+            m = SMOOTHING * m + (1 - SMOOTHING) * s["loss"]
+        self._running = (m, len(self.steps))
+        return m / (1 - SMOOTHING ** len(self.steps))
 
     def to_json(self) -> str:
         return json.dumps({"smoothing": SMOOTHING, "summary": self.summary(), **self.info,

@@ -52,3 +52,13 @@ def test_json_and_metadata_hold_the_steps_and_the_final_figures():
     assert meta["letterpress_loss_steps"] == "3" and meta["letterpress_loss_final_loss"] == "0.75"
     assert math.isclose(float(meta["letterpress_loss_final_ema"]), data["summary"]["final_ema"], rel_tol=1e-5)
     assert log.line(10) == f"step 3/10  loss 0.7500  avg {data['summary']['final_ema']:.4f}"
+
+
+def test_the_running_average_read_at_every_step_is_the_whole_curves_last_value():
+    """The progress text reads the EMA after each step, folding in only the new steps: it equals ema() of all the
+    losses so far, to the bit, whether read every step or after several."""
+    log, losses = lora_loss.LossLog(), [0.9, 0.4, 1.3, 0.2, 0.7, 0.65, 0.1]
+    for i, loss in enumerate(losses, 1):
+        log.add(loss, [500.0], 1e-4)
+        if i != 3:  # step 3 is not read: step 4 folds in two
+            assert log.last_ema() == lora_loss.ema(losses[:i])[-1]
