@@ -38,7 +38,7 @@ from . import ernie_image, glm_image
 from .ernie_vl import to_pil
 from .images import check_image
 from .remote_openai import Exchange, as_error, endpoint, sentence
-from .remote_requests import sglang_request, vllm_omni_edit_form, vllm_omni_request
+from .remote_requests import png_bytes, sglang_request, vllm_omni_edit_form, vllm_omni_request
 
 SGLANG_MAX_N = 10  # SGLang: num_outputs_per_prompt = max(1, min(n, 10))
 MAX_REFERENCES = 4  # the node's reference inputs
@@ -245,9 +245,10 @@ def glm_image_remote(base_url: str, model: str, api_key: str, prompt: str, width
     url = endpoint(base_url, "/images/edits" if refs else "/images/generations")
     check_served_model(base_url, model, api_key, timeout)
     exchanges = []
+    reference = png_bytes(refs[0]) if refs else None  # one PNG for the whole batch: only the seed changes
     for k in range(batch_size):
         if refs:
-            form, ctype = vllm_omni_edit_form(model, prompt, width, height, steps, guidance, seed + k, refs[0])
+            form, ctype = vllm_omni_edit_form(model, prompt, width, height, steps, guidance, seed + k, reference)
             exchanges.append(Exchange(url, form, api_key, timeout, content_type=ctype))
         else:
             body = vllm_omni_request(model, prompt, width, height, steps, guidance, seed + k)

@@ -51,13 +51,17 @@ def vllm_omni_request(model: str, prompt: str, width: int, height: int, steps: i
 
 
 def vllm_omni_edit_form(model: str, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int,
-                        reference: Image.Image) -> tuple[bytes, str]:
+                        reference_png: bytes) -> tuple[bytes, str]:
     """vLLM-Omni's POST /v1/images/edits form for GLM-Image: the same fields as form values and the reference
-    as the `image` file (PNG). Returns (body, content type)."""
+    (`png_bytes` of it, encoded once for a batch) as the `image` file. Returns (body, content type)."""
     fields = {k: str(v) for k, v in vllm_omni_request(model, prompt, width, height, steps, guidance, seed).items()}
-    png = io.BytesIO()
-    reference.save(png, format="PNG")
-    return multipart(fields, [("image", "reference.png", "image/png", png.getvalue())])
+    return multipart(fields, [("image", "reference.png", "image/png", reference_png)])
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 def multipart(fields: dict[str, str], files: list[tuple[str, str, str, bytes]]) -> tuple[bytes, str]:
