@@ -25,10 +25,12 @@ from .explain import (
     explain_llm_folder,
     file_source,
     how_to_get,
+    incomplete_download,
     place,
+    read_class,
     sources,
 )
-from .files import list_diffusers_folders, pipeline_class, read_json
+from .files import list_diffusers_folders, pipeline_class
 from .host import get_host
 
 # Inside a folder part: configs, weights and every file a tokenizer or processor is made of.
@@ -110,22 +112,14 @@ def _folder(cls, inputs: dict) -> list[Fetch]:
         missing = explain_diffusers_folder(name, source.family, "", parts) is not None
         patterns = ("model_index.json",) + tuple(f"{p}/{f}" for p in parts for f in PART_FILES)
     else:
-        kind = os.path.isfile(os.path.join(path, "config.json")) and read_json(os.path.join(path, "config.json"))
-        if kind and kind.get("model_type") != source.model_type:
+        kind = read_class(path, "config.json", "model_type")  # None: no config yet; "": unreadable (re-fetched)
+        if kind and kind != source.model_type:
             return []
         missing = explain_llm_folder(name, source.family, "") is not None
         patterns = PART_FILES
-    if not missing and not _unfinished(path):
+    if not missing and not incomplete_download(path):
         return []
     return [Fetch(source, source.repo, patterns, path)]
-
-
-def _unfinished(path: str) -> bool:
-    """An earlier download into the folder stopped midway (huggingface_hub's `.incomplete` parts are there)."""
-    for _root, _dirs, files in os.walk(os.path.join(path, ".cache", "huggingface", "download")):
-        if any(f.endswith(".incomplete") for f in files):
-            return True
-    return False
 
 
 # Fetching ----------------------------------------------------------------------------------------------------

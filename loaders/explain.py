@@ -164,7 +164,7 @@ def _article(word: str) -> str:
 # diffusers folders -------------------------------------------------------------------------------------------
 
 
-def _read_class(path: str, file: str, key: str) -> str | None:
+def read_class(path: str, file: str, key: str) -> str | None:
     """`key` of the JSON object in path/file; None when the file is absent, '' when it cannot be read."""
     p = os.path.join(path, file)
     if not os.path.isfile(p):
@@ -179,19 +179,19 @@ def _read_class(path: str, file: str, key: str) -> str | None:
 
 def _holds(path: str) -> str:
     """What a folder holds, as a phrase ('an ErnieImagePipeline (ERNIE-Image)', 'a qwen3 model', ...)."""
-    cls = _read_class(path, "model_index.json", "_class_name")
+    cls = read_class(path, "model_index.json", "_class_name")
     if cls:
         known = PIPELINES.get(cls)
         label = FAMILY_NAMES[known.family] if known else OTHER_PIPELINES.get(cls, "")
         return f"{_article(cls)} {cls}" + (f" ({label})" if label else "")
-    kind = _read_class(path, "config.json", "model_type")
+    kind = read_class(path, "config.json", "model_type")
     if kind:
         known = MODEL_TYPES.get(kind)
         return f"a '{kind}' model" + (f" ({FAMILY_NAMES[known.family]})" if known else "")
     return ""
 
 
-def _incomplete_download(path: str) -> bool:
+def incomplete_download(path: str) -> bool:
     """An interrupted `hf download` leaves *.incomplete files in .cache/huggingface/download."""
     cache = os.path.join(path, ".cache", "huggingface", "download")
     for _root, _dirs, files in os.walk(cache):
@@ -264,14 +264,14 @@ def explain_diffusers_folder(name: str, family: str, loader: str, need: tuple[st
     path, label, missing = _locate(name, "diffusers", family)
     if missing:
         return missing
-    cls = _read_class(path, "model_index.json", "_class_name")
+    cls = read_class(path, "model_index.json", "_class_name")
     if cls is None:
         deeper = _nested(path, "model_index.json")
         if deeper:
             return (f"{label} holds no model_index.json, but its subfolder {deeper} holds {_holds(os.path.join(path, deeper))}: "
                     f"the model was placed one level too deep. Move the contents of {os.path.join(path, deeper)} up into "
                     f"{path}, or pick '{name}/{deeper}' in {loader}.")
-        if _incomplete_download(path):
+        if incomplete_download(path):
             return f"{label} is a download that did not finish (no model_index.json yet). Run the download again. " \
                    f"{needs(family, name)}"
         holds = _holds(path)
@@ -314,7 +314,7 @@ def explain_llm_folder(name: str, family: str, loader: str) -> str | None:
     path, label, missing = _locate(name, "LLM", family)
     if missing:
         return missing
-    kind = _read_class(path, "config.json", "model_type")
+    kind = read_class(path, "config.json", "model_type")
     if kind is None:
         if os.path.isfile(os.path.join(path, "model_index.json")):
             return (f"{label} holds {_holds(path)}, a diffusers folder: those go under models/diffusers and load in "
@@ -324,7 +324,7 @@ def explain_llm_folder(name: str, family: str, loader: str) -> str | None:
             return (f"{label} holds no config.json, but its subfolder {deeper} holds {_holds(os.path.join(path, deeper))}: "
                     f"the model was placed one level too deep. Move the contents of {os.path.join(path, deeper)} up into "
                     f"{path}, or pick '{name}/{deeper}' in {loader}.")
-        state = ("is a download that did not finish" if _incomplete_download(path)
+        state = ("is a download that did not finish" if incomplete_download(path)
                  else "holds no config.json: the download is incomplete, or it is not a model folder")
         return f"{label} {state}. {needs(family, name)}"
     if kind not in want:
