@@ -80,23 +80,10 @@ def ernie_vl(models_dir):
 
 @pytest.fixture(scope="session")
 def shipped_models(ernie, ovis, glm, ernie_vl, models_dir):
-    """Every family's tiny model, plus a LoRA under the name the LoRA workflow uses."""
-    from safetensors.torch import save_file
+    """Every family's tiny model, plus a LoRA under the name the LoRA workflow uses and the GGUF workflow's DiT."""
+    from fixtures.common import shipped_extras
 
-    gen = torch.Generator().manual_seed(0)
-    w = ernie["transformer"].layers[0].self_attention.to_q.weight
-    lora = {"transformer.layers.0.self_attention.to_q.lora_A.weight": torch.randn(2, w.shape[1], generator=gen),
-            "transformer.layers.0.self_attention.to_q.lora_B.weight": torch.randn(w.shape[0], 2, generator=gen)}
-    os.makedirs(os.path.join(models_dir, "loras"), exist_ok=True)
-    save_file(lora, os.path.join(models_dir, "loras", "ernie_image_lora.safetensors"))
-    # The GGUF workflow's file, under the name users have. The tiny DiT's rows (64, 128 wide) are too short for
-    # K-quant blocks (256), so its weights are Q4_0 here; Q4_K itself is covered by the dequantization tests.
-    import gguf
-    from fixtures.common import write_gguf
-
-    write_gguf(ernie["transformer"].state_dict(), os.path.join(models_dir, "diffusion_models",
-                                                                "ernie-image-turbo-Q4_K_M.gguf"),
-               gguf.GGMLQuantizationType.Q4_0)
+    shipped_extras(ernie, models_dir)
     return models_dir
 
 

@@ -27,6 +27,7 @@ import urllib.request
 import uuid
 
 import pytest
+from fixtures.common import workflow_inputs
 from prompt_api import StartError, start, watch
 from prompt_api import view_image as _image
 from test_workflows import api_twin
@@ -264,19 +265,7 @@ def comfy(request, shipped_models, models_dir, tmp_path_factory):
     (nodes / "letterpress_test_probe.py").write_text(PROBE)
     os.symlink(models_dir, base / "models")
     inputs = base / "input"
-    inputs.mkdir()
-    from PIL import Image
-
-    for path in glob.glob(os.path.join(ROOT, "workflows", "api", "*_api.json")):
-        for node in json.load(open(path)).values():
-            if node["class_type"] == "LoadImage":
-                Image.new("RGB", (64, 64), (200, 120, 40)).save(inputs / node["inputs"]["image"])
-            if node["class_type"] == "LetterpressTrainingDataset":  # two captioned images of other aspect ratios
-                folder = inputs / node["inputs"]["folder"]
-                folder.mkdir(exist_ok=True)
-                for i, (size, colour) in enumerate((((96, 64), (200, 40, 40)), ((64, 96), (40, 40, 200)))):
-                    Image.new("RGB", size, colour).save(folder / f"{i}.png")
-                    (folder / f"{i}.txt").write_text(f"a sign in colour {i}")
+    workflow_inputs(str(inputs), glob.glob(os.path.join(ROOT, "workflows", "api", "*_api.json")))
     front_end_root, c_frontend = frontend_for(COMFYUI)
     started = time.monotonic()
     try:
