@@ -7,7 +7,8 @@ Re-implementing that conversion would duplicate transformers; `from_pretrained` 
 device and fills from memory-mapped safetensors, so peak memory stays at one copy of the weights.
 
 The processor is transformers' `Ernie4_5_VLMoeProcessor` minus its video processor, which needs torchvision;
-images go through `Ernie4_5_VLMoeImageProcessorPil`, which does not.
+images go through `Ernie4_5_VLMoeImageProcessorPil`, which does not. The video processor is read from the folder at
+the first video (`video_processor`): its settings (processor_config.json) and the font it draws each frame's time with.
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ def list_folders() -> list[str]:
     return found
 
 
+def _token_attributes(processor, tokenizer) -> None:
+    """The image/video marker tokens and ids transformers' processor reads from the tokenizer (the real ones where a
+    tokenizer does not name them itself)."""
+    for attr, default in DEFAULT_TOKENS.items():
+        token = getattr(tokenizer, attr, None) or default
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+            raise LetterpressError(
+                f"ERNIE-4.5-VL: the tokenizer has no '{token}' token. The folder's tokenizer is not the "
+                "ERNIE-4.5-VL one; download the model folder again."
+            )
+        setattr(processor, attr, token)
+        setattr(processor, attr + "_id", token_id)
+
+
 def _processor_class():
     from transformers import Ernie4_5_VLMoeProcessor
     from transformers.processing_utils import ProcessorMixin
@@ -59,19 +75,24 @@ def _processor_class():
         """transformers' ERNIE-4.5-VL processor for images only (token expansion, M-RoPE and MoE type ids)."""
 
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            for attr, default in DEFAULT_TOKENS.items():
-                token = getattr(tokenizer, attr, None) or default
-                token_id = tokenizer.convert_tokens_to_ids(token)
-                if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
-                    raise LetterpressError(
-                        f"ERNIE-4.5-VL: the tokenizer has no '{token}' token. The folder's tokenizer is not the "
-                        "ERNIE-4.5-VL one; download the model folder again."
-                    )
-                setattr(self, attr, token)
-                setattr(self, attr + "_id", token_id)
+            _token_attributes(self, tokenizer)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     return ErnieVLImageProcessor
+
+
+def _video_processor_class():
+    from transformers import Ernie4_5_VLMoeProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ErnieVLVideoProcessor(Ernie4_5_VLMoeProcessor):
+        """transformers' ERNIE-4.5-VL processor with its video processor (frames: needs torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs):
+            _token_attributes(self, tokenizer)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, video_processor, chat_template=chat_template)
+
+    return ErnieVLVideoProcessor
 
 
 def _chat_template(folder: str, tokenizer) -> str:
@@ -156,3 +177,49 @@ def load(folder: str, dtype_choice: str = "auto", experts: str = "auto") -> Mode
     handle = ModelHandle(family=FAMILY, role="vl_model", module=model, tokenizer=processor.tokenizer, source=folder,
                          extras={"processor": processor, "dtype": str(dtype).replace("torch.", "")})
     return handle
+
+
+def video_processor_class():
+    """transformers' ERNIE-4.5-VL video processor class (its module imports torchvision)."""
+    try:
+        from transformers import Ernie4_5_VLMoeVideoProcessor
+    except ImportError as e:
+        raise LetterpressError(f"ERNIE-4.5-VL video needs torchvision, which is not installed ({e}). ComfyUI ships it; "
+                               "elsewhere: pip install torchvision (the build for the installed torch).") from None
+    return Ernie4_5_VLMoeVideoProcessor
+
+
+def video_processor(handle: ModelHandle):
+    """The processor for images and video of a loaded model: transformers' `Ernie4_5_VLMoeVideoProcessor` as the
+    folder configures it (processor_config.json's video_processor, or video_preprocessor_config.json; transformers'
+    defaults, which are the original release's, where the folder has neither) with the font it draws each frame's
+    time with. Read once per model."""
+    cached = handle.extras.get("video_processor")
+    if cached is not None:
+        return cached
+    cls = video_processor_class()
+    folder = handle.source
+    nested = os.path.join(folder, "processor_config.json")
+    own = os.path.join(folder, "video_preprocessor_config.json")
+    settings = read_json(own, "ERNIE-4.5-VL video processor") if os.path.exists(own) else (
+        read_json(nested, "ERNIE-4.5-VL processor").get("video_processor") if os.path.exists(nested) else None)
+    settings = settings if isinstance(settings, dict) else None
+    draws = (settings or {}).get("draw_on_frames", cls.draw_on_frames)
+    font = os.path.join(folder, os.path.basename(str((settings or {}).get("font") or cls.font)))
+    if draws and not os.path.isfile(font):
+        raise LetterpressError(
+            f"ERNIE-4.5-VL draws each video frame's time on it (as the model was trained) with the font "
+            f"{os.path.basename(font)}, which is not in {folder}: download it from the model repository into that "
+            "folder.")
+    try:
+        video = cls.from_pretrained(folder, local_files_only=True) if settings is not None else cls()
+    except (OSError, AttributeError, ValueError, TypeError) as e:
+        raise LetterpressError(f"ERNIE-4.5-VL: the video processor settings in {folder} cannot be read ({e}). "
+                               "Download processor_config.json from the model repository again.") from None
+    if draws:
+        video.font = font
+    base = handle.extras["processor"]
+    processor = _video_processor_class()(base.image_processor, base.tokenizer, video,
+                                         chat_template=base.chat_template)
+    handle.extras["video_processor"] = processor
+    return processor

@@ -11,12 +11,14 @@ from ..loaders.errors import LetterpressError
 from ..loaders.files import list_model_folders, resolve
 from ..loaders.host import get_host
 from ..samplers import ernie_vl as vl
+from ..samplers import ernie_vl_video as video_clip
 from ..samplers import remote_openai as remote
 from .common import CATEGORY, MAX_SEED, dtype_input, hosted
 
 log = logging.getLogger(__name__)
 CAT = f"{CATEGORY}/ERNIE-VL"
 MODEL = "LP_ERNIE_VL"
+VIDEO_CLIP = "LP_ERNIE_VL_VIDEO"
 
 
 def _model_input():
@@ -25,6 +27,16 @@ def _model_input():
 
 def _images_input():
     return ("IMAGE", {"tooltip": "One or more images; a batch of several images is sent as several pictures."})
+
+
+def _media_inputs() -> dict:
+    """Generate's pictures and video, each optional (one of them is needed)."""
+    return {
+        "images": ("IMAGE", {"tooltip": "Optional with a video: one or more images; a batch of several images is sent "
+                                        "as several pictures."}),
+        "video": (VIDEO_CLIP, {"tooltip": "Optional: a video clip from ERNIE-VL Video (asked about together with the "
+                                          "images, if any: pictures first, then the video)."}),
+    }
 
 
 def _generation_inputs(max_tokens: int = 1024) -> dict:
@@ -53,6 +65,13 @@ def _prompt_inputs() -> dict:
 def _check_images(images):
     if images is None or images.shape[0] == 0:
         raise LetterpressError("No image is wired: connect a LoadImage (or any IMAGE) to ERNIE-VL.")
+
+
+def _check_media(images, video):
+    if video is None:
+        _check_images(images)
+    elif images is not None and images.shape[0] == 0:
+        raise LetterpressError("The images input holds no image: unwire it, or wire a LoadImage (or any IMAGE).")
 
 
 class LetterpressErnieVLLoader:
@@ -93,8 +112,9 @@ class LetterpressErnieVLLoader:
 
 
 class LetterpressErnieVLGenerate:
-    DESCRIPTION = ("Answers a prompt about one or more images with ERNIE-4.5-VL. Outputs the answer and, separately, "
-                   "the reasoning (empty when thinking is off). Progress per token; Cancel stops within one token.")
+    DESCRIPTION = ("Answers a prompt about one or more images and/or a video (from ERNIE-VL Video) with ERNIE-4.5-VL. "
+                   "Outputs the answer and, separately, the reasoning (empty when thinking is off). Progress per token; "
+                   "Cancel stops within one token.")
     CATEGORY = CAT
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("answer", "reasoning")
@@ -102,13 +122,17 @@ class LetterpressErnieVLGenerate:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": _model_input(), "images": _images_input(), **_prompt_inputs(), **_generation_inputs()}}
+        return {"required": {"model": _model_input(), **_prompt_inputs(), **_generation_inputs()},
+                "optional": _media_inputs()}
 
-    def run(self, model, images, preset, prompt, system_prompt, thinking, max_new_tokens, temperature, top_p, seed):
-        _check_images(images)
+    # images first, as when it was required (callers pass it by position); ComfyUI passes everything by name
+    def run(self, model, images=None, preset="free question", prompt="", system_prompt="", thinking=False,
+            max_new_tokens=1024, temperature=0.0, top_p=0.8, seed=0, video=None):
+        _check_media(images, video)
         text = vl.compose_prompt(preset, prompt)
         get_host().load(model)
-        return vl.vl_generate(model, images, text, system_prompt, thinking, max_new_tokens, temperature, top_p, seed)
+        return vl.vl_generate(model, images, text, system_prompt, thinking, max_new_tokens, temperature, top_p, seed,
+                              video)
 
 
 class LetterpressErnieVLGround:
@@ -193,7 +217,9 @@ class LetterpressErnieVLDrawBoxes:
 
 class LetterpressErnieVLRemoteGenerate:
     DESCRIPTION = ("The VL Generate request sent to an OpenAI-compatible server (vLLM, SGLang, FastDeploy serving "
-                   "ERNIE-4.5-VL). Images go as base64 PNG. Outputs the answer and the reasoning.")
+                   "ERNIE-4.5-VL). Images go as base64 PNG; a video (from ERNIE-VL Video) as the frames the local node "
+                   "would use, in vLLM's frame-list form (video_url data:video/jpeg;base64,frame,frame,...), without "
+                   "their times. Outputs the answer and the reasoning.")
     CATEGORY = CAT
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("answer", "reasoning")
@@ -205,23 +231,56 @@ class LetterpressErnieVLRemoteGenerate:
             "base_url": ("STRING", {"default": "http://127.0.0.1:8000/v1", "tooltip": "The server's OpenAI base URL (ends in /v1)."}),
             "model_name": ("STRING", {"default": "baidu/ERNIE-4.5-VL-28B-A3B-PT", "tooltip": "The model name the server serves."}),
             "api_key": ("STRING", {"default": "", "tooltip": "Sent as a Bearer token; leave empty for servers without keys."}),
-            "images": _images_input(), **_prompt_inputs(), **_generation_inputs(),
+            **_prompt_inputs(), **_generation_inputs(),
             "stream": ("BOOLEAN", {"default": True, "tooltip": "Stream the answer (progress per chunk, quick Cancel)."}),
             "timeout": ("FLOAT", {"default": 300.0, "min": 1.0, "max": 3600.0, "step": 1.0,
                                   "tooltip": "Seconds to wait for the server (per read)."}),
-        }}
+        }, "optional": _media_inputs()}
 
-    def run(self, base_url, model_name, api_key, images, preset, prompt, system_prompt, thinking, max_new_tokens,
-            temperature, top_p, seed, stream, timeout):
-        _check_images(images)
+    # images in its old place (callers pass it by position); ComfyUI passes everything by name
+    def run(self, base_url, model_name, api_key, images=None, preset="free question", prompt="", system_prompt="",
+            thinking=False, max_new_tokens=1024, temperature=0.0, top_p=0.8, seed=0, stream=True, timeout=300.0,
+            video=None):
+        _check_media(images, video)
         text = vl.compose_prompt(preset, prompt)
         return remote.remote_generate(base_url, model_name, api_key, images, text, system_prompt, thinking,
-                                      max_new_tokens, temperature, top_p, seed, stream, timeout)
+                                      max_new_tokens, temperature, top_p, seed, stream, timeout, video)
+
+
+class LetterpressErnieVLVideo:
+    DESCRIPTION = ("A video clip for ERNIE-VL Generate and Remote Generate: a batch of frames with the frame rate they "
+                   "were taken at, or a ComfyUI VIDEO (Load Video). As the original ERNIE-4.5-VL processor does, the "
+                   "model sees 2 frames per second (at least 16, at most 180, never more than the clip has), each "
+                   "with its time drawn in its top-left corner (transformers' video processor with the model "
+                   "folder's font, Roboto-Regular.ttf). Needs torchvision (ComfyUI has it).")
+    CATEGORY = CAT
+    RETURN_TYPES = (VIDEO_CLIP,)
+    RETURN_NAMES = ("video",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "sample_fps": ("FLOAT", {"default": video_clip.ORIGINAL_FPS, "min": 0.0, "max": 60.0, "step": 0.5,
+                                     "tooltip": "Frames per second of the clip the model sees: 2 as in the original "
+                                                "processor. 0 = transformers' default rule: every frame, up to the "
+                                                "maximum of 180 (evenly spread over longer clips)."}),
+        }, "optional": {
+            "frames": ("IMAGE", {"tooltip": "The clip as a batch of frames (e.g. from a video loader), in order."}),
+            "frame_rate": ("FLOAT", {"default": 24.0, "min": 0.01, "max": 240.0, "step": 0.01,
+                                     "tooltip": "Frames per second the frames input was taken at (its times and "
+                                                "which frames are kept follow from it). Unused with a VIDEO."}),
+            "video_file": ("VIDEO", {"tooltip": "Or the clip as a ComfyUI VIDEO (Load Video, Create Video): its "
+                                                "frames and frame rate are used; its audio is not."}),
+        }}
+
+    def run(self, sample_fps, frames=None, frame_rate=24.0, video_file=None):
+        return (video_clip.clip_from(frames, frame_rate, video_file, sample_fps),)
 
 
 NODES = {c.__name__: c for c in (
     LetterpressErnieVLLoader, LetterpressErnieVLGenerate, LetterpressErnieVLGround, LetterpressErnieVLParseBoxes,
-    LetterpressErnieVLDrawBoxes, LetterpressErnieVLRemoteGenerate,
+    LetterpressErnieVLDrawBoxes, LetterpressErnieVLRemoteGenerate, LetterpressErnieVLVideo,
 )}
 DISPLAY_NAMES = {
     "LetterpressErnieVLLoader": "ERNIE-VL Loader",
@@ -230,4 +289,5 @@ DISPLAY_NAMES = {
     "LetterpressErnieVLParseBoxes": "ERNIE-VL Parse Boxes",
     "LetterpressErnieVLDrawBoxes": "ERNIE-VL Draw Boxes",
     "LetterpressErnieVLRemoteGenerate": "ERNIE-VL Remote Generate (OpenAI API)",
+    "LetterpressErnieVLVideo": "ERNIE-VL Video",
 }

@@ -1,7 +1,8 @@
 """The VL Generate request sent to an OpenAI-compatible chat-completions server (vLLM, SGLang and FastDeploy
 serve ERNIE-4.5-VL this way). Standard library only (http.client).
 
-Images travel as base64 PNG data URLs in the user message, before the text, as the local node orders them.
+Images travel as base64 PNG data URLs in the user message, before the text, as the local node orders them; a video
+clip after them as vLLM's frame-list video (samplers/ernie_vl_video.py).
 Thinking is switched with `chat_template_kwargs: {"enable_thinking": ...}`, which these servers pass to the
 model's chat template. Servers decode the answer with special tokens skipped unless told otherwise, which drops
 ERNIE's grounding coordinates (`<|LOC_n|>`): the request asks for `skip_special_tokens: false` and
@@ -35,6 +36,7 @@ from ..loaders.errors import LetterpressError
 
 from ..loaders.host import get_host
 from .ernie_vl import THINK_CLOSE, THINK_OPEN, messages, to_pil
+from .ernie_vl_video import video_part
 from .generate import check_request, sampling_args
 
 
@@ -119,13 +121,18 @@ def image_data_url(img) -> str:
 
 
 def build_request(model: str, images, text: str, system_prompt: str, thinking: bool, max_new_tokens: int,
-                  temperature: float, top_p: float, seed: int, stream: bool) -> dict:
+                  temperature: float, top_p: float, seed: int, stream: bool, video=None) -> dict:
+    """The request body; `images` None sends none, `video` (samplers/ernie_vl_video.Clip) goes after them as
+    samplers/ernie_vl_video.video_part writes it."""
     check_request(max_new_tokens, seed)
     sampling = sampling_args(temperature, top_p)  # the same checks and greedy rule as local generation
     msgs = messages(0, text, system_prompt)
     user = msgs[-1]
-    user["content"] = [{"type": "image_url", "image_url": {"url": image_data_url(p)}} for p in to_pil(images)] + [
-        {"type": "text", "text": text}]
+    pictures = [] if images is None else to_pil(images)
+    user["content"] = [{"type": "image_url", "image_url": {"url": image_data_url(p)}} for p in pictures]
+    if video is not None:
+        user["content"].append(video_part(video))
+    user["content"].append({"type": "text", "text": text})
     body = {"model": model, "messages": msgs, "max_tokens": int(max_new_tokens), "stream": bool(stream),
             "seed": int(seed) & 0x7FFFFFFFFFFFFFFF, "chat_template_kwargs": {"enable_thinking": bool(thinking)}}
     body.update(KEEP_SPECIAL_TOKENS)
@@ -238,13 +245,13 @@ def split_text(content: str, reasoning: str, thinking: bool) -> tuple[str, str]:
 
 def remote_generate(base_url: str, model: str, api_key: str, images, text: str, system_prompt: str, thinking: bool,
                     max_new_tokens: int, temperature: float, top_p: float, seed: int, stream: bool,
-                    timeout: float) -> tuple[str, str]:
-    """(answer, reasoning) from the server."""
+                    timeout: float, video=None) -> tuple[str, str]:
+    """(answer, reasoning) from the server; `video` a samplers/ernie_vl_video.Clip or None."""
     url = chat_url(base_url)
     if not model.strip():
         raise LetterpressError("The model name is empty: give the name the server serves (e.g. baidu/ERNIE-4.5-VL-28B-A3B-PT).")
     body = build_request(model.strip(), images, text, system_prompt, thinking, max_new_tokens, temperature, top_p,
-                         seed, stream)
+                         seed, stream, video)
     host = get_host()
     bar = host.progress(max_new_tokens)
     out: queue.Queue = queue.Queue()
