@@ -170,8 +170,14 @@ def crops_batch(crops: list[Image.Image], fallback: tuple[int, int]) -> torch.Te
     return torch.from_numpy(out)
 
 
-def calls_json(records: list[dict]) -> str:
-    return json.dumps([{k: v for k, v in r.items() if k != "crop"} for r in records], ensure_ascii=False)
+def calls_json(records: list[dict], width: int, height: int) -> str:
+    """Every call (name, arguments, pixel box or error) under "calls", and the zoomed regions as boxes JSON
+    (pixels of the first picture) under "boxes", which ERNIE-VL Draw Boxes draws."""
+    boxes = [{"image": 0, "label": str(r["arguments"].get("label") or f"zoom {k + 1}"), "box": r["box"],
+              "box_1000": r["arguments"].get("bbox_2d")} for k, r in enumerate(x for x in records if "crop" in x)]
+    return json.dumps({"width": width, "height": height, "coordinates": "pixels x1, y1, x2, y2 (top-left origin)",
+                       "boxes": boxes, "calls": [{k: v for k, v in r.items() if k != "crop"} for r in records]},
+                      ensure_ascii=False)
 
 
 def describe_step(step: int, reasoning: str, records: list[dict]) -> str:
@@ -287,7 +293,7 @@ def think_with_images(handle: ModelHandle, images: torch.Tensor, text: str, syst
             msgs.append({"role": "tool", "content": tool_result_content(r, {"type": "image"})})
             if "crop" in r:
                 crops.append(r["crop"])
-    return answer, "\n\n".join(steps), calls_json(records), crops_batch(crops, pictures[0].size)
+    return answer, "\n\n".join(steps), calls_json(records, *pictures[0].size), crops_batch(crops, pictures[0].size)
 
 
 # the same loop through a server ------------------------------------------------------------------------------
@@ -361,4 +367,4 @@ def remote_think_with_images(base_url: str, model: str, api_key: str, images: to
             msgs.append({"role": "tool", "tool_call_id": r["id"], "content": tool_result_content(r, part)})
             if "crop" in r:
                 crops.append(r["crop"])
-    return answer, "\n\n".join(steps), calls_json(records), crops_batch(crops, pictures[0].size)
+    return answer, "\n\n".join(steps), calls_json(records, *pictures[0].size), crops_batch(crops, pictures[0].size)

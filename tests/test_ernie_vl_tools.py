@@ -259,7 +259,7 @@ def test_the_loop_zooms_and_the_second_turn_is_transformers_generate(thinking):
     expected = np.asarray(img)[12:52, 8:48]
     assert crops.shape == (1, 40, 40, 3)
     assert np.array_equal((crops[0].numpy() * 255).round().astype(np.uint8), expected)
-    found = json.loads(calls)
+    found = json.loads(calls)["calls"]
     assert found[0]["name"] == CALL["name"] and found[0]["arguments"] == CALL["arguments"]
     assert found[0]["box"] == [8, 12, 48, 52]
     assert "w5 w6" in reasoning and "image_zoom_in_tool" in reasoning
@@ -283,7 +283,7 @@ def test_max_tool_calls_and_progress_and_cancel(thinking, host):
     handle, module = forced(thinking, SCRIPT)
     answer, reasoning, calls, crops = node("ThinkWithImages").run(handle, img, QUESTION, "", 0, 30, 0.0, 0.8, 0)
     assert len(module.calls) == 1 and crops.shape[0] == 0
-    assert json.loads(calls)[0]["error"] == "not run: max_tool_calls reached"
+    assert json.loads(calls)["calls"][0]["error"] == "not run: max_tool_calls reached"
 
     ticks = []
     host.progress_listeners.append(lambda done, total: ticks.append((done, total)))
@@ -361,7 +361,8 @@ def test_remote_loop_against_vllm_ernie45(vllm, stream):
     sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
     assert np.array_equal(sent, np.asarray(img)[12:52, 8:48])
     assert np.array_equal((crops[0].numpy() * 255).round().astype(np.uint8), sent)
-    assert json.loads(calls)[0]["box"] == [8, 12, 48, 52]
+    assert json.loads(calls)["calls"][0]["box"] == [8, 12, 48, 52]
+    assert [b["box"] for b in json.loads(calls)["boxes"]] == [[8, 12, 48, 52]]  # what Draw Boxes reads
 
 
 # grounding in the Thinking model's plain numbers --------------------------------------------------------------
