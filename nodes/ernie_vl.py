@@ -239,7 +239,7 @@ _THINK_DESCRIPTION = (
     "of the first image) the node crops it and gives the crop back as a new picture in the tool result, and the "
     "model reasons on, up to max_tool_calls. Outputs the final answer, every turn's reasoning with its calls, "
     "the calls as JSON (each call, and the zoomed regions as pixel boxes that ERNIE-VL Draw Boxes draws) and the crops as an IMAGE batch (each in the top-left corner of a "
-    "canvas as large as the largest; empty when the model made no call). Image search is not offered: it would "
+    "canvas as large as the largest; the picture itself when the model zoomed nowhere). Image search is not offered: it would "
     "need a search service, and the pack makes no network call of its own.")
 
 

@@ -158,11 +158,11 @@ def execute(call: dict, picture: Image.Image, min_side: int) -> dict:
     return record
 
 
-def crops_batch(crops: list[Image.Image], fallback: tuple[int, int]) -> torch.Tensor:
+def crops_batch(crops: list[Image.Image], picture: Image.Image) -> torch.Tensor:
     """The crops as one IMAGE batch: each in the top-left corner of a canvas as large as the largest crop
-    (black elsewhere; the model got each crop alone). No crop: an empty batch of the input picture's size."""
-    if not crops:
-        return torch.zeros(0, fallback[1], fallback[0], 3)
+    (black elsewhere; the model got each crop alone). No crop: the picture itself (ComfyUI's image previews fail
+    on an empty batch)."""
+    crops = crops or [picture]
     w, h = max(c.width for c in crops), max(c.height for c in crops)
     out = np.zeros((len(crops), h, w, 3), dtype=np.float32)
     for k, c in enumerate(crops):
@@ -293,7 +293,7 @@ def think_with_images(handle: ModelHandle, images: torch.Tensor, text: str, syst
             msgs.append({"role": "tool", "content": tool_result_content(r, {"type": "image"})})
             if "crop" in r:
                 crops.append(r["crop"])
-    return answer, "\n\n".join(steps), calls_json(records, *pictures[0].size), crops_batch(crops, pictures[0].size)
+    return answer, "\n\n".join(steps), calls_json(records, *pictures[0].size), crops_batch(crops, pictures[0])
 
 
 # the same loop through a server ------------------------------------------------------------------------------
@@ -367,4 +367,4 @@ def remote_think_with_images(base_url: str, model: str, api_key: str, images: to
             msgs.append({"role": "tool", "tool_call_id": r["id"], "content": tool_result_content(r, part)})
             if "crop" in r:
                 crops.append(r["crop"])
-    return answer, "\n\n".join(steps), calls_json(records, *pictures[0].size), crops_batch(crops, pictures[0].size)
+    return answer, "\n\n".join(steps), calls_json(records, *pictures[0].size), crops_batch(crops, pictures[0])
