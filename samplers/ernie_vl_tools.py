@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import numpy as np
 import torch
@@ -83,9 +82,8 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     if start == -1:
         return text.strip(), []
     before = text[:start]
-    if THINK_CLOSE in before:  # FastDeploy: only white space may stand between </think> and <tool_call>
-        if before.split(THINK_CLOSE)[-1].strip():
-            return text.strip(), []
+    if THINK_CLOSE in before and before.split(THINK_CLOSE)[-1].strip():
+        return text.strip(), []  # FastDeploy: only white space may stand between </think> and <tool_call>
     calls, rest = [], text[start:]
     while rest.startswith(CALL_OPEN):
         end = rest.find(CALL_CLOSE)
@@ -168,6 +166,19 @@ def crops_batch(crops: list[Image.Image], picture: Image.Image) -> torch.Tensor:
     for k, c in enumerate(crops):
         out[k, :c.height, :c.width] = np.asarray(c.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(out)
+
+
+def run_calls(calls: list[dict], run, max_tool_calls: int, records: list[dict], steps: list[str],
+              reasoning: str) -> list[dict]:
+    """Runs a turn's calls within what is left of max_tool_calls, adds them to `records` and the turn to `steps`;
+    returns the calls that ran, or [] when the loop ends (no call, or a call past the limit)."""
+    budget = max_tool_calls - len(records)
+    done = [run(c) for c in calls[:budget]]
+    skipped = [{"name": c["name"], "arguments": c["arguments"], "error": "not run: max_tool_calls reached"}
+               for c in calls[budget:]]
+    steps.append(describe_step(len(steps) + 1, reasoning, done + skipped))
+    records += done + skipped
+    return [] if skipped else done
 
 
 def calls_json(records: list[dict], width: int, height: int) -> str:
@@ -272,7 +283,7 @@ def think_with_images(handle: ModelHandle, images: torch.Tensor, text: str, syst
     msgs = user_turn(len(pictures), text, system_prompt)
     crops, records, steps, answer = [], [], [], ""
     sampling = sampling_args(temperature, top_p)
-    for step in range(1, max_tool_calls + 2):
+    for _ in range(max_tool_calls + 1):
         prompt = render(processor, msgs, [ZOOM_TOOL])
         inputs = processor(text=[prompt], images=pictures + crops, return_tensors="pt")
         inputs = {k: v.to(handle.device) for k, v in inputs.items()}
@@ -280,13 +291,8 @@ def think_with_images(handle: ModelHandle, images: torch.Tensor, text: str, syst
         out = generate(handle.module, seed, max_new_tokens, **inputs, **sampling, pad_token_id=tok.pad_token_id,
                        eos_token_id=stop_ids(handle.module, tok))
         reasoning, answer, calls = split_turn(_turn_text(tok, out[0, inputs["input_ids"].shape[1]:].tolist()))
-        budget = max_tool_calls - len(records)
-        done = [execute(c, pictures[0], side) for c in calls[:budget]]
-        skipped = [{"name": c["name"], "arguments": c["arguments"], "error": "not run: max_tool_calls reached"}
-                   for c in calls[budget:]]
-        steps.append(describe_step(step, reasoning, done + skipped))
-        records += done + skipped
-        if not done or skipped:
+        done = run_calls(calls, lambda c: execute(c, pictures[0], side), max_tool_calls, records, steps, reasoning)
+        if not done:
             break
         msgs.append(assistant_turn(reasoning, answer, done))
         for r in done:
@@ -333,7 +339,7 @@ def remote_think_with_images(base_url: str, model: str, api_key: str, images: to
     body["tool_choice"] = "auto"
     msgs = body["messages"]
     crops, records, steps, answer = [], [], [], ""
-    for step in range(1, max_tool_calls + 2):
+    for _ in range(max_tool_calls + 1):
         content, reasoning, server_calls = remote.chat(url, body, model, api_key, timeout, max_new_tokens)
         if server_calls:
             answer, reasoning = remote.split_text(content, reasoning, True)
@@ -345,18 +351,13 @@ def remote_think_with_images(base_url: str, model: str, api_key: str, images: to
                 answer, calls = parse_tool_calls(content)
             reasoning = reasoning.strip()
             calls = [{**c, "id": f"call_{len(records) + k}"} for k, c in enumerate(calls)]
-        budget = max_tool_calls - len(records)
-        done = []
-        for c in calls[:budget]:
+        def run(c):
             r = execute(c, pictures[0], ZOOM_MIN_SIDE) if "bad_arguments" not in c else {
                 "name": c["name"], "arguments": {}, "error": f"The arguments are not a JSON object: {c['bad_arguments']}"}
-            r["id"] = c["id"]
-            done.append(r)
-        skipped = [{"name": c["name"], "arguments": c["arguments"], "error": "not run: max_tool_calls reached"}
-                   for c in calls[budget:]]
-        steps.append(describe_step(step, reasoning, done + skipped))
-        records += done + skipped
-        if not done or skipped:
+            return {**r, "id": c["id"]}
+
+        done = run_calls(calls, run, max_tool_calls, records, steps, reasoning)
+        if not done:
             break
         msgs.append({"role": "assistant", "content": answer or None, "tool_calls": [
             {"id": r["id"], "type": "function",

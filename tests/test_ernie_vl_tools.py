@@ -273,9 +273,9 @@ def test_the_loop_zooms_and_the_second_turn_is_transformers_generate(thinking):
     assert second["new"] == ref
     tok = thinking.extras["processor"].tokenizer
     assert len(set(ref) - {tok.eos_token_id}) >= 3, "the free turn must say something to compare"
-    if len(module.calls) == 2:
-        r, a, c = T.split_turn(T._turn_text(tok, ref))
-        assert (a, c) == (answer, []) or not c
+    assert len(module.calls) == 2  # the free turn called nothing: the loop ended there
+    free = " ".join(tok.convert_ids_to_tokens([i for i in ref if i != tok.eos_token_id]))
+    assert free in reasoning or free.split("</think>")[-1].strip() == answer
 
 
 def test_max_tool_calls_and_progress_and_cancel(thinking, host):
