@@ -11,6 +11,7 @@ from ..loaders.errors import LetterpressError
 from ..loaders.files import list_model_folders, resolve
 from ..loaders.host import get_host
 from ..samplers import ernie_vl as vl
+from ..samplers import ernie_vl_tools as tools
 from ..samplers import ernie_vl_video as video_clip
 from ..samplers import remote_openai as remote
 from .common import CATEGORY, MAX_SEED, dtype_input, hosted
@@ -278,9 +279,83 @@ class LetterpressErnieVLVideo:
         return (video_clip.clip_from(frames, frame_rate, video_file, sample_fps),)
 
 
+def _think_inputs() -> dict:
+    gen = _generation_inputs(2048)
+    del gen["thinking"]  # the loop is the Thinking model's: reasoning always on
+    return {
+        "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The question about the image."}),
+        "system_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Optional system prompt."}),
+        "max_tool_calls": ("INT", {"default": 4, "min": 0, "max": 32, "tooltip": "Most zoom calls the model may make; "
+                                   "a call past it is not run and the loop ends (its reasoning is kept). 0: no zoom."}),
+        **gen,
+    }
+
+
+_THINK_OUTPUTS = ("STRING", "STRING", "STRING", "IMAGE")
+_THINK_NAMES = ("answer", "reasoning", "calls", "crops")
+_THINK_DESCRIPTION = (
+    "The zoom tool (image_zoom_in_tool) is declared to the model; when it asks for a region (0-1000 coordinates "
+    "of the first image) the node crops it and gives the crop back as a new picture in the tool result, and the "
+    "model reasons on, up to max_tool_calls. Outputs the final answer, every turn's reasoning with its calls, "
+    "the calls as JSON (each call, and the zoomed regions as pixel boxes that ERNIE-VL Draw Boxes draws) and the crops as an IMAGE batch (each in the top-left corner of a "
+    "canvas as large as the largest; the picture itself when the model zoomed nowhere). Image search is not offered: it would "
+    "need a search service, and the pack makes no network call of its own.")
+
+
+class LetterpressErnieVLThinkWithImages:
+    DESCRIPTION = ("Think with Images on ERNIE-4.5-VL-28B-A3B-Thinking (local): the model reasons and zooms into the "
+                   "picture. " + _THINK_DESCRIPTION + " Needs the Thinking model's own chat template (with tool "
+                   "calling). Progress per token; Cancel stops within one token.")
+    CATEGORY = CAT
+    RETURN_TYPES = _THINK_OUTPUTS
+    RETURN_NAMES = _THINK_NAMES
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": _model_input(), "images": _images_input(), **_think_inputs()}}
+
+    def run(self, model, images, prompt, system_prompt, max_tool_calls, max_new_tokens, temperature, top_p, seed):
+        _check_images(images)
+        text = vl.compose_prompt("free question", prompt)
+        get_host().load(model)
+        return tools.think_with_images(model, images, text, system_prompt, max_tool_calls, max_new_tokens,
+                                       temperature, top_p, seed)
+
+
+class LetterpressErnieVLRemoteThinkWithImages:
+    DESCRIPTION = ("Think with Images through an OpenAI-compatible server serving ERNIE-4.5-VL-28B-A3B-Thinking with "
+                   "a tool-call parser (vLLM: --tool-call-parser ernie45 --enable-auto-tool-choice; FastDeploy: "
+                   "--tool-call-parser ernie-45-vl-thinking). " + _THINK_DESCRIPTION + " The node runs the zoom "
+                   "itself and sends the crop back as a tool message holding the image (base64 PNG).")
+    CATEGORY = CAT
+    RETURN_TYPES = _THINK_OUTPUTS
+    RETURN_NAMES = _THINK_NAMES
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        remote_inputs = LetterpressErnieVLRemoteGenerate.INPUT_TYPES()["required"]
+        return {"required": {
+            "base_url": remote_inputs["base_url"],
+            "model_name": ("STRING", {"default": "baidu/ERNIE-4.5-VL-28B-A3B-Thinking",
+                                      "tooltip": "The model name the server serves."}),
+            "api_key": remote_inputs["api_key"], "images": _images_input(), **_think_inputs(),
+            "stream": remote_inputs["stream"], "timeout": remote_inputs["timeout"],
+        }}
+
+    def run(self, base_url, model_name, api_key, images, prompt, system_prompt, max_tool_calls, max_new_tokens,
+            temperature, top_p, seed, stream, timeout):
+        _check_images(images)
+        text = vl.compose_prompt("free question", prompt)
+        return tools.remote_think_with_images(base_url, model_name, api_key, images, text, system_prompt,
+                                              max_tool_calls, max_new_tokens, temperature, top_p, seed, stream, timeout)
+
+
 NODES = {c.__name__: c for c in (
     LetterpressErnieVLLoader, LetterpressErnieVLGenerate, LetterpressErnieVLGround, LetterpressErnieVLParseBoxes,
     LetterpressErnieVLDrawBoxes, LetterpressErnieVLRemoteGenerate, LetterpressErnieVLVideo,
+    LetterpressErnieVLThinkWithImages, LetterpressErnieVLRemoteThinkWithImages,
 )}
 DISPLAY_NAMES = {
     "LetterpressErnieVLLoader": "ERNIE-VL Loader",
@@ -290,4 +365,6 @@ DISPLAY_NAMES = {
     "LetterpressErnieVLDrawBoxes": "ERNIE-VL Draw Boxes",
     "LetterpressErnieVLRemoteGenerate": "ERNIE-VL Remote Generate (OpenAI API)",
     "LetterpressErnieVLVideo": "ERNIE-VL Video",
+    "LetterpressErnieVLThinkWithImages": "ERNIE-VL Think with Images (zoom)",
+    "LetterpressErnieVLRemoteThinkWithImages": "ERNIE-VL Remote Think with Images (OpenAI API)",
 }

@@ -248,18 +248,51 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
                     timeout: float, video=None) -> tuple[str, str]:
     """(answer, reasoning) from the server; `video` a samplers/ernie_vl_video.Clip or None."""
     url = chat_url(base_url)
+    model = check_model(model)
+    body = build_request(model, images, text, system_prompt, thinking, max_new_tokens, temperature, top_p,
+                         seed, stream, video)
+    content, reasoning, _ = chat(url, body, model, api_key, timeout, max_new_tokens)
+    return split_text(content, reasoning, thinking)
+
+
+def check_model(model: str) -> str:
     if not model.strip():
         raise LetterpressError("The model name is empty: give the name the server serves (e.g. baidu/ERNIE-4.5-VL-28B-A3B-PT).")
-    body = build_request(model.strip(), images, text, system_prompt, thinking, max_new_tokens, temperature, top_p,
-                         seed, stream, video)
+    return model.strip()
+
+
+def _add_tool_deltas(calls: list[dict], deltas) -> None:
+    """Folds streamed tool-call pieces (OpenAI: index, id, function name, argument text in pieces) into `calls`."""
+    for d in deltas or []:
+        if not isinstance(d, dict):
+            raise LetterpressError(f"The server sent a tool call that is not an object: {str(d)[:300]}")
+        k = d.get("index", len(calls))
+        if not isinstance(k, int) or k < 0:
+            k = len(calls)
+        while len(calls) <= k:
+            calls.append({"id": None, "name": "", "arguments": ""})
+        fn = d.get("function") or {}
+        if d.get("id"):
+            calls[k]["id"] = d["id"]
+        if fn.get("name"):
+            calls[k]["name"] = fn["name"]
+        if fn.get("arguments") is not None:
+            args = fn["arguments"]
+            calls[k]["arguments"] += args if isinstance(args, str) else json.dumps(args)
+
+
+def chat(url: str, body: dict, model: str, api_key: str, timeout: float,
+         max_new_tokens: int) -> tuple[str, str, list[dict]]:
+    """One chat-completions exchange: (content, reasoning, tool calls [{"id", "name", "arguments" (JSON text)}])."""
     host = get_host()
     bar = host.progress(max_new_tokens)
     out: queue.Queue = queue.Queue()
     stop = threading.Event()
+    stream = bool(body.get("stream"))
     accept = "text/event-stream" if stream else "application/json"
     exchange = Exchange(url, body, api_key.strip(), timeout, accept)
     threading.Thread(target=_worker, args=(exchange, stream, out, stop), daemon=True).start()
-    content, reasoning = [], []
+    content, reasoning, calls = [], [], []
     try:
         while True:
             try:
@@ -272,6 +305,7 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
                     c, r = _delta_text(choice, "delta")
                     content.append(c)
                     reasoning.append(r)
+                    _add_tool_deltas(calls, (choice.get("delta") or {}).get("tool_calls"))
                 if value.get("choices") and bar.done < max_new_tokens:  # a usage-only chunk is no token
                     bar.update(1)
                 host.check_interrupt()
@@ -282,6 +316,8 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
                 c, r = _delta_text(choices[0], "message")
                 content.append(c)
                 reasoning.append(r)
+                _add_tool_deltas(calls, [{"index": k, **t} for k, t in enumerate(
+                    (choices[0].get("message") or {}).get("tool_calls") or []) if isinstance(t, dict)])
                 tokens = (value.get("usage") or {}).get("completion_tokens")
                 bar.update(min(int(tokens), max_new_tokens) if isinstance(tokens, int) else max_new_tokens)
             elif kind == "done":
@@ -296,7 +332,7 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
         stop.set()
         exchange.abort()  # Cancel or an error: the connection closes, the server sees the client leave
         bar.close()
-    return split_text("".join(content), "".join(reasoning), thinking)
+    return "".join(content), "".join(reasoning), calls
 
 
 def as_error(e: BaseException, url: str, model: str, timeout: float,
