@@ -179,13 +179,13 @@ class TrainedLora:
 
 
 def check_trained(lora, family: str) -> TrainedLora:
-    from .conditioning import FAMILY_NAMES
+    from ..loaders.families import title
 
     if not isinstance(lora, TrainedLora):
         raise LetterpressError("The lora input is not a trained LoRA: wire it from a Train LoRA node.")
     if lora.family != family:
-        raise LetterpressError(f"This LoRA was trained on the {FAMILY_NAMES.get(lora.family, lora.family)} DiT; "
-                               f"it does not fit the {FAMILY_NAMES.get(family, family)} DiT.")
+        raise LetterpressError(f"This LoRA was trained on the {title(lora.family)} DiT; "
+                               f"it does not fit the {title(family)} DiT.")
     return lora
 
 
