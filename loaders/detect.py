@@ -24,14 +24,14 @@ COMPONENTS: list[tuple[str, str, str, tuple[str, ...], tuple[str, ...]]] = [
 
 
 def component_users(component: str, role: str) -> list[str]:
-    """Who uses a shared architecture, as a message names them ('Ovis-Image', or 'Ovis-Image text encoder')."""
+    """Who uses a shared architecture, as a message names them ('<title>', or '<title> text encoder' for a text encoder)."""
     word = " text encoder" if role == "text_encoder" else ""
     return [spec.title + word for spec in families.all() if component in spec.components]
 
 
 def signatures() -> list[tuple[str, str, str, tuple[str, ...]]]:
     """(family or component id, role, human name, key fragments), in detection order: the registered families'
-    own architectures, then the shared ones named with the families that use them ('Flux2 VAE (ERNIE-Image)')."""
+    own architectures, then the shared ones named with the families that use them ('Flux2 VAE (<family title>)')."""
     found = [(spec.key, s.role, s.name, s.fragments) for spec in families.all() for s in spec.signatures]
     for cid, role, name, fragments, also in COMPONENTS:
         users = [*also, *component_users(cid, role)]

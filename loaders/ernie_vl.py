@@ -16,7 +16,8 @@ import glob
 import json
 import os
 
-from . import expert_offload, quantize
+from . import ernie_vl_experts as expert_offload
+from . import quantize
 from .errors import LetterpressError
 from .explain import Source
 from .families import FamilySpec, TextReader

@@ -63,11 +63,21 @@ def get(key: str) -> FamilySpec:
     if key not in REGISTERED:
         raise KeyError(f"'{key}' is not a registered model family ({', '.join(REGISTERED)}): add it to "
                        "loaders/families.py REGISTERED.")
-    return importlib.import_module(f".{key}", __package__).SPEC
+    if key not in _SPECS:
+        _SPECS[key] = importlib.import_module(f".{key}", __package__).SPEC
+    return _SPECS[key]
+
+
+_SPECS: dict[str, FamilySpec] = {}
 
 
 def all() -> list[FamilySpec]:  # noqa: A001  (the registry's own name for "every family")
     return [get(k) for k in REGISTERED]
+
+
+def text_reader() -> FamilySpec | None:
+    """The family whose model reads text for the Read Text node (SPEC.text_reader), if one is registered."""
+    return next((spec for spec in all() if spec.text_reader is not None), None)
 
 
 def title(key: str) -> str:

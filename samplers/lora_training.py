@@ -194,7 +194,7 @@ def check_trained(lora, family: str) -> TrainedLora:
 
 @dataclass
 class TrainingSettings:
-    """A run's settings; the defaults are DiffSynth-Studio's ERNIE-Image LoRA recipe (rank 32, alpha = rank,
+    """A run's settings; the defaults are DiffSynth-Studio's DiT LoRA recipe (rank 32, alpha = rank,
     learning rate 1e-4, AdamW with weight decay 0.01, constant rate, the attention projections) with kohya's
     gradient clipping at 1.0."""
 
@@ -255,7 +255,7 @@ class Family:
     - `velocity(run, x, t, inputs)`: the family's model call (the sampler's);
     - `schedule(dit, latent_shape)`: the (sigmas, timesteps) of its 1000-step training schedule;
     - `memory(dit, batch, latent_shape, conds)`: bytes of activations a training step keeps, for the host;
-    - `to_model(x)`: latents in the layout the DiT takes (Ovis-Image packs 2x2 tokens);
+    - `to_model(x)`: latents in the layout the DiT takes (a FLUX-style DiT packs 2x2 tokens);
     - `weight(timesteps)`: the loss weight of each of the 1000 timesteps (None: plain MSE);
     - `one_at_a_time`: the DiT takes one item per call (the batch's loss is still the mean over its items)."""
 
