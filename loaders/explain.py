@@ -58,20 +58,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _pipelines() -> dict[str, Source]:
-    """The first source of each diffusers pipeline class."""
+def _first_by(field: str) -> dict[str, Source]:
+    """The first source of each value of `field` ("pipeline": a diffusers class, "model_type": a transformers one)."""
     found: dict[str, Source] = {}
     for s in models():
-        if s.pipeline:
-            found.setdefault(s.pipeline, s)
-    return found
-
-
-def _model_types() -> dict[str, Source]:
-    found: dict[str, Source] = {}
-    for s in models():
-        if s.model_type:
-            found.setdefault(s.model_type, s)
+        if getattr(s, field):
+            found.setdefault(getattr(s, field), s)
     return found
 
 
@@ -86,7 +78,7 @@ def file_source(kind: str, name: str) -> Source | None:
 
 
 def family_of(pipeline_classes: tuple[str, ...]) -> str:
-    pipelines = _pipelines()
+    pipelines = _first_by("pipeline")
     return next((pipelines[c].family for c in pipeline_classes if c in pipelines), "")
 
 
@@ -169,12 +161,12 @@ def _holds(path: str) -> str:
     """What a folder holds, as a phrase ('a <pipeline class> (<family title>)', 'a qwen3 model', ...)."""
     cls = read_class(path, "model_index.json", "_class_name")
     if cls:
-        known = _pipelines().get(cls)
+        known = _first_by("pipeline").get(cls)
         label = families.title(known.family) if known else OTHER_PIPELINES.get(cls, "")
         return f"{_article(cls)} {cls}" + (f" ({label})" if label else "")
     kind = read_class(path, "config.json", "model_type")
     if kind:
-        known = _model_types().get(kind)
+        known = _first_by("model_type").get(kind)
         return f"a '{kind}' model" + (f" ({families.title(known.family)})" if known else "")
     return ""
 
@@ -274,7 +266,7 @@ def explain_diffusers_folder(name: str, family: str, loader: str, need: tuple[st
         return f"{label} {state}. {needs(family, name)}"
     if cls not in pipelines:
         holds = _holds(path) if cls else "no readable pipeline class in its model_index.json"
-        other = _pipelines().get(cls)
+        other = _first_by("pipeline").get(cls)
         other = families.title(other.family) if other else ""
         use = f"Use {_article(other)} {other} loader for this folder, or" if other else "Instead,"
         return (f"{label} holds {holds}; {loader} needs {_article(pipelines[0])} {' or '.join(pipelines)}. "
