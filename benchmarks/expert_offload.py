@@ -1,4 +1,4 @@
-"""ERNIE-4.5-VL's routed experts in CPU memory (loaders/expert_offload.py): on a mid-size synthetic ERNIE-4.5-VL text
+"""ERNIE-4.5-VL's routed experts in CPU memory (loaders/ernie_vl_experts.py): on a mid-size synthetic ERNIE-4.5-VL text
 model (random weights, 64 experts of which 6 run per token, as the real one), generated tokens per second with the
 experts in the model and in CPU memory (interleaved runs, medians; on this CPU both compute on the CPU, so the ratio
 is the cost of the expert loop itself), whether the tokens are the same, and the bytes that would cross between CPU
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from letterpress.loaders import expert_offload
-from letterpress.loaders.expert_offload import OffloadedExperts
+from letterpress.loaders import ernie_vl_experts as expert_offload
+from letterpress.loaders.ernie_vl_experts import OffloadedExperts
 
 REAL = dict(hidden=2560, intermediate=1536, experts=64, routed=6, layers=28, bytes=2)  # text experts, bf16
 

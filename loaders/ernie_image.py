@@ -12,6 +12,8 @@ import os
 
 from .detect import expect
 from .errors import LetterpressError
+from .explain import Source
+from .families import FamilySpec, Signature
 from .files import check_pipeline, component, list_diffusers_folders
 from .handle import ModelHandle
 from .host import get_host
@@ -23,6 +25,38 @@ from .weights import (Checkpoint, build_empty, fill_module, open_checkpoint, qua
 FAMILY = "ernie_image"
 PIPELINE_CLASSES = ("ErnieImagePipeline",)
 MODEL, REPO = "an ERNIE-Image", "baidu/ERNIE-Image (or ERNIE-Image-Turbo)"
+
+SPEC = FamilySpec(
+    key=FAMILY, title="ERNIE-Image", class_stem="ErnieImage",
+    sources=(
+        Source("ERNIE-Image", FAMILY, "folder", "diffusers", "ERNIE-Image", "baidu/ERNIE-Image",
+               pipeline="ErnieImagePipeline"),
+        Source("ERNIE-Image-Turbo", FAMILY, "folder", "diffusers", "ERNIE-Image-Turbo", "baidu/ERNIE-Image-Turbo",
+               pipeline="ErnieImagePipeline"),
+        # single files as ComfyUI users have them: Comfy-Org's repackaged files, at the URLs ComfyUI's own templates
+        # name (the ERNIE-Image templates of comfyui-workflow-templates)
+        Source("ERNIE-Image-Turbo DiT", FAMILY, "dit", "diffusion_models", "ernie-image-turbo.safetensors",
+               "Comfy-Org/ERNIE-Image", "diffusion_models/ernie-image-turbo.safetensors"),
+        Source("ERNIE-Image-Turbo DiT (GGUF)", FAMILY, "dit", "diffusion_models", "ernie-image-turbo-Q4_K_M.gguf",
+               "unsloth/ERNIE-Image-Turbo-GGUF", "ernie-image-turbo-Q4_K_M.gguf"),
+        Source("ERNIE-Image DiT", FAMILY, "dit", "diffusion_models", "ernie-image.safetensors",
+               "Comfy-Org/ERNIE-Image", "diffusion_models/ernie-image.safetensors"),
+        Source("ERNIE-Image text encoder", FAMILY, "text_encoder", "text_encoders", "ministral-3-3b.safetensors",
+               "Comfy-Org/ERNIE-Image", "text_encoders/ministral-3-3b.safetensors", companion=("tokenizer/*",)),
+        Source("ERNIE-Image prompt enhancer", FAMILY, "prompt_enhancer", "text_encoders",
+               "ernie-image-prompt-enhancer.safetensors", "Comfy-Org/ERNIE-Image",
+               "text_encoders/ernie-image-prompt-enhancer.safetensors",
+               companion=("pe_tokenizer/*", "pe/generation_config.json")),
+        Source("Flux2 VAE", FAMILY, "vae", "vae", "flux2-vae.safetensors", "Comfy-Org/ERNIE-Image",
+               "vae/flux2-vae.safetensors"),
+    ),
+    signatures=(Signature("dit", "ERNIE-Image DiT", ("x_embedder.proj.weight", "layers.0.adaLN_sa_ln.weight")),),
+    components=("ministral3", "flux2_vae"),
+    encode_node="ERNIE-Image Text Encode",
+    latent_nodes="ERNIE-Image Empty Latent, DiT Sample or VAE Encode",
+    # DiT activations per token of width (samplers/working_memory.py): 1.76 GB / (2 x 4608 x 4096 x 2 B) = 23.3
+    dit_factor=29.0,
+)
 
 # Ministral-3 3B text settings that tensor shapes cannot tell (the rest is read off the shapes).
 MINISTRAL3_TEMPLATE = dict(

@@ -17,8 +17,11 @@ import glob
 import json
 import os
 
-from . import expert_offload, quantize
+from . import ernie_vl_experts as expert_offload
+from . import quantize
 from .errors import LetterpressError
+from .explain import Source
+from .families import FamilySpec, TextReader
 from .files import PICKLE_EXTENSIONS, list_subfolders
 from .handle import ModelHandle
 from .host import get_host
@@ -28,6 +31,15 @@ from .weights import quant_type, read_json, weight_dtype
 FAMILY = "ernie_vl"
 MODEL_TYPE = "ernie4_5_vl_moe"
 REMOTE_CODE_TYPES = ("ernie4_5_moe_vl",)  # the original release, which needs trust_remote_code
+
+SPEC = FamilySpec(
+    key=FAMILY, title="ERNIE-4.5-VL", class_stem="ErnieVL",
+    sources=(Source("ERNIE-4.5-VL", FAMILY, "folder", "LLM", "ERNIE-4.5-VL-28B-A3B-PT", "baidu/ERNIE-4.5-VL-28B-A3B-PT",
+                    model_type=MODEL_TYPE),
+             Source("ERNIE-4.5-VL Thinking", FAMILY, "folder", "LLM", "ERNIE-4.5-VL-28B-A3B-Thinking",
+                    "baidu/ERNIE-4.5-VL-28B-A3B-Thinking", model_type=MODEL_TYPE)),
+    text_reader=TextReader(io_type="LP_ERNIE_VL"),  # Read Text's vl_model input
+)
 # Token strings of the real tokenizer, used when a tokenizer does not name them itself.
 DEFAULT_TOKENS = {"image_token": "<|IMAGE_PLACEHOLDER|>", "image_start_token": "<|IMAGE_START|>",
                   "image_end_token": "<|IMAGE_END|>", "video_token": "<|VIDEO_PLACEHOLDER|>",

@@ -15,6 +15,8 @@ import torch
 
 from .detect import expect
 from .errors import LetterpressError
+from .explain import Source
+from .families import FamilySpec, Signature
 from .files import check_pipeline, component
 from .handle import ModelHandle
 from .host import get_host
@@ -25,6 +27,20 @@ from .weights import build_empty, fill_module, open_checkpoint, quant_type, read
 FAMILY = "glm_image"
 PIPELINE_CLASSES = ("GlmImagePipeline",)
 MODEL, REPO = "a GLM-Image", "zai-org/GLM-Image"
+
+SPEC = FamilySpec(
+    key=FAMILY, title="GLM-Image", class_stem="GlmImage",
+    sources=(Source("GLM-Image", FAMILY, "folder", "diffusers", "GLM-Image", "zai-org/GLM-Image",
+                    pipeline="GlmImagePipeline"),),
+    signatures=(Signature("ar", "GLM-Image AR model", ("vqmodel.quantize.embedding.weight", "language_model.")),
+                Signature("dit", "GLM-Image DiT", ("glyph_projector",)),
+                Signature("dit", "GLM-Image DiT", ("prior_token_embedding",))),
+    components=("t5", "kl_vae"),
+    encode_node="GLM-Image Glyph Encode",
+    latent_nodes="GLM-Image VAE Encode or DiT Sample",
+    # DiT activations per token of width (samplers/working_memory.py): 0.51 GB / (4160 x 4096 x 2 B) = 15.0
+    dit_factor=19.0,
+)
 # The reference scheduler settings (GlmImagePipeline: dynamic shift from base 0.25 / max 0.75 over 256 tokens).
 DEFAULT_SCHEDULER = dict(num_train_timesteps=1000, base_image_seq_len=256, base_shift=0.25, max_shift=0.75,
                          use_dynamic_shifting=True, time_shift_type="linear", shift=1.0)

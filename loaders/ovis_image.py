@@ -27,6 +27,8 @@ import torch
 
 from .detect import expect
 from .errors import LetterpressError
+from .explain import Source
+from .families import FamilySpec, Signature
 from .files import check_pipeline, component, list_diffusers_folders
 from .handle import ModelHandle
 from .host import get_host
@@ -39,6 +41,32 @@ from .weights import (Checkpoint, build_empty, fill_module, open_checkpoint, qua
 FAMILY = "ovis_image"
 PIPELINE_CLASSES = ("OvisImagePipeline",)
 MODEL, REPO = "an Ovis-Image", "AIDC-AI/Ovis-Image-7B"
+
+SPEC = FamilySpec(
+    key=FAMILY, title="Ovis-Image", class_stem="OvisImage",
+    sources=(
+        Source("Ovis-Image", FAMILY, "folder", "diffusers", "Ovis-Image-7B", "AIDC-AI/Ovis-Image-7B",
+               pipeline="OvisImagePipeline"),
+        # single files at the URLs of docs.comfy.org's Ovis-Image page
+        Source("Ovis-Image DiT", FAMILY, "dit", "diffusion_models", "ovis_image_bf16.safetensors",
+               "Comfy-Org/Ovis-Image", "split_files/diffusion_models/ovis_image_bf16.safetensors"),
+        Source("Ovis-Image text encoder", FAMILY, "text_encoder", "text_encoders", "ovis_2.5.safetensors",
+               "Comfy-Org/Ovis-Image", "split_files/text_encoders/ovis_2.5.safetensors", companion=("tokenizer/*",)),
+        Source("FLUX.1 VAE", FAMILY, "vae", "vae", "ae.safetensors", "Comfy-Org/z_image_turbo",
+               "split_files/vae/ae.safetensors"),
+    ),
+    # the text-input RMSNorm and (original names) the SwiGLU double-block MLP tell it from FLUX.1
+    signatures=(Signature("dit", "Ovis-Image DiT", ("context_embedder_norm.weight", "single_transformer_blocks.0.")),
+                Signature("dit", "Ovis-Image DiT (original names)",
+                          ("double_blocks.0.", "single_blocks.0.", "img_mlp.gate_proj"))),
+    components=("qwen3", "kl_vae"),
+    encode_node="Ovis-Image Text Encode",
+    latent_nodes="Ovis-Image Empty Latent, DiT Sample or VAE Encode",
+    # DiT activations per token of width (samplers/working_memory.py): 0.68 GB / (4380 x 3072 x 2 B) = 25.3
+    dit_factor=32.0,
+    # LoRAs in the original (FLUX-style) names are converted by the plan of the checkpoint conversion
+    lora_plan=lambda module, names: lora_plan(module, names),  # defined below
+)
 
 # Qwen3 settings of the Ovis2.5-2B language model that tensor shapes cannot tell (Qwen3-1.7B base).
 QWEN3_TEMPLATE = dict(

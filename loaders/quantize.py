@@ -182,7 +182,7 @@ def compute_device() -> torch.device:
 
 
 def build_layers(model: torch.nn.Module, ops, qtype: int | None) -> torch.nn.Module:
-    """For a model another library has already loaded (ERNIE-4.5-VL, through transformers): its layers rebuilt as the
+    """For a model another library has already loaded (through transformers): its layers rebuilt as the
     host's (layers.build_layers), then, for a GGUF type, each Linear weight `packs` picks quantized and put back
     packed, one layer at a time (each layer's full-precision weight is freed as its packed bytes replace it; the
     loaded model itself was full precision, so such a load peaks at that size, unlike fill_module's)."""

@@ -256,3 +256,8 @@ DISPLAY_NAMES = {
     "LetterpressErnieImageTrainLoRA": "ERNIE-Image Train LoRA",
     "LetterpressErnieImageApplyTrainedLoRA": "ERNIE-Image Apply Trained LoRA",
 }
+
+from . import ernie_image_remote  # noqa: E402  (the Remote node: ERNIE-Image on an SGLang Diffusion server)
+
+NODES.update(ernie_image_remote.NODES)
+DISPLAY_NAMES.update(ernie_image_remote.DISPLAY_NAMES)

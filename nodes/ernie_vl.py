@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from ..loaders import ernie_vl as load
-from ..loaders import expert_offload
+from ..loaders import ernie_vl_experts as expert_offload  # renamed for issue #27 (the lead drops the alias)
 from ..loaders.errors import LetterpressError
 from ..loaders.files import list_model_folders, resolve
 from ..loaders.host import get_host

@@ -307,3 +307,8 @@ DISPLAY_NAMES = {
     "LetterpressGlmImageTrainLoRA": "GLM-Image Train LoRA",
     "LetterpressGlmImageApplyTrainedLoRA": "GLM-Image Apply Trained LoRA",
 }
+
+from . import glm_image_remote  # noqa: E402  (the Remote node: GLM-Image on a vLLM-Omni server)
+
+NODES.update(glm_image_remote.NODES)
+DISPLAY_NAMES.update(glm_image_remote.DISPLAY_NAMES)

@@ -923,7 +923,7 @@ def test_ernie_vl_with_its_experts_in_cpu_memory_answers_as_with_them_in_the_mod
     wf["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}
     headless = Runner().run(wf)["results"]["3"][0]
     assert offloaded == inside == headless
-    from letterpress.loaders import expert_offload
+    from letterpress.loaders import ernie_vl_experts as expert_offload
     from letterpress.nodes import NODE_CLASS_MAPPINGS
 
     folder = workflow("in CPU memory")["2"]["inputs"]["folder"]

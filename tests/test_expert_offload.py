@@ -1,4 +1,4 @@
-"""ERNIE-4.5-VL's routed experts in CPU memory (loaders/expert_offload.py): they compute what transformers' expert bank
+"""ERNIE-4.5-VL's routed experts in CPU memory (loaders/ernie_vl_experts.py): they compute what transformers' expert bank
 computes, whichever way each expert runs; they leave the model's parameters (so no memory manager moves them); the
 model answers token for token as with the experts inside it, headless (here) and inside ComfyUI (test_comfyui)."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from letterpress.loaders import expert_offload
+from letterpress.loaders import ernie_vl_experts as expert_offload
 from letterpress.loaders.errors import LetterpressError
-from letterpress.loaders.expert_offload import OffloadedExperts
+from letterpress.loaders.ernie_vl_experts import OffloadedExperts
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 PT = "ERNIE-4.5-VL-28B-A3B-PT"
