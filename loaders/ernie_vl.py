@@ -17,7 +17,7 @@ import glob
 import json
 import os
 
-from . import ernie_vl_experts as expert_offload
+from . import ernie_vl_experts
 from . import quantize
 from .errors import LetterpressError
 from .explain import Source
@@ -152,7 +152,7 @@ def load_processor(folder: str):
 
 def load(folder: str, dtype_choice: str = "auto", experts: str = "auto") -> ModelHandle:
     """The model, its processor and chat template, wrapped for the host's memory manager; `experts` (one of
-    expert_offload.CHOICES) keeps the routed experts in CPU memory, out of the memory manager's reach."""
+    ernie_vl_experts.CHOICES) keeps the routed experts in CPU memory, out of the memory manager's reach."""
     from transformers import Ernie4_5_VLMoeForConditionalGeneration
 
     cfg = read_json(os.path.join(folder, "config.json"), "ERNIE-4.5-VL")
@@ -182,8 +182,8 @@ def load(folder: str, dtype_choice: str = "auto", experts: str = "auto") -> Mode
     # layer's loading path), as the meta-device loaders do before filling
     qtype = quant_type(dtype_choice)
     quantize.build_layers(model, get_host().layer_ops(dtype), qtype)  # Q8_0 ...: the Linear layers packed
-    offload = expert_offload.wanted(experts, model, get_host().compute_device(), qtype)
-    expert_offload.replace_banks(model, offload, qtype)  # the routed experts in CPU memory and/or packed
+    offload = ernie_vl_experts.wanted(experts, model, get_host().compute_device(), qtype)
+    ernie_vl_experts.replace_banks(model, offload, qtype)  # the routed experts in CPU memory and/or packed
     model.eval()
     model.requires_grad_(False)
     handle = ModelHandle(family=FAMILY, role="vl_model", module=model, tokenizer=processor.tokenizer, source=folder,

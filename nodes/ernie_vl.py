@@ -6,19 +6,19 @@ from __future__ import annotations
 import logging
 
 from ..loaders import ernie_vl as load
-from ..loaders import ernie_vl_experts as expert_offload  # renamed for issue #27 (the lead drops the alias)
+from ..loaders import ernie_vl_experts
 from ..loaders.errors import LetterpressError
 from ..loaders.files import list_model_folders, resolve
 from ..loaders.host import get_host
 from ..samplers import ernie_vl as vl
 from ..samplers import ernie_vl_tools as tools
 from ..samplers import ernie_vl_video as video_clip
-from ..samplers import remote_openai as remote
+from ..samplers import ernie_vl_remote as remote
 from .common import CATEGORY, MAX_SEED, dtype_input, hosted
 
 log = logging.getLogger(__name__)
 CAT = f"{CATEGORY}/ERNIE-VL"
-MODEL = "LP_ERNIE_VL"
+MODEL = load.SPEC.text_reader.io_type  # "LP_ERNIE_VL" (Read Text takes it too)
 VIDEO_CLIP = "LP_ERNIE_VL_VIDEO"
 
 
@@ -56,7 +56,7 @@ def _generation_inputs(max_tokens: int = 1024) -> dict:
 def _prompt_inputs() -> dict:
     return {
         "preset": (vl.PRESET_NAMES, {"default": "free question", "tooltip": "describe as text-to-image prompt: the answer "
-                   "wires into an ERNIE-Image / Ovis-Image / GLM-Image text encode. read the text in the image: OCR. "
+                   "wires into an image model's text encode (prompt input). read the text in the image: OCR. "
                    "free question: the prompt alone. With a preset, the prompt adds extra instructions."}),
         "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The question, or extra instructions for a preset."}),
         "system_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Optional system prompt."}),
@@ -93,7 +93,7 @@ class LetterpressErnieVLLoader:
                            "first; picking another folder says what it holds and what to download instead."}),
             "weight_dtype": dtype_input(),
         }, "optional": {
-            "experts": (expert_offload.CHOICES, {
+            "experts": (ernie_vl_experts.CHOICES, {
                 "default": "auto",
                 "tooltip": "Where the routed experts (almost all of the 28B parameters; 6 of 64 run per token) are "
                            "kept. 'in CPU memory': only attention, the shared experts, the routers and the vision "

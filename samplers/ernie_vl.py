@@ -27,6 +27,7 @@ from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
 from . import ernie_vl_video
 from .generate import generate, sampling_args
+from .images import to_pil  # noqa: F401  (the IMAGE -> PIL rule every ERNIE-VL path shares)
 
 PRESETS = {
     "free question": "",
@@ -50,19 +51,6 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 # images -----------------------------------------------------------------------------------------------
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE (B, H, W, C floats 0..1) -> RGB PIL images (rounded, so 8-bit inputs survive exactly)."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
-        raise LetterpressError("The image input must be a ComfyUI IMAGE (batch, height, width, channels).")
-    out = []
-    for img in images:
-        arr = (img.detach().cpu().float().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-        out.append(Image.fromarray(arr[..., :3]))
-    return out
-
-
 def check_aspect(images: list[Image.Image]) -> None:
     for k, img in enumerate(images):
         w, h = img.size

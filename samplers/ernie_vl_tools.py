@@ -36,6 +36,8 @@ from PIL import Image
 
 from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
+from . import ernie_vl_remote as remote
+from . import remote_openai
 from .ernie_vl import COORD_SCALE, MAX_ASPECT, THINK_CLOSE, THINK_OPEN, check_aspect, stop_ids, to_pil
 from .generate import generate, sampling_args
 
@@ -326,10 +328,9 @@ def remote_think_with_images(base_url: str, model: str, api_key: str, images: to
     tool-call parser (vLLM `--tool-call-parser ernie45 --enable-auto-tool-choice`, FastDeploy
     `ernie-45-vl-thinking`) returns the calls, the crop goes back as a role "tool" message holding the image.
     A server without a tool parser leaves the calls in the text: they are read here the same way."""
-    from . import remote_openai as remote
 
     check_loop(max_tool_calls)
-    url = remote.chat_url(base_url)
+    url = remote_openai.chat_url(base_url)
     model = remote.check_model(model)
     pictures = to_pil(images)
     check_aspect(pictures)
@@ -340,7 +341,7 @@ def remote_think_with_images(base_url: str, model: str, api_key: str, images: to
     msgs = body["messages"]
     crops, records, steps, answer = [], [], [], ""
     for _ in range(max_tool_calls + 1):
-        content, reasoning, server_calls = remote.chat(url, body, model, api_key, timeout, max_new_tokens)
+        content, reasoning, server_calls = remote_openai.chat(url, body, model, api_key, timeout, max_new_tokens)
         if server_calls:
             answer, reasoning = remote.split_text(content, reasoning, True)
             calls = _server_calls(server_calls)
@@ -364,7 +365,7 @@ def remote_think_with_images(base_url: str, model: str, api_key: str, images: to
              "function": {"name": r["name"], "arguments": json.dumps(r["arguments"], ensure_ascii=False)}}
             for r in done]})
         for r in done:
-            part = {"type": "image_url", "image_url": {"url": remote.image_data_url(r["crop"])}} if "crop" in r else None
+            part = {"type": "image_url", "image_url": {"url": remote_openai.image_data_url(r["crop"])}} if "crop" in r else None
             msgs.append({"role": "tool", "tool_call_id": r["id"], "content": tool_result_content(r, part)})
             if "crop" in r:
                 crops.append(r["crop"])

@@ -25,7 +25,8 @@ from ..loaders.errors import LetterpressError
 from . import glm_image
 from .images import check_image
 from .remote_image import IMAGES_API, check_common, check_served_model, run_requests, stack
-from .remote_openai import Exchange, endpoint, to_pil
+from .images import to_pil
+from .remote_openai import Exchange, endpoint
 from .remote_requests import images_fields, multipart, png_bytes
 
 MAX_REFERENCES = 4  # the node's reference inputs

@@ -923,12 +923,12 @@ def test_ernie_vl_with_its_experts_in_cpu_memory_answers_as_with_them_in_the_mod
     wf["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}
     headless = Runner().run(wf)["results"]["3"][0]
     assert offloaded == inside == headless
-    from letterpress.loaders import ernie_vl_experts as expert_offload
+    from letterpress.loaders import ernie_vl_experts
     from letterpress.nodes import NODE_CLASS_MAPPINGS
 
     folder = workflow("in CPU memory")["2"]["inputs"]["folder"]
     model = NODE_CLASS_MAPPINGS["LetterpressErnieVLLoader"]().run(folder, "auto", "in CPU memory")[0].module
-    assert inside_size - offloaded_size == expert_offload.bank_bytes(model) > 0  # ComfyUI holds all but the experts
+    assert inside_size - offloaded_size == ernie_vl_experts.bank_bytes(model) > 0  # ComfyUI holds all but the experts
 
 
 def test_ernie_vl_answers_about_comfyuis_video_as_about_its_frames_headless(comfy, host):

@@ -18,14 +18,6 @@ from letterpress.loaders import detect, explain, families
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_SOURCES = ["cli.py", "runner.py", "core_nodes.py", "__init__.py", "__main__.py", "loaders", "samplers", "nodes"]
 
-# TEMPORARY (issue #27): files being edited by other helpers (issue #29) that still name a family they do not own; the
-# lead removes these entries when renaming after the merge. No other exception may be added here.
-ALLOWED = {
-    ("nodes/ernie_vl.py", "ernie_image"),  # its description names the text encodes its output wires into
-    ("nodes/ernie_vl.py", "ovis_image"),
-    ("nodes/ernie_vl.py", "glm_image"),
-    ("samplers/remote_openai.py", "ernie_vl"),  # imports samplers/ernie_vl.py (messages, to_pil, think tags)
-}
 
 
 def _pack_files() -> list[str]:
@@ -59,7 +51,7 @@ def test_no_family_name_outside_its_own_files():
         patterns = _names(spec)
         for rel in files:
             base = os.path.basename(rel)
-            if base.startswith(spec.key) or rel == "loaders/families.py" or (rel, spec.key) in ALLOWED:
+            if base.startswith(spec.key) or rel == "loaders/families.py":
                 continue
             with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
@@ -67,15 +59,6 @@ def test_no_family_name_outside_its_own_files():
                     if hits:
                         stray.append(f"{rel}:{n}: {hits} {line.strip()[:100]}")
     assert not stray, "family names outside the family's files:\n" + "\n".join(stray)
-
-
-def test_the_allow_list_is_still_needed():
-    """An entry whose file no longer names the family must go (the list only shrinks)."""
-    for rel, key in ALLOWED:
-        patterns = _names(families.get(key))
-        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
-            text = f.read()
-        assert any(p.search(text) for p in patterns), f"{rel} no longer names {key}: drop it from ALLOWED"
 
 
 def test_the_grep_sees_a_name_where_one_is_written(tmp_path):
