@@ -8,7 +8,8 @@ import torch
 
 from ..loaders.errors import LetterpressError
 from ..loaders.files import list_diffusers_choices, list_files
-from ..loaders.weights import WEIGHT_DTYPE_CHOICES
+from ..loaders.storage import CHOICES as WEIGHT_DTYPE_CHOICES
+from ..loaders.storage import Storage, resolve
 from ..samplers import working_memory
 from ..samplers.sizes import MAX_SIZE
 
@@ -22,6 +23,14 @@ def dtype_input():
         "fp8. Q8_0 / Q5_1 / Q5_0 / Q4_1 / Q4_0: Linear weights quantized to that GGUF type as they load (about 1.06 / "
         "0.75 / 0.69 / 0.63 / 0.56 bytes a weight), computed as auto (VAEs and the ByT5 glyph encoder load as auto); "
         "a GGUF file's own types are kept as stored.")})
+
+
+def weight_storage(choice: str) -> Storage:
+    """The weight_dtype widget's choice as the storage the loaders take, resolved here, once, for the host's compute
+    device ('auto' means the dtype that device computes in)."""
+    from ..loaders.host import get_host
+
+    return resolve(choice, get_host().compute_device())
 
 
 def file_input(kind: str, tooltip: str):
@@ -117,7 +126,7 @@ class FileLoader:
     """Base of the single-file loader nodes: a file from one model folder + a weight dtype -> one stage.
 
     Subclasses set CATEGORY, DESCRIPTION, RETURN_TYPES, RETURN_NAMES, KIND (the model folder), INPUT (the
-    widget's name), TOOLTIP (the file users have) and LOAD (loaders function: path, dtype choice -> handle).
+    widget's name), TOOLTIP (the file users have) and LOAD (loaders function: path, storage.Storage -> handle).
     """
 
     FUNCTION = "run"
@@ -160,11 +169,11 @@ class FileLoader:
     def run(self, *args, **kwargs):
         from ..loaders.detect import WrongModel
         from ..loaders.explain import file_hint
-        from ..loaders.files import resolve
+        from ..loaders.files import resolve as resolve_file
 
         values = dict(zip((self.INPUT, "weight_dtype"), args), **kwargs)  # ComfyUI passes keywords
         try:
-            handle = type(self).LOAD(resolve(self.KIND, values[self.INPUT]), values["weight_dtype"])
+            handle = type(self).LOAD(resolve_file(self.KIND, values[self.INPUT]), weight_storage(values["weight_dtype"]))
         except WrongModel as e:
             if not self.FAMILY:
                 raise

@@ -12,7 +12,7 @@ from ..loaders.files import list_model_folders, resolve
 from ..loaders.host import get_host
 from ..samplers import ernie_vl as vl
 from ..samplers import remote_openai as remote
-from .common import CATEGORY, MAX_SEED, dtype_input, hosted
+from .common import CATEGORY, MAX_SEED, dtype_input, hosted, weight_storage
 
 log = logging.getLogger(__name__)
 CAT = f"{CATEGORY}/ERNIE-VL"
@@ -89,7 +89,7 @@ class LetterpressErnieVLLoader:
         return explain_llm_folder(folder, load.FAMILY, "the ERNIE-VL Loader") or True
 
     def run(self, folder, weight_dtype, experts="auto"):
-        return hosted(load.load(resolve("LLM", folder), weight_dtype, experts))
+        return hosted(load.load(resolve("LLM", folder), weight_storage(weight_dtype), experts))
 
 
 class LetterpressErnieVLGenerate:
