@@ -168,11 +168,12 @@ class FileLoader:
     def run(self, *args, **kwargs):
         from ..loaders.detect import WrongModel
         from ..loaders.explain import file_hint
-        from ..loaders.files import resolve as resolve_file
+        from ..loaders.files import resolve
 
         values = dict(zip((self.INPUT, "weight_dtype"), args), **kwargs)  # ComfyUI passes keywords
+        stored_as = weight_storage(values["weight_dtype"])
         try:
-            handle = type(self).LOAD(resolve_file(self.KIND, values[self.INPUT]), weight_storage(values["weight_dtype"]))
+            handle = type(self).LOAD(resolve(self.KIND, values[self.INPUT]), stored_as)
         except WrongModel as e:
             if not self.FAMILY:
                 raise

@@ -100,7 +100,8 @@ class LetterpressErnieImageFolderLoader:
         }}
 
     def run(self, folder, weight_dtype, load_prompt_enhancer):
-        m = load.load_folder(resolve("diffusers", folder), weight_storage(weight_dtype), with_pe=load_prompt_enhancer)
+        storage = weight_storage(weight_dtype)
+        m = load.load_folder(resolve("diffusers", folder), storage, with_pe=load_prompt_enhancer)
         return hosted(m["dit"], m["text_encoder"], m["vae"], m["prompt_enhancer"])
 
 

@@ -89,7 +89,9 @@ class LetterpressErnieVLLoader:
         return explain_llm_folder(folder, load.FAMILY, "the ERNIE-VL Loader") or True
 
     def run(self, folder, weight_dtype, experts="auto"):
-        return hosted(load.load(resolve("LLM", folder), weight_storage(weight_dtype), experts))
+        storage = weight_storage(weight_dtype)
+        model = load.load(resolve("LLM", folder), storage, experts)
+        return hosted(model)
 
 
 class LetterpressErnieVLGenerate:

@@ -50,7 +50,8 @@ class LetterpressOvisImageFolderLoader:
         }}
 
     def run(self, folder, weight_dtype):
-        m = load.load_folder(resolve("diffusers", folder), weight_storage(weight_dtype))
+        storage = weight_storage(weight_dtype)
+        m = load.load_folder(resolve("diffusers", folder), storage)
         return hosted(m["dit"], m["text_encoder"], m["vae"])
 
 
