@@ -98,8 +98,9 @@ def load_dit(path: str, storage: Storage) -> ModelHandle:
     from diffusers import ErnieImageTransformer2DModel
 
     path = _component(path, "transformer")
-    module = load_stage(path, storage, Stage("ERNIE-Image DiT", (FAMILY, "ERNIE-Image DiT"), "the ERNIE-Image DiT loader",
-                                             _dit_layout, ErnieImageTransformer2DModel.from_config))
+    what = "ERNIE-Image DiT"
+    module = load_stage(path, storage, Stage(what, (FAMILY, what), "the ERNIE-Image DiT loader", _dit_layout,
+                                             ErnieImageTransformer2DModel.from_config))
     turbo = "turbo" in os.path.basename(os.path.dirname(path) if os.path.isdir(path) else path).lower()
     return ModelHandle(FAMILY, "dit", module, source=path, extras={"turbo": turbo})
 

@@ -139,9 +139,9 @@ def load(folder: str, storage: Storage, experts: str = "auto") -> ModelHandle:
         raise LetterpressError(f"ERNIE-4.5-VL: {folder} holds no .safetensors weights.{hint}")
     processor = load_processor(folder)
     dtype = storage.dtype
-    if dtype.is_floating_point and dtype.itemsize == 1:
-        raise LetterpressError(f"ERNIE-4.5-VL: {storage.choice} weight storage is offered for the image DiTs only; load "
-                               "this model as auto, bf16, fp16 or fp32.")
+    if storage.linear is not None:  # fp8
+        raise LetterpressError(f"ERNIE-4.5-VL: {storage.choice} weight storage is offered for the image DiTs only; "
+                               "load this model as auto, bf16, fp16 or fp32.")
     try:
         model_cls = get_host().model_class(Ernie4_5_VLMoeForConditionalGeneration)
         model = model_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
