@@ -64,12 +64,14 @@ def load_stage(path: str, storage: Storage, stage: Stage) -> torch.nn.Module:
     state = ck if layout.state is None else layout.state
     try:
         module = build_empty(lambda: stage.build(layout.config), layout.config_file)
+        expected = dict(module.state_dict(keep_vars=True))  # as the model's own code built it (see fill_module)
         choose_layers(module, storage, packed=getattr(state, "quantized", False))
         quantize_on = quantize.compute_device() if storage.quant is not None else None
         fill_module(module, state, layout.key_map, storage, keep_fp32=stage.keep_fp32, what=stage.what,
-                    optional=stage.optional, source=path, quantize_on=quantize_on)
+                    optional=stage.optional, source=path, quantize_on=quantize_on, expected=expected)
     except BaseException:
-        layout = state = ck = None  # converted tensors view the file's memory map: none outlives a failed load
+        ck.close()  # converted tensors view the file's memory map: none outlives a failed load
+        layout = state = ck = expected = None
         raise
     if stage.finish is not None:
         stage.finish(module)

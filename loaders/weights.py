@@ -352,9 +352,14 @@ def fill_module(
     optional: tuple[str, ...] = (),
     source: str = "",
     quantize_on: torch.device | None = None,
+    expected: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
     """Assign every parameter and persistent buffer of `module` from `checkpoint`, tensor by tensor, into the layers
     `module` already has (stage.choose_layers chose them), stored as `storage` says.
+
+    `expected`: what the file must hold (the module's tensors by name, for their shapes), read off the model as its own
+    code built it, before its layers were chosen: a host's layer class may create its tensors only when they are
+    loaded, as upstream ComfyUI's do under dynamic VRAM (default: the module's state dict as it is now).
 
     `key_map` maps a checkpoint key to the module's key (None drops it). Missing or unexpected keys
     raise a LetterpressError naming them, since they mean the file is not the model the loader expects.
@@ -362,7 +367,9 @@ def fill_module(
     `quantize_on`, the CPU if None), kept packed as a GGUF file's (weights already packed in the file stay as they are).
     """
     try:
-        return _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, source, quantize_on)
+        if expected is None:
+            expected = dict(module.state_dict(keep_vars=True))
+        return _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, source, quantize_on, expected)
     except BaseException as e:
         # A load that fails halfway leaves nothing behind: the module's tensors (views of the file's memory
         # map) are dropped, the checkpoint's maps closed and the failed frames' locals cleared, so no mapping
@@ -375,10 +382,7 @@ def fill_module(
         raise
 
 
-def _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, source, quantize_on):
-    # What the file must hold, read off the model as its own code built it (a host's layer class may create its
-    # tensors only when they are loaded, as upstream ComfyUI's do under dynamic VRAM)
-    expected = dict(module.state_dict(keep_vars=True))
+def _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, source, quantize_on, expected):
     dtype, quant = storage.compute, storage.quant  # Linear weights are stored as `storage.linear` says
     owners = dict(module.named_modules(remove_duplicate=False))
     given: dict[str, dict[str, torch.Tensor]] = {}  # owner module name -> its tensors, by full key
