@@ -26,7 +26,9 @@ from .files import PICKLE_EXTENSIONS, list_subfolders
 from .handle import ModelHandle
 from .host import get_host
 from .llm import read_tokenizer
-from .weights import quant_type, read_json, weight_dtype
+from .stage import choose_layers
+from .storage import Storage
+from .weights import read_json
 
 FAMILY = "ernie_vl"
 MODEL_TYPE = "ernie4_5_vl_moe"
@@ -150,7 +152,7 @@ def load_processor(folder: str):
     return _processor_class()(image_processor, tokenizer, chat_template=_chat_template(folder, tokenizer))
 
 
-def load(folder: str, dtype_choice: str = "auto", experts: str = "auto") -> ModelHandle:
+def load(folder: str, storage: Storage, experts: str = "auto") -> ModelHandle:
     """The model, its processor and chat template, wrapped for the host's memory manager; `experts` (one of
     ernie_vl_experts.CHOICES) keeps the routed experts in CPU memory, out of the memory manager's reach."""
     from transformers import Ernie4_5_VLMoeForConditionalGeneration
@@ -169,19 +171,21 @@ def load(folder: str, dtype_choice: str = "auto", experts: str = "auto") -> Mode
         hint = " It only holds pickle files, which Letterpress does not load." if pickles else ""
         raise LetterpressError(f"ERNIE-4.5-VL: {folder} holds no .safetensors weights.{hint}")
     processor = load_processor(folder)
-    dtype = weight_dtype(dtype_choice)
-    if dtype.is_floating_point and dtype.itemsize == 1:
-        raise LetterpressError(f"ERNIE-4.5-VL: {dtype_choice} weight storage is offered for the image DiTs only; load "
-                               "this model as auto, bf16, fp16 or fp32.")
+    dtype = storage.dtype
+    if storage.linear is not None:  # fp8
+        raise LetterpressError(f"ERNIE-4.5-VL: {storage.choice} weight storage is offered for the image DiTs only; "
+                               "load this model as auto, bf16, fp16 or fp32.")
     try:
         model_cls = get_host().model_class(Ernie4_5_VLMoeForConditionalGeneration)
         model = model_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise LetterpressError(f"ERNIE-4.5-VL: the weights in {folder} could not be loaded ({e}).")
     # transformers built it with torch's layers: rebuild them as the host's (their tensors pass through each new
-    # layer's loading path), as the meta-device loaders do before filling
-    qtype = quant_type(dtype_choice)
-    quantize.build_layers(model, get_host().layer_ops(dtype), qtype)  # Q8_0 ...: the Linear layers packed
+    # layer's loading path), as the meta-device loaders choose them before filling
+    qtype = storage.quant
+    choose_layers(model, storage)
+    if qtype is not None:
+        quantize.pack_loaded(model, qtype)  # Q8_0 ...: the Linear layers packed
     offload = ernie_vl_experts.wanted(experts, model, get_host().compute_device(), qtype)
     ernie_vl_experts.replace_banks(model, offload, qtype)  # the routed experts in CPU memory and/or packed
     model.eval()

@@ -14,7 +14,7 @@ from ..samplers import ernie_vl as vl
 from ..samplers import ernie_vl_tools as tools
 from ..samplers import ernie_vl_video as video_clip
 from ..samplers import ernie_vl_remote as remote
-from .common import CATEGORY, MAX_SEED, dtype_input, hosted
+from .common import CATEGORY, MAX_SEED, dtype_input, hosted, weight_storage
 
 log = logging.getLogger(__name__)
 CAT = f"{CATEGORY}/ERNIE-VL"
@@ -109,7 +109,9 @@ class LetterpressErnieVLLoader:
         return explain_llm_folder(folder, load.FAMILY, "the ERNIE-VL Loader") or True
 
     def run(self, folder, weight_dtype, experts="auto"):
-        return hosted(load.load(resolve("LLM", folder), weight_dtype, experts))
+        storage = weight_storage(weight_dtype)
+        model = load.load(resolve("LLM", folder), storage, experts)
+        return hosted(model)
 
 
 class LetterpressErnieVLGenerate:

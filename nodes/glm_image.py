@@ -20,6 +20,7 @@ from .common import (
     size_input,
     size_validator,
     steps_input,
+    weight_storage,
 )
 from .dit_options import compile_node, lora_loader
 from .training import apply_trained_node, train_lora_node
@@ -46,7 +47,8 @@ class _ComponentLoader:
         return {"required": {"folder": _folder(), "weight_dtype": dtype_input()}}
 
     def run(self, folder, weight_dtype):
-        return hosted(type(self).LOAD(resolve("diffusers", folder), weight_dtype))
+        storage = weight_storage(weight_dtype)
+        return hosted(type(self).LOAD(resolve("diffusers", folder), storage))
 
 
 class LetterpressGlmImageARLoader(_ComponentLoader):
@@ -99,7 +101,8 @@ class LetterpressGlmImageFolderLoader:
         return {"required": {"folder": _folder(), "weight_dtype": dtype_input()}}
 
     def run(self, folder, weight_dtype):
-        m = load.load_folder(resolve("diffusers", folder), weight_dtype)
+        storage = weight_storage(weight_dtype)
+        m = load.load_folder(resolve("diffusers", folder), storage)
         return hosted(m["ar"], m["glyph_encoder"], m["dit"], m["vae"])
 
 
