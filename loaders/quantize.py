@@ -182,7 +182,7 @@ def compute_device() -> torch.device:
 
 
 def pack_loaded(model: torch.nn.Module, qtype: int) -> torch.nn.Module:
-    """For a model another library has already loaded (ERNIE-4.5-VL, through transformers), its layers already the
+    """For a model another library has already loaded (through transformers), its layers already the
     host's (stage.choose_layers, with packed Linear layers): each Linear weight `packs` picks quantized and put back
     packed, one layer at a time (each layer's full-precision weight is freed as its packed bytes replace it; the
     loaded model itself was full precision, so such a load peaks at that size, unlike fill_module's)."""
