@@ -140,7 +140,7 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
                 quant=quant_type(dtype_choice))
     module.eval()
     turbo = "turbo" in os.path.basename(os.path.dirname(path) if os.path.isdir(path) else path).lower()
-    return ModelHandle(FAMILY, "dit", module, source=path, extras={"turbo": turbo})
+    return ModelHandle(FAMILY, "dit", module, source=path, turbo=turbo)
 
 
 # Text encoder and prompt enhancer ----------------------------------------------------------------

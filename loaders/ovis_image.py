@@ -332,7 +332,7 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
     fill_module(module, state, key_map, dtype=weight_dtype(dtype_choice), what="Ovis-Image DiT",
                 quant=quant_type(dtype_choice))
     module.eval()
-    return ModelHandle(FAMILY, "dit", module, source=path, extras={"schedule": _schedule_for(path)})
+    return ModelHandle(FAMILY, "dit", module, source=path, scheduler=_schedule_for(path))
 
 
 # Text encoder --------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
            steps: int, cfg: float, shift: float, denoise: float = 1.0) -> dict:
     model, device, dtype = dit.module, dit.device, dit.dtype
     run = compiled.forward(dit)  # the module, or its compiled form (Torch Compile node)
-    if dit.extras.get("turbo") and (cfg > 1.0 or steps > 16):
+    if dit.turbo and (cfg > 1.0 or steps > 16):
         log.warning("ERNIE-Image-Turbo is distilled for 8 steps at cfg 1.0; %d steps at cfg %.1f will be slower "
                     "and usually worse. Use the Turbo preset (8 steps, cfg 1.0).", steps, cfg)
     init = check_latent(latent, FAMILY, model.config.in_channels)

@@ -258,7 +258,7 @@ def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tenso
 def schedule_for(dit: ModelHandle, steps: int, lh: int, lw: int):
     """(sigmas with the terminal 0, timesteps int(linspace(1000, 1, N+1)[:-1])) for an (lh, lw) latent: the
     sigmas are t / 1000 shifted by the family's dynamic shift at the latent's token count."""
-    sched = dit.extras.get("scheduler", {})
+    sched = dit.scheduler
     p = dit.module.config.patch_size
     n_train = sched.get("num_train_timesteps", 1000)
     ts = np.linspace(n_train, 1.0, steps + 1)[:-1].astype(np.int64).astype(np.float32)

@@ -125,7 +125,7 @@ def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tenso
 def training_schedule(dit: ModelHandle, h: int, w: int):
     """The 1000 (sigma, timestep) pairs training draws from uniformly: the sampler's schedule at 1000 steps for
     an (h, w) unpacked latent (FLUX's dynamic shift at its token count)."""
-    sigmas, timesteps = sigmas_for(1000, (h // 2) * (w // 2), dit.extras.get("schedule") or DEFAULT_SCHEDULE)
+    sigmas, timesteps = sigmas_for(1000, (h // 2) * (w // 2), dit.scheduler or DEFAULT_SCHEDULE)
     return sigmas[:-1], timesteps
 
 
@@ -204,7 +204,7 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
     cond = prepare_inputs(dit, _embeds(positive, b, "positive", width, device, dtype), h, w)
     uncond = prepare_inputs(dit, _embeds(negative, b, "negative", width, device, dtype), h, w) if use_cfg else None
 
-    sigmas, timesteps = sigmas_for(steps, (h // 2) * (w // 2), dit.extras.get("schedule") or DEFAULT_SCHEDULE)
+    sigmas, timesteps = sigmas_for(steps, (h // 2) * (w // 2), dit.scheduler or DEFAULT_SCHEDULE)
     first = flow_match.start_index(steps, denoise)
     noise = flow_match.noise_like(init.shape, seed, dtype, device)
     x = flow_match.start_latents(noise, init.to(device) if denoise < 1.0 else None, float(sigmas[first]))
