@@ -28,10 +28,10 @@ class ModelHandle:
     module: torch.nn.Module
     tokenizer: Any = None
     source: str = ""  # file or folder it came from, for messages
-    processor: Any = None  # a multimodal processor (ERNIE-4.5-VL), beside its tokenizer
-    video_processor: Any = None  # its processor for video, made on first use (loaders/ernie_vl.video_processor)
+    processor: Any = None  # a vision-language model's multimodal processor, beside its tokenizer
+    video_processor: Any = None  # its processor for video, made on first use by its loader
     scheduler: dict = field(default_factory=dict)  # a DiT's scheduler settings (its folder's, defaults filled in)
-    turbo: bool = False  # a DiT distilled for few steps at cfg 1 (ERNIE-Image-Turbo)
+    turbo: bool = False  # a DiT distilled for few steps at cfg 1 (a Turbo release)
     compile: str | None = None  # torch.compile mode the samplers run the DiT with (Torch Compile node), or None
     patcher: Any = None  # ComfyUI ModelPatcher, or None in the standalone host
     patches: tuple = ()  # ((LoraWeights, strength), ...) applied at forward time while this handle runs
