@@ -1,6 +1,6 @@
 """Opt-in torch.compile for a DiT stage: compiled on first use, reused by every step, re-queue and reload.
 
-A Torch Compile node marks the DiT handle (`extras["compile"]`); the samplers call `forward(handle)` for each
+A Torch Compile node marks the DiT handle (`handle.compile`); the samplers call `forward(handle)` for each
 pass instead of the module. What is compiled is one function per mode that calls the module it is given, so
 nothing here holds a model: dynamo's cache (guarded on the module's structure, shapes and devices) serves every
 loaded copy of the same architecture, and a dropped model is freed at once. The weights stay inputs of the
@@ -36,7 +36,7 @@ def mark(handle: ModelHandle, mode: str) -> ModelHandle:
     """A handle on the same module whose samplers run it compiled; the input handle is left as it was."""
     if mode not in MODES:
         raise LetterpressError(f"Unknown compile mode {mode!r}; choose one of {', '.join(MODES)}.")
-    return dataclasses.replace(handle, extras={**handle.extras, "compile": mode})
+    return dataclasses.replace(handle, compile=mode)
 
 
 def _call(module: torch.nn.Module, *args, **kwargs):
@@ -50,7 +50,7 @@ def ran_compiled(module: torch.nn.Module) -> bool:
 
 def forward(handle: ModelHandle) -> Callable:
     """What the sampler calls for one DiT pass: the module, or its compiled form when the handle asks for it."""
-    mode = handle.extras.get("compile")
+    mode = handle.compile
     if not mode:
         return handle.module
     if mode not in _COMPILED:

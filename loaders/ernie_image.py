@@ -136,7 +136,7 @@ def load_dit(path: str, storage: Storage) -> ModelHandle:
     module = load_stage(path, storage, Stage(what, (FAMILY, what), "the ERNIE-Image DiT loader", _dit_layout,
                                              ErnieImageTransformer2DModel.from_config))
     turbo = "turbo" in os.path.basename(os.path.dirname(path) if os.path.isdir(path) else path).lower()
-    return ModelHandle(FAMILY, "dit", module, source=path, extras={"turbo": turbo})
+    return ModelHandle(FAMILY, "dit", module, source=path, turbo=turbo)
 
 
 # Text encoder and prompt enhancer ----------------------------------------------------------------

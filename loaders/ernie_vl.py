@@ -191,7 +191,7 @@ def load(folder: str, storage: Storage, experts: str = "auto") -> ModelHandle:
     model.eval()
     model.requires_grad_(False)
     handle = ModelHandle(family=FAMILY, role="vl_model", module=model, tokenizer=processor.tokenizer, source=folder,
-                         extras={"processor": processor, "dtype": str(dtype).replace("torch.", "")})
+                         processor=processor)
     return handle
 
 
@@ -210,7 +210,7 @@ def video_processor(handle: ModelHandle):
     folder configures it (processor_config.json's video_processor, or video_preprocessor_config.json; transformers'
     defaults, which are the original release's, where the folder has neither) with the font it draws each frame's
     time with. Read once per model."""
-    cached = handle.extras.get("video_processor")
+    cached = handle.video_processor
     if cached is not None:
         return cached
     cls = video_processor_class()
@@ -234,8 +234,8 @@ def video_processor(handle: ModelHandle):
                                "Download processor_config.json from the model repository again.") from None
     if draws:
         video.font = font
-    base = handle.extras["processor"]
+    base = handle.processor
     processor = _video_processor_class()(base.image_processor, base.tokenizer, video,
                                          chat_template=base.chat_template)
-    handle.extras["video_processor"] = processor
+    handle.video_processor = processor
     return processor

@@ -145,7 +145,7 @@ def load_dit(path: str, storage: Storage) -> ModelHandle:
     sched_file = os.path.join(_sibling(path, "scheduler"), "scheduler_config.json")
     if os.path.exists(sched_file):
         scheduler.update({k: v for k, v in read_json(sched_file, "GLM-Image scheduler").items() if not k.startswith("_")})
-    return ModelHandle(FAMILY, "dit", module, source=path, extras={"scheduler": scheduler})
+    return ModelHandle(FAMILY, "dit", module, source=path, scheduler=scheduler)
 
 
 # VAE -----------------------------------------------------------------------------------------------

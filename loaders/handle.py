@@ -28,7 +28,11 @@ class ModelHandle:
     module: torch.nn.Module
     tokenizer: Any = None
     source: str = ""  # file or folder it came from, for messages
-    extras: dict = field(default_factory=dict)
+    processor: Any = None  # a vision-language model's multimodal processor, beside its tokenizer
+    video_processor: Any = None  # its processor for video, made on first use by its loader
+    scheduler: dict = field(default_factory=dict)  # a DiT's scheduler settings (its folder's, defaults filled in)
+    turbo: bool = False  # a DiT distilled for few steps at cfg 1 (a Turbo release)
+    compile: str | None = None  # torch.compile mode the samplers run the DiT with (Torch Compile node), or None
     patcher: Any = None  # ComfyUI ModelPatcher, or None in the standalone host
     patches: tuple = ()  # ((LoraWeights, strength), ...) applied at forward time while this handle runs
 

@@ -324,7 +324,7 @@ def load_dit(path: str, storage: Storage) -> ModelHandle:
     path = _component(path, "transformer")
     module = load_stage(path, storage, Stage("Ovis-Image DiT", (FAMILY, "Ovis-Image DiT"), "the Ovis-Image DiT loader",
                                              _dit_layout, OvisImageTransformer2DModel.from_config))
-    return ModelHandle(FAMILY, "dit", module, source=path, extras={"schedule": _schedule_for(path)})
+    return ModelHandle(FAMILY, "dit", module, source=path, scheduler=_schedule_for(path))
 
 
 # Text encoder --------------------------------------------------------------------------------------

@@ -11,16 +11,15 @@ import json
 
 import torch
 
-from ..loaders import compiled
 from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
-from . import flow_match, working_memory
+from . import flow_match, flow_sampler, working_memory
 from .conditioning import Conditioning, batch_for, check_latent
+from .flow_sampler import BATCHED, FlowModel
 from .generate import generate, sampling_args
 from .images import check_image, vae_input, vae_output
 from .latents import patchify_2x2, unpatchify_2x2, vae_layout
 from .numerics import check_finite, log, warn_truncated
-from .previews import latent_rgb_preview
 from .sizes import check_multiple
 
 FAMILY = "ernie_image"
@@ -85,11 +84,9 @@ def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tenso
     return run(hidden_states=x, timestep=t.to(x.device, x.dtype), **inputs, return_dict=False)[0]
 
 
-def training_schedule(shift: float):
-    """The 1000 (sigma, timestep) pairs training draws from uniformly: the sampler's schedule at 1000 steps
-    (linspace(1, 0, 1001)[:-1], static shift), as DiffSynth-Studio trains ERNIE-Image."""
-    sigmas, timesteps = flow_match.schedule(torch.linspace(1.0, 0.0, 1001)[:-1].numpy(), shift=shift)
-    return sigmas[:-1], timesteps
+def schedule(dit: ModelHandle, steps: int, shape, shift: float):
+    """sigmas linspace(1, 0, N+1)[:-1] with a static shift; at 1000 steps, the schedule DiffSynth-Studio trains with."""
+    return flow_match.schedule(torch.linspace(1.0, 0.0, steps + 1)[:-1].numpy(), shift=shift)
 
 
 def training_weight(timesteps: torch.Tensor) -> torch.Tensor:
@@ -100,16 +97,25 @@ def training_weight(timesteps: torch.Tensor) -> torch.Tensor:
     return (y * (len(timesteps) / y.sum())).float()
 
 
+def _train_memory(dit, batch, shape, conds):
+    tokens = shape[-1] * shape[-2] + max(c.shape[0] for c in conds)
+    return 2 * working_memory.dit(dit, batch, tokens, dit.module.config.hidden_size)
+
+
+def _mask(noise_mask, shape, device):
+    """The mask on the VAE's f8 grid, patchified as the latents are: 8-px cells."""
+    b, c, h, w = shape
+    return patchify_2x2(flow_match.inpaint_mask(noise_mask, (b, c // 4, 2 * h, 2 * w), device))
+
+
+FLOW = FlowModel(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, conds),
+                 velocity=velocity, schedule=schedule, cfg=BATCHED, mask=_mask, train_memory=_train_memory,
+                 loss_weight=training_weight)
+
+
 def training_family(shift: float):
-    """ERNIE-Image's training objective for lora_training.train: the sampler's model call and schedule."""
-    from .lora_training import Family
-
-    def memory(dit, batch, shape, conds):
-        tokens = shape[-1] * shape[-2] + max(c.shape[0] for c in conds)
-        return 2 * working_memory.dit(dit, batch, tokens, dit.module.config.hidden_size)
-
-    return Family(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, conds), velocity=velocity,
-                  schedule=lambda dit, shape: training_schedule(shift), memory=memory, weight=training_weight)
+    """ERNIE-Image's training objective for lora_training.train: the sampler's FLOW at this shift."""
+    return FLOW.training(shift=shift)
 
 
 def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int):
@@ -131,42 +137,19 @@ def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditio
     return working_memory.dit(dit, b * len(conds), h * w + text, dit.module.config.hidden_size)
 
 
-@torch.no_grad()
 def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,
            steps: int, cfg: float, shift: float, denoise: float = 1.0) -> dict:
-    model, device, dtype = dit.module, dit.device, dit.dtype
-    run = compiled.forward(dit)  # the module, or its compiled form (Torch Compile node)
-    if dit.extras.get("turbo") and (cfg > 1.0 or steps > 16):
+    if dit.turbo and (cfg > 1.0 or steps > 16):
         log.warning("ERNIE-Image-Turbo is distilled for 8 steps at cfg 1.0; %d steps at cfg %.1f will be slower "
                     "and usually worse. Use the Turbo preset (8 steps, cfg 1.0).", steps, cfg)
-    init = check_latent(latent, FAMILY, model.config.in_channels)
+    init = check_latent(latent, FAMILY, dit.module.config.in_channels)
     b = init.shape[0]
     use_cfg = flow_match.uses_cfg(cfg, negative, NEGATIVE_HINT)
-    cond = batch_for(positive, b, FAMILY, "positive")
-    text = ([h for h in batch_for(negative, b, FAMILY, "negative")] if use_cfg else []) + cond
-    inputs = prepare_inputs(dit, text)
-
-    sigmas, timesteps = flow_match.schedule(torch.linspace(1.0, 0.0, steps + 1)[:-1].numpy(), shift=shift)
-    first = flow_match.start_index(steps, denoise)
-    noise = flow_match.noise_like(init.shape, seed, dtype, device)
-    x = flow_match.start_latents(noise, init.to(device) if denoise < 1.0 else None, float(sigmas[first]))
-    blend = None
-    if latent.get("noise_mask") is not None:  # inpainting: redraw the masked area only
-        b, c, h, w = init.shape  # the mask on the VAE's f8 grid, patchified as the latents are: 8-px cells
-        mask = patchify_2x2(flow_match.inpaint_mask(latent["noise_mask"], (b, c // 4, 2 * h, 2 * w), device))
-        blend = flow_match.keep_unmasked(mask, init.to(device), noise)
-
-    def predict(x: torch.Tensor, i: int) -> torch.Tensor:
-        xin = torch.cat([x, x]) if use_cfg else x
-        v = velocity(run, xin, timesteps[i].expand(xin.shape[0]), inputs)
-        if use_cfg:
-            uncond, cond_v = v.chunk(2)
-            v = flow_match.cfg_combine(uncond, cond_v, cfg)
-        return v
-
-    out = flow_match.euler_loop(predict, x, sigmas.to(device), first, preview=latent_rgb_preview, blend=blend)
-    check_finite(out, "ERNIE-Image DiT", dtype)
-    return {"samples": out.cpu(), "family": FAMILY}
+    pos = batch_for(positive, b, FAMILY, "positive")
+    neg = batch_for(negative, b, FAMILY, "negative") if use_cfg else None
+    out = flow_sampler.sample(FLOW, dit, pos, neg, cfg, seed, steps, init=init, denoise=denoise,
+                              noise_mask=latent.get("noise_mask"), shift=shift)
+    return {"samples": out, "family": FAMILY}
 
 
 # VAE ---------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def messages(n_images: int, text: str, system_prompt: str = "", n_videos: int = 
 def prepare_inputs(handle: ModelHandle, images: list[Image.Image], text: str, system_prompt: str, thinking: bool,
                    video=None):
     """Model inputs; `video` (samplers/ernie_vl_video.Clip) goes after the pictures."""
-    processor = handle.extras["processor"]
+    processor = handle.processor
     rendered = processor.tokenizer.apply_chat_template(
         messages(len(images), text, system_prompt, 0 if video is None else 1), chat_template=processor.chat_template,
         tokenize=False, add_generation_prompt=True, enable_thinking=bool(thinking),
@@ -139,7 +139,7 @@ def vl_generate(handle: ModelHandle, images: torch.Tensor | None, text: str, sys
     if video is not None:
         ernie_vl_video.check_size(video, MAX_ASPECT)
     inputs = prepare_inputs(handle, pil, text, system_prompt, thinking, video)
-    tok = handle.extras["processor"].tokenizer
+    tok = handle.processor.tokenizer
     out = generate(handle.module, seed, max_new_tokens, **inputs, **sampling_args(temperature, top_p),
                    pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(handle.module, tok))
     new = out[0, inputs["input_ids"].shape[1]:].tolist()

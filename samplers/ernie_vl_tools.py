@@ -277,7 +277,7 @@ def think_with_images(handle: ModelHandle, images: torch.Tensor, text: str, syst
     """Runs the zoom loop on the local model. Returns (answer, reasoning of every turn with its calls, calls
     JSON, crops IMAGE batch)."""
     check_loop(max_tool_calls)
-    processor = handle.extras["processor"]
+    processor = handle.processor
     tok = processor.tokenizer
     pictures = to_pil(images)
     check_aspect(pictures)

@@ -1,8 +1,8 @@
-"""The flow-matching core every family shares: sigma schedules (static or dynamic shift), the start
-point for denoise < 1, classifier-free guidance and the Euler loop with progress, previews and Cancel.
+"""The flow-matching numerics the one sampler (flow_sampler) is built of: sigma schedules (static or dynamic
+shift), the start point for denoise < 1, inpainting masks, classifier-free guidance and the Euler loop with
+progress, previews and Cancel.
 
-Each family supplies only `predict(x, step_index) -> velocity` and its schedule parameters. The
-numerics follow diffusers' FlowMatchEulerDiscreteScheduler (float32 sigmas, float32 Euler update).
+The numerics follow diffusers' FlowMatchEulerDiscreteScheduler (float32 sigmas, float32 Euler update).
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..loaders import compiled
 from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
-from . import flow_match, working_memory
+from . import flow_match, flow_sampler, working_memory
+from .flow_sampler import FlowModel
 from .sizes import check_multiple
 from .text_spans import quoted_spans
 from .conditioning import Conditioning, check_family, check_latent
@@ -32,7 +32,6 @@ from .images import check_image, to_pil, vae_input, vae_output
 from .latents import vae_layout
 from .generate import generate, sampling_args
 from .numerics import check_finite, warn_truncated
-from .previews import latent_rgb_preview
 
 FAMILY = "glm_image"
 SCALE = 32  # AR tokens are d32
@@ -232,33 +231,44 @@ def _reference_latents(latent: dict | None, prior: GlmPrior, channels: int) -> l
     return refs
 
 
-def prepare_inputs(dit: ModelHandle, tokens: torch.Tensor, glyphs: torch.Tensor, height: int, width: int,
-                   drop: bool, kv=None) -> dict:
+def prepare_inputs(dit: ModelHandle, tokens: torch.Tensor, glyphs: torch.Tensor, height: int, width: int) -> dict:
     """The DiT's inputs besides x and the timestep, for images of height x width pixels: the prior tokens
-    (B, seq), dropped for the unconditional pass (`drop`), the glyph embeddings (B, L, D), the size
-    conditioning, the rotary embedding (it depends only on the latent grid: computed once, not at each pass) and
-    the reference images' KV cache. Shared by sampling and LoRA training."""
+    (B, seq), kept (the unconditional pass drops them: _uncond), the glyph embeddings (B, L, D), the size
+    conditioning and the rotary embedding (it depends only on the latent grid: computed once, not at each pass);
+    no KV cache (a sampler with reference images adds its own). Shared by sampling and LoRA training."""
     model, device, dtype = dit.module, dit.device, dit.dtype
     tokens = tokens.to(device)
     b, lh, lw = tokens.shape[0], height // VAE_SCALE, width // VAE_SCALE
     grid = torch.empty((1, model.config.in_channels, lh, lw), device="meta")  # rope reads only the grid size
     return {"encoder_hidden_states": glyphs.to(device, dtype), "prior_token_id": tokens,
-            "prior_token_drop": torch.full_like(tokens, drop, dtype=torch.bool),
+            "prior_token_drop": torch.zeros_like(tokens, dtype=torch.bool),
             "target_size": torch.tensor([[height, width]] * b, dtype=dtype, device=device),
-            "crop_coords": torch.zeros((b, 2), dtype=dtype, device=device), "kv_caches": kv,
+            "crop_coords": torch.zeros((b, 2), dtype=dtype, device=device), "kv_caches": None,
             "image_rotary_emb": tuple(r.to(device) for r in model.rope(grid))}
 
 
 def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """The DiT's velocity at x and the schedule's integer timesteps t in 1000..1 (one per item; the DiT sees
-    t - 1, unshifted, as the reference pipeline passes it); the one model call of sampling and LoRA training."""
-    return run(hidden_states=x, timestep=t.to(x.device) - 1, **inputs, return_dict=False)[0]
+    """The DiT's velocity (in fp32, as the reference pipeline combines and steps it) at x and the schedule's integer
+    timesteps t in 1000..1 (one per item; the DiT sees t - 1, unshifted, as the reference pipeline passes it); the
+    one model call of sampling and LoRA training. A sampling pass's `kv_mode` sets the reference images' KV cache
+    ("read" by the conditional pass, "skip" by the unconditional one)."""
+    if inputs.get("kv_mode") is not None:
+        inputs["kv_caches"].set_mode(inputs["kv_mode"])
+    inputs = {k: v for k, v in inputs.items() if k != "kv_mode"}
+    return run(hidden_states=x, timestep=t.to(x.device) - 1, **inputs, return_dict=False)[0].float()
 
 
-def schedule_for(dit: ModelHandle, steps: int, lh: int, lw: int):
-    """(sigmas with the terminal 0, timesteps int(linspace(1000, 1, N+1)[:-1])) for an (lh, lw) latent: the
+def _uncond(inputs: dict) -> dict:
+    """GLM-Image's unconditional pass: the prior tokens dropped and the reference images' KV cache skipped."""
+    return {**inputs, "prior_token_drop": torch.ones_like(inputs["prior_token_drop"]),
+            "kv_mode": "skip" if inputs.get("kv_mode") else None}
+
+
+def schedule(dit: ModelHandle, steps: int, shape):
+    """(sigmas with the terminal 0, timesteps int(linspace(1000, 1, N+1)[:-1])) for a (1, C, lh, lw) latent: the
     sigmas are t / 1000 shifted by the family's dynamic shift at the latent's token count."""
-    sched = dit.extras.get("scheduler", {})
+    sched = dit.scheduler
+    lh, lw = shape[-2:]
     p = dit.module.config.patch_size
     n_train = sched.get("num_train_timesteps", 1000)
     ts = np.linspace(n_train, 1.0, steps + 1)[:-1].astype(np.int64).astype(np.float32)
@@ -271,10 +281,24 @@ def schedule_for(dit: ModelHandle, steps: int, lh: int, lw: int):
     return sigmas, torch.from_numpy(ts)
 
 
-def training_schedule(dit: ModelHandle, lh: int, lw: int):
-    """The 1000 (sigma, timestep) pairs training draws from uniformly: the sampler's schedule at 1000 steps."""
-    sigmas, timesteps = schedule_for(dit, 1000, lh, lw)
-    return sigmas[:-1], timesteps
+def _inputs(dit: ModelHandle, conds: list, shape) -> dict:
+    (tokens, glyphs), = conds  # one item per call: (its prior tokens, its glyph embeddings)
+    return prepare_inputs(dit, tokens, glyphs[None], shape[-2] * VAE_SCALE, shape[-1] * VAE_SCALE)
+
+
+def _train_memory(dit, batch, shape, conds):
+    cfgm = dit.module.config
+    p = cfgm.patch_size
+    tokens = (shape[-2] // p) * (shape[-1] // p) + max(g.shape[0] for _, g in conds)
+    return 2 * working_memory.dit(dit, 1, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
+
+
+# Sampling and LoRA training: each item conditioned on its AR prior tokens and its glyphs, one item per call (glyph
+# sequences differ in length); CFG as two passes, the unconditional one without the prior tokens; training draws
+# uniformly from the 1000-step schedule with plain MSE.
+FLOW = FlowModel(FAMILY, inputs=_inputs, velocity=velocity, schedule=schedule, uncond=_uncond,
+                 train_memory=_train_memory, one_at_a_time=True)
+training_family = FLOW.training  # the training objective for lora_training.train: the sampler's FLOW
 
 
 @torch.no_grad()
@@ -318,27 +342,6 @@ def encode_dataset(ar: ModelHandle, glyph: ModelHandle, vae: ModelHandle, datase
             [(tokens[id(img)], cache[c]) for img, c in zip(dataset.images, dataset.captions)])
 
 
-def training_family():
-    """GLM-Image DiT's training objective for lora_training.train: the sampler's model call (the DiT sees t - 1) and
-    schedule at 1000 steps (integer timesteps, sigmas t / 1000 with the dynamic shift at the bucket's token count),
-    timesteps drawn uniformly, plain MSE, each item conditioned on its image's AR prior tokens and its caption's
-    glyphs (items run one at a time: their glyph sequences differ in length)."""
-    from .lora_training import Family
-
-    def inputs(dit, conds, shape):
-        (tokens, glyphs), = conds
-        return prepare_inputs(dit, tokens, glyphs[None], shape[-2] * VAE_SCALE, shape[-1] * VAE_SCALE, drop=False)
-
-    def memory(dit, batch, shape, conds):
-        cfgm = dit.module.config
-        p = cfgm.patch_size
-        tokens = (shape[-2] // p) * (shape[-1] // p) + max(g.shape[0] for _, g in conds)
-        return 2 * working_memory.dit(dit, 1, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
-
-    return Family(FAMILY, inputs=inputs, velocity=velocity, schedule=lambda dit, shape: training_schedule(dit, *shape[-2:]),
-                  memory=memory, one_at_a_time=True)
-
-
 def memory_required(dit: ModelHandle, prior, positive: Conditioning) -> int:
     """Bytes of activations of one DiT pass, plus the key/value cache the reference images fill (editing)."""
     prior = check_prior(prior)
@@ -360,10 +363,8 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
     use_cfg = flow_match.uses_cfg(cfg, negative, "wire a GLM-Image Glyph Encode of an empty prompt (the reference's negative)")
     if use_cfg:
         check_family(negative, FAMILY, "negative")
-    if steps < 1:
-        raise LetterpressError(f"steps must be at least 1, got {steps}.")
+    flow_sampler.check_steps(steps)  # before the reference images' pass
     model, device, dtype = dit.module, dit.device, dit.dtype
-    run = compiled.forward(dit)  # the module, or its compiled form (Torch Compile node)
     cfgm = model.config
     p = cfgm.patch_size
     height, width = prior.height, prior.width
@@ -378,8 +379,6 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
     refs = _reference_latents(reference_latents, prior, cfgm.in_channels)
 
     text_dim = cfgm.text_embed_dim
-    pos = positive.embeds[0].to(device, dtype)[None]
-    neg = negative.embeds[0].to(device, dtype)[None] if use_cfg else None
     kv = GlmImageKVCache(num_layers=cfgm.num_layers)
     if refs:
         kv.set_mode("write")
@@ -396,31 +395,14 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
                   crop_coords=torch.zeros((1, 2), device=device), kv_caches=kv)
         kv.next_sample()
 
-    sigmas, timesteps = schedule_for(dit, steps, lh, lw)
-    timesteps = timesteps.to(device)
-
-    noise = flow_match.noise_like((1, cfgm.in_channels, lh, lw), seed, dtype, device)
-    cond = prepare_inputs(dit, prior.tokens, pos, height, width, drop=False, kv=kv)
-    uncond = prepare_inputs(dit, prior.tokens, neg, height, width, drop=True, kv=kv) if use_cfg else None
-
-    def predict(x: torch.Tensor, i: int) -> torch.Tensor:
-        t = timesteps[i].expand(1)
-        xin = x.to(dtype)
-        if refs:
-            kv.set_mode("read")
-        v = velocity(run, xin, t, cond).float()
-        if use_cfg:
-            if refs:
-                kv.set_mode("skip")
-            v = flow_match.cfg_combine(velocity(run, xin, t, uncond).float(), v, cfg)
-        return v
-
+    pos = [(prior.tokens, positive.embeds[0])]
+    neg = [(prior.tokens, negative.embeds[0])] if use_cfg else None
     try:
-        out = flow_match.euler_loop(predict, noise, sigmas.to(device), 0, preview=latent_rgb_preview)
+        out = flow_sampler.sample(FLOW, dit, pos, neg, cfg, seed, steps, shape=(1, cfgm.in_channels, lh, lw),
+                                  extra_inputs={"kv_caches": kv, "kv_mode": "read" if refs else None})
     finally:
         kv.clear()
-    check_finite(out, "GLM-Image DiT", dtype)
-    return {"samples": out.cpu(), "family": FAMILY}
+    return {"samples": out, "family": FAMILY}
 
 
 # VAE -----------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """LoRA training of a family's DiT inside the graph: datasets, resolution buckets, LoRA adapters on the frozen DiT,
 the flow-matching training step, the trained LoRA as tensors in PEFT naming, and the loss plot.
 
-The step uses the family's own model call (`velocity`, the one its sampler uses) and its own schedule: x_t =
-sigma * noise + (1 - sigma) * x0 at a timestep drawn uniformly from the family's 1000-step training schedule, the
+The step uses the family's FlowModel (flow_sampler), the object its sampler runs: its model call and its schedule at
+1000 steps. x_t = sigma * noise + (1 - sigma) * x0 at a timestep drawn uniformly from those 1000, the
 target noise - x0, the mean squared error (times the family's timestep weight). A LoRA layer is PEFT's: the frozen
 layer's output plus scale * B(A(x)), A and B in fp32, A initialised kaiming-uniform and B zero. The frozen layer
 computes as it always does (bf16, fp8 storage, or a packed quantized weight dequantized per call: QLoRA), so no
@@ -29,6 +29,7 @@ from ..loaders.handle import ModelHandle
 from ..loaders.host import get_host
 from ..loaders.lora import LoraTensors, LoraWeights, parse_lora
 from . import lora_optim, lora_resume, lora_targets
+from .flow_sampler import FlowModel
 from .lora_datasets import (  # noqa: F401 (the nodes' and families' names for them)
     TrainingDataset,
     dataset_from_folder,
@@ -247,26 +248,18 @@ class TrainingSettings:
         return self.steps
 
 
-@dataclass
+@dataclass(frozen=True)
 class Family:
-    """What training needs from a family: its DiT call and schedule, on items it encoded beforehand.
+    """What training needs from a family: its FlowModel (the sampler's DiT inputs, model call, latent layout and
+    schedule, whose 1000-step form training draws its timesteps from, plus its training hooks: `train_memory`,
+    `loss_weight`, `one_at_a_time`) and the schedule options of the run (a static shift, say)."""
 
-    - `inputs(dit, conds)`: the DiT's inputs besides x and t for a batch of cached text conditionings;
-    - `velocity(run, x, t, inputs)`: the family's model call (the sampler's);
-    - `schedule(dit, latent_shape)`: the (sigmas, timesteps) of its 1000-step training schedule;
-    - `memory(dit, batch, latent_shape, conds)`: bytes of activations a training step keeps, for the host;
-    - `to_model(x)`: latents in the layout the DiT takes (a FLUX-style DiT packs 2x2 tokens);
-    - `weight(timesteps)`: the loss weight of each of the 1000 timesteps (None: plain MSE);
-    - `one_at_a_time`: the DiT takes one item per call (the batch's loss is still the mean over its items)."""
+    flow: FlowModel
+    options: dict = field(default_factory=dict)
 
-    name: str
-    inputs: Callable
-    velocity: Callable
-    schedule: Callable
-    memory: Callable
-    to_model: Callable = lambda x: x  # noqa: E731
-    weight: Callable | None = None
-    one_at_a_time: bool = False
+    @property
+    def name(self) -> str:
+        return self.flow.family
 
 
 def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> Draw:
@@ -286,7 +279,8 @@ def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torc
     """The training objective on one drawn batch: x_t = sigma * noise + (1 - sigma) * x0, target noise - x0, the
     mean over items of each item's mean squared error (times its timestep's weight). `seen` receives the timestep
     each item was noised at (the value the family's DiT call gets)."""
-    if family.one_at_a_time and len(d.items) > 1:
+    flow = family.flow
+    if flow.one_at_a_time and len(d.items) > 1:
         parts = [flow_matching_loss(family, dit, run, latents, conds, Draw([i], d.noise[k: k + 1], d.t_index[k: k + 1]),
                                     cache, seen) for k, i in enumerate(d.items)]
         return torch.stack(parts).mean()
@@ -297,23 +291,25 @@ def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torc
     noise = d.noise.to(device)
     xt = sigma * noise + (1 - sigma) * x0
     target = noise - x0
-    inputs = family.inputs(dit, [conds[i] for i in d.items], x0.shape)
+    inputs = flow.inputs(dit, [conds[i] for i in d.items], x0.shape)
     t = timesteps[d.t_index]
     if seen is not None:
         seen.extend(float(v) for v in t.flatten())
-    v = family.velocity(run, family.to_model(xt.to(dtype)), t, inputs)
-    per_item = ((v.float() - family.to_model(target)) ** 2).flatten(1).mean(1)
+    v = flow.velocity(run, flow.to_model(xt.to(dtype)), t, inputs)
+    per_item = ((v.float() - flow.to_model(target)) ** 2).flatten(1).mean(1)
     if weights is not None:
         per_item = per_item * weights[d.t_index].to(device)
     return per_item.mean()
 
 
 def _schedule(family: Family, dit: ModelHandle, shape, cache: dict | None) -> tuple:
-    """The family's (sigmas, timesteps, weights) for a latent shape (kept in `cache` per size during a run)."""
+    """The family's (sigmas, timesteps, weights) for a latent shape (kept in `cache` per size during a run): its
+    sampler's schedule at 1000 steps."""
     key = tuple(shape[1:])
     if cache is None or key not in cache:
-        sigmas, timesteps = family.schedule(dit, shape)
-        found = (sigmas, timesteps, family.weight(timesteps) if family.weight is not None else None)
+        flow = family.flow
+        sigmas, timesteps = flow.training_schedule(dit, shape, **family.options)
+        found = (sigmas, timesteps, flow.loss_weight(timesteps) if flow.loss_weight is not None else None)
         if cache is None:
             return found
         cache[key] = found
@@ -429,7 +425,7 @@ def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: 
     shape = max((lat.shape for lat in latents), key=lambda s: s[-1] * s[-2])
     # Activations kept for backward (block inputs with checkpointing, one block's in its backward): the host makes
     # room for them as for a sampler's forward.
-    need = family.memory(dit, settings.batch_size, shape, conds)
+    need = family.flow.train_memory(dit, settings.batch_size, shape, conds)
     with torch.inference_mode(False), torch.enable_grad():
         host.load(dit, memory_required=need)
         usable_for_autograd(module)

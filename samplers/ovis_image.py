@@ -17,15 +17,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..loaders import compiled
 from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
 from ..loaders.ovis_image import DEFAULT_SCHEDULE
-from . import flow_match, working_memory
+from . import flow_match, flow_sampler, working_memory
 from .conditioning import Conditioning, batch_for, check_latent
+from .flow_sampler import FlowModel
 from .images import check_image, vae_input, vae_output
 from .numerics import check_finite, warn_truncated
-from .previews import latent_rgb_preview
 from .sizes import check_multiple
 from .latents import pack_2x2_tokens, unpack_2x2_tokens, vae_layout
 
@@ -95,7 +94,7 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
 
 
-def _embeds(cond: Conditioning, batch: int, which: str, width: int, device, dtype) -> torch.Tensor:
+def _embeds(cond: Conditioning, batch: int, which: str, width: int) -> list[torch.Tensor]:
     per_image = batch_for(cond, batch, FAMILY, which)
     if len({e.shape for e in per_image}) != 1:
         raise LetterpressError(f"The {which} conditioning holds prompts encoded with different max_sequence_length.")
@@ -105,7 +104,7 @@ def _embeds(cond: Conditioning, batch: int, which: str, width: int, device, dtyp
             f"The {which} conditioning is {got} wide but this Ovis-Image DiT takes {width}: the text encoder and the "
             "DiT are of different Ovis-Image sizes. Load both from the same release."
         )
-    return torch.stack(per_image).to(device, dtype)
+    return per_image
 
 
 def prepare_inputs(dit: ModelHandle, embeds: torch.Tensor, h: int, w: int) -> dict:
@@ -122,27 +121,34 @@ def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tenso
     return run(hidden_states=x, timestep=t.to(x.device).to(x.dtype) / 1000, **inputs, return_dict=False)[0]
 
 
-def training_schedule(dit: ModelHandle, h: int, w: int):
-    """The 1000 (sigma, timestep) pairs training draws from uniformly: the sampler's schedule at 1000 steps for
-    an (h, w) unpacked latent (FLUX's dynamic shift at its token count)."""
-    sigmas, timesteps = sigmas_for(1000, (h // 2) * (w // 2), dit.extras.get("schedule") or DEFAULT_SCHEDULE)
-    return sigmas[:-1], timesteps
+def _train_memory(dit, batch, shape, conds):
+    cfgm = dit.module.config
+    tokens = (shape[-2] // 2) * (shape[-1] // 2) + max(c.shape[0] for c in conds)
+    return 2 * working_memory.dit(dit, batch, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
 
 
-def training_family():
-    """Ovis-Image's training objective for lora_training.train: the sampler's model call on packed tokens and its
-    schedule at 1000 steps (dynamic shift at the bucket's token count), timesteps drawn uniformly, plain MSE (as
-    diffusers' FLUX-family LoRA scripts train by default)."""
-    from .lora_training import Family
+def schedule(dit: ModelHandle, steps: int, shape):
+    """The reference schedule for a (B, 16, h, w) latent: linspace(1, 1/N, N) shifted dynamically by mu(its packed
+    token count) (or statically, as the DiT's scheduler settings say)."""
+    settings = dit.scheduler or DEFAULT_SCHEDULE
+    base = np.linspace(1.0, 1 / steps, steps)
+    if settings.get("use_dynamic_shifting", True):
+        mu = flow_match.calculate_mu(
+            (shape[-2] // 2) * (shape[-1] // 2), settings["base_image_seq_len"], settings["max_image_seq_len"],
+            settings["base_shift"], settings["max_shift"],
+        )
+        return flow_match.schedule(base, mu=mu)
+    return flow_match.schedule(base, shift=settings["shift"])
 
-    def memory(dit, batch, shape, conds):
-        cfgm = dit.module.config
-        tokens = (shape[-2] // 2) * (shape[-1] // 2) + max(c.shape[0] for c in conds)
-        return 2 * working_memory.dit(dit, batch, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
 
-    return Family(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, torch.stack(conds), *shape[-2:]),
-                  velocity=velocity, schedule=lambda dit, shape: training_schedule(dit, *shape[-2:]), memory=memory,
-                  to_model=pack_2x2_tokens)
+# Sampling and LoRA training: text embeddings per item, packed 2x2 tokens, CFG as two passes; training draws uniformly
+# from the 1000-step schedule with plain MSE (as diffusers' FLUX-family LoRA scripts train by default).
+FLOW = FlowModel(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, torch.stack(conds), *shape[-2:]),
+                 velocity=velocity, schedule=schedule, to_model=pack_2x2_tokens,
+                 from_model=lambda x, shape: unpack_2x2_tokens(x, *shape[-2:]), train_memory=_train_memory)
+
+
+training_family = FLOW.training  # the training objective for lora_training.train: the sampler's FLOW
 
 
 def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int,
@@ -152,18 +158,6 @@ def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int,
 
     return encode_items(vae, te, dataset, resolution, SCALE, lambda v, img: encode(v, img)["samples"].float(),
                         lambda t, c: encode_text(t, c, max_sequence_length).embeds[0])
-
-
-def sigmas_for(steps: int, image_seq_len: int, schedule: dict):
-    """The reference schedule: linspace(1, 1/N, N) shifted dynamically by mu(image_seq_len) (or statically)."""
-    base = np.linspace(1.0, 1 / steps, steps)
-    if schedule.get("use_dynamic_shifting", True):
-        mu = flow_match.calculate_mu(
-            image_seq_len, schedule["base_image_seq_len"], schedule["max_image_seq_len"],
-            schedule["base_shift"], schedule["max_shift"],
-        )
-        return flow_match.schedule(base, mu=mu)
-    return flow_match.schedule(base, shift=schedule["shift"])
 
 
 def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict,
@@ -181,11 +175,9 @@ def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditio
     return working_memory.dit(dit, b, (h // 2) * (w // 2) + text, cfgm.num_attention_heads * cfgm.attention_head_dim)
 
 
-@torch.no_grad()
 def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,
            steps: int, cfg: float, denoise: float = 1.0) -> dict:
-    model, device, dtype = dit.module, dit.device, dit.dtype
-    run = compiled.forward(dit)  # the module, or its compiled form (Torch Compile node)
+    model = dit.module
     init = check_latent(latent, FAMILY)
     if init.dim() != 4:
         raise LetterpressError(f"The latent has shape {tuple(init.shape)}; Ovis-Image needs (batch, 16, H/8, W/8).")
@@ -197,37 +189,13 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
         )
     if h % 2 or w % 2:
         raise LetterpressError(f"The latent is {w}x{h}; Ovis-Image needs even latent sizes (images in multiples of 16).")
-    if steps < 1:
-        raise LetterpressError(f"steps must be at least 1, got {steps}.")
     use_cfg = flow_match.uses_cfg(cfg, negative, NEGATIVE_HINT)
     width = model.config.joint_attention_dim
-    cond = prepare_inputs(dit, _embeds(positive, b, "positive", width, device, dtype), h, w)
-    uncond = prepare_inputs(dit, _embeds(negative, b, "negative", width, device, dtype), h, w) if use_cfg else None
-
-    sigmas, timesteps = sigmas_for(steps, (h // 2) * (w // 2), dit.extras.get("schedule") or DEFAULT_SCHEDULE)
-    first = flow_match.start_index(steps, denoise)
-    noise = flow_match.noise_like(init.shape, seed, dtype, device)
-    x = flow_match.start_latents(noise, init.to(device) if denoise < 1.0 else None, float(sigmas[first]))
-    x = pack_2x2_tokens(x)
-    blend = None
-    if latent.get("noise_mask") is not None:  # inpainting: redraw the masked area only
-        mask = flow_match.inpaint_mask(latent["noise_mask"], init.shape, device)
-        blend = flow_match.keep_unmasked(*(pack_2x2_tokens(t) for t in (mask, init.to(device), noise)))
-
-    def predict(x: torch.Tensor, i: int) -> torch.Tensor:
-        t = timesteps[i].expand(x.shape[0])
-        v = velocity(run, x, t, cond)
-        if use_cfg:
-            v_neg = velocity(run, x, t, uncond)
-            v = flow_match.cfg_combine(v_neg, v, cfg)
-        return v
-
-    def preview(x0: torch.Tensor):
-        return latent_rgb_preview(unpack_2x2_tokens(x0, h, w))
-
-    out = flow_match.euler_loop(predict, x, sigmas.to(device), first, preview=preview, blend=blend)
-    out = check_finite(out, "Ovis-Image DiT", dtype)
-    return {"samples": unpack_2x2_tokens(out, h, w).cpu(), "family": FAMILY}
+    pos = _embeds(positive, b, "positive", width)
+    neg = _embeds(negative, b, "negative", width) if use_cfg else None
+    out = flow_sampler.sample(FLOW, dit, pos, neg, cfg, seed, steps, init=init, denoise=denoise,
+                              noise_mask=latent.get("noise_mask"))
+    return {"samples": out, "family": FAMILY}
 
 
 # VAE -----------------------------------------------------------------------------------------------

@@ -153,10 +153,10 @@ def test_thinking_variant_folder_loads(ernie_vl):
 
 # scripted sequences -----------------------------------------------------------------------------------------
 def scripted(vl, text):
-    tok = vl.extras["processor"].tokenizer
+    tok = vl.processor.tokenizer
     ids = tok.convert_tokens_to_ids(text.split())
     assert tok.unk_token_id not in ids
-    return ModelHandle(family="ernie_vl", role="vl_model", module=ScriptedModel(ids), tokenizer=tok, extras=vl.extras)
+    return ModelHandle(family="ernie_vl", role="vl_model", module=ScriptedModel(ids), tokenizer=tok, processor=vl.processor)
 
 
 @pytest.mark.parametrize("script,thinking,answer,reasoning", [

@@ -88,10 +88,10 @@ def test_boxes_found_on_another_size_are_scaled_to_the_drawn_images():
 
 def test_ground_node_on_the_model_answer(ernie_vl):
     vl = N["LetterpressErnieVLLoader"]().run("ERNIE-4.5-VL-28B-A3B-PT", "auto")[0]
-    tok = vl.extras["processor"].tokenizer
+    tok = vl.processor.tokenizer
     answer = "cat <|LOC_BEGIN|> <|LOC_100|> <|LOC_200|> <|LOC_500|> <|LOC_600|> <|LOC_END|> <|end_of_sentence|>"
     fake = ModelHandle(family="ernie_vl", role="vl_model", module=ScriptedModel(tok.convert_tokens_to_ids(answer.split())),
-                       tokenizer=tok, extras=vl.extras)
+                       tokenizer=tok, processor=vl.processor)
     boxes, text = N["LetterpressErnieVLGround"]().run(fake, torch.rand(2, H, W, 3), "cat, dog", False, 64, 0.0, 0.8, 0)
     data = json.loads(boxes)
     assert [(b["image"], b["label"], b["box"]) for b in data["boxes"]] == [

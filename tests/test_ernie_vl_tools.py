@@ -116,12 +116,12 @@ def thinking(ernie_vl):
     from letterpress.loaders.ernie_vl import _processor_class
 
     handle = node("Loader").run(THINKING, "fp32")[0]
-    old = handle.extras["processor"]
+    old = handle.processor
     tok = tiny.tokenizer(RENAMED)
     assert len(tok) == len(old.tokenizer)
     processor = _processor_class()(old.image_processor, tok, chat_template=tiny.THINKING_CHAT_TEMPLATE)
     return ModelHandle(family=handle.family, role=handle.role, module=handle.module, tokenizer=tok,
-                       extras={**handle.extras, "processor": processor})
+                       processor=processor)
 
 
 class Forced(torch.nn.Module):
@@ -161,11 +161,11 @@ class Forced(torch.nn.Module):
 
 
 def forced(handle, words):
-    tok = handle.extras["processor"].tokenizer
+    tok = handle.processor.tokenizer
     ids = tok.convert_tokens_to_ids(words.split())
     assert tok.unk_token_id not in ids
     module = Forced(handle.module, ids)
-    return ModelHandle(family=handle.family, role=handle.role, module=module, tokenizer=tok, extras=handle.extras), module
+    return ModelHandle(family=handle.family, role=handle.role, module=module, tokenizer=tok, processor=handle.processor), module
 
 
 SCRIPT = "w5 w6 </think> <tool_call> " + " ".join(CALL_WORDS) + " </tool_call> <|end_of_sentence|>"
@@ -176,7 +176,7 @@ def reference_inputs(handle, msgs, images):
     processor, the image tokens expanded by the merged patch count."""
     from transformers import Ernie4_5_VLMoeImageProcessorPil
 
-    tok = handle.extras["processor"].tokenizer
+    tok = handle.processor.tokenizer
     text = tok.apply_chat_template(msgs, tools=[T.ZOOM_TOOL], chat_template=tiny.THINKING_CHAT_TEMPLATE,
                                    tokenize=False, add_generation_prompt=True, enable_thinking=True)
     improc = Ernie4_5_VLMoeImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
@@ -191,7 +191,7 @@ def reference_inputs(handle, msgs, images):
 
 
 def reference_generate(handle, ids, pix, tokens):
-    tok = handle.extras["processor"].tokenizer
+    tok = handle.processor.tokenizer
     mm = torch.isin(ids, torch.tensor([tok.image_token_id])).long()
     moe = torch.isin(ids, torch.tensor([tok.image_token_id, tok.image_start_token_id, tok.image_end_token_id])).long()
     model = handle.module.model if isinstance(handle.module, Forced) else handle.module
@@ -215,11 +215,11 @@ def test_the_prompt_with_tools_is_the_templates(thinking):
     img, crop = picture(), picture(12, (40, 40))
     msgs = conversation_after_zoom()
     ids, pix = reference_inputs(thinking, msgs, [img, crop])
-    prompt = T.render(thinking.extras["processor"], msgs, [T.ZOOM_TOOL])
-    ours = thinking.extras["processor"](text=[prompt], images=[img, crop], return_tensors="pt")
+    prompt = T.render(thinking.processor, msgs, [T.ZOOM_TOOL])
+    ours = thinking.processor(text=[prompt], images=[img, crop], return_tensors="pt")
     assert ours["input_ids"].tolist() == ids.tolist()
     assert torch.equal(ours["pixel_values"], pix["pixel_values"])
-    words = thinking.extras["processor"].tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    words = thinking.processor.tokenizer.convert_ids_to_tokens(ids[0].tolist())
     assert "<tool_output>" in " ".join(words) or words.count("<|IMAGE_START|>") == 2
 
 
@@ -231,7 +231,7 @@ def test_the_prompt_with_tools_is_the_real_templates(thinking):
 
     with open(REAL_TEMPLATE, encoding="utf-8") as f:
         real = f.read()
-    old = thinking.extras["processor"]
+    old = thinking.processor
     processor = _processor_class()(old.image_processor, old.tokenizer, chat_template=real)
     msgs = conversation_after_zoom()
     expected = old.tokenizer.apply_chat_template(msgs, tools=[T.ZOOM_TOOL], chat_template=real, tokenize=False,
@@ -244,7 +244,7 @@ def test_the_prompt_with_tools_is_the_real_templates(thinking):
 def test_a_template_without_tool_calling_is_refused(thinking):
     from letterpress.loaders.ernie_vl import _processor_class
 
-    old = thinking.extras["processor"]
+    old = thinking.processor
     plain = _processor_class()(old.image_processor, old.tokenizer, chat_template=tiny.CHAT_TEMPLATE)
     with pytest.raises(LetterpressError, match="no tool calling"):
         T.render(plain, conversation_after_zoom(), [T.ZOOM_TOOL])
@@ -271,7 +271,7 @@ def test_the_loop_zooms_and_the_second_turn_is_transformers_generate(thinking):
     assert torch.equal(second["pixel_values"], pix["pixel_values"])
     ref = reference_generate(handle, ids, pix, 12)
     assert second["new"] == ref
-    tok = thinking.extras["processor"].tokenizer
+    tok = thinking.processor.tokenizer
     assert len(set(ref) - {tok.eos_token_id}) >= 3, "the free turn must say something to compare"
     assert len(module.calls) == 2  # the free turn called nothing: the loop ended there
     free = " ".join(tok.convert_ids_to_tokens([i for i in ref if i != tok.eos_token_id]))

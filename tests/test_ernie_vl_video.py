@@ -135,7 +135,7 @@ def test_the_model_sees_the_frames_and_their_times(vl):
     a, b, c = ask(vl, clip(video, 10.0))[0], ask(vl, clip(frames(4, 30), 10.0))[0], ask(vl, clip(video, 5.0))[0]
     assert len({a, b, c}) == 3, (a, b, c)
     drawn = pack_inputs(vl, clip(video, 10.0))["pixel_values_videos"]
-    processor = vl.extras["video_processor"].video_processor
+    processor = vl.video_processor.video_processor
     try:
         processor.draw_on_frames = False
         plain = pack_inputs(vl, clip(video, 10.0))["pixel_values_videos"]

@@ -1,0 +1,130 @@
+"""The one flow sampler of the image families, and the hooks a family gives it (`FlowModel`).
+
+A family's samplers/<key>.py declares one `FLOW = FlowModel(...)`: its DiT inputs, its model call, its schedule, its
+CFG mode, its latent <-> DiT layout and its preview. `sample()` here owns the rest: the noise, the start point for
+denoise < 1, the inpainting mask, CFG, the Euler steps with progress, Cancel and previews (flow_match.euler_loop),
+the finite check. LoRA training (lora_training.Family) takes its model call, layout and timesteps from the same
+object: `FLOW.schedule` at 1000 steps is the training schedule, so sampling and training never drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..loaders import compiled, families
+from ..loaders.errors import LetterpressError
+from ..loaders.handle import ModelHandle
+from . import flow_match
+from .numerics import check_finite
+from .previews import latent_rgb_preview
+
+BATCHED = "batched"  # CFG as one call on the batch [uncond, cond]
+TWO_PASSES = "two passes"  # CFG as a cond call, then an uncond call
+
+
+def _same(x: torch.Tensor, *shape) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class FlowModel:
+    """A family's part of flow sampling and LoRA training. Shapes named `shape` are the LATENT's (B, C, H, W).
+
+    - `inputs(dit, conds, shape)`: the DiT's inputs besides x and t for a batch of per-item conditionings;
+    - `velocity(run, x, t, inputs)`: the one model call (run: the module or its compiled form; t one per item);
+    - `schedule(dit, steps, shape, **options)`: (sigmas with the terminal 0, timesteps) of a `steps`-step run;
+    - `cfg`: BATCHED or TWO_PASSES; `uncond(inputs)`: what else the unconditional pass changes (prior tokens
+      dropped, a cache skipped: None when it differs only by its negative conditioning);
+    - `to_model(latents)` / `from_model(x, shape)`: the latent <-> the DiT's layout (tokens, patches);
+    - `mask(noise_mask, shape, device)`: an inpainting mask on the latent grid (B, C, H, W);
+    - `preview(latents)`: the live preview of an x0 estimate;
+    - training: `train_memory(dit, batch, shape, conds)` (bytes a step keeps), `loss_weight(timesteps)` (None: plain
+      MSE), `one_at_a_time` (the DiT takes one item per call)."""
+
+    family: str  # its registry key
+    inputs: Callable
+    velocity: Callable
+    schedule: Callable
+    cfg: str = TWO_PASSES
+    uncond: Callable | None = None
+    to_model: Callable = _same
+    from_model: Callable = _same
+    mask: Callable = flow_match.inpaint_mask
+    preview: Callable = latent_rgb_preview
+    train_memory: Callable | None = None
+    loss_weight: Callable | None = None
+    one_at_a_time: bool = False
+
+    def training(self, **options):
+        """The training objective for lora_training.train: this object, with the run's schedule options."""
+        from .lora_training import Family
+
+        return Family(self, options)
+
+    def training_schedule(self, dit: ModelHandle, shape, **options):
+        """The 1000 (sigma, timestep) pairs training draws from uniformly: the sampler's schedule at 1000 steps."""
+        sigmas, timesteps = self.schedule(dit, 1000, shape, **options)
+        return sigmas[:-1], timesteps
+
+
+def check_steps(steps: int) -> None:
+    if steps < 1:
+        raise LetterpressError(f"steps must be at least 1, got {steps} (a run of {steps} steps runs no step).")
+
+
+@torch.no_grad()
+def sample(flow: FlowModel, dit: ModelHandle, positive: list, negative: list | None, cfg: float, seed: int,
+           steps: int, init: torch.Tensor | None = None, shape: tuple | None = None, denoise: float = 1.0,
+           noise_mask: torch.Tensor | None = None, extra_inputs: dict | None = None, **options) -> torch.Tensor:
+    """Denoise from noise (`shape`) or from the latents `init` (denoise < 1, inpainting with `noise_mask`); the
+    per-item conditionings `positive` and `negative` (None: no CFG pass) go through `flow.inputs`, with
+    `extra_inputs` added to each pass's. `options` go to the schedule. Returns the latents (on the CPU)."""
+    check_steps(steps)
+    device, dtype = dit.device, dit.dtype
+    run = compiled.forward(dit)  # the module, or its compiled form (Torch Compile node)
+    shape = tuple(init.shape) if init is not None else tuple(shape)
+    use_cfg = negative is not None
+    extra = extra_inputs or {}
+
+    def inputs_of(conds: list) -> dict:
+        return {**flow.inputs(dit, conds, shape), **extra}
+
+    if flow.cfg == BATCHED:
+        cond, uncond = inputs_of((negative if use_cfg else []) + positive), None
+    else:
+        cond = inputs_of(positive)
+        uncond = inputs_of(negative) if use_cfg else None
+        if uncond is not None and flow.uncond is not None:
+            uncond = flow.uncond(uncond)
+
+    sigmas, timesteps = flow.schedule(dit, steps, shape, **options)
+    timesteps = timesteps.to(device)
+    first = flow_match.start_index(steps, denoise)
+    noise = flow_match.noise_like(shape, seed, dtype, device)
+    x = flow_match.start_latents(noise, init.to(device) if init is not None and denoise < 1.0 else None,
+                                 float(sigmas[first]))
+    x = flow.to_model(x)
+    blend = None
+    if noise_mask is not None:  # inpainting: redraw the masked area only
+        mask = flow.mask(noise_mask, shape, device)
+        blend = flow_match.keep_unmasked(*(flow.to_model(t) for t in (mask, init.to(device), noise)))
+
+    def predict(x: torch.Tensor, i: int) -> torch.Tensor:
+        x = x.to(dtype)
+        if flow.cfg == BATCHED:
+            xin = torch.cat([x, x]) if use_cfg else x
+            v = flow.velocity(run, xin, timesteps[i].expand(xin.shape[0]), cond)
+            return flow_match.cfg_combine(*v.chunk(2), cfg) if use_cfg else v
+        t = timesteps[i].expand(x.shape[0])
+        v = flow.velocity(run, x, t, cond)
+        return flow_match.cfg_combine(flow.velocity(run, x, t, uncond), v, cfg) if use_cfg else v
+
+    def preview(x0: torch.Tensor):
+        return flow.preview(flow.from_model(x0, shape))
+
+    out = flow_match.euler_loop(predict, x, sigmas.to(device), first, preview=preview, blend=blend)
+    check_finite(out, f"{families.title(flow.family)} DiT", dtype)
+    return flow.from_model(out, shape).cpu()
