@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
+from .checkpoint import CheckpointView, DerivedView
 from .detect import expect
 from .errors import LetterpressError
 from .files import check_pipeline, component, list_diffusers_folders
@@ -33,7 +34,7 @@ from .host import get_host
 from .packed import cat_rows, split_rows
 from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer
 from .vae import load_vae
-from .weights import (Checkpoint, build_empty, fill_module, open_checkpoint, quant_type, read_json, strip_prefix,
+from .weights import (build_empty, fill_module, open_checkpoint, quant_type, read_json, strip_prefix,
                       weight_dtype)
 
 FAMILY = "ovis_image"
@@ -74,26 +75,26 @@ def _component(path: str, sub: str) -> str:
 # DiT: original (FLUX-style) names -> diffusers names ------------------------------------------------
 
 
-class _Converted(Mapping):
-    """A lazy state dict in diffusers names over a checkpoint in original names (one tensor at a time)."""
+class _Converted(DerivedView):
+    """A lazy state dict in diffusers names over a checkpoint in original names (one tensor at a time; GGUF-packed
+    rows pass through the row functions packed)."""
 
-    def __init__(self, ck: Checkpoint, plan: dict[str, tuple[tuple[str, ...], Callable]]):
-        self.ck = ck
+    def __init__(self, ck: CheckpointView, plan: dict[str, tuple[tuple[str, ...], Callable]]):
+        super().__init__(ck)
         self.plan = plan
-        self.quantized = getattr(ck, "quantized", False)  # GGUF: packed rows pass through the row functions
+
+    def base_key(self, key: str) -> str:
+        return self.plan[key][0][0]
 
     def __getitem__(self, key: str) -> torch.Tensor:
         sources, fn = self.plan[key]
-        return fn(*[self.ck[s] for s in sources])
+        return fn(*[self.base[s] for s in sources])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.plan)
 
     def __len__(self) -> int:
         return len(self.plan)
-
-    def file_of(self, key: str) -> str:
-        return self.ck.file_of(self.plan[key][0][0])
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
