@@ -18,14 +18,14 @@ converted state dicts, a trained LoRA). `view()` makes any mapping a view.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from types import MappingProxyType
 from typing import Iterator
 
 
 class CheckpointView(Mapping):
-    """A lazy, read-only state dict over weight files (module docstring). Subclasses give __getitem__, __iter__ and
-    __len__; the rest has defaults that read the tensor (`shape`), name `source` (`file_of`) or do nothing."""
+    """A lazy, read-only state dict over weight files (module docstring). Subclasses give `__getitem__` and `names`;
+    the rest has defaults that read the tensor (`shape`), name `source` (`file_of`) or do nothing."""
 
     files: list | tuple = ()
     source: str = ""
@@ -37,12 +37,17 @@ class CheckpointView(Mapping):
         ...
 
     @abstractmethod
-    def __iter__(self) -> Iterator[str]:
-        ...
+    def names(self) -> Collection[str]:
+        """The tensor names, in the order the view lists them."""
 
-    @abstractmethod
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
     def __len__(self) -> int:
-        ...
+        return len(self.names())
+
+    def __contains__(self, key) -> bool:  # without reading the tensor (Mapping's own would)
+        return key in self.names()
 
     def shape(self, key: str) -> tuple:
         """The logical shape of tensor `key` (a packed weight's unpacked shape)."""
@@ -92,11 +97,8 @@ class Tensors(CheckpointView):
     def __getitem__(self, key: str):
         return self._tensors[key]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
+    def names(self) -> Collection[str]:
+        return self._tensors.keys()
 
     def close(self) -> None:
         self._tensors = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from typing import Iterator
 
 import torch
 
@@ -108,11 +107,8 @@ class GgufCheckpoint(CheckpointView):
             return data.reshape(-1).view(torch.uint8).view(DENSE[qtype]).reshape(shape)
         return gguf_quants.packed(data.view(torch.uint8), qtype, shape)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
+    def names(self):
+        return self._tensors.keys()
 
     def close(self) -> None:
         self._tensors = {}

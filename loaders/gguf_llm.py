@@ -13,7 +13,6 @@ file: as for safetensors text encoders, the tokenizer folder is found beside the
 from __future__ import annotations
 
 import os
-from typing import Iterator
 
 import torch
 
@@ -117,8 +116,5 @@ class LlamaCppNames(DerivedView):
             return tensor.rows(index)
         return tensor[index]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
+    def names(self):
+        return self._names.keys()

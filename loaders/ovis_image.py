@@ -21,7 +21,7 @@ modulation, applied lazily one tensor at a time.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -90,11 +90,8 @@ class _Converted(DerivedView):
         sources, fn = self.plan[key]
         return fn(*[self.base[s] for s in sources])
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.plan)
-
-    def __len__(self) -> int:
-        return len(self.plan)
+    def names(self):
+        return self.plan.keys()
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:

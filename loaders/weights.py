@@ -196,11 +196,8 @@ class Checkpoint(CheckpointView):
         count = (end - begin) // torch.empty((), dtype=dtype).element_size()
         return torch.frombuffer(mm, dtype=dtype, count=count, offset=offset).view(info["shape"])
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._info)
-
-    def __len__(self) -> int:
-        return len(self._info)
+    def names(self):
+        return self._info.keys()
 
     def release(self, key: str) -> None:
         """Drop the pages of `key`'s data from this process's memory once it is no longer viewed (it was quantized
@@ -263,7 +260,7 @@ class ComfyQuantized(DerivedView):
         super().__init__(ck)
         self.quantized = True
         self.codecs = {layer: comfy_quant.ComfyCodec(fmt) for layer, fmt in formats.items()}
-        self._keys = [k for k in ck if not comfy_quant.quant_suffix(k)]
+        self._keys = dict.fromkeys(k for k in ck if not comfy_quant.quant_suffix(k))
 
     def _codec(self, key: str) -> "comfy_quant.ComfyCodec | None":
         return self.codecs.get(key[: -len(".weight")]) if key.endswith(".weight") else None
@@ -283,11 +280,8 @@ class ComfyQuantized(DerivedView):
         shape = self.base.shape(key)
         return codec.logical_shape(shape) if codec is not None else shape
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
+    def names(self):
+        return self._keys.keys()
 
 
 def _comfy_quantized(ck: "Checkpoint", path: str):
