@@ -15,7 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run Letterpress workflows headless.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an API-format workflow JSON")
-    run.add_argument("workflow", help="API-format workflow (e.g. workflows/api/ernie_image_t2i_api.json)")
+    run.add_argument("workflow", help="API-format workflow (e.g. a file of workflows/api/)")
     run.add_argument("--models-dir", help="a folder laid out like ComfyUI's models/ (diffusers/, diffusion_models/, "
                      "text_encoders/, vae/); default $LETTERPRESS_MODELS_DIR, else ./models")
     run.add_argument("--output-dir", help="where images are written (never overwritten); default "

@@ -1,11 +1,11 @@
-"""ERNIE-4.5-VL's routed experts in CPU memory (loaders/expert_offload.py): on a mid-size synthetic ERNIE-4.5-VL text
+"""ERNIE-4.5-VL's routed experts in CPU memory (loaders/ernie_vl_experts.py): on a mid-size synthetic ERNIE-4.5-VL text
 model (random weights, 64 experts of which 6 run per token, as the real one), generated tokens per second with the
 experts in the model and in CPU memory (interleaved runs, medians; on this CPU both compute on the CPU, so the ratio
 is the cost of the expert loop itself), whether the tokens are the same, and the bytes that would cross between CPU
 memory and a GPU per token (counted as if the compute device were one: prefill and decode apart), beside what
 streaming whole expert banks would move. The last lines give the same figures computed for the real model.
 
-    python benchmarks/expert_offload.py [--runs 5] [--tokens 32] [--prompt 64] [--gpu-min-tokens 8]
+    python benchmarks/ernie_vl_experts.py [--runs 5] [--tokens 32] [--prompt 64] [--gpu-min-tokens 8]
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from letterpress.loaders import expert_offload
-from letterpress.loaders.expert_offload import OffloadedExperts
+from letterpress.loaders import ernie_vl_experts
+from letterpress.loaders.ernie_vl_experts import OffloadedExperts
 
 REAL = dict(hidden=2560, intermediate=1536, experts=64, routed=6, layers=28, bytes=2)  # text experts, bf16
 
@@ -61,7 +61,7 @@ def main() -> None:
 
     inside = model(args.hidden, args.layers, args.intermediate)
     offloaded = model(args.hidden, args.layers, args.intermediate)
-    banks = expert_offload.offload_experts(offloaded, args.gpu_min_tokens)
+    banks = ernie_vl_experts.offload_experts(offloaded, args.gpu_min_tokens)
     OffloadedExperts.separate = staticmethod(lambda device: True)  # count what would cross to a GPU
     ids = torch.randint(0, 1024, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     times = {"in the model": [], "in CPU memory": []}
@@ -69,21 +69,21 @@ def main() -> None:
     for _ in range(args.runs):
         a, t_in = generate(inside, ids, args.tokens)
         for bank in banks:
-            bank.traffic = expert_offload.Traffic()
+            bank.traffic = ernie_vl_experts.Traffic()
         b, t_off = generate(offloaded, ids, args.tokens)
         times["in the model"].append(args.tokens / t_in)
         times["in CPU memory"].append(args.tokens / t_off)
         same = same and torch.equal(a, b)
-    traffic = expert_offload.traffic(offloaded)
+    traffic = ernie_vl_experts.traffic(offloaded)
 
     # prefill alone (one forward over the prompt), for its share of the traffic
     for bank in banks:
-        bank.traffic = expert_offload.Traffic()
+        bank.traffic = ernie_vl_experts.Traffic()
     with torch.no_grad():
         offloaded(input_ids=ids)
-    prefill = expert_offload.traffic(offloaded)
+    prefill = ernie_vl_experts.traffic(offloaded)
     decode_bytes = traffic.token_bytes + traffic.weight_bytes - prefill.token_bytes - prefill.weight_bytes
-    bank_bytes = expert_offload.bank_bytes(offloaded)
+    bank_bytes = ernie_vl_experts.bank_bytes(offloaded)
     text_bank = sum(b.weight_bytes() for b in banks[0::2])  # text and vision banks alternate; text tokens use text
 
     print(f"synthetic ERNIE-4.5-VL text model: hidden {args.hidden}, {args.layers} layers, 64 experts "

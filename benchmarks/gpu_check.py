@@ -169,19 +169,27 @@ def _ernie_reference(guidance: float) -> Callable:
         generator=_gen(seed), output_type="np", use_pe=False, callback_on_step_end=cb).images
 
 
+def _folder(key: str, name: str) -> tuple[str, str, str]:
+    """(label, folder, pipeline class) of a family's folder source `name`, from the registry (its SPEC.sources)."""
+    from letterpress.loaders import families
+
+    s = next(s for s in families.get(key).sources if s.role == "folder" and s.name == name)
+    return s.model, s.name, s.pipeline
+
+
 FAMILIES = {
-    "ernie": Family("ERNIE-Image", "ERNIE-Image", "ErnieImagePipeline", "ernie_image_t2i_api.json", "1", "5", "6",
+    "ernie": Family(*_folder("ernie_image", "ERNIE-Image"), "ernie_image_t2i_api.json", "1", "5", "6",
                     "LetterpressErnieImageDiTLoader", 0, ernie_components, _ernie_reference(4.0)),
     # ERNIE-Image-Turbo: the same architecture, its own workflow (8 steps, no negative prompt, guidance 1)
-    "ernie_turbo": Family("ERNIE-Image-Turbo", "ERNIE-Image-Turbo", "ErnieImagePipeline", "ernie_image_turbo_t2i_api.json",
+    "ernie_turbo": Family(*_folder("ernie_image", "ERNIE-Image-Turbo"), "ernie_image_turbo_t2i_api.json",
                           "1", "5", "6", "LetterpressErnieImageDiTLoader", 0, ernie_components, _ernie_reference(1.0)),
-    "ovis": Family("Ovis-Image", "Ovis-Image-7B", "OvisImagePipeline", "ovis_image_t2i_api.json", "1", "4", "5",
+    "ovis": Family(*_folder("ovis_image", "Ovis-Image-7B"), "ovis_image_t2i_api.json", "1", "4", "5",
                    "LetterpressOvisImageDiTLoader", 0, ovis_components,
                    lambda pipe, size, steps, seed, cb: pipe(
                        "a poster", negative_prompt="", height=size, width=size, num_inference_steps=steps,
                        guidance_scale=5.0, generator=_gen(seed), output_type="np", max_sequence_length=256,
                        callback_on_step_end=cb).images),
-    "glm": Family("GLM-Image", "GLM-Image", "GlmImagePipeline", "glm_image_t2i_api.json", "1", "6", "7", None, 2,
+    "glm": Family(*_folder("glm_image", "GLM-Image"), "glm_image_t2i_api.json", "1", "6", "7", None, 2,
                   glm_components,
                   lambda pipe, size, steps, seed, cb: pipe(
                       "a poster", height=size, width=size, num_inference_steps=steps, guidance_scale=1.5,

@@ -39,7 +39,9 @@ baseline = rss("VmRSS")
 start = time.perf_counter()
 if kind in ("pack", "gguf") or kind.startswith("Q"):
     from letterpress.loaders.ernie_image import load_dit
-    handle = load_dit(path, {"pack": "fp32", "gguf": "bf16"}.get(kind, kind))
+    from letterpress.loaders.host import get_host
+    from letterpress.loaders.storage import resolve
+    handle = load_dit(path, resolve({"pack": "fp32", "gguf": "bf16"}.get(kind, kind), get_host().compute_device()))
     n = sum(p.numel() for p in handle.module.parameters())
 else:
     from diffusers import ErnieImageTransformer2DModel

@@ -7,7 +7,7 @@ loaded copy of the same architecture, and a dropped model is freed at once. The 
 compiled graph: a LoRA patched in place, a strength change or a move between devices is seen at once.
 
 Inductor's weight freezing is deliberately not used: on the project machine it was no faster than plain
-compilation (0.112 vs 0.114 s per ERNIE-Image pass, eager 0.146 s), it keeps a second copy of the weights, and
+compilation (0.112 vs 0.114 s per pass of the 8B DiT, eager 0.146 s), it keeps a second copy of the weights, and
 frozen code keeps computing with the weights it was compiled with after a LoRA changes them (measured).
 """
 

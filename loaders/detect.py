@@ -4,25 +4,39 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from . import families
 from .errors import LetterpressError
 
-# (family, role, human name) -> key fragments that must all appear in some key.
-SIGNATURES: list[tuple[str, str, str, tuple[str, ...]]] = [
-    ("ernie_image", "dit", "ERNIE-Image DiT", ("x_embedder.proj.weight", "layers.0.adaLN_sa_ln.weight")),
-    # Ovis-Image: the text-input RMSNorm and (original names) the SwiGLU double-block MLP tell it from FLUX.1.
-    ("ovis_image", "dit", "Ovis-Image DiT", ("context_embedder_norm.weight", "single_transformer_blocks.0.")),
-    ("ovis_image", "dit", "Ovis-Image DiT (original names)", ("double_blocks.0.", "single_blocks.0.", "img_mlp.gate_proj")),
-    ("flux1", "dit", "FLUX.1 DiT", ("double_blocks.0.", "single_blocks.0.")),
-    ("flux1", "dit", "FLUX.1 DiT", ("context_embedder.weight", "single_transformer_blocks.0.")),
-    ("glm_image", "ar", "GLM-Image AR model", ("vqmodel.quantize.embedding.weight", "language_model.")),
-    ("glm_image", "dit", "GLM-Image DiT", ("glyph_projector",)),
-    ("glm_image", "dit", "GLM-Image DiT", ("prior_token_embedding",)),
-    ("flux2_vae", "vae", "Flux2 VAE (ERNIE-Image)", ("bn.running_mean", "decoder.")),
-    ("kl_vae", "vae", "16-channel KL VAE (FLUX.1 / GLM-Image / Ovis-Image)", ("decoder.", "encoder.")),
-    ("qwen3", "text_encoder", "Qwen3 language model (Ovis-Image text encoder)", ("embed_tokens.weight", "self_attn.q_norm.weight")),
-    ("ministral3", "text_encoder", "Ministral-3 language model (ERNIE-Image text encoder)", ("embed_tokens.weight", "layers.0.self_attn.o_proj")),
-    ("t5", "text_encoder", "T5 / ByT5 encoder", ("encoder.block.0.",)),
+# Architectures several models share, under neutral ids (a family's SPEC.components names those its stages use),
+# in detection order: each after the more specific ones it would also match (a Qwen3 checkpoint has the key
+# fragments of Ministral-3; a Flux2 VAE those of the KL VAE). A family's own signatures (its SPEC.signatures) are
+# tried before all of these. (id, role, human name, key fragments that must all appear in some key, users named
+# besides the registered families that use it)
+COMPONENTS: list[tuple[str, str, str, tuple[str, ...], tuple[str, ...]]] = [
+    ("flux1", "dit", "FLUX.1 DiT", ("double_blocks.0.", "single_blocks.0."), ()),
+    ("flux1", "dit", "FLUX.1 DiT", ("context_embedder.weight", "single_transformer_blocks.0."), ()),
+    ("flux2_vae", "vae", "Flux2 VAE", ("bn.running_mean", "decoder."), ()),
+    ("kl_vae", "vae", "16-channel KL VAE", ("decoder.", "encoder."), ("FLUX.1",)),
+    ("qwen3", "text_encoder", "Qwen3 language model", ("embed_tokens.weight", "self_attn.q_norm.weight"), ()),
+    ("ministral3", "text_encoder", "Ministral-3 language model", ("embed_tokens.weight", "layers.0.self_attn.o_proj"), ()),
+    ("t5", "text_encoder", "T5 / ByT5 encoder", ("encoder.block.0.",), ()),
 ]
+
+
+def component_users(component: str, role: str) -> list[str]:
+    """Who uses a shared architecture, as a message names them ('<title>', or '<title> text encoder' for a text encoder)."""
+    word = " text encoder" if role == "text_encoder" else ""
+    return [spec.title + word for spec in families.all() if component in spec.components]
+
+
+def signatures() -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """(family or component id, role, human name, key fragments), in detection order: the registered families'
+    own architectures, then the shared ones named with the families that use them ('Flux2 VAE (<family title>)')."""
+    found = [(spec.key, s.role, s.name, s.fragments) for spec in families.all() for s in spec.signatures]
+    for cid, role, name, fragments, also in COMPONENTS:
+        users = [*also, *component_users(cid, role)]
+        found.append((cid, role, f"{name} ({' / '.join(users)})" if users else name, fragments))
+    return found
 
 
 class WrongModel(LetterpressError):
@@ -32,7 +46,7 @@ class WrongModel(LetterpressError):
 def describe(keys: Iterable[str]) -> tuple[str, str, str] | None:
     """(family, role, human name) of the first signature the keys match, or None."""
     keys = list(keys)
-    for family, role, name, fragments in SIGNATURES:
+    for family, role, name, fragments in signatures():
         if all(any(f in k for k in keys) for f in fragments):
             return family, role, name
     return None

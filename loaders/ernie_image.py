@@ -10,19 +10,53 @@ from __future__ import annotations
 
 import os
 
-from .detect import expect
 from .errors import LetterpressError
+from .explain import Source
+from .families import FamilySpec, Signature
 from .files import check_pipeline, component, list_diffusers_folders
 from .handle import ModelHandle
 from .host import get_host
-from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer, read_generation_config
-from .vae import load_vae
-from .weights import (Checkpoint, build_empty, fill_module, open_checkpoint, quant_type, read_json, strip_prefix,
-                      weight_dtype)
+from .llm import find_tokenizer_folders, llm_stage, load_tokenizer, read_generation_config
+from .stage import Layout, Stage, config_file_or, load_stage, under
+from .storage import Storage
+from .vae import vae_stage
+from .weights import Checkpoint, strip_prefix
 
 FAMILY = "ernie_image"
 PIPELINE_CLASSES = ("ErnieImagePipeline",)
 MODEL, REPO = "an ERNIE-Image", "baidu/ERNIE-Image (or ERNIE-Image-Turbo)"
+
+SPEC = FamilySpec(
+    key=FAMILY, title="ERNIE-Image", class_stem="ErnieImage",
+    sources=(
+        Source("ERNIE-Image", FAMILY, "folder", "diffusers", "ERNIE-Image", "baidu/ERNIE-Image",
+               pipeline="ErnieImagePipeline"),
+        Source("ERNIE-Image-Turbo", FAMILY, "folder", "diffusers", "ERNIE-Image-Turbo", "baidu/ERNIE-Image-Turbo",
+               pipeline="ErnieImagePipeline"),
+        # single files as ComfyUI users have them: Comfy-Org's repackaged files, at the URLs ComfyUI's own templates
+        # name (the ERNIE-Image templates of comfyui-workflow-templates)
+        Source("ERNIE-Image-Turbo DiT", FAMILY, "dit", "diffusion_models", "ernie-image-turbo.safetensors",
+               "Comfy-Org/ERNIE-Image", "diffusion_models/ernie-image-turbo.safetensors"),
+        Source("ERNIE-Image-Turbo DiT (GGUF)", FAMILY, "dit", "diffusion_models", "ernie-image-turbo-Q4_K_M.gguf",
+               "unsloth/ERNIE-Image-Turbo-GGUF", "ernie-image-turbo-Q4_K_M.gguf"),
+        Source("ERNIE-Image DiT", FAMILY, "dit", "diffusion_models", "ernie-image.safetensors",
+               "Comfy-Org/ERNIE-Image", "diffusion_models/ernie-image.safetensors"),
+        Source("ERNIE-Image text encoder", FAMILY, "text_encoder", "text_encoders", "ministral-3-3b.safetensors",
+               "Comfy-Org/ERNIE-Image", "text_encoders/ministral-3-3b.safetensors", companion=("tokenizer/*",)),
+        Source("ERNIE-Image prompt enhancer", FAMILY, "prompt_enhancer", "text_encoders",
+               "ernie-image-prompt-enhancer.safetensors", "Comfy-Org/ERNIE-Image",
+               "text_encoders/ernie-image-prompt-enhancer.safetensors",
+               companion=("pe_tokenizer/*", "pe/generation_config.json")),
+        Source("Flux2 VAE", FAMILY, "vae", "vae", "flux2-vae.safetensors", "Comfy-Org/ERNIE-Image",
+               "vae/flux2-vae.safetensors"),
+    ),
+    signatures=(Signature("dit", "ERNIE-Image DiT", ("x_embedder.proj.weight", "layers.0.adaLN_sa_ln.weight")),),
+    components=("ministral3", "flux2_vae"),
+    encode_node="ERNIE-Image Text Encode",
+    latent_nodes="ERNIE-Image Empty Latent, DiT Sample or VAE Encode",
+    # DiT activations per token of width (samplers/working_memory.py): 1.76 GB / (2 x 4608 x 4096 x 2 B) = 23.3
+    dit_factor=29.0,
+)
 
 # Ministral-3 3B text settings that tensor shapes cannot tell (the rest is read off the shapes).
 MINISTRAL3_TEMPLATE = dict(
@@ -88,23 +122,19 @@ def dit_config_from_shapes(ck: Checkpoint, prefix: str) -> dict:
     )
 
 
-def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
+def _dit_layout(ck: Checkpoint, path: str) -> Layout:
+    prefix = strip_prefix(ck.keys(), "x_embedder.proj.weight")
+    cfg, cfg_file = config_file_or(path, "ERNIE-Image DiT", lambda: dit_config_from_shapes(ck, prefix))
+    return Layout(cfg, cfg_file, key_map=under(prefix))
+
+
+def load_dit(path: str, storage: Storage) -> ModelHandle:
     from diffusers import ErnieImageTransformer2DModel
 
     path = _component(path, "transformer")
-    ck = open_checkpoint(path)
-    expect(ck.keys(), FAMILY, "ERNIE-Image DiT", os.path.basename(path), "the ERNIE-Image DiT loader")
-    prefix = strip_prefix(ck.keys(), "x_embedder.proj.weight")
-    cfg_file = os.path.join(path, "config.json") if os.path.isdir(path) else None
-    if cfg_file and os.path.exists(cfg_file):
-        cfg = {k: v for k, v in read_json(cfg_file, "ERNIE-Image DiT").items() if not k.startswith("_")}
-    else:
-        cfg, cfg_file = dit_config_from_shapes(ck, prefix), None
-    module = build_empty(lambda: ErnieImageTransformer2DModel.from_config(cfg), cfg_file)
-    key_map = lambda k: k[len(prefix) :] if k.startswith(prefix) else None  # noqa: E731
-    fill_module(module, ck, key_map, dtype=weight_dtype(dtype_choice), what="ERNIE-Image DiT",
-                quant=quant_type(dtype_choice))
-    module.eval()
+    what = "ERNIE-Image DiT"
+    module = load_stage(path, storage, Stage(what, (FAMILY, what), "the ERNIE-Image DiT loader", _dit_layout,
+                                             ErnieImageTransformer2DModel.from_config))
     turbo = "turbo" in os.path.basename(os.path.dirname(path) if os.path.isdir(path) else path).lower()
     return ModelHandle(FAMILY, "dit", module, source=path, extras={"turbo": turbo})
 
@@ -125,35 +155,28 @@ def _tokenizer_for(path: str, sub: str, what: str):
     return load_tokenizer(find_tokenizer_folders(path, _sibling_tokenizers(sub)), what, TOKENIZER_HINT)
 
 
-def _check_llm(ck: Checkpoint, path: str, loader: str) -> None:
-    expect(ck.keys(), "ministral3", "Ministral-3 language model", os.path.basename(path), loader)
+LLM = ("ministral3", "Ministral-3 language model")
 
 
-def load_text_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
+def load_text_encoder(path: str, storage: Storage) -> ModelHandle:
     from transformers import Ministral3Config, Ministral3Model
 
     path = _component(path, "text_encoder")
-    ck = open_checkpoint(path)
-    _check_llm(ck, path, "the ERNIE-Image text encoder loader")
-    folder = path if os.path.isdir(path) else None
-    config = llm_config(ck, folder, Ministral3Config, MINISTRAL3_TEMPLATE, sub_config="text_config")
-    module = load_llm(ck, config, Ministral3Model, weight_dtype(dtype_choice), False, "ERNIE-Image text encoder",
-                      quant_type(dtype_choice))
+    module = load_stage(path, storage, llm_stage("ERNIE-Image text encoder", LLM, "the ERNIE-Image text encoder loader",
+                                                 Ministral3Config, Ministral3Model, MINISTRAL3_TEMPLATE, "text_config"))
     tokenizer = _tokenizer_for(path, "tokenizer", "ERNIE-Image text encoder")
     return ModelHandle("ernie_image", "text_encoder", module, tokenizer=tokenizer, source=path)
 
 
-def load_prompt_enhancer(path: str, dtype_choice: str = "auto") -> ModelHandle:
+def load_prompt_enhancer(path: str, storage: Storage) -> ModelHandle:
     from transformers import Ministral3Config, Ministral3ForCausalLM
 
     path = _component(path, "pe")
-    ck = open_checkpoint(path)
-    _check_llm(ck, path, "the ERNIE-Image prompt enhancer loader")
-    folder = path if os.path.isdir(path) else None
-    config = llm_config(ck, folder, Ministral3Config, MINISTRAL3_TEMPLATE)
-    module = load_llm(ck, config, Ministral3ForCausalLM, weight_dtype(dtype_choice), True, "ERNIE-Image prompt enhancer",
-                      quant_type(dtype_choice))
+    module = load_stage(path, storage, llm_stage("ERNIE-Image prompt enhancer", LLM,
+                                                 "the ERNIE-Image prompt enhancer loader", Ministral3Config,
+                                                 Ministral3ForCausalLM, MINISTRAL3_TEMPLATE, with_head=True))
     # a single file takes the sampling defaults of the release's pe/ folder, found as its tokenizer is
+    folder = path if os.path.isdir(path) else None
     read_generation_config(module, [folder] if folder else find_tokenizer_folders(path, _sibling_tokenizers("pe")),
                            "ERNIE-Image prompt enhancer")
     tokenizer = _tokenizer_for(path, "pe_tokenizer", "ERNIE-Image prompt enhancer")
@@ -163,27 +186,27 @@ def load_prompt_enhancer(path: str, dtype_choice: str = "auto") -> ModelHandle:
 # VAE ---------------------------------------------------------------------------------------------
 
 
-def load_flux2_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
+def load_flux2_vae(path: str, storage: Storage) -> ModelHandle:
     from diffusers import AutoencoderKLFlux2
 
     path = _component(path, "vae")
-    ck = open_checkpoint(path)
-    expect(ck.keys(), "flux2_vae", "Flux2 VAE", os.path.basename(path), "the ERNIE-Image VAE loader")
-    module = load_vae(path, AutoencoderKLFlux2, FLUX2_VAE_TEMPLATE, weight_dtype(dtype_choice), "Flux2 VAE")
+    module = load_stage(path, storage.unquantized(), vae_stage("Flux2 VAE", ("flux2_vae", "Flux2 VAE"),
+                                                               "the ERNIE-Image VAE loader", AutoencoderKLFlux2,
+                                                               FLUX2_VAE_TEMPLATE))
     return ModelHandle("ernie_image", "vae", module, source=path)
 
 
 # Whole folder ------------------------------------------------------------------------------------
 
 
-def load_folder(folder: str, dtype_choice: str = "auto", with_pe: bool = True) -> dict[str, ModelHandle | None]:
+def load_folder(folder: str, storage: Storage, with_pe: bool = True) -> dict[str, ModelHandle | None]:
     check_pipeline(folder, PIPELINE_CLASSES, MODEL, REPO)
     out: dict[str, ModelHandle | None] = {
-        "dit": load_dit(folder, dtype_choice),
-        "text_encoder": load_text_encoder(folder, dtype_choice),
-        "vae": load_flux2_vae(folder, dtype_choice),
+        "dit": load_dit(folder, storage),
+        "text_encoder": load_text_encoder(folder, storage),
+        "vae": load_flux2_vae(folder, storage),
         "prompt_enhancer": None,
     }
     if with_pe and os.path.isdir(os.path.join(folder, "pe")):
-        out["prompt_enhancer"] = load_prompt_enhancer(folder, dtype_choice)
+        out["prompt_enhancer"] = load_prompt_enhancer(folder, storage)
     return out

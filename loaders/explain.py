@@ -1,7 +1,7 @@
 """Where each model comes from, and what a picked folder or file holds when it is not what a loader needs.
 
-MODELS is the one table of download sources (README's "Model files" table, in code): every message that tells a
-user what to download and where to put it reads it. The `explain_*` functions return None when the pick is
+MODELS (models()) is the one table of download sources (README's "Model files" table, in code), made of the
+registered families' SPEC.sources: every message that tells a user what to download and where to put it reads it. The `explain_*` functions return None when the pick is
 usable and otherwise one sentence naming what is there, what the loader needs, and how to get it; the loader
 nodes return it from VALIDATE_INPUTS (so ComfyUI and the headless runner refuse the prompt with it before
 anything loads) and the loaders raise it at load time.
@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 
+from . import families
 from .host import get_host
 
 
@@ -46,64 +47,43 @@ class Source:
 HUB = "https://huggingface.co"
 
 
-MODELS: tuple[Source, ...] = (
-    Source("ERNIE-Image", "ernie_image", "folder", "diffusers", "ERNIE-Image", "baidu/ERNIE-Image",
-           pipeline="ErnieImagePipeline"),
-    Source("ERNIE-Image-Turbo", "ernie_image", "folder", "diffusers", "ERNIE-Image-Turbo", "baidu/ERNIE-Image-Turbo",
-           pipeline="ErnieImagePipeline"),
-    Source("GLM-Image", "glm_image", "folder", "diffusers", "GLM-Image", "zai-org/GLM-Image", pipeline="GlmImagePipeline"),
-    Source("Ovis-Image", "ovis_image", "folder", "diffusers", "Ovis-Image-7B", "AIDC-AI/Ovis-Image-7B",
-           pipeline="OvisImagePipeline"),
-    Source("ERNIE-4.5-VL", "ernie_vl", "folder", "LLM", "ERNIE-4.5-VL-28B-A3B-PT", "baidu/ERNIE-4.5-VL-28B-A3B-PT",
-           model_type="ernie4_5_vl_moe"),
-    Source("ERNIE-4.5-VL Thinking", "ernie_vl", "folder", "LLM", "ERNIE-4.5-VL-28B-A3B-Thinking",
-           "baidu/ERNIE-4.5-VL-28B-A3B-Thinking", model_type="ernie4_5_vl_moe"),
-    # single files as ComfyUI users have them: Comfy-Org's repackaged files, at the URLs ComfyUI's own templates and
-    # tutorials name (the ERNIE-Image templates of comfyui-workflow-templates; docs.comfy.org's Ovis-Image page)
-    Source("ERNIE-Image-Turbo DiT", "ernie_image", "dit", "diffusion_models", "ernie-image-turbo.safetensors",
-           "Comfy-Org/ERNIE-Image", "diffusion_models/ernie-image-turbo.safetensors"),
-    Source("ERNIE-Image-Turbo DiT (GGUF)", "ernie_image", "dit", "diffusion_models", "ernie-image-turbo-Q4_K_M.gguf",
-           "unsloth/ERNIE-Image-Turbo-GGUF", "ernie-image-turbo-Q4_K_M.gguf"),
-    Source("ERNIE-Image DiT", "ernie_image", "dit", "diffusion_models", "ernie-image.safetensors",
-           "Comfy-Org/ERNIE-Image", "diffusion_models/ernie-image.safetensors"),
-    Source("ERNIE-Image text encoder", "ernie_image", "text_encoder", "text_encoders", "ministral-3-3b.safetensors",
-           "Comfy-Org/ERNIE-Image", "text_encoders/ministral-3-3b.safetensors", companion=("tokenizer/*",)),
-    Source("ERNIE-Image prompt enhancer", "ernie_image", "prompt_enhancer", "text_encoders",
-           "ernie-image-prompt-enhancer.safetensors", "Comfy-Org/ERNIE-Image",
-           "text_encoders/ernie-image-prompt-enhancer.safetensors",
-           companion=("pe_tokenizer/*", "pe/generation_config.json")),
-    Source("Flux2 VAE", "ernie_image", "vae", "vae", "flux2-vae.safetensors", "Comfy-Org/ERNIE-Image",
-           "vae/flux2-vae.safetensors"),
-    Source("Ovis-Image DiT", "ovis_image", "dit", "diffusion_models", "ovis_image_bf16.safetensors", "Comfy-Org/Ovis-Image",
-           "split_files/diffusion_models/ovis_image_bf16.safetensors"),
-    Source("Ovis-Image text encoder", "ovis_image", "text_encoder", "text_encoders", "ovis_2.5.safetensors",
-           "Comfy-Org/Ovis-Image", "split_files/text_encoders/ovis_2.5.safetensors", companion=("tokenizer/*",)),
-    Source("FLUX.1 VAE", "ovis_image", "vae", "vae", "ae.safetensors", "Comfy-Org/z_image_turbo",
-           "split_files/vae/ae.safetensors"),
-)
+def models() -> tuple[Source, ...]:
+    """Every registered family's sources (its SPEC.sources), family by family in registry order."""
+    return tuple(s for spec in families.all() for s in spec.sources)
 
-PIPELINES = {s.pipeline: s for s in MODELS if s.pipeline}  # the first source of each pipeline class
-MODEL_TYPES = {s.model_type: s for s in MODELS if s.model_type}
+
+def __getattr__(name: str):
+    if name == "MODELS":  # the table as a constant, read when asked (the families register after this module)
+        return models()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _first_by(field: str) -> dict[str, Source]:
+    """The first source of each value of `field` ("pipeline": a diffusers class, "model_type": a transformers one)."""
+    found: dict[str, Source] = {}
+    for s in models():
+        if getattr(s, field):
+            found.setdefault(getattr(s, field), s)
+    return found
+
+
 OTHER_PIPELINES = {"FluxPipeline": "FLUX.1", "Flux2Pipeline": "FLUX.2", "QwenImagePipeline": "Qwen-Image",
                    "StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "Stable Diffusion 3"}
-
-
-FAMILY_NAMES = {"ernie_image": "ERNIE-Image", "glm_image": "GLM-Image", "ovis_image": "Ovis-Image",
-                "ernie_vl": "ERNIE-4.5-VL"}
 
 
 def file_source(kind: str, name: str) -> Source | None:
     """The table's single file that a loader's pick `name` under models/`kind` is, if any: what --download fetches
     for it, and what a workflow's properties.models entry for that loader names (Source.as_model)."""
-    return next((s for s in MODELS if s.file and s.kind == kind and s.name == name), None)
+    return next((s for s in models() if s.file and s.kind == kind and s.name == name), None)
 
 
 def family_of(pipeline_classes: tuple[str, ...]) -> str:
-    return next((PIPELINES[c].family for c in pipeline_classes if c in PIPELINES), "")
+    pipelines = _first_by("pipeline")
+    return next((pipelines[c].family for c in pipeline_classes if c in pipelines), "")
 
 
 def sources(family: str, role: str = "folder") -> list[Source]:
-    return [s for s in MODELS if s.family == family and s.role == role]
+    return [s for s in models() if s.family == family and s.role == role]
 
 
 def _base(kind: str) -> str:
@@ -138,7 +118,7 @@ def where_to_get(family: str, role: str = "folder", name: str = "") -> str:
     if role != "folder":
         whole = sources(family)
         if whole:
-            ways.append(f"use the {FAMILY_NAMES[family]} Folder Loader with the Hugging Face repository "
+            ways.append(f"use the {families.title(family)} Folder Loader with the Hugging Face repository "
                         f"{whole[0].repo} downloaded into {place(whole[0])}")
     return "; or ".join(ways)
 
@@ -178,16 +158,16 @@ def read_class(path: str, file: str, key: str) -> str | None:
 
 
 def _holds(path: str) -> str:
-    """What a folder holds, as a phrase ('an ErnieImagePipeline (ERNIE-Image)', 'a qwen3 model', ...)."""
+    """What a folder holds, as a phrase ('a <pipeline class> (<family title>)', 'a qwen3 model', ...)."""
     cls = read_class(path, "model_index.json", "_class_name")
     if cls:
-        known = PIPELINES.get(cls)
-        label = FAMILY_NAMES[known.family] if known else OTHER_PIPELINES.get(cls, "")
+        known = _first_by("pipeline").get(cls)
+        label = families.title(known.family) if known else OTHER_PIPELINES.get(cls, "")
         return f"{_article(cls)} {cls}" + (f" ({label})" if label else "")
     kind = read_class(path, "config.json", "model_type")
     if kind:
-        known = MODEL_TYPES.get(kind)
-        return f"a '{kind}' model" + (f" ({FAMILY_NAMES[known.family]})" if known else "")
+        known = _first_by("model_type").get(kind)
+        return f"a '{kind}' model" + (f" ({families.title(known.family)})" if known else "")
     return ""
 
 
@@ -286,8 +266,8 @@ def explain_diffusers_folder(name: str, family: str, loader: str, need: tuple[st
         return f"{label} {state}. {needs(family, name)}"
     if cls not in pipelines:
         holds = _holds(path) if cls else "no readable pipeline class in its model_index.json"
-        other = PIPELINES.get(cls)
-        other = FAMILY_NAMES[other.family] if other else ""
+        other = _first_by("pipeline").get(cls)
+        other = families.title(other.family) if other else ""
         use = f"Use {_article(other)} {other} loader for this folder, or" if other else "Instead,"
         return (f"{label} holds {holds}; {loader} needs {_article(pipelines[0])} {' or '.join(pipelines)}. "
                 f"{use} {where_to_get(family, 'folder', name)}.")
@@ -351,7 +331,7 @@ def explain_file(kind: str, name: str, family: str, role: str, loader: str) -> s
         return None
     what = f"'{name}' is not a file in " + " or ".join(
         b + ("" if os.path.isdir(b) else " (which does not exist)") for b in bases) if name else "No file was chosen"
-    stage = f"{FAMILY_NAMES[family]} {ROLE_NAMES.get(role, role)}"
+    stage = f"{families.title(family)} {ROLE_NAMES.get(role, role)}"
     return f"{what}.{_elsewhere(name, kind)} {loader[:1].upper() + loader[1:]} needs {_article(stage)} {stage} " \
            f"file: {where_to_get(family, role, name)}."
 
@@ -361,14 +341,13 @@ ROLE_NAMES = {"dit": "DiT", "vae": "VAE", "text_encoder": "text encoder", "promp
 
 def file_hint(family: str, role: str, name: str = "") -> str:
     """A sentence for a single file of the wrong model: how to get the right one."""
-    return f"To get the {FAMILY_NAMES[family]} {ROLE_NAMES.get(role, role)}: {where_to_get(family, role, name)}."
+    return f"To get the {families.title(family)} {ROLE_NAMES.get(role, role)}: {where_to_get(family, role, name)}."
 
 
 def readme_table() -> str:
     """README's "Model files" table, from MODELS (the LoRA row, which has no source, is written under it by hand)."""
     rows = ["| model | folder under `models/` | name | download from |", "|---|---|---|---|"]
-    order = list(FAMILY_NAMES)
-    for s in sorted(MODELS, key=lambda s: (order.index(s.family), s.role != "folder")):
+    for s in sorted(models(), key=lambda s: (families.REGISTERED.index(s.family), s.role != "folder")):
         name = s.name + ("/" if s.role == "folder" else "")
         source = (f"`{s.repo}` ([`{s.file}`]({s.url}))" if s.file else f"[`{s.repo}`]({s.url})") if s.repo else ""
         rows.append(f"| {s.model} | `{s.kind}/` | `{name}` | {source} |")

@@ -24,6 +24,19 @@ from .packed import Packed
 # converters keep transformers' half-split rotary layout).
 ARCHITECTURES = {"llama": True, "mistral3": True, "qwen3": False, "qwen2": False}
 
+
+def _users() -> str:
+    """'Ministral-3 language model for <family>, ...': the language-model text encoders the families use."""
+    from .detect import COMPONENTS, component_users
+
+    parts = {}
+    for cid, _role, name, _, _ in COMPONENTS:
+        users = component_users(cid, "") if name.endswith("language model") else []
+        if users:
+            parts.setdefault(cid, f"{name} for {' / '.join(users)}")
+    return ", ".join(parts.values())
+
+
 # llama.cpp tensor name (per block: after `blk.N.`) -> transformers name (per layer: after `model.layers.N.`).
 _BLOCK = {
     "attn_norm": "input_layernorm",
@@ -78,8 +91,8 @@ class LlamaCppNames(DerivedView):
         if arch not in ARCHITECTURES:
             raise LetterpressError(
                 f"{name} is a GGUF language model of llama.cpp architecture '{arch or 'unknown'}'; Letterpress reads "
-                f"text encoder GGUFs of the architectures {', '.join(sorted(ARCHITECTURES))} (Ministral-3 for "
-                "ERNIE-Image, Qwen3 for Ovis-Image). Pick the text encoder of the model you run.")
+                f"text encoder GGUFs of the architectures {', '.join(sorted(ARCHITECTURES))} ({_users()}). Pick the "
+                "text encoder of the model you run.")
         self._names = {}
         for key in ck:
             hf = transformers_name(key)

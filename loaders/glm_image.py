@@ -10,21 +10,39 @@ tensor by tensor from the memory-mapped safetensors.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
-from .detect import expect
 from .errors import LetterpressError
+from .explain import Source
+from .families import FamilySpec, Signature
 from .files import check_pipeline, component
 from .handle import ModelHandle
 from .host import get_host
 from .llm import TOKENIZER_FILES, read_generation_config, read_tokenizer
-from .vae import load_vae
-from .weights import build_empty, fill_module, open_checkpoint, quant_type, read_json, weight_dtype
+from .stage import Layout, Stage, config_file_or, load_stage
+from .storage import Storage
+from .vae import vae_stage
+from .weights import Checkpoint, read_json
 
 FAMILY = "glm_image"
 PIPELINE_CLASSES = ("GlmImagePipeline",)
 MODEL, REPO = "a GLM-Image", "zai-org/GLM-Image"
+
+SPEC = FamilySpec(
+    key=FAMILY, title="GLM-Image", class_stem="GlmImage",
+    sources=(Source("GLM-Image", FAMILY, "folder", "diffusers", "GLM-Image", "zai-org/GLM-Image",
+                    pipeline="GlmImagePipeline"),),
+    signatures=(Signature("ar", "GLM-Image AR model", ("vqmodel.quantize.embedding.weight", "language_model.")),
+                Signature("dit", "GLM-Image DiT", ("glyph_projector",)),
+                Signature("dit", "GLM-Image DiT", ("prior_token_embedding",))),
+    components=("t5", "kl_vae"),
+    encode_node="GLM-Image Glyph Encode",
+    latent_nodes="GLM-Image VAE Encode or DiT Sample",
+    # DiT activations per token of width (samplers/working_memory.py): 0.51 GB / (4160 x 4096 x 2 B) = 15.0
+    dit_factor=19.0,
+)
 # The reference scheduler settings (GlmImagePipeline: dynamic shift from base 0.25 / max 0.75 over 256 tokens).
 DEFAULT_SCHEDULER = dict(num_train_timesteps=1000, base_image_seq_len=256, base_shift=0.25, max_shift=0.75,
                          use_dynamic_shifting=True, time_shift_type="linear", shift=1.0)
@@ -46,27 +64,32 @@ def _sibling(path: str, sub: str) -> str:
     return os.path.join(os.path.dirname(path.rstrip(os.sep)), sub)
 
 
-def _config(path: str, what: str) -> dict:
-    return {k: v for k, v in read_json(os.path.join(path, "config.json"), what).items() if not k.startswith("_")}
+def _config_file(what: str):
+    """A Stage's `read`: the component folder's config.json (GLM-Image ships no single files)."""
+    return lambda ck, path: Layout(*config_file_or(path, what))
 
 
 # AR model ------------------------------------------------------------------------------------------
 
 
-def load_ar(path: str, dtype_choice: str = "auto") -> ModelHandle:
+_AR_DROPPED = ("architectures", "model_type", "transformers_version", "dtype")
+
+
+def load_ar(path: str, storage: Storage) -> ModelHandle:
     """GlmImageForConditionalGeneration (+ its GlmImageProcessor and generation config)."""
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration, GlmImageProcessor
 
     what = "GLM-Image AR model"
     path = _component(path, "vision_language_encoder", what)
-    ck = open_checkpoint(path)
-    expect(ck.keys(), FAMILY, what, os.path.basename(path), "the GLM-Image AR loader")
-    cfg_file = os.path.join(path, "config.json")
-    cfg = {k: v for k, v in read_json(cfg_file, what).items() if k not in ("architectures", "model_type", "transformers_version", "dtype")}
-    model_cls = get_host().model_class(GlmImageForConditionalGeneration)
-    module = build_empty(lambda: model_cls(GlmImageConfig(**cfg)), cfg_file)
-    fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what, quant=quant_type(dtype_choice))
-    module.eval()
+
+    def read(ck: Checkpoint, path: str) -> Layout:
+        cfg_file = os.path.join(path, "config.json")
+        return Layout({k: v for k, v in read_json(cfg_file, what).items() if k not in _AR_DROPPED}, cfg_file)
+
+    def build(cfg: dict) -> torch.nn.Module:
+        return get_host().model_class(GlmImageForConditionalGeneration)(GlmImageConfig(**cfg))
+
+    module = load_stage(path, storage, Stage(what, (FAMILY, what), "the GLM-Image AR loader", read, build))
     read_generation_config(module, [path], what)
     proc_dir = next((p for p in (_sibling(path, "processor"), path)
                      if os.path.exists(os.path.join(p, "processor_config.json"))
@@ -81,24 +104,26 @@ def load_ar(path: str, dtype_choice: str = "auto") -> ModelHandle:
 # Glyph encoder (ByT5) ------------------------------------------------------------------------------
 
 
-def load_glyph_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
+def load_glyph_encoder(path: str, storage: Storage) -> ModelHandle:
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     what = "GLM-Image glyph encoder (ByT5)"
     path = _component(path, "text_encoder", what)
-    ck = open_checkpoint(path)
-    expect(ck.keys(), "t5", "T5 / ByT5 encoder", os.path.basename(path), "the GLM-Image glyph encoder loader")
-    cfg = _config(path, what)
-    module = build_empty(lambda: T5EncoderModel(T5Config(**cfg)), os.path.join(path, "config.json"))
-    key_map = lambda k: None if k.startswith("decoder.") or k == "lm_head.weight" else k  # noqa: E731
-    dtype = weight_dtype(dtype_choice)
-    if dtype.itemsize == 1:  # T5 casts its activations to its weights' dtype, which fp8 cannot compute in; and
-        dtype = torch.bfloat16  # ByT5 is small (0.2B), so fp8 storage would save little: bf16 instead
-    # A GGUF type (Q8_0, ...) is not applied here for the same reason (packed weights are uint8): ByT5 loads in the
-    # compute dtype those choices give.
-    fill_module(module, ck, key_map, dtype=dtype, what=what, optional=("encoder.embed_tokens.",))
-    module.encoder.embed_tokens = module.shared  # tied, as T5EncoderModel ties them
-    module.eval()
+    # T5 casts its activations to its weights' dtype, which fp8 cannot compute in; and ByT5 is small (0.2B), so fp8
+    # storage would save little: bf16 instead. A GGUF type (Q8_0, ...) is not applied for the same reason (packed
+    # weights are uint8): ByT5 loads in the compute dtype those choices give.
+    storage = replace(storage, quant=None, dtype=torch.bfloat16 if storage.dtype.itemsize == 1 else storage.dtype)
+
+    def read(ck: Checkpoint, path: str) -> Layout:
+        cfg, cfg_file = config_file_or(path, what)
+        return Layout(cfg, cfg_file, key_map=lambda k: None if k.startswith("decoder.") or k == "lm_head.weight" else k)
+
+    def tie(module: torch.nn.Module) -> None:
+        module.encoder.embed_tokens = module.shared  # tied, as T5EncoderModel ties them
+
+    module = load_stage(path, storage, Stage(what, ("t5", "T5 / ByT5 encoder"), "the GLM-Image glyph encoder loader",
+                                             read, lambda cfg: T5EncoderModel(T5Config(**cfg)),
+                                             optional=("encoder.embed_tokens.",), finish=tie))
     tok_dir = next((p for p in (_sibling(path, "tokenizer"), path)
                     if os.path.exists(os.path.join(p, "tokenizer_config.json"))), None)
     tokenizer = read_tokenizer(ByT5Tokenizer.from_pretrained, tok_dir, what, ("tokenizer_config.json",)) if tok_dir \
@@ -109,17 +134,13 @@ def load_glyph_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
 # DiT -----------------------------------------------------------------------------------------------
 
 
-def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
+def load_dit(path: str, storage: Storage) -> ModelHandle:
     from diffusers import GlmImageTransformer2DModel
 
     what = "GLM-Image DiT"
     path = _component(path, "transformer", what)
-    ck = open_checkpoint(path)
-    expect(ck.keys(), FAMILY, what, os.path.basename(path), "the GLM-Image DiT loader")
-    cfg = _config(path, what)
-    module = build_empty(lambda: GlmImageTransformer2DModel.from_config(cfg), os.path.join(path, "config.json"))
-    fill_module(module, ck, dtype=weight_dtype(dtype_choice), what=what, quant=quant_type(dtype_choice))
-    module.eval()
+    module = load_stage(path, storage, Stage(what, (FAMILY, what), "the GLM-Image DiT loader", _config_file(what),
+                                             GlmImageTransformer2DModel.from_config))
     scheduler = dict(DEFAULT_SCHEDULER)
     sched_file = os.path.join(_sibling(path, "scheduler"), "scheduler_config.json")
     if os.path.exists(sched_file):
@@ -130,14 +151,14 @@ def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
 # VAE -----------------------------------------------------------------------------------------------
 
 
-def load_kl_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
+def load_kl_vae(path: str, storage: Storage) -> ModelHandle:
     from diffusers import AutoencoderKL
 
     what = "GLM-Image VAE"
     path = _component(path, "vae", what)
-    ck = open_checkpoint(path)
-    expect(ck.keys(), "kl_vae", "16-channel KL VAE", os.path.basename(path), "the GLM-Image VAE loader")
-    module = load_vae(path, AutoencoderKL, KL_VAE_TEMPLATE, weight_dtype(dtype_choice), what)
+    module = load_stage(path, storage.unquantized(), vae_stage(what, ("kl_vae", "16-channel KL VAE"),
+                                                               "the GLM-Image VAE loader", AutoencoderKL,
+                                                               KL_VAE_TEMPLATE))
     c = module.config
     if c.latents_mean is None or c.latents_std is None:
         raise LetterpressError(f"{what}: {path}/config.json has no latents_mean / latents_std; it is not GLM-Image's VAE.")
@@ -155,11 +176,11 @@ def load_kl_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
 # Whole folder --------------------------------------------------------------------------------------
 
 
-def load_folder(folder: str, dtype_choice: str = "auto") -> dict[str, ModelHandle]:
+def load_folder(folder: str, storage: Storage) -> dict[str, ModelHandle]:
     check_pipeline(folder, PIPELINE_CLASSES, MODEL, REPO)
     return {
-        "ar": load_ar(folder, dtype_choice),
-        "glyph_encoder": load_glyph_encoder(folder, dtype_choice),
-        "dit": load_dit(folder, dtype_choice),
-        "vae": load_kl_vae(folder, dtype_choice),
+        "ar": load_ar(folder, storage),
+        "glyph_encoder": load_glyph_encoder(folder, storage),
+        "dit": load_dit(folder, storage),
+        "vae": load_kl_vae(folder, storage),
     }

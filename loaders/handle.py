@@ -23,7 +23,7 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
 class ModelHandle:
     """A loaded model stage: what it is, the torch module, and the host's bookkeeping for it."""
 
-    family: str  # "ernie_image", "ovis_image", "glm_image", ...
+    family: str  # a registered family key (loaders/families.py REGISTERED)
     role: str  # "dit", "text_encoder", "vae", "prompt_enhancer", ...
     module: torch.nn.Module
     tokenizer: Any = None

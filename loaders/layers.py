@@ -138,10 +138,11 @@ def load_into(owner: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: 
     return errors
 
 
-def storage_dtype(owner: torch.nn.Module, name: str, compute: torch.dtype, ops: LayerOps) -> torch.dtype:
-    """The dtype a floating-point tensor `name` of `owner` is handed over in."""
-    if ops.linear_weight_dtype is not None and name == "weight" and kind_of(owner) == "Linear":
-        return ops.linear_weight_dtype
+def storage_dtype(owner: torch.nn.Module, name: str, compute: torch.dtype, linear: torch.dtype | None) -> torch.dtype:
+    """The dtype a floating-point tensor `name` of `owner` is handed over in (`linear`: that of Linear weights when it
+    is not the compute dtype, as storage.Storage.linear says)."""
+    if linear is not None and name == "weight" and kind_of(owner) == "Linear":
+        return linear
     return compute
 
 

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from .errors import LetterpressError
-from .host import get_host
-from .weights import Checkpoint, build_empty, fill_module, read_json, strip_prefix
+from .stage import Layout, Stage, transformers_model
+from .weights import Checkpoint, read_json, strip_prefix
 
 
 def infer_llm_shapes(ck: Checkpoint, prefix: str) -> dict:
@@ -64,40 +64,42 @@ def llm_config(
     return config_cls(**fields)
 
 
-def load_llm(
-    ck: Checkpoint,
-    config,
-    model_cls,
-    dtype: torch.dtype,
-    with_head: bool,
-    what: str,
-    quant: int | None = None,
-) -> torch.nn.Module:
-    """Build `model_cls(config)` on meta and fill it; keys of any wrapper prefix are mapped on.
+def llm_stage(what: str, signature: tuple[str, str], loader: str, config_cls, model_cls, template: dict,
+              sub_config: str | None = None, with_head: bool = False) -> Stage:
+    """The stage of a language model `model_cls` (stage.load_stage): its config from the folder's config.json or off
+    the shapes over `template` (`llm_config`), keys of any wrapper prefix mapped on.
 
-    with_head: the module is a *ForCausalLM (keys model.* and lm_head.*); else the bare model.
-    quant: the ggml type its Linear weights are quantized to at load (weights.quant_type), or None.
+    with_head: the module is a *ForCausalLM (keys model.* and lm_head.*, the head tied to the embeddings when the
+    config says so); else the bare model.
     """
-    prefix = llm_prefix(ck)
-    head_prefix = prefix[: -len("model.")] if prefix.endswith("model.") else prefix
 
-    def key_map(k: str) -> str | None:
-        if k.startswith(prefix):
-            rest = k[len(prefix) :]
-            return ("model." + rest) if with_head else rest
-        if with_head and k == head_prefix + "lm_head.weight":
-            return "lm_head.weight"
-        return None  # vision tower, projector, tokenizer blobs, an unused lm_head
+    def read(ck: Checkpoint, path: str) -> Layout:
+        config = llm_config(ck, path if os.path.isdir(path) else None, config_cls, template, sub_config)
+        prefix = llm_prefix(ck)
+        head_prefix = prefix[: -len("model.")] if prefix.endswith("model.") else prefix
 
-    module = build_empty(lambda: get_host().model_class(model_cls)(config))
-    tied = with_head and getattr(config, "tie_word_embeddings", False)
-    if with_head and not tied and head_prefix + "lm_head.weight" not in ck:
-        raise LetterpressError(f"{what}: the file has no lm_head; it is a text encoder, not a text generator.")
-    fill_module(module, ck, key_map, dtype=dtype, what=what, optional=("lm_head.",) if tied else (), quant=quant)
-    if tied:
-        module.lm_head.weight = module.model.embed_tokens.weight
-    module.eval()
-    return module
+        def key_map(k: str) -> str | None:
+            if k.startswith(prefix):
+                rest = k[len(prefix) :]
+                return ("model." + rest) if with_head else rest
+            if with_head and k == head_prefix + "lm_head.weight":
+                return "lm_head.weight"
+            return None  # vision tower, projector, tokenizer blobs, an unused lm_head
+
+        if with_head and not _tied(config) and head_prefix + "lm_head.weight" not in ck:
+            raise LetterpressError(f"{what}: the file has no lm_head; it is a text encoder, not a text generator.")
+        return Layout(config, key_map=key_map)
+
+    def tie(module: torch.nn.Module) -> None:
+        if _tied(module.config):
+            module.lm_head.weight = module.model.embed_tokens.weight
+
+    return Stage(what, signature, loader, read, transformers_model(model_cls),
+                 optional=("lm_head.",) if with_head else (), finish=tie if with_head else None)
+
+
+def _tied(config) -> bool:
+    return getattr(config, "tie_word_embeddings", False)
 
 
 def read_generation_config(module: torch.nn.Module, folders: list[str], what: str) -> None:

@@ -13,7 +13,7 @@ Formats:
 - kohya / sd-scripts: `lora_unet_<module with _ for .>.lora_down.weight` / `.lora_up.weight` / `.alpha` (OneTrainer:
   `lora_transformer_...`), matched to the DiT's layers by their flattened names.
 Layer names are the DiT's own (diffusers) names, or a family's original checkpoint names where the pack converts
-those checkpoints (Ovis-Image: ComfyUI's FLUX-style `double_blocks.N.img_attn.qkv`, ...), converted by the same plan
+those checkpoints (ComfyUI's FLUX-style `double_blocks.N.img_attn.qkv`, ...), converted by the same plan
 that converts the weights (see `for_dit`). LoRAs with text-encoder layers (`lora_te_...`, `text_encoder....`) are
 refused: only the DiT is patched.
 """
@@ -159,11 +159,11 @@ def parse_lora(ck: CheckpointView, name: str) -> LoraWeights:
 
 def for_dit(lora: LoraWeights, dit: ModelHandle) -> LoraWeights:
     """`lora` with its layers named as `dit`'s modules: kohya's flattened names matched to the DiT's layers, and a
-    family's original checkpoint names (Ovis-Image's FLUX-style ones) converted. Names neither way are left as
-    they are, for check_against to report."""
-    from . import ovis_image
+    family's original checkpoint names (its SPEC.lora_plan, e.g. FLUX-style ones) converted. Names neither way are
+    left as they are, for check_against to report."""
+    from . import families
 
-    plan_of = {ovis_image.FAMILY: ovis_image.lora_plan}.get(dit.family)
+    plan_of = families.get(dit.family).lora_plan if dit.family in families.REGISTERED else None
     plan = plan_of(dit.module, set(lora.layers)) if plan_of else {}
     own = {n for n, m in dit.module.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
     original = {s[: -len(".weight")] for sources, _ in plan.values() for s in sources if s.endswith(".weight")}
@@ -189,7 +189,7 @@ def _through_plan(layers: dict, plan: dict, dit: torch.nn.Module) -> dict:
     """LoRA layers in a checkpoint's original names -> the DiT's modules, by the plan that converts that
     checkpoint's weights (DiT key -> (original keys, function)). Every such function builds a weight from rows of
     its sources (a slice, a reorder, a stack), and a LoRA's delta B @ A has the weight's rows in B: so the
-    converted layer keeps A and gets the function applied to B. Stacked sources (Ovis-Image's SwiGLU up and gate
+    converted layer keeps A and gets the function applied to B. Stacked sources (a SwiGLU's up and gate
     halves) each keep their own ranks: A is theirs stacked, B block-diagonal (zeros for a source without a LoRA).
     Scales are folded into B."""
     converted = {s for sources, _ in plan.values() for s in sources}

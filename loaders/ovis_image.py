@@ -21,25 +21,53 @@ modulation, applied lazily one tensor at a time.
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
 from .checkpoint import CheckpointView, DerivedView
-from .detect import expect
 from .errors import LetterpressError
+from .explain import Source
+from .families import FamilySpec, Signature
 from .files import check_pipeline, component, list_diffusers_folders
 from .handle import ModelHandle
 from .host import get_host
 from .packed import cat_rows, split_rows
-from .llm import find_tokenizer_folders, llm_config, load_llm, load_tokenizer
-from .vae import load_vae
-from .weights import (build_empty, fill_module, open_checkpoint, quant_type, read_json, strip_prefix,
-                      weight_dtype)
+from .llm import find_tokenizer_folders, llm_stage, load_tokenizer
+from .stage import Layout, Stage, config_file_or, load_stage, under
+from .storage import Storage
+from .vae import vae_stage
+from .weights import Checkpoint, read_json, strip_prefix
 
 FAMILY = "ovis_image"
 PIPELINE_CLASSES = ("OvisImagePipeline",)
 MODEL, REPO = "an Ovis-Image", "AIDC-AI/Ovis-Image-7B"
+
+SPEC = FamilySpec(
+    key=FAMILY, title="Ovis-Image", class_stem="OvisImage",
+    sources=(
+        Source("Ovis-Image", FAMILY, "folder", "diffusers", "Ovis-Image-7B", "AIDC-AI/Ovis-Image-7B",
+               pipeline="OvisImagePipeline"),
+        # single files at the URLs of docs.comfy.org's Ovis-Image page
+        Source("Ovis-Image DiT", FAMILY, "dit", "diffusion_models", "ovis_image_bf16.safetensors",
+               "Comfy-Org/Ovis-Image", "split_files/diffusion_models/ovis_image_bf16.safetensors"),
+        Source("Ovis-Image text encoder", FAMILY, "text_encoder", "text_encoders", "ovis_2.5.safetensors",
+               "Comfy-Org/Ovis-Image", "split_files/text_encoders/ovis_2.5.safetensors", companion=("tokenizer/*",)),
+        Source("FLUX.1 VAE", FAMILY, "vae", "vae", "ae.safetensors", "Comfy-Org/z_image_turbo",
+               "split_files/vae/ae.safetensors"),
+    ),
+    # the text-input RMSNorm and (original names) the SwiGLU double-block MLP tell it from FLUX.1
+    signatures=(Signature("dit", "Ovis-Image DiT", ("context_embedder_norm.weight", "single_transformer_blocks.0.")),
+                Signature("dit", "Ovis-Image DiT (original names)",
+                          ("double_blocks.0.", "single_blocks.0.", "img_mlp.gate_proj"))),
+    components=("qwen3", "kl_vae"),
+    encode_node="Ovis-Image Text Encode",
+    latent_nodes="Ovis-Image Empty Latent, DiT Sample or VAE Encode",
+    # DiT activations per token of width (samplers/working_memory.py): 0.68 GB / (4380 x 3072 x 2 B) = 25.3
+    dit_factor=32.0,
+    # LoRAs in the original (FLUX-style) names are converted by the plan of the checkpoint conversion
+    lora_plan=lambda module, names: lora_plan(module, names),  # defined below
+)
 
 # Qwen3 settings of the Ovis2.5-2B language model that tensor shapes cannot tell (Qwen3-1.7B base).
 QWEN3_TEMPLATE = dict(
@@ -265,43 +293,35 @@ def _schedule_for(path: str) -> dict:
     return sched
 
 
-def load_dit(path: str, dtype_choice: str = "auto") -> ModelHandle:
+def _dit_layout(ck: Checkpoint, path: str) -> Layout:
+    """An Ovis-Image DiT in original names (converted as it is read) or in diffusers' (under any wrapper prefix)."""
+    if not any(".img_attn.qkv." in k for k in ck):
+        prefix = strip_prefix(ck.keys(), "x_embedder.weight")
+        keys = {k[len(prefix):] for k in ck if k.startswith(prefix)}
+        cfg, cfg_file = config_file_or(
+            path, "Ovis-Image DiT", lambda: _config_from_diffusers_names(lambda k: ck.shape(prefix + k), keys))
+        return Layout(cfg, cfg_file, key_map=under(prefix))
+    prefix = strip_prefix(ck.keys(), "double_blocks.0.")
+    keys = {k[len(prefix):] for k in ck if k.startswith(prefix)}
+    shape = lambda k: ck.shape(prefix + k)  # noqa: E731
+    plan = original_plan(keys, shape)
+    used = {prefix + s for sources, _ in plan.values() for s in sources}
+    extra = sorted(k for k in ck if k not in used)
+    if extra:
+        raise LetterpressError(
+            f"Ovis-Image DiT: {os.path.basename(path)} holds {len(extra)} tensors an Ovis-Image DiT does not have "
+            f"(e.g. {', '.join(extra[:3])}). It is another FLUX-style model."
+        )
+    state = _Converted(ck, {k: (tuple(prefix + s for s in src), fn) for k, (src, fn) in plan.items()})
+    return Layout(_config_from_original_names(shape, keys), state=state)
+
+
+def load_dit(path: str, storage: Storage) -> ModelHandle:
     from diffusers import OvisImageTransformer2DModel
 
     path = _component(path, "transformer")
-    ck = open_checkpoint(path)
-    expect(ck.keys(), FAMILY, "Ovis-Image DiT", os.path.basename(path), "the Ovis-Image DiT loader")
-    original = any(".img_attn.qkv." in k for k in ck)
-    cfg_file = None  # the config.json the architecture comes from, if any
-    if original:
-        prefix = strip_prefix(ck.keys(), "double_blocks.0.")
-        keys = {k[len(prefix):] for k in ck if k.startswith(prefix)}
-        shape = lambda k: ck.shape(prefix + k)  # noqa: E731
-        plan = original_plan(keys, shape)
-        used = {prefix + s for sources, _ in plan.values() for s in sources}
-        extra = sorted(k for k in ck if k not in used)
-        if extra:
-            raise LetterpressError(
-                f"Ovis-Image DiT: {os.path.basename(path)} holds {len(extra)} tensors an Ovis-Image DiT does not have "
-                f"(e.g. {', '.join(extra[:3])}). It is another FLUX-style model."
-            )
-        cfg = _config_from_original_names(shape, keys)
-        state: Mapping = _Converted(ck, {k: (tuple(prefix + s for s in src), fn) for k, (src, fn) in plan.items()})
-        key_map = lambda k: k  # noqa: E731
-    else:
-        prefix = strip_prefix(ck.keys(), "x_embedder.weight")
-        keys = {k[len(prefix):] for k in ck if k.startswith(prefix)}
-        if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-            cfg_file = os.path.join(path, "config.json")
-            cfg = {k: v for k, v in read_json(cfg_file, "Ovis-Image DiT").items() if not k.startswith("_")}
-        else:
-            cfg = _config_from_diffusers_names(lambda k: ck.shape(prefix + k), keys)
-        state = ck
-        key_map = lambda k: k[len(prefix):] if k.startswith(prefix) else None  # noqa: E731
-    module = build_empty(lambda: OvisImageTransformer2DModel.from_config(cfg), cfg_file)
-    fill_module(module, state, key_map, dtype=weight_dtype(dtype_choice), what="Ovis-Image DiT",
-                quant=quant_type(dtype_choice))
-    module.eval()
+    module = load_stage(path, storage, Stage("Ovis-Image DiT", (FAMILY, "Ovis-Image DiT"), "the Ovis-Image DiT loader",
+                                             _dit_layout, OvisImageTransformer2DModel.from_config))
     return ModelHandle(FAMILY, "dit", module, source=path, extras={"schedule": _schedule_for(path)})
 
 
@@ -320,17 +340,13 @@ def _tokenizer_for(path: str):
     return load_tokenizer(find_tokenizer_folders(path, _sibling_tokenizers), what, TOKENIZER_HINT)
 
 
-def load_text_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
+def load_text_encoder(path: str, storage: Storage) -> ModelHandle:
     from transformers import Qwen3Config, Qwen3Model
 
     path = _component(path, "text_encoder")
-    ck = open_checkpoint(path)
-    expect(ck.keys(), "qwen3", "Qwen3 language model (the Ovis2.5 text encoder)", os.path.basename(path),
-           "the Ovis-Image text encoder loader")
-    folder = path if os.path.isdir(path) else None
-    config = llm_config(ck, folder, Qwen3Config, QWEN3_TEMPLATE, sub_config="llm_config")
-    module = load_llm(ck, config, Qwen3Model, weight_dtype(dtype_choice), False, "Ovis-Image text encoder",
-                      quant_type(dtype_choice))
+    module = load_stage(path, storage, llm_stage(
+        "Ovis-Image text encoder", ("qwen3", "Qwen3 language model (the Ovis2.5 text encoder)"),
+        "the Ovis-Image text encoder loader", Qwen3Config, Qwen3Model, QWEN3_TEMPLATE, "llm_config"))
     tokenizer = _tokenizer_for(path)
     if tokenizer.pad_token_id is None:
         raise LetterpressError("Ovis-Image text encoder: its tokenizer has no pad token; use the Ovis-Image tokenizer folder.")
@@ -340,13 +356,13 @@ def load_text_encoder(path: str, dtype_choice: str = "auto") -> ModelHandle:
 # VAE -----------------------------------------------------------------------------------------------
 
 
-def load_flux1_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
+def load_flux1_vae(path: str, storage: Storage) -> ModelHandle:
     from diffusers import AutoencoderKL
 
     path = _component(path, "vae")
-    ck = open_checkpoint(path)
-    expect(ck.keys(), "kl_vae", "FLUX.1 VAE", os.path.basename(path), "the Ovis-Image VAE loader")
-    module = load_vae(path, AutoencoderKL, FLUX1_VAE_TEMPLATE, weight_dtype(dtype_choice), "FLUX.1 VAE")
+    module = load_stage(path, storage.unquantized(), vae_stage("FLUX.1 VAE", ("kl_vae", "FLUX.1 VAE"),
+                                                               "the Ovis-Image VAE loader", AutoencoderKL,
+                                                               FLUX1_VAE_TEMPLATE))
     channels = module.config.latent_channels
     if channels != LATENT_CHANNELS:
         raise LetterpressError(
@@ -359,10 +375,10 @@ def load_flux1_vae(path: str, dtype_choice: str = "auto") -> ModelHandle:
 # Whole folder --------------------------------------------------------------------------------------
 
 
-def load_folder(folder: str, dtype_choice: str = "auto") -> dict[str, ModelHandle]:
+def load_folder(folder: str, storage: Storage) -> dict[str, ModelHandle]:
     check_pipeline(folder, PIPELINE_CLASSES, MODEL, REPO)
     return {
-        "dit": load_dit(folder, dtype_choice),
-        "text_encoder": load_text_encoder(folder, dtype_choice),
-        "vae": load_flux1_vae(folder, dtype_choice),
+        "dit": load_dit(folder, storage),
+        "text_encoder": load_text_encoder(folder, storage),
+        "vae": load_flux1_vae(folder, storage),
     }

@@ -181,16 +181,13 @@ def compute_device() -> torch.device:
     return device if device.type == "cuda" else torch.device("cpu")
 
 
-def build_layers(model: torch.nn.Module, ops, qtype: int | None) -> torch.nn.Module:
-    """For a model another library has already loaded (ERNIE-4.5-VL, through transformers): its layers rebuilt as the
-    host's (layers.build_layers), then, for a GGUF type, each Linear weight `packs` picks quantized and put back
+def pack_loaded(model: torch.nn.Module, qtype: int) -> torch.nn.Module:
+    """For a model another library has already loaded (through transformers), its layers already the
+    host's (stage.choose_layers, with packed Linear layers): each Linear weight `packs` picks quantized and put back
     packed, one layer at a time (each layer's full-precision weight is freed as its packed bytes replace it; the
     loaded model itself was full precision, so such a load peaks at that size, unlike fill_module's)."""
     from . import layers
 
-    if qtype is None:
-        return layers.build_layers(model, ops)
-    layers.build_layers(model, layers.with_quantized(ops))
     device = compute_device()
     # a head tied to the token embeddings stays as it is, as the meta-device loaders tie it after loading
     embedded = {m.weight.untyped_storage().data_ptr() for m in model.modules() if layers.kind_of(m) == "Embedding"}

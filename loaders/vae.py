@@ -4,13 +4,11 @@ original (LDM / Black Forest Labs) key names that ComfyUI users have, converted 
 
 from __future__ import annotations
 
-import os
 import re
 
-import torch
-
 from .errors import LetterpressError
-from .weights import Checkpoint, build_empty, fill_module, open_checkpoint, read_json
+from .stage import Layout, Stage, config_file_or
+from .weights import Checkpoint
 
 LDM_PREFIXES = ("first_stage_model.", "vae.")
 
@@ -62,26 +60,19 @@ def _ldm_to_diffusers(ck: Checkpoint, template: dict) -> dict:
     return converted
 
 
-def load_vae(path: str, vae_cls, template: dict, dtype: torch.dtype, what: str) -> torch.nn.Module:
-    """Load a VAE from a diffusers `vae/` folder or a single file in either naming."""
-    folder = path if os.path.isdir(path) else None
-    ck = open_checkpoint(path)
-    if _is_ldm(ck.keys()):
-        state: dict | Checkpoint = _ldm_to_diffusers(ck, template)
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-    else:
-        state = ck
-        shapes = {k: ck.shape(k) for k in ck}
-    cfg_file = os.path.join(folder, "config.json") if folder else None
-    if cfg_file and os.path.exists(cfg_file):
-        cfg = {k: v for k, v in read_json(cfg_file, what).items() if not k.startswith("_")}
-    else:
-        cfg, cfg_file = infer_vae_config(shapes, template), None
-    module = build_empty(lambda: vae_cls.from_config(cfg), cfg_file)
-    try:
-        fill_module(module, state, dtype=dtype, what=what, keep_fp32=("bn.running",), source=path)
-    except BaseException:
-        state = ck = None  # converted tensors view the file's memory map: none outlives a failed load
-        raise
-    module.eval()
-    return module
+def vae_stage(what: str, signature: tuple[str, str], loader: str, vae_cls, template: dict) -> Stage:
+    """The stage of a VAE (stage.load_stage) from a diffusers `vae/` folder or a single file in either naming: its
+    settings from the folder's config.json, else read off the shapes over `template`; original (LDM) names converted.
+    Load it unquantized (Storage.unquantized): a VAE is convolutions and few, small Linear layers."""
+
+    def read(ck: Checkpoint, path: str) -> Layout:
+        if _is_ldm(ck.keys()):
+            state: dict | Checkpoint = _ldm_to_diffusers(ck, template)
+            shapes = {k: tuple(v.shape) for k, v in state.items()}
+        else:
+            state = ck
+            shapes = {k: ck.shape(k) for k in ck}
+        cfg, cfg_file = config_file_or(path, what, lambda: infer_vae_config(shapes, template))
+        return Layout(cfg, cfg_file, state=state)
+
+    return Stage(what, signature, loader, read, vae_cls.from_config, keep_fp32=("bn.running",))

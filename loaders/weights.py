@@ -1,8 +1,9 @@
 """Memory-mapped safetensors reading and meta-device module building.
 
 A module is built on the meta device (no random weights are allocated), its layers are rebuilt as the classes
-the host chooses (layers.py), then every layer is given its tensors, read from the checkpoint, through its own
-loading path, so at no point are two full copies of the weights in memory.
+the host chooses (stage.choose_layers, layers.py), then `fill_module` gives every layer its tensors, read from the
+checkpoint, through its own loading path, so at no point are two full copies of the weights in memory. Filling chooses
+nothing and asks no host: it stores each tensor as the `Storage` (storage.py) and the layers already chosen say.
 """
 
 from __future__ import annotations
@@ -27,32 +28,8 @@ from .errors import LetterpressError
 from .files import PICKLE_EXTENSIONS, SHARD, read_json, readable
 from .gguf_file import GgufCheckpoint, is_gguf
 from .gguf_llm import LlamaCppNames, is_llama_cpp_llm
-from .host import get_host
-from .layers import FP8, FP8_COMPUTE
 from .packed import Packed
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
-WEIGHT_DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", *quantize.TYPES]
-
-
-def weight_dtype(choice: str) -> torch.dtype:
-    """'auto' is fp32 on CPU, bf16 on a device that has it, fp16 otherwise. 'fp8_e4m3fn' stores the
-    Linear weights in fp8 (half of bf16) and computes in bf16. A GGUF type (Q8_0, ..., Q4_0) computes in what 'auto'
-    does; its Linear weights are quantized at load (`quant_type`, quantize.py)."""
-    if choice in DTYPES:
-        return DTYPES[choice]
-    device = get_host().compute_device()
-    if device.type == "cpu":
-        return torch.float32
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def quant_type(choice: str) -> int | None:
-    """The ggml type a weight_dtype choice quantizes Linear weights to at load, or None (stored as read)."""
-    return quantize.type_of(choice)
-
+from .storage import Storage
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -356,23 +333,31 @@ def fill_module(
     module: torch.nn.Module,
     checkpoint: Mapping[str, torch.Tensor],
     key_map: Callable[[str], str | None] = lambda k: k,
-    dtype: torch.dtype = torch.float32,
+    storage: Storage = Storage(),
     keep_fp32: tuple[str, ...] = (),
     what: str = "model",
     optional: tuple[str, ...] = (),
     source: str = "",
-    quant: int | None = None,
+    quantize_on: torch.device | None = None,
+    expected: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
-    """Assign every parameter and persistent buffer of `module` from `checkpoint`, tensor by tensor.
+    """Assign every parameter and persistent buffer of `module` from `checkpoint`, tensor by tensor, into the layers
+    `module` already has (stage.choose_layers chose them), stored as `storage` says.
+
+    `expected`: what the file must hold (the module's tensors by name, for their shapes), read off the model as its own
+    code built it, before its layers were chosen: a host's layer class may create its tensors only when they are
+    loaded, as upstream ComfyUI's do under dynamic VRAM (default: the module's state dict as it is now).
 
     `key_map` maps a checkpoint key to the module's key (None drops it). Missing or unexpected keys
     raise a LetterpressError naming them, since they mean the file is not the model the loader expects.
-    `quant`: a ggml type (`quant_type`) the Linear weights `quantize.packs` are quantized to as they are read, kept
-    packed as a GGUF file's (weights already packed in the file stay as they are).
+    `storage.quant`: a ggml type the Linear weights `quantize.packs` are quantized to as they are read (on
+    `quantize_on`, the CPU if None), kept packed as a GGUF file's (weights already packed in the file stay as they are).
     """
     checkpoint = view(checkpoint, source)
     try:
-        return _fill(module, checkpoint, key_map, dtype, keep_fp32, what, optional, quant)
+        if expected is None:
+            expected = dict(module.state_dict(keep_vars=True))
+        return _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, quantize_on, expected)
     except BaseException as e:
         # A load that fails halfway leaves nothing behind: the module's tensors (views of the file's memory
         # map) are dropped, the checkpoint's maps closed and the failed frames' locals cleared, so no mapping
@@ -384,16 +369,8 @@ def fill_module(
         raise
 
 
-def _fill(module, checkpoint: CheckpointView, key_map, dtype, keep_fp32, what, optional, quant):
-    # What the file must hold, read off the model as its own code built it (a host's layer class may create its
-    # tensors only when they are loaded, as upstream ComfyUI's do under dynamic VRAM)
-    expected = dict(module.state_dict(keep_vars=True))
-    ops = get_host().layer_ops(dtype)
-    if checkpoint.quantized or quant is not None:
-        ops = layers.with_quantized(ops)  # Linear weights stay packed, dequantized per call
-    layers.build_layers(module, ops)
-    if dtype == FP8:
-        dtype = FP8_COMPUTE  # Linear weights are stored as the table says; everything else computes in bf16
+def _fill(module, checkpoint: CheckpointView, key_map, storage, keep_fp32, what, optional, quantize_on, expected):
+    dtype, quant = storage.compute, storage.quant  # Linear weights are stored as `storage.linear` says
     owners = dict(module.named_modules(remove_duplicate=False))
     given: dict[str, dict[str, torch.Tensor]] = {}  # owner module name -> its tensors, by full key
     seen: set[str] = set()
@@ -437,11 +414,11 @@ def _fill(module, checkpoint: CheckpointView, key_map, dtype, keep_fp32, what, o
             nonzero[name] = nonzero.get(name, False) or bool(sample.any())
         if (quant is not None and leaf == "weight" and isinstance(tensor, torch.Tensor)
                 and isinstance(owners[owner_name], layers.QuantizedWeight) and quantize.packs(tensor.shape, quant)):
-            tensor = quantize.pack(tensor, quant, quantize.compute_device())
+            tensor = quantize.pack(tensor, quant, quantize_on or torch.device("cpu"))
             checkpoint.release(ck)  # the file's pages of it: no full-precision copy stays behind
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             want = torch.float32 if any(s in mk for s in keep_fp32) else dtype
-            tensor = tensor.to(layers.storage_dtype(owners[owner_name], leaf, want, ops))
+            tensor = tensor.to(layers.storage_dtype(owners[owner_name], leaf, want, storage.linear))
         given.setdefault(owner_name, {})[mk] = tensor
         seen.add(mk)
     for name, any_nonzero in nonzero.items():

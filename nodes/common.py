@@ -8,7 +8,7 @@ import torch
 
 from ..loaders.errors import LetterpressError
 from ..loaders.files import list_diffusers_choices, list_files
-from ..loaders.weights import WEIGHT_DTYPE_CHOICES
+from ..loaders import storage
 from ..samplers import working_memory
 from ..samplers.sizes import MAX_SIZE
 
@@ -17,11 +17,19 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 def dtype_input():
-    return (WEIGHT_DTYPE_CHOICES, {"default": "auto", "tooltip": (
+    return (storage.CHOICES, {"default": "auto", "tooltip": (
         "Weight dtype. auto: fp32 on CPU, bf16 on GPUs that have it, else fp16. fp8_e4m3fn: Linear weights stored in "
         "fp8. Q8_0 / Q5_1 / Q5_0 / Q4_1 / Q4_0: Linear weights quantized to that GGUF type as they load (about 1.06 / "
         "0.75 / 0.69 / 0.63 / 0.56 bytes a weight), computed as auto (VAEs and the ByT5 glyph encoder load as auto); "
         "a GGUF file's own types are kept as stored.")})
+
+
+def weight_storage(choice: str) -> storage.Storage:
+    """The weight_dtype widget's choice as the storage the loaders take, resolved here, once, for the host's compute
+    device ('auto' means the dtype that device computes in)."""
+    from ..loaders.host import get_host
+
+    return storage.resolve(choice, get_host().compute_device())
 
 
 def file_input(kind: str, tooltip: str):
@@ -117,7 +125,7 @@ class FileLoader:
     """Base of the single-file loader nodes: a file from one model folder + a weight dtype -> one stage.
 
     Subclasses set CATEGORY, DESCRIPTION, RETURN_TYPES, RETURN_NAMES, KIND (the model folder), INPUT (the
-    widget's name), TOOLTIP (the file users have) and LOAD (loaders function: path, dtype choice -> handle).
+    widget's name), TOOLTIP (the file users have) and LOAD (loaders function: path, storage.Storage -> handle).
     """
 
     FUNCTION = "run"
@@ -151,8 +159,8 @@ class FileLoader:
         from ..loaders.explain import explain_file
 
         dtype = values.get("weight_dtype")
-        if isinstance(dtype, str) and dtype not in WEIGHT_DTYPE_CHOICES:
-            return f"weight_dtype '{dtype}' is not one of {', '.join(WEIGHT_DTYPE_CHOICES)}"
+        if isinstance(dtype, str) and dtype not in storage.CHOICES:
+            return f"weight_dtype '{dtype}' is not one of {', '.join(storage.CHOICES)}"
         if not cls.FAMILY:
             return True
         return explain_file(cls.KIND, values.get(cls.INPUT), cls.FAMILY, cls.ROLE, cls.LOADER or "this loader") or True
@@ -163,8 +171,9 @@ class FileLoader:
         from ..loaders.files import resolve
 
         values = dict(zip((self.INPUT, "weight_dtype"), args), **kwargs)  # ComfyUI passes keywords
+        stored_as = weight_storage(values["weight_dtype"])
         try:
-            handle = type(self).LOAD(resolve(self.KIND, values[self.INPUT]), values["weight_dtype"])
+            handle = type(self).LOAD(resolve(self.KIND, values[self.INPUT]), stored_as)
         except WrongModel as e:
             if not self.FAMILY:
                 raise

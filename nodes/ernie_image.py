@@ -23,6 +23,7 @@ from .common import (
     size_input,
     size_validator,
     steps_input,
+    weight_storage,
 )
 from .dit_options import compile_node, lora_loader
 from .training import apply_trained_node, train_lora_node
@@ -99,7 +100,8 @@ class LetterpressErnieImageFolderLoader:
         }}
 
     def run(self, folder, weight_dtype, load_prompt_enhancer):
-        m = load.load_folder(resolve("diffusers", folder), weight_dtype, with_pe=load_prompt_enhancer)
+        storage = weight_storage(weight_dtype)
+        m = load.load_folder(resolve("diffusers", folder), storage, with_pe=load_prompt_enhancer)
         return hosted(m["dit"], m["text_encoder"], m["vae"], m["prompt_enhancer"])
 
 
@@ -256,3 +258,8 @@ DISPLAY_NAMES = {
     "LetterpressErnieImageTrainLoRA": "ERNIE-Image Train LoRA",
     "LetterpressErnieImageApplyTrainedLoRA": "ERNIE-Image Apply Trained LoRA",
 }
+
+from . import ernie_image_remote  # noqa: E402  (the Remote node: ERNIE-Image on an SGLang Diffusion server)
+
+NODES.update(ernie_image_remote.NODES)
+DISPLAY_NAMES.update(ernie_image_remote.DISPLAY_NAMES)

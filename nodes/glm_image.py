@@ -20,6 +20,7 @@ from .common import (
     size_input,
     size_validator,
     steps_input,
+    weight_storage,
 )
 from .dit_options import compile_node, lora_loader
 from .training import apply_trained_node, train_lora_node
@@ -46,7 +47,8 @@ class _ComponentLoader:
         return {"required": {"folder": _folder(), "weight_dtype": dtype_input()}}
 
     def run(self, folder, weight_dtype):
-        return hosted(type(self).LOAD(resolve("diffusers", folder), weight_dtype))
+        storage = weight_storage(weight_dtype)
+        return hosted(type(self).LOAD(resolve("diffusers", folder), storage))
 
 
 class LetterpressGlmImageARLoader(_ComponentLoader):
@@ -99,7 +101,8 @@ class LetterpressGlmImageFolderLoader:
         return {"required": {"folder": _folder(), "weight_dtype": dtype_input()}}
 
     def run(self, folder, weight_dtype):
-        m = load.load_folder(resolve("diffusers", folder), weight_dtype)
+        storage = weight_storage(weight_dtype)
+        m = load.load_folder(resolve("diffusers", folder), storage)
         return hosted(m["ar"], m["glyph_encoder"], m["dit"], m["vae"])
 
 
@@ -307,3 +310,8 @@ DISPLAY_NAMES = {
     "LetterpressGlmImageTrainLoRA": "GLM-Image Train LoRA",
     "LetterpressGlmImageApplyTrainedLoRA": "GLM-Image Apply Trained LoRA",
 }
+
+from . import glm_image_remote  # noqa: E402  (the Remote node: GLM-Image on a vLLM-Omni server)
+
+NODES.update(glm_image_remote.NODES)
+DISPLAY_NAMES.update(glm_image_remote.DISPLAY_NAMES)

@@ -3,13 +3,14 @@
 NodeHelpService, comfyui-frontend-package 1.35 to 1.49; without a page it shows the description and tooltips).
 
 A page is the node's DESCRIPTION, its inputs with their tooltips, its outputs, and for a loader the model files
-it takes with where to download them (loaders/explain.py's MODELS). `python tools/help_pages.py` writes them; a
-test holds the files equal to `page()`.
+it takes with where to download them (loaders/explain.py's MODELS: the families' SPEC.sources). `python
+tools/help_pages.py` writes them; a test holds the files equal to `page()`.
 """
 
 from __future__ import annotations
 
-from ..loaders.explain import FAMILY_NAMES, MODELS
+from ..loaders.explain import models
+from ..loaders.families import title
 
 DOCS = "web/docs"
 
@@ -29,9 +30,9 @@ def _models(cls) -> list[str]:
     """The model-files section of a loader: the sources of its family and role (a folder loader: the folders)."""
     family = getattr(cls, "FAMILY", "")
     if getattr(cls, "INPUT", ""):
-        own = [s for s in MODELS if s.family == family and s.role == cls.ROLE and s.kind == cls.KIND]
+        own = [s for s in models() if s.family == family and s.role == cls.ROLE and s.kind == cls.KIND]
     elif getattr(cls, "PARTS", None) is not None:
-        own = [s for s in MODELS if s.family == family and s.role == "folder"]
+        own = [s for s in models() if s.family == family and s.role == "folder"]
     else:
         return []
     rows = ["## Model files", "", "| name | put it in | download |", "|---|---|---|"]
@@ -40,7 +41,7 @@ def _models(cls) -> list[str]:
         link = f"[{s.repo}/{s.file}]({s.url})" if s.file else f"[{s.repo}]({s.url}) (the whole repository)"
         rows.append(f"| `{name}` | `models/{s.kind}/` | {link} |")
     tail = (f"The headless runner's `--download` fetches what a workflow reads of these. More in the README's "
-            f"Model files section ({FAMILY_NAMES.get(family, family)}).")
+            f"Model files section ({title(family)}).")
     return rows + ["", tail, ""]
 
 

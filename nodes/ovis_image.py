@@ -21,6 +21,7 @@ from .common import (
     seed_input,
     size_validator,
     steps_input,
+    weight_storage,
 )
 from .dit_options import compile_node, lora_loader
 from .training import apply_trained_node, train_lora_node
@@ -49,7 +50,8 @@ class LetterpressOvisImageFolderLoader:
         }}
 
     def run(self, folder, weight_dtype):
-        m = load.load_folder(resolve("diffusers", folder), weight_dtype)
+        storage = weight_storage(weight_dtype)
+        m = load.load_folder(resolve("diffusers", folder), storage)
         return hosted(m["dit"], m["text_encoder"], m["vae"])
 
 

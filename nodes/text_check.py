@@ -1,13 +1,14 @@
 """Text that is right: read back what was rendered, score it against what was asked, keep the best.
 
 Thin nodes over samplers/text_ocr.py (engines), samplers/text_metrics.py (Word Accuracy, NED) and
-samplers/text_spans.py (the quoted spans of a prompt, the same rule GLM-Image's glyphs use).
+samplers/text_spans.py (the quoted spans of a prompt, the same rule the glyph encoders use).
 """
 
 from __future__ import annotations
 
 import json
 
+from ..loaders import families
 from ..loaders.errors import LetterpressError
 from ..samplers import text_metrics as metrics
 from ..samplers import text_ocr as ocr
@@ -17,7 +18,9 @@ from .common import CATEGORY
 CAT = f"{CATEGORY}/Text check"
 READ = "LP_READ_TEXT"  # per image: {"engine", "width", "height", "lines": [{"text", "score", "box"}]}
 SCORES = "LP_SCORES"  # {"names": [...], "values": [[...] per image], "details": [...]}
-VL = "LP_ERNIE_VL"
+READER = families.text_reader()  # the family whose model can read instead of PP-OCR (loaders/families.py)
+VL = READER.text_reader.io_type if READER else "LP_VL_MODEL"
+VL_TITLE = READER.title if READER else "a vision-language model"
 RANK_BY = ["word_accuracy", "ned"]
 METRIC_TOOLTIP = (
     "cvtg-2k: exactly CVTG-2K's evaluation (TextCrafter's unified_metrics_eval.py), comparable with published tables: "
@@ -31,7 +34,7 @@ METRIC_TOOLTIP = (
 
 class LetterpressTextRead:
     DESCRIPTION = ("Reads the text in every image of a batch: lines with their boxes, as JSON and as plain text. "
-                   "PP-OCR (rapidocr package, CPU, Chinese and English) by default; ERNIE-4.5-VL when a VL model "
+                   "PP-OCR (rapidocr package, CPU, Chinese and English) by default; " + VL_TITLE + " when a VL model "
                    "is wired in (slower, better on stylised text). A missing engine package is an error that says "
                    "what to install; no other engine is used in its place.")
     CATEGORY = CAT
@@ -48,7 +51,7 @@ class LetterpressTextRead:
                                              "tooltip": "PP-OCR drops lines recognised with less confidence than this."}),
             },
             "optional": {
-                "vl_model": (VL, {"tooltip": "An ERNIE-4.5-VL model (from its loader): when wired, it reads instead "
+                "vl_model": (VL, {"tooltip": f"An {VL_TITLE} model (from its loader): when wired, it reads instead "
                                              "of PP-OCR, greedily, one image at a time; min_confidence does not apply."}),
             },
         }

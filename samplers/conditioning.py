@@ -7,19 +7,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..loaders import families
 from ..loaders.errors import LetterpressError
 
-FAMILY_NAMES = {
-    "ernie_image": "ERNIE-Image",
-    "ovis_image": "Ovis-Image",
-    "glm_image": "GLM-Image",
-}
-# The nodes that make each family's conditioning and latents, as the editor shows them.
-ENCODE_NODES = {"ernie_image": "ERNIE-Image Text Encode", "ovis_image": "Ovis-Image Text Encode",
-                "glm_image": "GLM-Image Glyph Encode"}
-LATENT_NODES = {"ernie_image": "ERNIE-Image Empty Latent, DiT Sample or VAE Encode",
-                "ovis_image": "Ovis-Image Empty Latent, DiT Sample or VAE Encode",
-                "glm_image": "GLM-Image VAE Encode or DiT Sample"}
+
+
+def _title(family: str) -> str:
+    return families.title(family)
+
+
+def _encode_node(family: str) -> str:
+    """The node that makes `family`'s conditioning, as the editor shows it (its SPEC.encode_node)."""
+    return (families.get(family).encode_node or family) if family in families.REGISTERED else family
+
+
+def _latent_nodes(family: str) -> str:
+    return (families.get(family).latent_nodes or family) if family in families.REGISTERED else family
 
 
 @dataclass
@@ -34,13 +37,13 @@ class Conditioning:
 def check_family(cond: Conditioning, family: str, which: str) -> None:
     if not isinstance(cond, Conditioning):
         raise LetterpressError(
-            f"The {which} input is not Letterpress conditioning: wire it from a {ENCODE_NODES.get(family, family)} node."
+            f"The {which} input is not Letterpress conditioning: wire it from a {_encode_node(family)} node."
         )
     if cond.family != family:
         raise LetterpressError(
-            f"The {which} conditioning came from the {FAMILY_NAMES.get(cond.family, cond.family)} text encoder "
-            f"({cond.encoder}); the {FAMILY_NAMES.get(family, family)} sampler needs conditioning from a "
-            f"{ENCODE_NODES.get(family, family)} node."
+            f"The {which} conditioning came from the {_title(cond.family)} text encoder "
+            f"({cond.encoder}); the {_title(family)} sampler needs conditioning from a "
+            f"{_encode_node(family)} node."
         )
 
 
@@ -58,11 +61,11 @@ def check_latent(latent: dict, family: str, channels: int | None = None, refuse_
     `channels`) its shape, and (`refuse_mask`) that it carries no inpainting mask the node would ignore."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise LetterpressError("The latent input is not a LATENT.")
-    name, sources = FAMILY_NAMES.get(family, family), LATENT_NODES.get(family, family)
+    name, sources = _title(family), _latent_nodes(family)
     got = latent.get("family")
     if got is not None and got != family:
         raise LetterpressError(
-            f"This latent was made for {FAMILY_NAMES.get(got, got)}; {name} nodes need one from a {sources} node."
+            f"This latent was made for {_title(got)}; {name} nodes need one from a {sources} node."
         )
     samples = latent["samples"]
     if channels is not None and (samples.dim() != 4 or samples.shape[1] != channels):

@@ -25,7 +25,9 @@ from PIL import Image
 from ..loaders.errors import LetterpressError
 
 from ..loaders.handle import ModelHandle
+from . import ernie_vl_video
 from .generate import generate, sampling_args
+from .images import to_pil  # noqa: F401  (the IMAGE -> PIL rule every ERNIE-VL path shares)
 
 PRESETS = {
     "free question": "",
@@ -49,19 +51,6 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 # images -----------------------------------------------------------------------------------------------
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE (B, H, W, C floats 0..1) -> RGB PIL images (rounded, so 8-bit inputs survive exactly)."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
-        raise LetterpressError("The image input must be a ComfyUI IMAGE (batch, height, width, channels).")
-    out = []
-    for img in images:
-        arr = (img.detach().cpu().float().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-        out.append(Image.fromarray(arr[..., :3]))
-    return out
-
-
 def check_aspect(images: list[Image.Image]) -> None:
     for k, img in enumerate(images):
         w, h = img.size
@@ -81,21 +70,27 @@ def compose_prompt(preset: str, prompt: str) -> str:
     return f"{instruction}\n{extra}" if instruction and extra else (instruction or extra)
 
 
-def messages(n_images: int, text: str, system_prompt: str = "") -> list[dict]:
+def messages(n_images: int, text: str, system_prompt: str = "", n_videos: int = 0) -> list[dict]:
+    """The conversation: the pictures, then the videos, then the text, in one user turn."""
     out = []
     if system_prompt.strip():
         out.append({"role": "system", "content": system_prompt.strip()})
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "video"} for _ in range(n_videos)]
+    content += [{"type": "text", "text": text}]
     out.append({"role": "user", "content": content})
     return out
 
 
-def prepare_inputs(handle: ModelHandle, images: list[Image.Image], text: str, system_prompt: str, thinking: bool):
+def prepare_inputs(handle: ModelHandle, images: list[Image.Image], text: str, system_prompt: str, thinking: bool,
+                   video=None):
+    """Model inputs; `video` (samplers/ernie_vl_video.Clip) goes after the pictures."""
     processor = handle.extras["processor"]
     rendered = processor.tokenizer.apply_chat_template(
-        messages(len(images), text, system_prompt), chat_template=processor.chat_template, tokenize=False,
-        add_generation_prompt=True, enable_thinking=bool(thinking),
+        messages(len(images), text, system_prompt, 0 if video is None else 1), chat_template=processor.chat_template,
+        tokenize=False, add_generation_prompt=True, enable_thinking=bool(thinking),
     )
+    if video is not None:
+        return ernie_vl_video.prepare_inputs(handle, images, video, rendered)
     inputs = processor(text=[rendered], images=images, return_tensors="pt")
     inputs = {k: v.to(handle.device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(handle.dtype)
@@ -135,12 +130,15 @@ def split_thinking(tokenizer, ids: list[int], thinking: bool) -> tuple[str, str]
 
 
 @torch.no_grad()
-def vl_generate(handle: ModelHandle, images: torch.Tensor, text: str, system_prompt: str, thinking: bool,
-                max_new_tokens: int, temperature: float, top_p: float, seed: int) -> tuple[str, str]:
-    """One answer to `text` about all the images of the batch; returns (answer, reasoning)."""
-    pil = to_pil(images)
+def vl_generate(handle: ModelHandle, images: torch.Tensor | None, text: str, system_prompt: str, thinking: bool,
+                max_new_tokens: int, temperature: float, top_p: float, seed: int, video=None) -> tuple[str, str]:
+    """One answer to `text` about all the images of the batch (None: none) and the video clip, if given (a
+    samplers/ernie_vl_video.Clip); returns (answer, reasoning)."""
+    pil = [] if images is None else to_pil(images)
     check_aspect(pil)
-    inputs = prepare_inputs(handle, pil, text, system_prompt, thinking)
+    if video is not None:
+        ernie_vl_video.check_size(video, MAX_ASPECT)
+    inputs = prepare_inputs(handle, pil, text, system_prompt, thinking, video)
     tok = handle.extras["processor"].tokenizer
     out = generate(handle.module, seed, max_new_tokens, **inputs, **sampling_args(temperature, top_p),
                    pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(handle.module, tok))

@@ -29,7 +29,7 @@ def dynamic_shift(sigmas: np.ndarray, mu: float, exponent: float = 1.0) -> np.nd
 
 
 def linear_shift(sigmas: np.ndarray, mu: float, exponent: float = 1.0) -> np.ndarray:
-    """diffusers' `time_shift` with the linear type (CogView4 / GLM-Image scheduler configs)."""
+    """diffusers' `time_shift` with the linear type (CogView4-style scheduler configs)."""
     return mu / (mu + (1 / sigmas - 1) ** exponent)
 
 

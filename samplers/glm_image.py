@@ -28,7 +28,7 @@ from . import flow_match, working_memory
 from .sizes import check_multiple
 from .text_spans import quoted_spans
 from .conditioning import Conditioning, check_family, check_latent
-from .images import check_image, vae_input, vae_output
+from .images import check_image, to_pil, vae_input, vae_output
 from .latents import vae_layout
 from .generate import generate, sampling_args
 from .numerics import check_finite, warn_truncated
@@ -68,13 +68,6 @@ def check_prior(prior) -> GlmPrior:
 # Reference images ----------------------------------------------------------------------------------
 
 
-def _to_pil(image: torch.Tensor):
-    from PIL import Image
-
-    arr = (image[..., :3].float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
-    return Image.fromarray(arr)
-
-
 def _from_pil(pil) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pil.convert("RGB")).astype(np.float32) / 255.0)[None]
 
@@ -110,7 +103,7 @@ def prepare_references(processor, images: list[torch.Tensor]):
 
     out = []
     for img in images:
-        pil = _to_pil(img)
+        pil = to_pil(img[None])[0]
         th, tw = reference_size(processor, pil.height, pil.width)
         vae_pil = pil if (th, tw) == (pil.height, pil.width) else pil.resize((tw, th), resample=Image.LANCZOS)
         out.append((pil, _from_pil(vae_pil)))
@@ -290,7 +283,7 @@ def image_prior_tokens(ar: ModelHandle, image: torch.Tensor) -> torch.Tensor:
     VQ tokens (the d32 grid), upsampled 2x as the DiT reads them, (1, H/16 * W/16). What the DiT is conditioned on
     when it learns to draw that picture (the AR stage would have generated tokens like them)."""
     processor = ar.tokenizer
-    out = processor.image_processor(images=[_to_pil(image[0])], return_tensors="pt")
+    out = processor.image_processor(images=to_pil(image[:1]), return_tensors="pt")
     grid = out["image_grid_thw"].to(ar.device)
     feats = ar.module.get_image_features(out["pixel_values"].to(ar.device, ar.dtype), grid).pooler_output
     ids = ar.module.get_image_tokens(feats, grid)

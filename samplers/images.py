@@ -30,3 +30,19 @@ def vae_input(image: torch.Tensor, device, dtype) -> torch.Tensor:
 def vae_output(decoded: torch.Tensor) -> torch.Tensor:
     """What the VAEs decode, (B, 3, H, W) in -1..1 -> an IMAGE (B, H, W, 3) in 0..1 on the CPU."""
     return (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """ComfyUI IMAGE (B, H, W, C floats 0..1) -> RGB PIL images (rounded, so 8-bit inputs survive exactly)."""
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
+        raise LetterpressError("The image input must be a ComfyUI IMAGE (batch, height, width, channels).")
+    out = []
+    for img in images:
+        arr = (img.detach().cpu().float().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        out.append(Image.fromarray(arr[..., :3]))
+    return out

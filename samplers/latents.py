@@ -6,7 +6,7 @@ import torch
 
 
 def patchify_2x2(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 4C, H/2, W/2), channel-major as ERNIE-Image and the Flux2 VAE lay it out."""
+    """(B, C, H, W) -> (B, 4C, H/2, W/2), channel-major, as the Flux2 VAE lays it out."""
     b, c, h, w = x.shape
     return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
 
@@ -17,7 +17,7 @@ def unpatchify_2x2(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack_2x2_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, 4C): FLUX-style packed sequence (Ovis-Image)."""
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): FLUX-style packed sequence."""
     b, c, h, w = x.shape
     x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)

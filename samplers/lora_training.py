@@ -179,13 +179,13 @@ class TrainedLora:
 
 
 def check_trained(lora, family: str) -> TrainedLora:
-    from .conditioning import FAMILY_NAMES
+    from ..loaders.families import title
 
     if not isinstance(lora, TrainedLora):
         raise LetterpressError("The lora input is not a trained LoRA: wire it from a Train LoRA node.")
     if lora.family != family:
-        raise LetterpressError(f"This LoRA was trained on the {FAMILY_NAMES.get(lora.family, lora.family)} DiT; "
-                               f"it does not fit the {FAMILY_NAMES.get(family, family)} DiT.")
+        raise LetterpressError(f"This LoRA was trained on the {title(lora.family)} DiT; "
+                               f"it does not fit the {title(family)} DiT.")
     return lora
 
 
@@ -194,7 +194,7 @@ def check_trained(lora, family: str) -> TrainedLora:
 
 @dataclass
 class TrainingSettings:
-    """A run's settings; the defaults are DiffSynth-Studio's ERNIE-Image LoRA recipe (rank 32, alpha = rank,
+    """A run's settings; the defaults are DiffSynth-Studio's DiT LoRA recipe (rank 32, alpha = rank,
     learning rate 1e-4, AdamW with weight decay 0.01, constant rate, the attention projections) with kohya's
     gradient clipping at 1.0."""
 
@@ -255,7 +255,7 @@ class Family:
     - `velocity(run, x, t, inputs)`: the family's model call (the sampler's);
     - `schedule(dit, latent_shape)`: the (sigmas, timesteps) of its 1000-step training schedule;
     - `memory(dit, batch, latent_shape, conds)`: bytes of activations a training step keeps, for the host;
-    - `to_model(x)`: latents in the layout the DiT takes (Ovis-Image packs 2x2 tokens);
+    - `to_model(x)`: latents in the layout the DiT takes (a FLUX-style DiT packs 2x2 tokens);
     - `weight(timesteps)`: the loss weight of each of the 1000 timesteps (None: plain MSE);
     - `one_at_a_time`: the DiT takes one item per call (the batch's loss is still the mean over its items)."""
 

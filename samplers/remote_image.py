@@ -1,18 +1,11 @@
-"""The image models on the serving engines that spread them over GPUs and machines: ERNIE-Image through SGLang
-Diffusion's OpenAI images API, GLM-Image through vLLM-Omni's. Standard library HTTP only (the Exchange, error
-mapping and Cancel of samplers/remote_openai.py); the request bodies, and where each engine's code reads every
-field, are in samplers/remote_requests.py.
+"""Image models on the serving engines that spread them over GPUs and machines, through the engines' OpenAI
+images API: what every engine shares. Standard library HTTP only (the Exchange, error mapping and Cancel of
+samplers/remote_openai.py); the request bodies each engine reads, field by field, are in the family's
+samplers/<key>_remote.py over samplers/remote_requests.py.
 
-Before generating, each node asks the server what it serves (`GET {base}/models`, which both engines answer with
+Before generating, each node asks the server what it serves (`GET {base}/models`, which the engines answer with
 the names they serve) and stops with an error naming them when the model name is not among them: SGLang never
 checks the name of an images request, so without this a misspelled name would draw with whatever it serves.
-
-- ERNIE-Image: one `POST {base}/images/generations` with n = batch_size (SGLang makes output k with seed + k; at
-  most 10 per request). The answer is `{"data": [{"b64_json": ...}, ...]}`; another count is an error.
-- GLM-Image: `POST {base}/images/generations`, or `POST {base}/images/edits` (multipart) with a reference image;
-  one image per request, seed + k for the k-th, at most `concurrency` in flight. vLLM-Omni 0.30.0 takes one
-  reference image for GLM-Image (its edits endpoint refuses more, its pipeline conditions on one), so a second is
-  refused here before anything is sent rather than dropped.
 
 Every error becomes a LetterpressError naming what happened (a model the server does not serve, a size it cannot
 do, timeout, an answer not in the API's shape); Cancel closes every open connection.
@@ -34,22 +27,16 @@ from PIL import Image
 
 from ..loaders.errors import LetterpressError
 from ..loaders.host import get_host
-from . import ernie_image, glm_image
-from .ernie_vl import to_pil
-from .images import check_image
 from .remote_openai import Exchange, as_error, endpoint, sentence
-from .remote_requests import png_bytes, sglang_request, vllm_omni_edit_form, vllm_omni_request
 
-SGLANG_MAX_N = 10  # SGLang: num_outputs_per_prompt = max(1, min(n, 10))
-MAX_REFERENCES = 4  # the node's reference inputs
-SERVER_MAX_REFERENCES = 1  # vLLM-Omni 0.30.0 for GLM-Image (api_server.py edit_images, images/helpers.py)
 IMAGES_API, MODELS_API = "OpenAI images (b64_json)", "OpenAI models list"
 
 
-def _check_common(model: str, prompt: str, steps: int, guidance: float, seed: int, batch_size: int,
-                  timeout: float) -> None:
+def check_common(model: str, prompt: str, steps: int, guidance: float, seed: int, batch_size: int,
+                 timeout: float, example: str) -> None:
+    """The inputs every Remote node sends, checked before any request; `example` is a model name to suggest."""
     if not model.strip():
-        raise LetterpressError("The model name is empty: give the name the server serves (e.g. baidu/ERNIE-Image-Turbo).")
+        raise LetterpressError(f"The model name is empty: give the name the server serves (e.g. {example}).")
     if not prompt.strip():
         raise LetterpressError("The prompt is empty: the servers refuse a request without one.")
     if not isinstance(steps, int) or steps < 1:
@@ -187,71 +174,9 @@ def run_requests(url: str, exchanges: list[Exchange], timeout: float, concurrenc
     return [img for i in range(len(exchanges)) for img in results[i]]
 
 
-def _stack(images: list[torch.Tensor], width: int, height: int, url: str) -> torch.Tensor:
+def stack(images: list[torch.Tensor], width: int, height: int, url: str) -> torch.Tensor:
     for img in images:
         if tuple(img.shape[:2]) != (height, width):
             raise LetterpressError(f"The server at {url} sent a {img.shape[1]}x{img.shape[0]} image for the "
                                    f"{width}x{height} asked: it cannot do that size. Pick a size the model serves.")
     return torch.stack(images)
-
-
-# The two engines -----------------------------------------------------------------------------------------
-
-
-def ernie_image_remote(base_url: str, model: str, api_key: str, prompt: str, width: int, height: int, steps: int,
-                       guidance: float, seed: int, batch_size: int, timeout: float,
-                       prompt_enhancer: bool = False) -> torch.Tensor:
-    """ERNIE-Image(-Turbo) from SGLang Diffusion: one request with n = batch_size (seeds seed .. seed+n-1)."""
-    url = endpoint(base_url, "/images/generations")
-    _check_common(model, prompt, steps, guidance, seed, batch_size, timeout)
-    ernie_image.check_size(width, height)  # as the local nodes check it, before any request
-    if batch_size > SGLANG_MAX_N:
-        raise LetterpressError(f"batch_size {batch_size} is above {SGLANG_MAX_N}, the most images SGLang makes per "
-                               "request (it clamps n). Use 10 or fewer, or chain a second node.")
-    model, api_key = model.strip(), api_key.strip()
-    check_served_model(base_url, model, api_key, timeout)
-    body = sglang_request(model, prompt, width, height, batch_size, steps, guidance, seed, prompt_enhancer)
-    images = run_requests(url, [Exchange(url, body, api_key, timeout)], timeout, 1, [batch_size], model, IMAGES_API)
-    return _stack(images, width, height, url)
-
-
-def reference_images(references: list) -> list[Image.Image]:
-    """The wired reference batches, one picture per frame, in order; at most what the server takes."""
-    frames = []
-    for k, batch in enumerate(references):
-        if batch is not None:
-            batch = check_image(batch, f"GLM-Image Remote reference_{k + 1}")
-            frames.extend(to_pil(batch))
-    if len(frames) > SERVER_MAX_REFERENCES:
-        raise LetterpressError(
-            f"GLM-Image Remote got {len(frames)} reference images (a batch counts one per frame), and vLLM-Omni takes "
-            f"{SERVER_MAX_REFERENCES} for GLM-Image: its /v1/images/edits refuses more (\"Only a single image is "
-            "supported by this model\", release 0.30.0) and its GLM-Image pipeline conditions on one. Wire one "
-            "image; the local GLM-Image nodes take up to 4.")
-    return frames
-
-
-def glm_image_remote(base_url: str, model: str, api_key: str, prompt: str, width: int, height: int, steps: int,
-                     guidance: float, seed: int, batch_size: int, concurrency: int, timeout: float,
-                     references: list) -> torch.Tensor:
-    """GLM-Image from vLLM-Omni: one request per image (seed + k), at most `concurrency` at a time; text to
-    image through /images/generations, editing through /images/edits."""
-    _check_common(model, prompt, steps, guidance, seed, batch_size, timeout)
-    glm_image.check_size(width, height)  # as the local nodes check it, before any request
-    if not isinstance(concurrency, int) or concurrency < 1:
-        raise LetterpressError(f"concurrency must be at least 1, got {concurrency}.")
-    refs = reference_images(references)
-    model, api_key = model.strip(), api_key.strip()
-    url = endpoint(base_url, "/images/edits" if refs else "/images/generations")
-    check_served_model(base_url, model, api_key, timeout)
-    exchanges = []
-    reference = png_bytes(refs[0]) if refs else None  # one PNG for the whole batch: only the seed changes
-    for k in range(batch_size):
-        if refs:
-            form, ctype = vllm_omni_edit_form(model, prompt, width, height, steps, guidance, seed + k, reference)
-            exchanges.append(Exchange(url, form, api_key, timeout, content_type=ctype))
-        else:
-            body = vllm_omni_request(model, prompt, width, height, steps, guidance, seed + k)
-            exchanges.append(Exchange(url, body, api_key, timeout))
-    images = run_requests(url, exchanges, timeout, concurrency, [1] * batch_size, model, IMAGES_API)
-    return _stack(images, width, height, url)

@@ -1,24 +1,20 @@
-"""The VL Generate request sent to an OpenAI-compatible chat-completions server (vLLM, SGLang and FastDeploy
-serve ERNIE-4.5-VL this way). Standard library only (http.client).
+"""Talking to an OpenAI-compatible HTTP server (vLLM, SGLang, FastDeploy, vLLM-Omni): the endpoint URL, one
+chat-completions exchange (streamed or whole, with tool calls), and clear errors. Standard library only (http.client).
 
-Images travel as base64 PNG data URLs in the user message, before the text, as the local node orders them.
-Thinking is switched with `chat_template_kwargs: {"enable_thinking": ...}`, which these servers pass to the
-model's chat template. Servers decode the answer with special tokens skipped unless told otherwise, which drops
-ERNIE's grounding coordinates (`<|LOC_n|>`): the request asks for `skip_special_tokens: false` and
-`spaces_between_special_tokens: false` (vLLM's and SGLang's sampling fields). A server that refuses unknown fields
-(transformers serve answers 422 "Unexpected fields") is asked again without them, and its answer then has no
-special tokens (Parse Boxes says so when it finds no boxes). The reasoning comes back in `reasoning_content` (or `reasoning`) when the server runs a
-reasoning parser; otherwise a `</think>` in the content is split here.
+Servers decode the answer with special tokens skipped unless told otherwise: a request may ask for
+`skip_special_tokens: false` and `spaces_between_special_tokens: false` (KEEP_SPECIAL_TOKENS, vLLM's and SGLang's
+sampling fields); a server that refuses unknown fields (transformers serve answers 422 "Unexpected fields") is asked
+again without them. The reasoning comes back in `reasoning_content` (or `reasoning`) when the server runs a reasoning
+parser.
 
 The HTTP exchange runs in a worker thread; the node's thread waits on a queue in short slices, so Cancel and
 progress (one step per streamed chunk) work while the server is busy; Cancel closes the connection. Every error
 becomes a LetterpressError that says what happened and what to check.
 
 `Exchange` (one POST on its own connection, closable from another thread) and `as_error` are shared with the
-image nodes (samplers/remote_image.py). They use http.client directly: a request goes to the host and port of
-the URL the user typed and nowhere else (no redirect is followed, no proxy from the environment is used).
+image engines' clients (samplers/remote_image.py). They use http.client directly: a request goes to the host and
+port of the URL the user typed and nowhere else (no redirect is followed, no proxy from the environment is used).
 """
-
 from __future__ import annotations
 
 import base64
@@ -32,10 +28,7 @@ import urllib.parse
 from typing import Iterator
 
 from ..loaders.errors import LetterpressError
-
 from ..loaders.host import get_host
-from .ernie_vl import THINK_CLOSE, THINK_OPEN, messages, to_pil
-from .generate import check_request, sampling_args
 
 
 # Decode with special tokens kept (vLLM / SGLang sampling parameters), so <|LOC_n|> boxes arrive.
@@ -116,25 +109,6 @@ def image_data_url(img) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def build_request(model: str, images, text: str, system_prompt: str, thinking: bool, max_new_tokens: int,
-                  temperature: float, top_p: float, seed: int, stream: bool) -> dict:
-    check_request(max_new_tokens, seed)
-    sampling = sampling_args(temperature, top_p)  # the same checks and greedy rule as local generation
-    msgs = messages(0, text, system_prompt)
-    user = msgs[-1]
-    user["content"] = [{"type": "image_url", "image_url": {"url": image_data_url(p)}} for p in to_pil(images)] + [
-        {"type": "text", "text": text}]
-    body = {"model": model, "messages": msgs, "max_tokens": int(max_new_tokens), "stream": bool(stream),
-            "seed": int(seed) & 0x7FFFFFFFFFFFFFFF, "chat_template_kwargs": {"enable_thinking": bool(thinking)}}
-    body.update(KEEP_SPECIAL_TOKENS)
-    if sampling["do_sample"]:
-        body["temperature"] = float(temperature)
-        body["top_p"] = float(top_p)
-    else:
-        body["temperature"] = 0.0  # greedy
-    return body
 
 
 def _server_message(raw: bytes) -> str:
@@ -227,32 +201,38 @@ def _delta_text(choice: dict, key: str) -> tuple[str, str]:
     return content, reasoning
 
 
-def split_text(content: str, reasoning: str, thinking: bool) -> tuple[str, str]:
-    if not reasoning and THINK_CLOSE in content:
-        reasoning, content = content.split(THINK_CLOSE, 1)
-        reasoning = reasoning.replace(THINK_OPEN, "")
-    elif not reasoning and thinking and THINK_OPEN in content:
-        return "", content.replace(THINK_OPEN, "").strip()  # the reasoning never closed
-    return content.strip(), reasoning.strip()
+def _add_tool_deltas(calls: list[dict], deltas) -> None:
+    """Folds streamed tool-call pieces (OpenAI: index, id, function name, argument text in pieces) into `calls`."""
+    for d in deltas or []:
+        if not isinstance(d, dict):
+            raise LetterpressError(f"The server sent a tool call that is not an object: {str(d)[:300]}")
+        k = d.get("index", len(calls))
+        if not isinstance(k, int) or k < 0:
+            k = len(calls)
+        while len(calls) <= k:
+            calls.append({"id": None, "name": "", "arguments": ""})
+        fn = d.get("function") or {}
+        if d.get("id"):
+            calls[k]["id"] = d["id"]
+        if fn.get("name"):
+            calls[k]["name"] = fn["name"]
+        if fn.get("arguments") is not None:
+            args = fn["arguments"]
+            calls[k]["arguments"] += args if isinstance(args, str) else json.dumps(args)
 
 
-def remote_generate(base_url: str, model: str, api_key: str, images, text: str, system_prompt: str, thinking: bool,
-                    max_new_tokens: int, temperature: float, top_p: float, seed: int, stream: bool,
-                    timeout: float) -> tuple[str, str]:
-    """(answer, reasoning) from the server."""
-    url = chat_url(base_url)
-    if not model.strip():
-        raise LetterpressError("The model name is empty: give the name the server serves (e.g. baidu/ERNIE-4.5-VL-28B-A3B-PT).")
-    body = build_request(model.strip(), images, text, system_prompt, thinking, max_new_tokens, temperature, top_p,
-                         seed, stream)
+def chat(url: str, body: dict, model: str, api_key: str, timeout: float,
+         max_new_tokens: int) -> tuple[str, str, list[dict]]:
+    """One chat-completions exchange: (content, reasoning, tool calls [{"id", "name", "arguments" (JSON text)}])."""
     host = get_host()
     bar = host.progress(max_new_tokens)
     out: queue.Queue = queue.Queue()
     stop = threading.Event()
+    stream = bool(body.get("stream"))
     accept = "text/event-stream" if stream else "application/json"
     exchange = Exchange(url, body, api_key.strip(), timeout, accept)
     threading.Thread(target=_worker, args=(exchange, stream, out, stop), daemon=True).start()
-    content, reasoning = [], []
+    content, reasoning, calls = [], [], []
     try:
         while True:
             try:
@@ -265,6 +245,7 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
                     c, r = _delta_text(choice, "delta")
                     content.append(c)
                     reasoning.append(r)
+                    _add_tool_deltas(calls, (choice.get("delta") or {}).get("tool_calls"))
                 if value.get("choices") and bar.done < max_new_tokens:  # a usage-only chunk is no token
                     bar.update(1)
                 host.check_interrupt()
@@ -275,6 +256,8 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
                 c, r = _delta_text(choices[0], "message")
                 content.append(c)
                 reasoning.append(r)
+                _add_tool_deltas(calls, [{"index": k, **t} for k, t in enumerate(
+                    (choices[0].get("message") or {}).get("tool_calls") or []) if isinstance(t, dict)])
                 tokens = (value.get("usage") or {}).get("completion_tokens")
                 bar.update(min(int(tokens), max_new_tokens) if isinstance(tokens, int) else max_new_tokens)
             elif kind == "done":
@@ -289,7 +272,7 @@ def remote_generate(base_url: str, model: str, api_key: str, images, text: str, 
         stop.set()
         exchange.abort()  # Cancel or an error: the connection closes, the server sees the client leave
         bar.close()
-    return split_text("".join(content), "".join(reasoning), thinking)
+    return "".join(content), "".join(reasoning), calls
 
 
 def as_error(e: BaseException, url: str, model: str, timeout: float,

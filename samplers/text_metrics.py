@@ -3,7 +3,7 @@
 **cvtg-2k** (the default): exactly the computation of CVTG-2K's evaluation script (TextCrafter's
 `unified_metrics_eval.py`, `UnifiedMetricsEvaluator.compute_ocr_metrics` / `get_ld`, read as vendored unchanged in
 zlab-princeton/i1 `benchmark_eval/cvtg-2k/unified_metrics_eval.py`), so scores compare with the published tables of
-ERNIE-Image, GLM-Image and Ovis-Image (the OCR engine differs: the script reads with PaddleOCR). Per image:
+the text-rendering models (the OCR engine differs: the script reads with PaddleOCR). Per image:
 - expected words: every quoted span lower-cased (`str.lower`) and split on white space (`str.split`); the script
   takes the spans of single quotes with `re.findall(r"'(.*?)'", prompt)` (its prompts quote that way);
 - read words: every OCR line lower-cased and split; `[""]` when nothing was read;

@@ -3,8 +3,9 @@
 - PP-OCR through the `rapidocr` package (ONNX Runtime on the CPU). Its detection, direction and
   recognition models (Chinese and English) ship inside the wheel; they are loaded from there by explicit
   path, so nothing is ever downloaded at run time.
-- ERNIE-4.5-VL, when a VL model is wired in: slower, better on stylised text. It lives in
-  samplers/ernie_vl.py; this module only calls into it.
+- A vision-language model, when one is wired in: slower, better on stylised text. It is the registered family
+  whose SPEC has a text_reader (loaders/families.py), and lives in its samplers/<key>.py; this module only calls
+  into it.
 
 Every engine returns, per image, a dict {"engine", "width", "height", "lines": [{"text", "score", "box"}]}
 with boxes as four [x, y] corners in pixels of that image, lines in reading order (top to bottom, then
@@ -22,13 +23,13 @@ import threading
 import numpy as np
 import torch
 
+from ..loaders import families
 from ..loaders.errors import LetterpressError
 
 from ..loaders.host import get_host
 from .images import check_image
 
 PP_OCR = "PP-OCR (rapidocr)"
-ERNIE_VL = "ERNIE-4.5-VL"
 INSTALL_OCR = "pip install rapidocr onnxruntime  (or: pip install -e \".[ocr]\" in the Letterpress folder)"
 
 _engine = None
@@ -125,20 +126,30 @@ VL_READ_PROMPT = (
 VL_MAX_NEW_TOKENS = 1024
 
 
+def _reader() -> families.FamilySpec:
+    reader = families.text_reader()
+    if reader is None:
+        raise LetterpressError("No model family of this version of Letterpress reads text: disconnect vl_model to read "
+                               "with PP-OCR.")
+    return reader
+
+
 def _vl_module():
-    """samplers/ernie_vl.py with the two functions this engine uses, or a clear 'not available' error."""
+    """samplers/<key>.py of the text-reading family with the two functions this engine uses, or a clear 'not
+    available' error."""
+    reader = _reader()
     try:
-        vl = importlib.import_module(".ernie_vl", __package__)
+        vl = importlib.import_module(f".{reader.key}", __package__)
     except ModuleNotFoundError as e:
-        if e.name and e.name.endswith("ernie_vl"):
-            raise LetterpressError("The ERNIE-4.5-VL engine of Read Text is not available in this version of "
-                                   "Letterpress (samplers/ernie_vl.py is missing). Disconnect vl_model to read with "
-                                   "PP-OCR.") from None
+        if e.name and e.name.endswith(reader.key):
+            raise LetterpressError(f"The {reader.title} engine of Read Text is not available in this version of "
+                                   f"Letterpress (samplers/{reader.key}.py is missing). Disconnect vl_model to read "
+                                   "with PP-OCR.") from None
         raise
     missing = [f for f in ("vl_generate", "parse_boxes") if not hasattr(vl, f)]
     if missing:
-        raise LetterpressError(f"The ERNIE-4.5-VL engine of Read Text is not available: samplers/ernie_vl.py lacks "
-                               f"{', '.join(missing)}. Disconnect vl_model to read with PP-OCR.")
+        raise LetterpressError(f"The {reader.title} engine of Read Text is not available: samplers/{reader.key}.py "
+                               f"lacks {', '.join(missing)}. Disconnect vl_model to read with PP-OCR.")
     return vl
 
 
@@ -156,9 +167,10 @@ def vl_lines(answer: str, width: int, height: int, parse_boxes) -> list[dict]:
     return [{"text": ln.strip(), "score": None, "box": None} for ln in body.splitlines() if ln.strip()]
 
 
-def read_ernie_vl(images: torch.Tensor, vl_model) -> list[dict]:
-    """ERNIE-4.5-VL reading (greedy, no thinking), one image at a time, through samplers/ernie_vl.py."""
-    vl = _vl_module()
+def read_vl(images: torch.Tensor, vl_model) -> list[dict]:
+    """Reading with the text-reading family's model (greedy, no thinking), one image at a time, through its
+    samplers/<key>.py."""
+    vl, engine = _vl_module(), _reader().title
     arrays = to_uint8(images)
     host = get_host()
     host.load(vl_model)
@@ -168,14 +180,14 @@ def read_ernie_vl(images: torch.Tensor, vl_model) -> list[dict]:
         h, w = rgb.shape[:2]
         answer, _ = vl.vl_generate(vl_model, images[i:i + 1], VL_READ_PROMPT, "", False, VL_MAX_NEW_TOKENS,
                                    0.0, 1.0, 0)
-        out.append({"engine": ERNIE_VL, "width": w, "height": h, "lines": vl_lines(answer, w, h, vl.parse_boxes)})
+        out.append({"engine": engine, "width": w, "height": h, "lines": vl_lines(answer, w, h, vl.parse_boxes)})
     return out
 
 
 def read_text(images: torch.Tensor, vl_model=None, min_score: float = 0.5) -> list[dict]:
-    """Read every image of the batch: with ERNIE-4.5-VL when a VL model is given, else with PP-OCR."""
+    """Read every image of the batch: with the vision-language model when one is given, else with PP-OCR."""
     if vl_model is not None:
-        return read_ernie_vl(images, vl_model)
+        return read_vl(images, vl_model)
     return read_pp_ocr(images, min_score)
 
 

@@ -1,8 +1,8 @@
 """The text a prompt asks to be rendered: its quoted spans.
 
-One rule for the whole pack, so that quotes mean the same everywhere (GLM-Image's Glyph Encode, Text
-Accuracy's default expected text, ...). It is the rule of diffusers' `GlmImagePipeline.get_glyph_texts`
-(pipelines/glm_image/pipeline_glm_image.py), kept exactly, order included: first every span in single
+One rule for the whole pack, so that quotes mean the same everywhere (a glyph encoder's spans, Text
+Accuracy's default expected text, ...). It is the rule of the `get_glyph_texts` of diffusers' glyph-rendering
+pipeline, kept exactly, order included: first every span in single
 quotes '..', then in curly double quotes “..”, then in straight double quotes "..", then in corner
 brackets 「..」. Spans are returned as written (no stripping), empty ones included.
 

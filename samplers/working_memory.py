@@ -11,18 +11,24 @@ size. They scale with the element size of the stage's compute dtype (fp32 on CPU
 
 from __future__ import annotations
 
+from ..loaders import families
 from ..loaders.handle import ModelHandle
 
-# DiT activations per token of width: ERNIE-Image 1.76 GB / (2 x 4608 x 4096 x 2 B) = 23.3; Ovis-Image 0.68 GB /
-# (4380 x 3072 x 2 B) = 25.3; GLM-Image 0.51 GB / (4160 x 4096 x 2 B) = 15.0.
-DIT_FACTOR = {"ernie_image": 29.0, "ovis_image": 32.0, "glm_image": 19.0}
+# DiT activations per token of width: each family's SPEC.dit_factor (its measurement beside it).
+# A DiT of a family that has not measured its factor (None) is given the largest of the others.
 # VAE decode and encode: 1.61 GB / (1024 x 1024 x 2 B) = 768 values per pixel (the Flux2 and FLUX.1 decoders alike).
 VAE_VALUES_PER_PIXEL = 960
 
 
 def dit(handle: ModelHandle, batch: int, tokens: int, width: int) -> int:
     """Bytes of activations of one DiT forward over `batch` sequences of `tokens` tokens `width` wide."""
-    return int(DIT_FACTOR[handle.family] * batch * tokens * width * handle.dtype.itemsize)
+    return int(dit_factor(handle.family) * batch * tokens * width * handle.dtype.itemsize)
+
+
+def dit_factor(family: str) -> float:
+    """The family's SPEC.dit_factor; for a family without one (or not registered), the largest measured."""
+    own = families.get(family).dit_factor if family in families.REGISTERED else None
+    return own if own is not None else max(s.dit_factor for s in families.all() if s.dit_factor is not None)
 
 
 def vae(handle: ModelHandle, batch: int, height: int, width: int) -> int:

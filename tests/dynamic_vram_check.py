@@ -350,16 +350,18 @@ def device(models_dir: str) -> dict:
 
     from letterpress.loaders import ernie_image, ernie_vl, glm_image
     from letterpress.loaders.host import get_host
+    from letterpress.loaders.storage import resolve
 
     _stand_in_for_aimdo()
     mp.CoreModelPatcher = mp.ModelPatcherDynamic
     host = get_host()  # the ComfyUI host, as the loaders reach it
     host.compute_device = lambda: FAKE_GPU
+    auto = resolve("auto", host.compute_device())  # as a loader node resolves its weight_dtype
     stages = {
         "prompt enhancer": lambda: ernie_image.load_prompt_enhancer(os.path.join(models_dir, "diffusers",
-                                                                                 "ERNIE-Image")),
-        "GLM-Image AR model": lambda: glm_image.load_ar(os.path.join(models_dir, "diffusers", "GLM-Image")),
-        "ERNIE-4.5-VL": lambda: ernie_vl.load(os.path.join(models_dir, "LLM", "ERNIE-4.5-VL-28B-A3B-PT")),
+                                                                                 "ERNIE-Image"), auto),
+        "GLM-Image AR model": lambda: glm_image.load_ar(os.path.join(models_dir, "diffusers", "GLM-Image"), auto),
+        "ERNIE-4.5-VL": lambda: ernie_vl.load(os.path.join(models_dir, "LLM", "ERNIE-4.5-VL-28B-A3B-PT"), auto),
     }
     report = {}
     for name, load in stages.items():

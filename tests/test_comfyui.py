@@ -923,12 +923,61 @@ def test_ernie_vl_with_its_experts_in_cpu_memory_answers_as_with_them_in_the_mod
     wf["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}
     headless = Runner().run(wf)["results"]["3"][0]
     assert offloaded == inside == headless
-    from letterpress.loaders import expert_offload
+    from letterpress.loaders import ernie_vl_experts
     from letterpress.nodes import NODE_CLASS_MAPPINGS
 
     folder = workflow("in CPU memory")["2"]["inputs"]["folder"]
     model = NODE_CLASS_MAPPINGS["LetterpressErnieVLLoader"]().run(folder, "auto", "in CPU memory")[0].module
-    assert inside_size - offloaded_size == expert_offload.bank_bytes(model) > 0  # ComfyUI holds all but the experts
+    assert inside_size - offloaded_size == ernie_vl_experts.bank_bytes(model) > 0  # ComfyUI holds all but the experts
+
+
+def test_ernie_vl_answers_about_comfyuis_video_as_about_its_frames_headless(comfy, host):
+    """ERNIE-VL Video inside ComfyUI through POST /prompt: ComfyUI's own VIDEO (Create Video from 6 frames at 4 fps)
+    and the same frames as an IMAGE batch with their frame rate give one answer, the headless runner's."""
+    from letterpress.runner import Runner
+
+    frames = {"1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+              "f1": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+              "f2": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["f1", 0]}},
+              "f3": {"class_type": "ImageBatch", "inputs": {"image1": ["f2", 0], "image2": ["f2", 0]}},
+              "f4": {"class_type": "ImageBatch", "inputs": {"image1": ["f3", 0], "image2": ["f2", 0]}},
+              "2": {"class_type": "LetterpressErnieVLLoader",
+                    "inputs": {"folder": "ERNIE-4.5-VL-28B-A3B-PT", "weight_dtype": "auto", "experts": "auto"}}}
+
+    def ask(clip_node):
+        return {"class_type": "LetterpressErnieVLGenerate",
+                "inputs": {"model": ["2", 0], "video": [clip_node, 0], "preset": "free question",
+                           "prompt": "describe this image", "system_prompt": "", "thinking": False,
+                           "max_new_tokens": 8, "temperature": 0.0, "top_p": 0.8, "seed": 0}}
+
+    wf = dict(frames)
+    wf["v"] = {"class_type": "CreateVideo", "inputs": {"images": ["f4", 0], "fps": 4.0}}
+    wf["c1"] = {"class_type": "LetterpressErnieVLVideo", "inputs": {"sample_fps": 2.0, "video_file": ["v", 0]}}
+    wf["c2"] = {"class_type": "LetterpressErnieVLVideo",
+                "inputs": {"sample_fps": 2.0, "frames": ["f4", 0], "frame_rate": 4.0}}
+    wf["g1"], wf["g2"] = ask("c1"), ask("c2")
+    wf["t1"] = {"class_type": "LetterpressTestText", "inputs": {"text": ["g1", 0]}}
+    wf["t2"] = {"class_type": "LetterpressTestText", "inputs": {"text": ["g2", 0]}}
+    entry = comfy.wait(comfy.queue(wf))
+    assert entry["status"]["status_str"] == "success", messages(entry).get("execution_error")
+    from_video, from_frames = entry["outputs"]["t1"]["text"][0], entry["outputs"]["t2"]["text"][0]
+
+    # headless: the same frames built here, the nodes called without ComfyUI (the runner has no ImageInvert,
+    # ImageBatch or CreateVideo)
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    img = torch.from_numpy(np.asarray(Image.open(os.path.join(comfy.input_dir, "example.png")).convert("RGB"),
+                                      dtype=np.float32) / 255.0)[None]
+    clip = torch.cat([img, 1.0 - img] * 3)
+    from letterpress.nodes import NODE_CLASS_MAPPINGS as N
+
+    model = N["LetterpressErnieVLLoader"]().run("ERNIE-4.5-VL-28B-A3B-PT", "auto")[0]
+    video = N["LetterpressErnieVLVideo"]().run(2.0, frames=clip, frame_rate=4.0)[0]
+    generate = {k: v for k, v in ask("c2")["inputs"].items() if k not in ("model", "video")}
+    headless = N["LetterpressErnieVLGenerate"]().run(model, video=video, **generate)[0]
+    assert from_video == from_frames == headless and headless
 
 
 # The editor of ComfyUI 0.33.0 (frontend 1.49.6): downloads offered for missing files, blueprints listed ---------

@@ -217,23 +217,24 @@ def test_presets_reach_the_model(vl):
 # loader errors ----------------------------------------------------------------------------------------------
 def test_loader_errors(tmp_path):
     from letterpress.loaders import ernie_vl as load
+    from letterpress.loaders.storage import Storage
 
     old = tmp_path / "old"
     old.mkdir()
     (old / "config.json").write_text(json.dumps({"model_type": "ernie4_5_moe_vl"}))
     with pytest.raises(LetterpressError, match="remote code"):
-        load.load(str(old))
+        load.load(str(old), Storage())
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps({"model_type": "ernie4_5_vl_moe"}))
     (pickled / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(LetterpressError, match="only holds pickle"):
-        load.load(str(pickled))
+        load.load(str(pickled), Storage())
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(LetterpressError, match="not ERNIE-4.5-VL"):
-        load.load(str(other))
+        load.load(str(other), Storage())
     with pytest.raises(LetterpressError, match="not found in the LLM"):
         node("Loader").run("Not-There", "auto")
 

@@ -237,3 +237,33 @@ def test_broken_streams_are_errors_not_partial_answers(server):
         remote(url(server), "garbage", stream=True)
     # a last chunk that says it finished is a complete answer, [DONE] or not
     assert remote(url(server), "finish-without-done", stream=True, thinking=True) == ("A red cat.", "I see fur.")
+
+
+def vllm_frames(url):
+    """What vLLM reads from a video_url (its VideoMediaIO.load_base64, read here in our own words): a data URL of
+    media type video/jpeg is a list of base64 JPEG frames separated by commas, taken as they are (no resampling)."""
+    head, data = url.split(",", 1)
+    assert head == "data:video/jpeg;base64"
+    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(f))).convert("RGB")) for f in data.split(",")])
+
+
+def test_a_video_goes_as_vllms_frame_list_of_the_frames_the_original_rule_picks(server):
+    """30 frames at 10 fps are 3 s: at the original's 2 frames per second and at least 16 (its minimum, never more
+    than the clip has) the server gets 16 of them, evenly from the first, after the pictures and before the text."""
+    k, y, x, c = np.meshgrid(np.arange(30), np.arange(48), np.arange(64), np.arange(3), indexing="ij")
+    frames = (k * 5 + x + y // 2 + c * 10).astype(np.uint8)  # smooth (JPEG keeps it), 5 levels apart frame to frame
+    clip = N["LetterpressErnieVLVideo"]().run(2.0, frames=torch.from_numpy(frames.astype(np.float32) / 255.0),
+                                             frame_rate=10.0)[0]
+    assert N["LetterpressErnieVLRemoteGenerate"]().run(
+        url(server), "plain", "", images(1), "free question", "what happens?", "", False, 64, 0.0, 0.9, 7, False, 10.0,
+        video=clip) == ("A red cat.", "")
+    user = server.requests[-1]["body"]["messages"][-1]
+    assert [c["type"] for c in user["content"]] == ["image_url", "video_url", "text"]
+    got = vllm_frames(user["content"][1]["video_url"]["url"])
+    picked = frames[[int(i * 30 / 16) for i in range(16)]]  # transformers' rule: arange(0, 30, 30 / 16)
+    assert got.shape == picked.shape
+    assert np.abs(got.astype(int) - picked.astype(int)).mean() < 1.5  # JPEG at quality 95; a neighbour is 5 off
+    # a video alone needs no image
+    N["LetterpressErnieVLRemoteGenerate"]().run(url(server), "plain", "", None, "free question", "what happens?", "",
+                                               False, 64, 0.0, 0.9, 7, False, 10.0, video=clip)
+    assert [c["type"] for c in server.requests[-1]["body"]["messages"][-1]["content"]] == ["video_url", "text"]

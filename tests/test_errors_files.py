@@ -136,11 +136,13 @@ PERMISSION_PROBE = """
 import sys
 from letterpress.loaders.ernie_image import load_folder
 from letterpress.loaders.errors import LetterpressError
+from letterpress.loaders.storage import Storage
 from letterpress.loaders.weights import open_checkpoint, read_json
 for arg in sys.argv[1:]:
     fn, path = arg.split(":", 1)
     try:
-        {"open_checkpoint": open_checkpoint, "load_folder": load_folder, "read_json": read_json}[fn](path)
+        {"open_checkpoint": open_checkpoint, "load_folder": lambda p: load_folder(p, Storage()),
+         "read_json": read_json}[fn](path)
         print("LOADED", path)
     except LetterpressError as e:
         print("LPE", e)

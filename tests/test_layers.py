@@ -74,6 +74,8 @@ def test_weights_go_through_each_layers_own_loading_path():
     gets every tensor of a file through that method, in the dtype the table asks for."""
     from safetensors.torch import save_file
 
+    from letterpress.loaders.stage import choose_layers
+    from letterpress.loaders.storage import Storage
     from letterpress.loaders.weights import fill_module, open_checkpoint
 
     seen = []
@@ -100,7 +102,8 @@ def test_weights_go_through_each_layers_own_loading_path():
         try:
             with torch.device("meta"):
                 empty = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-            fill_module(empty, open_checkpoint(os.path.join(d, "m.safetensors")), dtype=layers.FP8)
+            fp8 = Storage(layers.FP8, choice="fp8_e4m3fn")
+            fill_module(choose_layers(empty, fp8), open_checkpoint(os.path.join(d, "m.safetensors")), storage=fp8)
         finally:
             host_module.set_host(previous)
     assert type(empty[0]) is Recording and seen == [["bias", "weight"]]

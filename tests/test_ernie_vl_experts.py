@@ -1,4 +1,4 @@
-"""ERNIE-4.5-VL's routed experts in CPU memory (loaders/expert_offload.py): they compute what transformers' expert bank
+"""ERNIE-4.5-VL's routed experts in CPU memory (loaders/ernie_vl_experts.py): they compute what transformers' expert bank
 computes, whichever way each expert runs; they leave the model's parameters (so no memory manager moves them); the
 model answers token for token as with the experts inside it, headless (here) and inside ComfyUI (test_comfyui)."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from letterpress.loaders import expert_offload
+from letterpress.loaders import ernie_vl_experts
 from letterpress.loaders.errors import LetterpressError
-from letterpress.loaders.expert_offload import OffloadedExperts
+from letterpress.loaders.ernie_vl_experts import OffloadedExperts
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 PT = "ERNIE-4.5-VL-28B-A3B-PT"
@@ -64,9 +64,9 @@ def test_the_experts_leave_the_parameters_the_memory_manager_moves():
     bank = _bank()
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), bank)
     before = sum(p.numel() for p in model.parameters())
-    size = expert_offload.bank_bytes(model)
-    [offloaded] = expert_offload.offload_experts(model)
-    assert model[1] is offloaded and expert_offload.bank_bytes(model) == size > 0
+    size = ernie_vl_experts.bank_bytes(model)
+    [offloaded] = ernie_vl_experts.offload_experts(model)
+    assert model[1] is offloaded and ernie_vl_experts.bank_bytes(model) == size > 0
     assert sum(p.numel() for p in model.parameters()) * 4 == before * 4 - size
     assert "1.gate_up_proj" not in model.state_dict()
     model.to(torch.float64)  # what a memory manager does to the module passes the experts by
@@ -75,10 +75,10 @@ def test_the_experts_leave_the_parameters_the_memory_manager_moves():
 
 def test_auto_keeps_them_with_the_model_off_a_gpu_and_a_wrong_choice_is_named():
     model = torch.nn.Sequential(_bank())
-    assert not expert_offload.wanted("auto", model, torch.device("cpu"))
-    assert expert_offload.wanted("in CPU memory", model, torch.device("cpu"))
+    assert not ernie_vl_experts.wanted("auto", model, torch.device("cpu"))
+    assert ernie_vl_experts.wanted("in CPU memory", model, torch.device("cpu"))
     with pytest.raises(LetterpressError, match="experts must be one of auto, with the model, in CPU memory"):
-        expert_offload.wanted("cpu", model, torch.device("cpu"))
+        ernie_vl_experts.wanted("cpu", model, torch.device("cpu"))
 
 
 def test_the_model_answers_token_for_token_with_its_experts_in_cpu_memory(ernie_vl, monkeypatch):
@@ -92,11 +92,11 @@ def test_the_model_answers_token_for_token_with_its_experts_in_cpu_memory(ernie_
 
     plain = loader.run(PT, "auto", "with the model")[0]
     offloaded = loader.run(PT, "auto", "in CPU memory")[0]
-    assert expert_offload.bank_bytes(offloaded.module) > 0
-    assert not any(type(m).__name__ == expert_offload.EXPERTS for m in offloaded.module.modules())
+    assert ernie_vl_experts.bank_bytes(offloaded.module) > 0
+    assert not any(type(m).__name__ == ernie_vl_experts.EXPERTS for m in offloaded.module.modules())
     monkeypatch.setattr(OffloadedExperts, "separate", staticmethod(lambda device: True))
     assert ask(offloaded) == ask(plain)
-    traffic = expert_offload.traffic(offloaded.module)
+    traffic = ernie_vl_experts.traffic(offloaded.module)
     assert traffic.tokens > 0 and traffic.token_bytes + traffic.weight_bytes > 0
 
 
