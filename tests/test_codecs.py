@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from letterpress.loaders import checkpoint, layers
 from letterpress.loaders.errors import LetterpressError
 from letterpress.loaders.packed import Codec, Packed, cat_rows, split_rows
+from letterpress.loaders.stage import choose_layers
+from letterpress.loaders.storage import Storage
 from letterpress.loaders.weights import build_empty, fill_module
 
 
@@ -58,8 +60,10 @@ def test_a_new_format_is_one_codec_and_one_view(host):
     gen = torch.Generator().manual_seed(0)
     w, b, x = torch.randn(48, 64, generator=gen), torch.randn(48, generator=gen), torch.randn(5, 64, generator=gen)
     packed, weight = row_int8(w)
+    made = Made({"0.weight": packed, "0.bias": b})
     module = build_empty(lambda: torch.nn.Sequential(torch.nn.Linear(64, 48)))
-    fill_module(module, Made({"0.weight": packed, "0.bias": b}), what="made-up model")
+    choose_layers(module, Storage(), packed=made.quantized)
+    fill_module(module, made, what="made-up model")
     layer = module[0]
     assert layers.is_packed(layer) and layer.pack_codec == RowInt8() and layer.weight.dtype == torch.int8
     assert layers.weight_shape(layer) == (48, 64)
