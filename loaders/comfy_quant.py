@@ -47,11 +47,14 @@ import functools
 import json
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from . import kitchen
+from .checkpoint import CheckpointView, view
 from .errors import LetterpressError
+from .packed import Codec
 
 # Suffixes (the part after a layer's name) of the side tensors quantized files carry next to `<layer>.weight`, and
 # the `scaled_fp8` marker itself, so a loader can drop them from a state dict once the weights are dequantized.
@@ -71,6 +74,8 @@ _STORAGE = {
     "mxfp8": torch.float8_e4m3fn,
     "int8_tensorwise": torch.int8,
 }
+# Formats whose weights are padded to whole blocks on both sides (rows and columns), and the block.
+_PADDING = {"nvfp4": 16, "mxfp8": 32}
 # Formats upstream ComfyUI knows that are not dequantized here (named in the error).
 _KNOWN_UNSUPPORTED = ("convrot_w4a4", "asym_w4a8_int8", "awq_w4a16")
 
@@ -108,9 +113,8 @@ def detect(keys: Iterable[str], metadata: dict | None) -> str | None:
     return "scaled_fp8" if scaled else "mixed" if mixed else None
 
 
-def _where(checkpoint) -> str:
-    source = getattr(checkpoint, "source", None) or getattr(checkpoint, "path", None)
-    return f"{os.path.basename(str(source))}: " if source else ""
+def _where(checkpoint: CheckpointView) -> str:
+    return f"{os.path.basename(str(checkpoint.source))}: " if checkpoint.source else ""
 
 
 def _conf(value, layer: str, where: str) -> dict:
@@ -164,7 +168,8 @@ def layer_formats(checkpoint: Mapping[str, torch.Tensor], prefix: str = "") -> d
     (whose layer names may be written with or without `prefix`) or, without that header, by the legacy scaled fp8
     layers (`<layer>.scale_weight`). Layers not listed are full precision. Raises LetterpressError on a format this
     module cannot dequantize, naming it and the layer."""
-    metadata = getattr(checkpoint, "metadata", None) or {}
+    checkpoint = view(checkpoint)  # a plain mapping: no metadata, no file
+    metadata = checkpoint.metadata or {}
     keys = list(checkpoint.keys())
     kind = detect(keys, metadata)
     if kind is None:
@@ -361,3 +366,29 @@ def _check_swizzled(scales: torch.Tensor, rows: int, cols: int, fmt: str, layer:
             f"{rows}-row weight with {cols} blocks a row holds {need}: the file is damaged or uses another layout.")
     if scales.element_size() != 1:
         raise LetterpressError(f"layer {layer} has {fmt} block scales stored as {scales.dtype}, not as 8-bit values.")
+
+
+@dataclass(frozen=True)
+class ComfyCodec(Codec):
+    """One layer's ComfyUI format (its config from `layer_formats`) as a packed weight's codec: dequantized with its
+    scale tensors by `dequantize_layer`. Its scales span rows (per tensor, or per block in a swizzled layout), so
+    rows neither split nor join while packed."""
+
+    config: dict
+
+    def describe(self) -> str:
+        return str(self.config.get("format"))
+
+    def dequantize(self, raw, shape, extras, dtype):
+        return dequantize_layer({"weight": raw, **extras}, self.config, dtype, shape)
+
+    def logical_shape(self, stored: tuple) -> tuple:
+        """The shape of the weight stored as `stored` (nvfp4: two 4-bit values a byte; padding kept)."""
+        if self.config.get("format") == "nvfp4":
+            return (stored[0], stored[1] * 2)
+        return tuple(stored)
+
+    def padded(self, stored: tuple, wanted: tuple) -> bool:
+        block = _PADDING.get(self.config.get("format"))
+        return (block is not None and stored != wanted and len(stored) == len(wanted) == 2
+                and all(w <= st < w + block for st, w in zip(stored, wanted)))

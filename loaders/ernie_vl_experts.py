@@ -76,12 +76,12 @@ class OffloadedExperts(torch.nn.Module):
 
     def _expert(self, index: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert `index`'s two weights on `device` in `dtype` (packed ones moved as bytes, then dequantized)."""
-        from .packed import dequantize
+        from .gguf_quants import dequantize
 
         out = []
         for bank, shape in zip(self.banks, self.shapes):
             w = bank[index].to(device, non_blocking=True)
-            out.append(dequantize(w, self.qtype, shape, {}, dtype) if w.dtype == torch.uint8 else w.to(dtype))
+            out.append(dequantize(w, self.qtype, shape, dtype) if w.dtype == torch.uint8 else w.to(dtype))
         return out[0], out[1]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -4,8 +4,9 @@ The `gguf` package's reader memory-maps the file (copy-on-write: nothing written
 Tensor names are those of the model's single .safetensors file (a `model.diffusion_model.` prefix, as some converters
 write, is dropped, as ComfyUI-GGUF drops it); each tensor's logical shape is its GGUF dimensions reversed (torch
 order), or the `comfy.gguf.orig_shape.<name>` field where a converter recorded the original shape. F32, F16 and BF16
-tensors come back as torch tensors viewing the file; quantized ones as `packed.Packed` (bytes + type + logical
-shape), which the layers that store them dequantize per call (layers.py) and everything else dequantizes on load.
+tensors come back as torch tensors viewing the file; quantized ones as `packed.Packed` (bytes, their ggml type's
+codec gguf_quants.GgufCodec, logical shape), which the layers that store them dequantize per call (layers.py) and
+everything else dequantizes on load.
 """
 
 from __future__ import annotations
@@ -13,31 +14,20 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from collections.abc import Mapping
-from typing import Iterator
 
 import torch
 
+from . import gguf_quants
+from .checkpoint import CheckpointView
 from .errors import LetterpressError
-from .packed import Packed
+from .gguf_quants import type_name
 
 PREFIX = "model.diffusion_model."
 _F32, _F16, _BF16 = 0, 1, 30  # ggml type ids of the unquantized float types
 DENSE = {_F32: torch.float32, _F16: torch.float16, _BF16: torch.bfloat16}
 
 
-def type_name(qtype: int) -> str:
-    import gguf
-
-    try:
-        return gguf.GGMLQuantizationType(qtype).name
-    except ValueError:
-        return f"type {qtype}"
-
-
 def unsupported(qtype: int, where: str) -> LetterpressError:
-    from . import gguf_quants
-
     names = ", ".join(sorted(type_name(t) for t in gguf_quants.SUPPORTED))
     return LetterpressError(
         f"{where} is quantized as {type_name(qtype)}, which Letterpress cannot dequantize (it reads {names}). Use a "
@@ -59,8 +49,8 @@ def _reader(path: str):
             "not finish: download it again.") from None
 
 
-class GgufCheckpoint(Mapping):
-    """A read-only state dict over one GGUF file (see the module docstring)."""
+class GgufCheckpoint(CheckpointView):
+    """A read-only state dict over one GGUF file (a checkpoint.CheckpointView; see the module docstring)."""
 
     def __init__(self, path: str):
         self.files = [path]
@@ -79,8 +69,6 @@ class GgufCheckpoint(Mapping):
                                    "or the download did not finish: download it again.")
         self._shapes = {key: _logical_shape(reader, t) for key, t in self._tensors.items()}
         self._reader = reader
-        from . import gguf_quants
-
         for key, t in self._tensors.items():  # every type is checked before anything loads
             if int(t.tensor_type) not in DENSE and int(t.tensor_type) not in gguf_quants.SUPPORTED:
                 raise unsupported(int(t.tensor_type), f"{_name(path)}: tensor {key}")
@@ -91,9 +79,6 @@ class GgufCheckpoint(Mapping):
             if end > size:
                 raise LetterpressError(f"{_name(path)} is truncated: tensor {key} ends at byte {end} of {size}. The "
                                        "download did not finish; download it again.")
-
-    def file_of(self, key: str) -> str:
-        return self.source
 
     def shape(self, key: str) -> tuple:
         return self._shapes[key]
@@ -120,13 +105,10 @@ class GgufCheckpoint(Mapping):
         qtype = int(t.tensor_type)
         if qtype in DENSE:
             return data.reshape(-1).view(torch.uint8).view(DENSE[qtype]).reshape(shape)
-        return Packed(data.view(torch.uint8), qtype, shape)
+        return gguf_quants.packed(data.view(torch.uint8), qtype, shape)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
+    def names(self):
+        return self._tensors.keys()
 
     def close(self) -> None:
         self._tensors = {}

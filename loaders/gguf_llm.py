@@ -13,11 +13,10 @@ file: as for safetensors text encoders, the tokenizer folder is found beside the
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Iterator
 
 import torch
 
+from .checkpoint import DerivedView
 from .errors import LetterpressError
 from .packed import Packed
 
@@ -81,13 +80,11 @@ def unpermute_rows(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
 
 
-class LlamaCppNames(Mapping):
+class LlamaCppNames(DerivedView):
     """A GGUF language model (`gguf_file.GgufCheckpoint`) under transformers' tensor names (module docstring)."""
 
     def __init__(self, ck):
-        self._ck = ck
-        self.source, self.files = ck.source, ck.files
-        self.quantized = ck.quantized
+        super().__init__(ck)
         arch = ck.metadata.get("gguf.architecture", "")
         self.metadata = dict(ck.metadata)
         name = os.path.basename(ck.source)
@@ -115,29 +112,22 @@ class LlamaCppNames(Mapping):
                 elif hf.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
                     self._heads[hf] = kv_heads
 
-    def file_of(self, key: str) -> str:
-        return self._ck.source
+    def base_key(self, key: str) -> str:
+        return self._names[key]
 
     def shape(self, key: str) -> tuple:
-        return self._ck.shape(self._names[key])
+        return self.base.shape(self._names[key])
 
     def __getitem__(self, key: str):
-        tensor = self._ck[self._names[key]]
+        tensor = self.base[self._names[key]]
         heads = self._heads.get(key)
         if heads is None:
             return tensor
         shape = tensor.shape
         index = unpermute_rows(shape[0], heads)
-        if isinstance(tensor, Packed):  # rows are whole blocks: reorder the packed rows
-            raw = tensor.raw.reshape(shape[0], -1)[index]
-            return Packed(raw, tensor.fmt, tuple(shape), tensor.extras)
+        if isinstance(tensor, Packed):  # GGUF rows are whole blocks: reorder the packed rows
+            return tensor.rows(index)
         return tensor[index]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def close(self) -> None:
-        self._ck.close()
+    def names(self):
+        return self._names.keys()

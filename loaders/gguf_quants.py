@@ -18,9 +18,12 @@ The byte layouts follow ggml's block structs as the `gguf` package documents and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .errors import LetterpressError
+from .packed import Codec, Packed
 
 QK_K = 256
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
@@ -142,7 +145,8 @@ _DEQUANT = {Q8_0: _q8_0, Q4_0: _q4_0, Q4_1: _q4_1, Q5_0: _q5_0, Q5_1: _q5_1,
 SUPPORTED = frozenset({*_DENSE, *_DEQUANT})
 
 
-def _name(qtype: int) -> str:
+def type_name(qtype: int) -> str:
+    """The ggml type's name (Q8_0, Q4_K, ...), as the `gguf` package spells it."""
     try:
         import gguf
 
@@ -167,9 +171,38 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: tor
             raw = raw.contiguous().reshape(-1).view(_DENSE[qtype])
         return raw.reshape(shape).to(dtype)
     if qtype not in _DEQUANT:
-        names = ", ".join(_name(t) for t in sorted(SUPPORTED))
-        raise LetterpressError(f"GGUF type {_name(qtype)} cannot be dequantized here (supported: {names}). Use a "
+        names = ", ".join(type_name(t) for t in sorted(SUPPORTED))
+        raise LetterpressError(f"GGUF type {type_name(qtype)} cannot be dequantized here (supported: {names}). Use a "
                                "file of one of those types (e.g. Q8_0, Q6_K, Q5_K_M or Q4_K_M).")
     per_block, size = BLOCKS[qtype]
     blocks = raw.reshape(-1).view(torch.uint8).reshape(-1, size)
     return _DEQUANT[qtype](blocks).reshape(shape).to(dtype)
+
+
+@dataclass(frozen=True)
+class GgufCodec(Codec):
+    """A ggml type as a packed weight's format: a row of the weight is whole blocks of bytes, so rows split and join
+    without dequantizing."""
+
+    qtype: int
+
+    def describe(self) -> str:
+        return type_name(self.qtype)
+
+    def dequantize(self, raw, shape, extras, dtype):
+        return dequantize(raw, self.qtype, shape, dtype)
+
+    def rows(self, packed, index):
+        raw = packed.raw.reshape(packed.shape[0], -1)[index]
+        return Packed(raw, self, (raw.shape[0], *packed.shape[1:]))
+
+    def cat_rows(self, parts):
+        if not all(isinstance(p, Packed) and p.codec == self and p.shape[1:] == parts[0].shape[1:] for p in parts):
+            return None
+        raw = torch.cat([p.raw.reshape(p.shape[0], -1) for p in parts])
+        return Packed(raw, self, (raw.shape[0], *parts[0].shape[1:]))
+
+
+def packed(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> Packed:
+    """GGUF bytes of ggml type `qtype` standing for a weight of logical `shape`."""
+    return Packed(raw, GgufCodec(int(qtype)), tuple(shape))

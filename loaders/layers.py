@@ -182,17 +182,17 @@ class OneDnnLinear(Linear):
 
 class QuantizedWeight:
     """Mixed into a host's Linear class for a quantized file: a weight handed over as `packed.Packed` stays packed
-    (its data the `weight` parameter, its scales buffers beside it, its format and logical shape kept) and is
-    dequantized at each call, on the input's device."""
+    (its data the `weight` parameter, its scales buffers beside it, its format's codec and logical shape kept) and
+    is dequantized at each call, on the input's device."""
 
     lora_function: list = []
-    pack_fmt = None
+    pack_codec = None  # packed.Codec of the weight's format, while it is packed
     qshape: tuple = ()
     pack_extras: tuple = ()
 
     @property
     def packed(self) -> bool:
-        return self.pack_fmt is not None
+        return self.pack_codec is not None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         from .packed import Packed
@@ -201,7 +201,7 @@ class QuantizedWeight:
         if isinstance(value, Packed):
             state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
             self.weight = torch.nn.Parameter(value.raw, requires_grad=False)
-            self.pack_fmt, self.qshape, self.pack_extras = value.fmt, tuple(value.shape), tuple(value.extras)
+            self.pack_codec, self.qshape, self.pack_extras = value.codec, tuple(value.shape), tuple(value.extras)
             for name, t in value.extras.items():
                 self.register_buffer("packed_" + name, t, persistent=False)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
@@ -209,10 +209,8 @@ class QuantizedWeight:
     def unpack(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The weight these packed bytes (this layer's, wherever they are now) stand for, in `dtype`, on their
         device."""
-        from .packed import dequantize
-
         extras = {k: getattr(self, "packed_" + k).to(raw.device) for k in self.pack_extras}
-        return dequantize(raw, self.pack_fmt, self.qshape, extras, dtype)
+        return self.pack_codec.dequantize(raw, self.qshape, extras, dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The standalone host's path: the bytes moved to the input's device, dequantized, this layer's LoRAs
@@ -245,8 +243,8 @@ def with_quantized(ops: LayerOps) -> LayerOps:
 
 
 def is_packed(layer: torch.nn.Module) -> bool:
-    """Whether the layer keeps its weight packed (a GGUF quantized file)."""
-    return getattr(layer, "pack_fmt", None) is not None
+    """Whether the layer keeps its weight packed (a quantized file's, or quantized at load)."""
+    return getattr(layer, "pack_codec", None) is not None
 
 
 def dequantized_weight(layer: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import CheckpointView, Tensors
 from .errors import LetterpressError
 from .handle import ModelHandle
 from .layers import weight_shape
@@ -69,7 +70,7 @@ class _AdapterConfig:
 
     @classmethod
     def of(cls, ck, name: str) -> "_AdapterConfig":
-        raw = (getattr(ck, "metadata", None) or {}).get("lora_adapter_metadata")
+        raw = ck.metadata.get("lora_adapter_metadata")
         if not raw:
             return cls()
         try:
@@ -91,19 +92,18 @@ class _AdapterConfig:
         return self.lora_alpha if self.lora_alpha is not None else rank
 
 
-class LoraTensors(dict):
+class LoraTensors(Tensors):
     """LoRA tensors held in memory (a LoRA trained in the graph), with the metadata a file would carry."""
 
     def __init__(self, tensors: dict, metadata: dict | None = None):
-        super().__init__(tensors)
-        self.metadata = dict(metadata or {})
+        super().__init__(tensors, metadata=metadata)
 
 
 def read_lora(path: str) -> LoraWeights:
     return parse_lora(open_checkpoint(path), os.path.basename(path))
 
 
-def parse_lora(ck, name: str) -> LoraWeights:
+def parse_lora(ck: CheckpointView, name: str) -> LoraWeights:
     """A LoRA from its tensors (a file opened by open_checkpoint, or LoraTensors): format detected from the keys,
     the scale of each layer from `.alpha` tensors or the PEFT settings in the metadata."""
     config = _AdapterConfig.of(ck, name)

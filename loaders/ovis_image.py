@@ -21,10 +21,11 @@ modulation, applied lazily one tensor at a time.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Mapping
+from typing import Callable
 
 import torch
 
+from .checkpoint import CheckpointView, DerivedView
 from .errors import LetterpressError
 from .explain import Source
 from .families import FamilySpec, Signature
@@ -102,26 +103,23 @@ def _component(path: str, sub: str) -> str:
 # DiT: original (FLUX-style) names -> diffusers names ------------------------------------------------
 
 
-class _Converted(Mapping):
-    """A lazy state dict in diffusers names over a checkpoint in original names (one tensor at a time)."""
+class _Converted(DerivedView):
+    """A lazy state dict in diffusers names over a checkpoint in original names (one tensor at a time; GGUF-packed
+    rows pass through the row functions packed)."""
 
-    def __init__(self, ck: Checkpoint, plan: dict[str, tuple[tuple[str, ...], Callable]]):
-        self.ck = ck
+    def __init__(self, ck: CheckpointView, plan: dict[str, tuple[tuple[str, ...], Callable]]):
+        super().__init__(ck)
         self.plan = plan
-        self.quantized = getattr(ck, "quantized", False)  # GGUF: packed rows pass through the row functions
+
+    def base_key(self, key: str) -> str:
+        return self.plan[key][0][0]
 
     def __getitem__(self, key: str) -> torch.Tensor:
         sources, fn = self.plan[key]
-        return fn(*[self.ck[s] for s in sources])
+        return fn(*[self.base[s] for s in sources])
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.plan)
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def file_of(self, key: str) -> str:
-        return self.ck.file_of(self.plan[key][0][0])
+    def names(self):
+        return self.plan.keys()
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import functools
 import torch
 
 from .errors import LetterpressError
-from .gguf_quants import BLOCKS, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+from .gguf_quants import BLOCKS, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, packed as gguf_packed
 from .packed import Packed
 
 # weight_dtype choice -> ggml type, largest first
@@ -152,7 +152,7 @@ def quantize(x: torch.Tensor, qtype: int, device: torch.device | str | None = No
 
 def pack(weight: torch.Tensor, qtype: int, device: torch.device | str | None = None) -> Packed:
     """A weight as the packed tensor a GGUF file of type `qtype` would hold for it."""
-    packed = Packed(quantize(weight, qtype, device), qtype, tuple(weight.shape))
+    packed = gguf_packed(quantize(weight, qtype, device), qtype, tuple(weight.shape))
     _trim()
     return packed
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import layers, quantize
+from .checkpoint import view
 from .detect import expect
 from .files import read_json
 from .host import get_host
@@ -61,11 +62,11 @@ def load_stage(path: str, storage: Storage, stage: Stage) -> torch.nn.Module:
     ck = open_checkpoint(path)
     expect(ck.keys(), stage.signature[0], stage.signature[1], os.path.basename(path), stage.loader)
     layout = stage.read(ck, path)
-    state = ck if layout.state is None else layout.state
+    state = ck if layout.state is None else view(layout.state, path)
     try:
         module = build_empty(lambda: stage.build(layout.config), layout.config_file)
         expected = dict(module.state_dict(keep_vars=True))  # as the model's own code built it (see fill_module)
-        choose_layers(module, storage, packed=getattr(state, "quantized", False))
+        choose_layers(module, storage, packed=state.quantized)
         quantize_on = quantize.compute_device() if storage.quant is not None else None
         fill_module(module, state, layout.key_map, storage, keep_fp32=stage.keep_fp32, what=stage.what,
                     optional=stage.optional, source=path, quantize_on=quantize_on, expected=expected)

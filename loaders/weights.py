@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from . import comfy_quant, layers, quantize
+from .checkpoint import CheckpointView, DerivedView, view
 from .errors import LetterpressError
 from .files import PICKLE_EXTENSIONS, SHARD, read_json, readable
 from .gguf_file import GgufCheckpoint, is_gguf
@@ -127,8 +128,8 @@ def _entry_problem(info) -> str | None:
     return None
 
 
-class Checkpoint(Mapping):
-    """A lazy, read-only state dict over one or more safetensors files.
+class Checkpoint(CheckpointView):
+    """A lazy, read-only state dict over one or more safetensors files (a checkpoint.CheckpointView).
 
     Tensors are zero-copy views of a private (copy-on-write) memory map of the file: loading costs no
     copy, pages are read when first used, and nothing written to a tensor ever reaches the file.
@@ -172,11 +173,8 @@ class Checkpoint(Mapping):
         count = (end - begin) // torch.empty((), dtype=dtype).element_size()
         return torch.frombuffer(mm, dtype=dtype, count=count, offset=offset).view(info["shape"])
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._info)
-
-    def __len__(self) -> int:
-        return len(self._info)
+    def names(self):
+        return self._info.keys()
 
     def release(self, key: str) -> None:
         """Drop the pages of `key`'s data from this process's memory once it is no longer viewed (it was quantized
@@ -230,48 +228,37 @@ def _shards_of(path: str) -> list[str]:
     return shards
 
 
-class ComfyQuantized(Mapping):
+class ComfyQuantized(DerivedView):
     """A checkpoint in ComfyUI's quantized formats (scaled fp8, mixed precision: see comfy_quant.py) under its plain
-    names: each quantized layer's `weight` is a `Packed` carrying its format and scale tensors, the side tensors
-    themselves are not listed, and every other tensor is the file's."""
-
-    quantized = True
+    names: each quantized layer's `weight` is a `Packed` carrying its format's codec (comfy_quant.ComfyCodec) and
+    scale tensors, the side tensors themselves are not listed, and every other tensor is the file's."""
 
     def __init__(self, ck: "Checkpoint", formats: dict[str, dict]):
-        self.ck, self.formats = ck, formats
-        self.files, self.source, self.metadata = ck.files, ck.source, ck.metadata
-        self._keys = [k for k in ck if not comfy_quant.quant_suffix(k)]
+        super().__init__(ck)
+        self.quantized = True
+        self.codecs = {layer: comfy_quant.ComfyCodec(fmt) for layer, fmt in formats.items()}
+        self._keys = dict.fromkeys(k for k in ck if not comfy_quant.quant_suffix(k))
 
-    def _layer(self, key: str) -> str | None:
-        layer = key[: -len(".weight")] if key.endswith(".weight") else None
-        return layer if layer in self.formats else None
+    def _codec(self, key: str) -> "comfy_quant.ComfyCodec | None":
+        return self.codecs.get(key[: -len(".weight")]) if key.endswith(".weight") else None
 
     def __getitem__(self, key: str):
-        layer = self._layer(key)
-        if layer is None:
-            return self.ck[key]
-        extras = {s: self.ck[f"{layer}.{s}"] for s in sorted(comfy_quant.QUANT_KEYS) if f"{layer}.{s}" in self.ck}
+        codec = self._codec(key)
+        if codec is None:
+            return self.base[key]
+        layer = key[: -len(".weight")]
+        extras = {s: self.base[f"{layer}.{s}"] for s in sorted(comfy_quant.QUANT_KEYS)
+                  if f"{layer}.{s}" in self.base}
         extras.pop("comfy_quant", None)
-        raw = self.ck[key]
-        return Packed(raw, self.formats[layer], self.shape(key), extras)
+        return Packed(self.base[key], codec, self.shape(key), extras)
 
     def shape(self, key: str) -> tuple:
-        shape = self.ck.shape(key)
-        if self._layer(key) and self.formats[self._layer(key)]["format"] == "nvfp4":
-            return (shape[0], shape[1] * 2)  # two 4-bit values per byte (rows and columns may carry padding)
-        return shape
+        codec = self._codec(key)
+        shape = self.base.shape(key)
+        return codec.logical_shape(shape) if codec is not None else shape
 
-    def file_of(self, key: str) -> str:
-        return self.ck.file_of(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def close(self) -> None:
-        self.ck.close()
+    def names(self):
+        return self._keys.keys()
 
 
 def _comfy_quantized(ck: "Checkpoint", path: str):
@@ -366,23 +353,23 @@ def fill_module(
     `storage.quant`: a ggml type the Linear weights `quantize.packs` are quantized to as they are read (on
     `quantize_on`, the CPU if None), kept packed as a GGUF file's (weights already packed in the file stay as they are).
     """
+    checkpoint = view(checkpoint, source)
     try:
         if expected is None:
             expected = dict(module.state_dict(keep_vars=True))
-        return _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, source, quantize_on, expected)
+        return _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, quantize_on, expected)
     except BaseException as e:
         # A load that fails halfway leaves nothing behind: the module's tensors (views of the file's memory
         # map) are dropped, the checkpoint's maps closed and the failed frames' locals cleared, so no mapping
         # outlives the error, even while its traceback is kept.
         module.to("meta")
-        if hasattr(checkpoint, "close"):
-            checkpoint.close()
+        checkpoint.close()
         checkpoint = None  # this frame stays in the traceback: let it hold no tensors of the file
         traceback.clear_frames(e.__traceback__)
         raise
 
 
-def _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, source, quantize_on, expected):
+def _fill(module, checkpoint: CheckpointView, key_map, storage, keep_fp32, what, optional, quantize_on, expected):
     dtype, quant = storage.compute, storage.quant  # Linear weights are stored as `storage.linear` says
     owners = dict(module.named_modules(remove_duplicate=False))
     given: dict[str, dict[str, torch.Tensor]] = {}  # owner module name -> its tensors, by full key
@@ -400,8 +387,8 @@ def _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, sourc
             continue
         target = expected[mk]
         tensor = checkpoint[ck]
-        if isinstance(tensor, Packed) and _padded(tensor.shape, tuple(target.shape)):
-            tensor = dataclasses.replace(tensor, shape=tuple(target.shape))  # nvfp4/mxfp8 pad rows and columns
+        if isinstance(tensor, Packed) and tensor.codec.padded(tuple(tensor.shape), tuple(target.shape)):
+            tensor = dataclasses.replace(tensor, shape=tuple(target.shape))  # e.g. nvfp4/mxfp8 pad rows and columns
         if tuple(tensor.shape) != tuple(target.shape):
             raise LetterpressError(
                 f"{what}: tensor {ck} has shape {tuple(tensor.shape)} but the model needs {tuple(target.shape)}. "
@@ -412,7 +399,7 @@ def _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, sourc
                                                                                    layers.QuantizedWeight)):
             tensor = tensor.dequantize(dtype)  # small tensors of other layers (norms, embeddings) load dequantized
         if isinstance(target, torch.nn.Parameter) and target.is_floating_point():
-            name = _file_name(checkpoint, ck, source)
+            name = os.path.basename(checkpoint.file_of(ck) or "") or "the checkpoint"
             if not isinstance(tensor, Packed) and not tensor.is_floating_point():
                 raise LetterpressError(
                     f"{what}: tensor {ck} in {name} is stored as {str(tensor.dtype).replace('torch.', '')}, but it is "
@@ -428,8 +415,7 @@ def _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, sourc
         if (quant is not None and leaf == "weight" and isinstance(tensor, torch.Tensor)
                 and isinstance(owners[owner_name], layers.QuantizedWeight) and quantize.packs(tensor.shape, quant)):
             tensor = quantize.pack(tensor, quant, quantize_on or torch.device("cpu"))
-            if hasattr(checkpoint, "release"):
-                checkpoint.release(ck)  # the file's pages of it: no full-precision copy stays behind
+            checkpoint.release(ck)  # the file's pages of it: no full-precision copy stays behind
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             want = torch.float32 if any(s in mk for s in keep_fp32) else dtype
             tensor = tensor.to(layers.storage_dtype(owners[owner_name], leaf, want, storage.linear))
@@ -460,26 +446,13 @@ def _fill(module, checkpoint, key_map, storage, keep_fp32, what, optional, sourc
     return module
 
 
-def _padded(stored: tuple, wanted: tuple) -> bool:
-    """A packed shape that is `wanted` with block padding (at most 32) on its last two sides."""
-    return (stored != wanted and len(stored) == len(wanted) == 2
-            and all(w <= st < w + 32 for st, w in zip(stored, wanted)))
-
-
 def _sample_packed(tensor: Packed) -> torch.Tensor:
     """The first and last rows of a packed weight, dequantized: the same check as `_sample` makes."""
-    if not isinstance(tensor.fmt, int) or len(tensor.shape) < 2:  # ComfyUI formats: scales per tensor or block
+    rows = tensor.shape[0] if len(tensor.shape) >= 2 else 0
+    parts = [tensor.codec.rows(tensor, slice(0, 1)), tensor.codec.rows(tensor, slice(rows - 1, rows))] if rows else []
+    if not parts or parts[0] is None:  # a format whose scales span rows (ComfyUI's: per tensor or block)
         return _sample(tensor.dequantize())
-    rows = tensor.shape[0]
-    parts = [tensor.rows(slice(0, 1)), tensor.rows(slice(rows - 1, rows))]
     return torch.cat([p.dequantize().reshape(-1) for p in parts])
-
-
-def _file_name(checkpoint, key: str, source: str) -> str:
-    """The name of the file `key` is read from, for messages."""
-    file_of = getattr(checkpoint, "file_of", None)
-    path = file_of(key) if file_of else source or getattr(checkpoint, "source", "")
-    return os.path.basename(path or "") or "the checkpoint"
 
 
 def _sample(tensor: torch.Tensor, width: int = 256) -> torch.Tensor:

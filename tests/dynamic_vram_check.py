@@ -243,18 +243,19 @@ def _stand_in_for_aimdo() -> None:
 def _gguf(weight: torch.Tensor, qtype):
     import gguf
 
-    from letterpress.loaders.packed import Packed
+    from letterpress.loaders import gguf_quants
 
     raw = gguf.quants.quantize(weight.numpy(), qtype)
-    return Packed(torch.from_numpy(raw.copy()).reshape(-1), int(qtype), tuple(weight.shape))
+    return gguf_quants.packed(torch.from_numpy(raw.copy()).reshape(-1), int(qtype), tuple(weight.shape))
 
 
 def _fp8_scaled(weight: torch.Tensor):
+    from letterpress.loaders.comfy_quant import ComfyCodec
     from letterpress.loaders.packed import Packed
 
     scale = weight.abs().max() / 448.0
-    return Packed((weight / scale).to(torch.float8_e4m3fn), {"format": "float8_e4m3fn"}, tuple(weight.shape),
-                  {"weight_scale": scale.reshape(())})
+    return Packed((weight / scale).to(torch.float8_e4m3fn), ComfyCodec({"format": "float8_e4m3fn"}),
+                  tuple(weight.shape), {"weight_scale": scale.reshape(())})
 
 
 def _cases():

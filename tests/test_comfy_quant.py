@@ -25,6 +25,7 @@ import sys
 import pytest
 import torch
 from letterpress.loaders import comfy_quant as cq
+from letterpress.loaders.checkpoint import Tensors
 from letterpress.loaders.errors import LetterpressError
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -198,15 +199,10 @@ os._exit(0)  # skip torch's slow interpreter teardown
 """
 
 
-class File(dict):
-    """A safetensors file as the pack's checkpoints are: a Mapping of tensors with `.metadata` and `.source`."""
-
-    def __init__(self, path):
-        with safe_open(path, framework="pt") as f:
-            names = f.keys()
-            super().__init__({k: f.get_tensor(k) for k in names})
-            self.metadata = f.metadata() or {}
-        self.source = path
+def File(path) -> Tensors:
+    """A safetensors file as the pack's checkpoints are: a checkpoint view, with `.metadata` and `.source`."""
+    with safe_open(path, framework="pt") as f:
+        return Tensors({k: f.get_tensor(k) for k in f.keys()}, path, f.metadata() or {})
 
 
 def layer(ckpt, full):
@@ -395,10 +391,8 @@ def test_scaled_fp8_variants_without_comfyui():
     counts."""
     w = torch.randn(6, 8)
     q = w.to(torch.float8_e5m2)
-    ckpt = File.__new__(File)
-    dict.__init__(ckpt, {"scaled_fp8": torch.tensor([], dtype=torch.float8_e5m2), "a.weight": q,
-                         "a.scale_weight": torch.tensor(2.0)})
-    ckpt.metadata, ckpt.source = {}, "x.safetensors"
+    ckpt = Tensors({"scaled_fp8": torch.tensor([], dtype=torch.float8_e5m2), "a.weight": q,
+                    "a.scale_weight": torch.tensor(2.0)}, "x.safetensors", {})
     fmt = cq.layer_formats(ckpt)["a"]
     assert fmt == {"format": "float8_e5m2", "layer": "a"}
     assert torch.equal(cq.dequantize_layer(layer(ckpt, "a"), fmt, torch.float32), q.float() * 2)

@@ -12,6 +12,7 @@ import torch
 
 from fixtures.common import dequantized_like_the_loader
 from letterpress.loaders import layers, quantize
+from letterpress.loaders.gguf_quants import GgufCodec
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 gguf = pytest.importorskip("gguf")
@@ -22,7 +23,7 @@ PROMPT = "a poster with the words hello world in bold red letters"
 def packed_layers(module: torch.nn.Module, qtype: int) -> list[torch.nn.Module]:
     """The layers of a loaded stage that keep packed weights; each is of type `qtype`, stored as bytes."""
     found = [m for m in module.modules() if layers.is_packed(m)]
-    assert found and all(m.pack_fmt == qtype and m.weight.dtype == torch.uint8 for m in found)
+    assert found and all(m.pack_codec == GgufCodec(qtype) and m.weight.dtype == torch.uint8 for m in found)
     return found
 
 
@@ -163,7 +164,7 @@ def test_a_dit_quantized_at_load_is_the_gguf_files_dit_byte_for_byte_and_takes_l
     packed = [n for n, m in a.items() if layers.is_packed(m)]
     assert packed == [n for n, m in b.items() if layers.is_packed(m)] and packed
     for n in packed:
-        assert type(a[n]) is type(b[n]) and a[n].pack_fmt == b[n].pack_fmt and a[n].qshape == b[n].qshape
+        assert type(a[n]) is type(b[n]) and a[n].pack_codec == b[n].pack_codec and a[n].qshape == b[n].qshape
         assert torch.equal(a[n].weight, b[n].weight), n
     te, vae = ernie_node("TextEncoderLoader").run("ministral-3-3b.safetensors", "auto")[0], \
         ernie_node("VAELoader").run("flux2-vae.safetensors", "auto")[0]
