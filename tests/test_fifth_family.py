@@ -28,7 +28,6 @@ import torch
 from PIL import Image
 
 from fixtures import zeta_image
-from fixtures.common import workflow_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILY_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "fifth_family")
@@ -106,7 +105,6 @@ def zeta(tmp_path_factory) -> dict:
 
     os.makedirs(models / "loras")
     save_file(state, str(models / "loras" / "zeta_lora.safetensors"))
-    workflow_inputs(str(inputs), [])
     dataset = inputs / "zeta_dataset"
     dataset.mkdir(parents=True)
     for i, colour in enumerate(((200, 40, 40), (40, 40, 200))):
@@ -272,6 +270,11 @@ def test_in_comfyui_the_images_equal_the_headless_ones(release, pack, zeta, head
         info = comfy.get("/object_info")
         ours = [n for n in info if n.startswith(STEM)]
         assert f"{STEM}Sampler" in ours and info[f"{STEM}Sampler"]["python_module"] == f"custom_nodes.{PACK}"
+        for name in ours:  # the house rule for every node: a description and a tooltip on each input
+            assert info[name]["description"] and info[name]["display_name"].startswith("Zeta-Image "), name
+            for group in ("required", "optional"):
+                for key, spec in info[name]["input"].get(group, {}).items():
+                    assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{key}"
         for wf, outputs in ((first_workflow(), OUTPUTS), (second_workflow(), SECOND_OUTPUTS)):
             entry = comfy.wait(comfy.queue(wf))
             assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
