@@ -23,10 +23,11 @@ from ..loaders.ovis_image import DEFAULT_SCHEDULE
 from . import flow_match, flow_sampler, working_memory
 from .conditioning import Conditioning, batch_for, check_latent
 from .flow_sampler import FlowModel
-from .images import check_image, vae_input, vae_output
-from .numerics import check_finite, warn_truncated
+from .images import check_image
+from .numerics import warn_truncated
 from .sizes import check_multiple
-from .latents import pack_2x2_tokens, unpack_2x2_tokens, vae_layout
+from .latents import pack_2x2_tokens, unpack_2x2_tokens
+from .vae_codec import VaeCodec
 
 FAMILY = "ovis_image"
 NEGATIVE_HINT = "wire the negative output of Ovis-Image Text Encode"
@@ -201,30 +202,16 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
 # VAE -----------------------------------------------------------------------------------------------
 
 
-def _vae_factor(vae: torch.nn.Module) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+VAE = VaeCodec(FAMILY, "FLUX.1 VAE decode")  # the FLUX.1 VAE's scaling_factor and shift_factor
+decode = VAE.decode  # unpacked, scaled latents -> IMAGE (B, H, W, C) in 0..1
 
 
-@torch.no_grad()
-def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
-    """Unpacked, scaled latents -> IMAGE (B, H, W, C) in 0..1."""
-    cfg = vae.module.config
-    lat = check_latent(latent, FAMILY, cfg.latent_channels)
-    z = vae_layout(lat.to(vae.device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor)
-    image = check_finite(vae.module.decode(z, return_dict=False)[0], "FLUX.1 VAE decode", vae.dtype)
-    return vae_output(image)
-
-
-@torch.no_grad()
 def encode(vae: ModelHandle, image: torch.Tensor) -> dict:
     """IMAGE (B, H, W, C) -> unpacked, scaled latents (the distribution's mode), for denoise < 1."""
     image = check_image(image, "Ovis-Image VAE Encode")
     _, h, w, _ = image.shape
-    check_multiple(w, h, 2 * _vae_factor(vae.module), MODEL)
-    cfg = vae.module.config
-    x = vae_input(image, vae.device, vae.dtype)
-    z = vae.module.encode(x).latent_dist.mode()
-    return {"samples": ((z - cfg.shift_factor) * cfg.scaling_factor).cpu(), "family": FAMILY}
+    check_multiple(w, h, 2 * 2 ** (len(vae.module.config.block_out_channels) - 1), MODEL)
+    return VAE.encode(vae, image)
 
 
 def empty_latent(width: int, height: int, batch: int, channels: int = 16) -> dict:
