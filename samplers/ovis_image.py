@@ -14,7 +14,6 @@ LATENT holds the unpacked, scaled latents (B, 16, H/8, W/8), ComfyUI's layout fo
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..loaders.errors import LetterpressError
@@ -131,15 +130,7 @@ def _train_memory(dit, batch, shape, conds):
 def schedule(dit: ModelHandle, steps: int, shape):
     """The reference schedule for a (B, 16, h, w) latent: linspace(1, 1/N, N) shifted dynamically by mu(its packed
     token count) (or statically, as the DiT's scheduler settings say)."""
-    settings = dit.scheduler or DEFAULT_SCHEDULE
-    base = np.linspace(1.0, 1 / steps, steps)
-    if settings.get("use_dynamic_shifting", True):
-        mu = flow_match.calculate_mu(
-            (shape[-2] // 2) * (shape[-1] // 2), settings["base_image_seq_len"], settings["max_image_seq_len"],
-            settings["base_shift"], settings["max_shift"],
-        )
-        return flow_match.schedule(base, mu=mu)
-    return flow_match.schedule(base, shift=settings["shift"])
+    return flow_match.shifted_schedule(steps, dit.scheduler or DEFAULT_SCHEDULE, (shape[-2] // 2) * (shape[-1] // 2))
 
 
 # Sampling and LoRA training: text embeddings per item, packed 2x2 tokens, CFG as two passes; training draws uniformly
