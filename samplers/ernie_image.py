@@ -13,7 +13,7 @@ import torch
 
 from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
-from . import flow_match, flow_sampler, working_memory
+from . import flow_match, flow_sampler
 from .conditioning import Conditioning, batch_for, check_latent
 from .flow_sampler import BATCHED, FlowModel
 from .generate import generate, sampling_args
@@ -98,9 +98,9 @@ def training_weight(timesteps: torch.Tensor) -> torch.Tensor:
     return (y * (len(timesteps) / y.sum())).float()
 
 
-def _train_memory(dit, batch, shape, conds):
-    tokens = shape[-1] * shape[-2] + max(c.shape[0] for c in conds)
-    return 2 * working_memory.dit(dit, batch, tokens, dit.module.config.hidden_size)
+def sequence(dit: ModelHandle, shape) -> tuple[int, int]:
+    """The DiT's image tokens for a patchified (B, 128, h, w) latent (one per position) and its width."""
+    return shape[-2] * shape[-1], dit.module.config.hidden_size
 
 
 def _mask(noise_mask, shape, device):
@@ -110,7 +110,7 @@ def _mask(noise_mask, shape, device):
 
 
 FLOW = FlowModel(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, conds),
-                 velocity=velocity, schedule=schedule, cfg=BATCHED, mask=_mask, train_memory=_train_memory,
+                 velocity=velocity, schedule=schedule, sequence=sequence, cfg=BATCHED, mask=_mask,
                  loss_weight=training_weight)
 
 
@@ -130,12 +130,12 @@ def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int):
 def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict,
                     cfg: float) -> int:
     """Bytes of activations of one DiT step (the uncond and cond passes batched), for the host to make room."""
-    b, _, h, w = check_latent(latent, FAMILY, dit.module.config.in_channels).shape
+    shape = check_latent(latent, FAMILY, dit.module.config.in_channels).shape
     conds = {"positive": positive}
     if flow_match.uses_cfg(cfg, negative, NEGATIVE_HINT):
         conds["negative"] = negative
-    text = max(e.shape[0] for which, c in conds.items() for e in batch_for(c, b, FAMILY, which))
-    return working_memory.dit(dit, b * len(conds), h * w + text, dit.module.config.hidden_size)
+    text = max(e.shape[0] for which, c in conds.items() for e in batch_for(c, shape[0], FAMILY, which))
+    return FLOW.memory(dit, shape[0] * len(conds), shape, text)
 
 
 def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,

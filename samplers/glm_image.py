@@ -286,18 +286,18 @@ def _inputs(dit: ModelHandle, conds: list, shape) -> dict:
     return prepare_inputs(dit, tokens, glyphs[None], shape[-2] * VAE_SCALE, shape[-1] * VAE_SCALE)
 
 
-def _train_memory(dit, batch, shape, conds):
+def sequence(dit: ModelHandle, shape) -> tuple[int, int]:
+    """The DiT's image tokens for a (1, C, lh, lw) latent (its patches) and its width."""
     cfgm = dit.module.config
     p = cfgm.patch_size
-    tokens = (shape[-2] // p) * (shape[-1] // p) + max(g.shape[0] for _, g in conds)
-    return 2 * working_memory.dit(dit, 1, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
+    return (shape[-2] // p) * (shape[-1] // p), cfgm.num_attention_heads * cfgm.attention_head_dim
 
 
 # Sampling and LoRA training: each item conditioned on its AR prior tokens and its glyphs, one item per call (glyph
 # sequences differ in length); CFG as two passes, the unconditional one without the prior tokens; training draws
 # uniformly from the 1000-step schedule with plain MSE.
-FLOW = FlowModel(FAMILY, inputs=_inputs, velocity=velocity, schedule=schedule, uncond=_uncond,
-                 train_memory=_train_memory, one_at_a_time=True)
+FLOW = FlowModel(FAMILY, inputs=_inputs, velocity=velocity, schedule=schedule, sequence=sequence, uncond=_uncond,
+                 text_tokens=lambda cond: cond[1].shape[0], one_at_a_time=True)  # cond: (prior tokens, glyphs)
 training_family = FLOW.training  # the training objective for lora_training.train: the sampler's FLOW
 
 

@@ -19,7 +19,7 @@ import torch
 from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
 from ..loaders.ovis_image import DEFAULT_SCHEDULE
-from . import flow_match, flow_sampler, working_memory
+from . import flow_match, flow_sampler
 from .conditioning import Conditioning, batch_for, check_latent
 from .flow_sampler import FlowModel
 from .images import check_image
@@ -121,23 +121,23 @@ def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tenso
     return run(hidden_states=x, timestep=t.to(x.device).to(x.dtype) / 1000, **inputs, return_dict=False)[0]
 
 
-def _train_memory(dit, batch, shape, conds):
+def sequence(dit: ModelHandle, shape) -> tuple[int, int]:
+    """The DiT's image tokens for a (B, 16, h, w) latent (2x2 packed) and its width."""
     cfgm = dit.module.config
-    tokens = (shape[-2] // 2) * (shape[-1] // 2) + max(c.shape[0] for c in conds)
-    return 2 * working_memory.dit(dit, batch, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
+    return (shape[-2] // 2) * (shape[-1] // 2), cfgm.num_attention_heads * cfgm.attention_head_dim
 
 
 def schedule(dit: ModelHandle, steps: int, shape):
     """The reference schedule for a (B, 16, h, w) latent: linspace(1, 1/N, N) shifted dynamically by mu(its packed
     token count) (or statically, as the DiT's scheduler settings say)."""
-    return flow_match.shifted_schedule(steps, dit.scheduler or DEFAULT_SCHEDULE, (shape[-2] // 2) * (shape[-1] // 2))
+    return flow_match.shifted_schedule(steps, dit.scheduler or DEFAULT_SCHEDULE, sequence(dit, shape)[0])
 
 
 # Sampling and LoRA training: text embeddings per item, packed 2x2 tokens, CFG as two passes; training draws uniformly
 # from the 1000-step schedule with plain MSE (as diffusers' FLUX-family LoRA scripts train by default).
 FLOW = FlowModel(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, torch.stack(conds), *shape[-2:]),
-                 velocity=velocity, schedule=schedule, to_model=pack_2x2_tokens,
-                 from_model=lambda x, shape: unpack_2x2_tokens(x, *shape[-2:]), train_memory=_train_memory)
+                 velocity=velocity, schedule=schedule, sequence=sequence, to_model=pack_2x2_tokens,
+                 from_model=lambda x, shape: unpack_2x2_tokens(x, *shape[-2:]))
 
 
 training_family = FLOW.training  # the training objective for lora_training.train: the sampler's FLOW
@@ -158,13 +158,12 @@ def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditio
     samples = check_latent(latent, FAMILY)
     if samples.dim() != 4:
         return 0  # sample() names the problem
-    b, _, h, w = samples.shape
+    b = samples.shape[0]
     conds = {"positive": positive}
     if flow_match.uses_cfg(cfg, negative, NEGATIVE_HINT):
         conds["negative"] = negative
     text = max(e.shape[0] for which, c in conds.items() for e in batch_for(c, b, FAMILY, which))
-    cfgm = dit.module.config
-    return working_memory.dit(dit, b, (h // 2) * (w // 2) + text, cfgm.num_attention_heads * cfgm.attention_head_dim)
+    return FLOW.memory(dit, b, samples.shape, text)
 
 
 def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,
