@@ -109,6 +109,18 @@ def read_json(path: str, what: str = "") -> dict:
     return data
 
 
+def scheduler_settings(component: str, defaults: dict, what: str) -> dict:
+    """`defaults` updated by the scheduler/scheduler_config.json of the diffusers folder that holds the `component`
+    folder (its keys among the defaults' only); the defaults alone for a single file or a folder without one."""
+    settings = dict(defaults)
+    if os.path.isdir(component):
+        path = os.path.join(os.path.dirname(component.rstrip(os.sep)), "scheduler", "scheduler_config.json")
+        if os.path.exists(path):
+            found = read_json(path, what)
+            settings.update({k: found[k] for k in defaults if k in found})
+    return settings
+
+
 def pipeline_class(folder: str) -> str:
     """The pipeline class the folder's model_index.json names ('' when there is none to read)."""
     try:

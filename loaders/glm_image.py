@@ -17,7 +17,7 @@ import torch
 from .errors import LetterpressError
 from .explain import Source
 from .families import FamilySpec, Signature
-from .files import check_pipeline, component
+from .files import check_pipeline, component, scheduler_settings
 from .handle import ModelHandle
 from .host import get_host
 from .llm import TOKENIZER_FILES, read_generation_config, read_tokenizer
@@ -141,11 +141,8 @@ def load_dit(path: str, storage: Storage) -> ModelHandle:
     path = _component(path, "transformer", what)
     module = load_stage(path, storage, Stage(what, (FAMILY, what), "the GLM-Image DiT loader", _config_file(what),
                                              GlmImageTransformer2DModel.from_config))
-    scheduler = dict(DEFAULT_SCHEDULER)
-    sched_file = os.path.join(_sibling(path, "scheduler"), "scheduler_config.json")
-    if os.path.exists(sched_file):
-        scheduler.update({k: v for k, v in read_json(sched_file, "GLM-Image scheduler").items() if not k.startswith("_")})
-    return ModelHandle(FAMILY, "dit", module, source=path, scheduler=scheduler)
+    return ModelHandle(FAMILY, "dit", module, source=path,
+                       scheduler=scheduler_settings(path, DEFAULT_SCHEDULER, "GLM-Image scheduler"))
 
 
 # VAE -----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .checkpoint import CheckpointView, DerivedView
 from .errors import LetterpressError
 from .explain import Source
 from .families import FamilySpec, Signature
-from .files import check_pipeline, component, list_diffusers_folders
+from .files import check_pipeline, component, list_diffusers_folders, scheduler_settings
 from .handle import ModelHandle
 from .host import get_host
 from .packed import cat_rows, split_rows
@@ -37,7 +37,7 @@ from .llm import find_tokenizer_folders, llm_stage, load_tokenizer
 from .stage import Layout, Stage, config_file_or, load_stage, under
 from .storage import Storage
 from .vae import vae_stage
-from .weights import Checkpoint, read_json, strip_prefix
+from .weights import Checkpoint, strip_prefix
 
 FAMILY = "ovis_image"
 PIPELINE_CLASSES = ("OvisImagePipeline",)
@@ -282,17 +282,6 @@ def _config_from_original_names(shape: Callable[[str], tuple], keys: set[str]) -
     )
 
 
-def _schedule_for(path: str) -> dict:
-    """The scheduler settings of the folder the DiT came from, else the reference defaults."""
-    sched = dict(DEFAULT_SCHEDULE)
-    if os.path.isdir(path):
-        cfg_path = os.path.join(os.path.dirname(path.rstrip(os.sep)), "scheduler", "scheduler_config.json")
-        if os.path.exists(cfg_path):
-            cfg = read_json(cfg_path, "Ovis-Image scheduler")
-            sched.update({k: cfg[k] for k in DEFAULT_SCHEDULE if k in cfg})
-    return sched
-
-
 def _dit_layout(ck: Checkpoint, path: str) -> Layout:
     """An Ovis-Image DiT in original names (converted as it is read) or in diffusers' (under any wrapper prefix)."""
     if not any(".img_attn.qkv." in k for k in ck):
@@ -322,7 +311,7 @@ def load_dit(path: str, storage: Storage) -> ModelHandle:
     path = _component(path, "transformer")
     module = load_stage(path, storage, Stage("Ovis-Image DiT", (FAMILY, "Ovis-Image DiT"), "the Ovis-Image DiT loader",
                                              _dit_layout, OvisImageTransformer2DModel.from_config))
-    return ModelHandle(FAMILY, "dit", module, source=path, scheduler=_schedule_for(path))
+    return ModelHandle(FAMILY, "dit", module, source=path, scheduler=scheduler_settings(path, DEFAULT_SCHEDULE, "Ovis-Image scheduler"))
 
 
 # Text encoder --------------------------------------------------------------------------------------

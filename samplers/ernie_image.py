@@ -13,14 +13,15 @@ import torch
 
 from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
-from . import flow_match, flow_sampler, working_memory
+from . import flow_match, flow_sampler
 from .conditioning import Conditioning, batch_for, check_latent
 from .flow_sampler import BATCHED, FlowModel
 from .generate import generate, sampling_args
-from .images import check_image, vae_input, vae_output
-from .latents import patchify_2x2, unpatchify_2x2, vae_layout
-from .numerics import check_finite, log, warn_truncated
+from .images import check_image
+from .latents import patchify_2x2, unpatchify_2x2
+from .numerics import log, warn_truncated
 from .sizes import check_multiple
+from .vae_codec import VaeCodec
 
 FAMILY = "ernie_image"
 SCALE = 16  # VAE f8 x 2x2 patchify
@@ -97,9 +98,9 @@ def training_weight(timesteps: torch.Tensor) -> torch.Tensor:
     return (y * (len(timesteps) / y.sum())).float()
 
 
-def _train_memory(dit, batch, shape, conds):
-    tokens = shape[-1] * shape[-2] + max(c.shape[0] for c in conds)
-    return 2 * working_memory.dit(dit, batch, tokens, dit.module.config.hidden_size)
+def sequence(dit: ModelHandle, shape) -> tuple[int, int]:
+    """The DiT's image tokens for a patchified (B, 128, h, w) latent (one per position) and its width."""
+    return shape[-2] * shape[-1], dit.module.config.hidden_size
 
 
 def _mask(noise_mask, shape, device):
@@ -109,7 +110,7 @@ def _mask(noise_mask, shape, device):
 
 
 FLOW = FlowModel(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, conds),
-                 velocity=velocity, schedule=schedule, cfg=BATCHED, mask=_mask, train_memory=_train_memory,
+                 velocity=velocity, schedule=schedule, sequence=sequence, cfg=BATCHED, mask=_mask,
                  loss_weight=training_weight)
 
 
@@ -129,12 +130,12 @@ def encode_dataset(te: ModelHandle, vae: ModelHandle, dataset, resolution: int):
 def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict,
                     cfg: float) -> int:
     """Bytes of activations of one DiT step (the uncond and cond passes batched), for the host to make room."""
-    b, _, h, w = check_latent(latent, FAMILY, dit.module.config.in_channels).shape
+    shape = check_latent(latent, FAMILY, dit.module.config.in_channels).shape
     conds = {"positive": positive}
     if flow_match.uses_cfg(cfg, negative, NEGATIVE_HINT):
         conds["negative"] = negative
-    text = max(e.shape[0] for which, c in conds.items() for e in batch_for(c, b, FAMILY, which))
-    return working_memory.dit(dit, b * len(conds), h * w + text, dit.module.config.hidden_size)
+    text = max(e.shape[0] for which, c in conds.items() for e in batch_for(c, shape[0], FAMILY, which))
+    return FLOW.memory(dit, shape[0] * len(conds), shape, text)
 
 
 def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,
@@ -161,26 +162,27 @@ def _bn_stats(vae: torch.nn.Module, like: torch.Tensor):
     return mean, std
 
 
-@torch.no_grad()
-def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
-    """Patchified, normalised latents -> IMAGE (B, H, W, C) in 0..1."""
-    lat = check_latent(latent, FAMILY, 4 * vae.module.config.latent_channels).to(vae.device, vae.dtype)
-    mean, std = _bn_stats(vae.module, lat)
-    z = vae_layout(unpatchify_2x2(lat * std + mean))
-    image = check_finite(vae.module.decode(z, return_dict=False)[0], "Flux2 VAE decode", vae.dtype)
-    return vae_output(image)
+def _to_vae(vae: torch.nn.Module, lat: torch.Tensor) -> torch.Tensor:
+    """Patchified, normalised latents -> the Flux2 VAE's: its batch-norm statistics undone, unpatchified."""
+    mean, std = _bn_stats(vae, lat)
+    return unpatchify_2x2(lat * std + mean)
 
 
-@torch.no_grad()
+def _from_vae(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    lat = patchify_2x2(z)
+    mean, std = _bn_stats(vae, lat)
+    return (lat - mean) / std
+
+
+VAE = VaeCodec(FAMILY, "Flux2 VAE decode", _to_vae, _from_vae, per_channel=4)
+decode = VAE.decode  # patchified, normalised latents -> IMAGE (B, H, W, C) in 0..1
+
+
 def encode(vae: ModelHandle, image: torch.Tensor) -> dict:
     """IMAGE (B, H, W, C) -> patchified, normalised latents (the distribution's mode)."""
     image = check_image(image, "ERNIE-Image VAE Encode")
-    b, h, w, _ = image.shape
-    check_size(w, h)
-    x = vae_input(image, vae.device, vae.dtype)
-    lat = patchify_2x2(vae.module.encode(x).latent_dist.mode())
-    mean, std = _bn_stats(vae.module, lat)
-    return {"samples": ((lat - mean) / std).cpu(), "family": FAMILY}
+    check_size(image.shape[2], image.shape[1])
+    return VAE.encode(vae, image)
 
 
 def empty_latent(width: int, height: int, batch: int, channels: int = 128) -> dict:

@@ -52,6 +52,18 @@ def schedule(base_sigmas, shift: float | None = None, mu: float | None = None, n
     return torch.cat([sigmas, torch.zeros(1)]), timesteps
 
 
+def shifted_schedule(steps: int, settings: dict, image_tokens: int):
+    """The schedule of FLUX-style pipelines (diffusers' FlowMatchEulerDiscreteScheduler as they set it): sigmas
+    linspace(1, 1/N, N), shifted by mu(`image_tokens`) when the scheduler settings (scheduler_config.json's keys)
+    say use_dynamic_shifting, else by their static `shift`."""
+    base = np.linspace(1.0, 1 / steps, steps)
+    if settings.get("use_dynamic_shifting", True):
+        return schedule(base, mu=calculate_mu(image_tokens, settings["base_image_seq_len"],
+                                              settings["max_image_seq_len"], settings["base_shift"],
+                                              settings["max_shift"]))
+    return schedule(base, shift=settings["shift"])
+
+
 def start_index(steps: int, denoise: float) -> int:
     """First step to run for a partial denoise (diffusers' img2img strength convention)."""
     if not 0.0 < denoise <= 1.0:

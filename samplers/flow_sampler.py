@@ -17,7 +17,7 @@ import torch
 from ..loaders import compiled, families
 from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
-from . import flow_match
+from . import flow_match, working_memory
 from .numerics import check_finite
 from .previews import latent_rgb_preview
 
@@ -27,6 +27,10 @@ TWO_PASSES = "two passes"  # CFG as a cond call, then an uncond call
 
 def _same(x: torch.Tensor, *shape) -> torch.Tensor:
     return x
+
+
+def _rows(cond: torch.Tensor) -> int:
+    return cond.shape[0]
 
 
 @dataclass(frozen=True)
@@ -41,22 +45,37 @@ class FlowModel:
     - `to_model(latents)` / `from_model(x, shape)`: the latent <-> the DiT's layout (tokens, patches);
     - `mask(noise_mask, shape, device)`: an inpainting mask on the latent grid (B, C, H, W);
     - `preview(latents)`: the live preview of an x0 estimate;
-    - training: `train_memory(dit, batch, shape, conds)` (bytes a step keeps), `loss_weight(timesteps)` (None: plain
-      MSE), `one_at_a_time` (the DiT takes one item per call)."""
+    - `sequence(dit, shape)`: (the DiT's image tokens for one latent, its width), and `text_tokens(cond)`: the text
+      tokens of one encoded conditioning (its rows by default): the size of its activations (`memory`,
+      `train_memory`) for the host;
+    - training: `loss_weight(timesteps)` (None: plain MSE), `one_at_a_time` (the DiT takes one item per call)."""
 
     family: str  # its registry key
     inputs: Callable
     velocity: Callable
     schedule: Callable
+    sequence: Callable
     cfg: str = TWO_PASSES
     uncond: Callable | None = None
     to_model: Callable = _same
     from_model: Callable = _same
     mask: Callable = flow_match.inpaint_mask
     preview: Callable = latent_rgb_preview
-    train_memory: Callable | None = None
+    text_tokens: Callable = _rows
     loss_weight: Callable | None = None
     one_at_a_time: bool = False
+
+    def memory(self, dit: ModelHandle, batch: int, shape, text_tokens: int) -> int:
+        """Bytes of activations of one DiT forward over `batch` latents of `shape`, each with `text_tokens` text
+        tokens (working_memory.dit at the family's factor): what the host makes room for before a sampler runs."""
+        tokens, width = self.sequence(dit, shape)
+        return working_memory.dit(dit, batch, tokens + text_tokens, width)
+
+    def train_memory(self, dit: ModelHandle, batch: int, shape, conds: list) -> int:
+        """Bytes a training step keeps for backward (twice a forward's activations) over `batch` items of `shape`
+        with the encoded conditionings `conds` (one item per call when `one_at_a_time`)."""
+        text = max(self.text_tokens(c) for c in conds)
+        return 2 * self.memory(dit, 1 if self.one_at_a_time else batch, shape, text)
 
     def training(self, **options):
         """The training objective for lora_training.train: this object, with the run's schedule options."""

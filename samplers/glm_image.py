@@ -28,10 +28,10 @@ from .flow_sampler import FlowModel
 from .sizes import check_multiple
 from .text_spans import quoted_spans
 from .conditioning import Conditioning, check_family, check_latent
-from .images import check_image, to_pil, vae_input, vae_output
-from .latents import vae_layout
+from .images import check_image, to_pil
 from .generate import generate, sampling_args
-from .numerics import check_finite, warn_truncated
+from .numerics import warn_truncated
+from .vae_codec import VaeCodec
 
 FAMILY = "glm_image"
 SCALE = 32  # AR tokens are d32
@@ -286,18 +286,18 @@ def _inputs(dit: ModelHandle, conds: list, shape) -> dict:
     return prepare_inputs(dit, tokens, glyphs[None], shape[-2] * VAE_SCALE, shape[-1] * VAE_SCALE)
 
 
-def _train_memory(dit, batch, shape, conds):
+def sequence(dit: ModelHandle, shape) -> tuple[int, int]:
+    """The DiT's image tokens for a (1, C, lh, lw) latent (its patches) and its width."""
     cfgm = dit.module.config
     p = cfgm.patch_size
-    tokens = (shape[-2] // p) * (shape[-1] // p) + max(g.shape[0] for _, g in conds)
-    return 2 * working_memory.dit(dit, 1, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
+    return (shape[-2] // p) * (shape[-1] // p), cfgm.num_attention_heads * cfgm.attention_head_dim
 
 
 # Sampling and LoRA training: each item conditioned on its AR prior tokens and its glyphs, one item per call (glyph
 # sequences differ in length); CFG as two passes, the unconditional one without the prior tokens; training draws
 # uniformly from the 1000-step schedule with plain MSE.
-FLOW = FlowModel(FAMILY, inputs=_inputs, velocity=velocity, schedule=schedule, uncond=_uncond,
-                 train_memory=_train_memory, one_at_a_time=True)
+FLOW = FlowModel(FAMILY, inputs=_inputs, velocity=velocity, schedule=schedule, sequence=sequence, uncond=_uncond,
+                 text_tokens=lambda cond: cond[1].shape[0], one_at_a_time=True)  # cond: (prior tokens, glyphs)
 training_family = FLOW.training  # the training objective for lora_training.train: the sampler's FLOW
 
 
@@ -415,20 +415,18 @@ def _stats(vae: torch.nn.Module, like: torch.Tensor):
     return mean, std
 
 
-@torch.no_grad()
-def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
-    lat = check_latent(latent, FAMILY, vae.module.config.latent_channels).to(vae.device, vae.dtype)
-    mean, std = _stats(vae.module, lat)
-    image = check_finite(vae.module.decode(vae_layout(lat * std + mean), return_dict=False)[0], "GLM-Image VAE decode", vae.dtype)
-    return vae_output(image)
+def _to_vae(vae: torch.nn.Module, lat: torch.Tensor) -> torch.Tensor:
+    mean, std = _stats(vae, lat)
+    return lat * std + mean
 
 
-@torch.no_grad()
-def _encode_one(vae: ModelHandle, image: torch.Tensor) -> torch.Tensor:
-    x = vae_input(image[..., :3], vae.device, vae.dtype)
-    lat = vae.module.encode(x).latent_dist.mode()
-    mean, std = _stats(vae.module, lat)
-    return ((lat - mean) / std).cpu()
+def _from_vae(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    mean, std = _stats(vae, z)
+    return (z - mean) / std
+
+
+VAE = VaeCodec(FAMILY, "GLM-Image VAE decode", _to_vae, _from_vae)  # its config's latents_mean and latents_std
+decode = VAE.decode
 
 
 def encode(vae: ModelHandle, image: torch.Tensor | None = None, prior: GlmPrior | None = None) -> dict:
@@ -438,7 +436,7 @@ def encode(vae: ModelHandle, image: torch.Tensor | None = None, prior: GlmPrior 
         prior = check_prior(prior)
         if not prior.reference_images:
             raise LetterpressError("This prior has no reference images: give reference images to GLM-Image AR Tokens.")
-        refs = [_encode_one(vae, img) for img in prior.reference_images]
+        refs = [VAE.latents(vae, img[..., :3]) for img in prior.reference_images]
         return {"samples": refs[0], "references": refs, "family": FAMILY}
     if image is None:
         raise LetterpressError("GLM-Image VAE Encode needs an image or a prior with reference images.")
@@ -448,4 +446,4 @@ def encode(vae: ModelHandle, image: torch.Tensor | None = None, prior: GlmPrior 
     if h % step or w % step:
         raise LetterpressError(f"GLM-Image VAE Encode needs sizes that are multiples of {step}, got {w}x{h}. "
                                "For editing, wire the prior instead: it holds the references at the right size.")
-    return {"samples": _encode_one(vae, image), "family": FAMILY}
+    return VAE.encode(vae, image)

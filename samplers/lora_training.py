@@ -251,8 +251,8 @@ class TrainingSettings:
 @dataclass(frozen=True)
 class Family:
     """What training needs from a family: its FlowModel (the sampler's DiT inputs, model call, latent layout and
-    schedule, whose 1000-step form training draws its timesteps from, plus its training hooks: `train_memory`,
-    `loss_weight`, `one_at_a_time`) and the schedule options of the run (a static shift, say)."""
+    schedule, whose 1000-step form training draws its timesteps from, its `train_memory`, plus its training hooks
+    `loss_weight` and `one_at_a_time`) and the schedule options of the run (a static shift, say)."""
 
     flow: FlowModel
     options: dict = field(default_factory=dict)

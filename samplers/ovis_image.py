@@ -14,19 +14,19 @@ LATENT holds the unpacked, scaled latents (B, 16, H/8, W/8), ComfyUI's layout fo
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..loaders.errors import LetterpressError
 from ..loaders.handle import ModelHandle
 from ..loaders.ovis_image import DEFAULT_SCHEDULE
-from . import flow_match, flow_sampler, working_memory
+from . import flow_match, flow_sampler
 from .conditioning import Conditioning, batch_for, check_latent
 from .flow_sampler import FlowModel
-from .images import check_image, vae_input, vae_output
-from .numerics import check_finite, warn_truncated
+from .images import check_image
+from .numerics import warn_truncated
 from .sizes import check_multiple
-from .latents import pack_2x2_tokens, unpack_2x2_tokens, vae_layout
+from .latents import pack_2x2_tokens, unpack_2x2_tokens
+from .vae_codec import VaeCodec
 
 FAMILY = "ovis_image"
 NEGATIVE_HINT = "wire the negative output of Ovis-Image Text Encode"
@@ -121,31 +121,23 @@ def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tenso
     return run(hidden_states=x, timestep=t.to(x.device).to(x.dtype) / 1000, **inputs, return_dict=False)[0]
 
 
-def _train_memory(dit, batch, shape, conds):
+def sequence(dit: ModelHandle, shape) -> tuple[int, int]:
+    """The DiT's image tokens for a (B, 16, h, w) latent (2x2 packed) and its width."""
     cfgm = dit.module.config
-    tokens = (shape[-2] // 2) * (shape[-1] // 2) + max(c.shape[0] for c in conds)
-    return 2 * working_memory.dit(dit, batch, tokens, cfgm.num_attention_heads * cfgm.attention_head_dim)
+    return (shape[-2] // 2) * (shape[-1] // 2), cfgm.num_attention_heads * cfgm.attention_head_dim
 
 
 def schedule(dit: ModelHandle, steps: int, shape):
     """The reference schedule for a (B, 16, h, w) latent: linspace(1, 1/N, N) shifted dynamically by mu(its packed
     token count) (or statically, as the DiT's scheduler settings say)."""
-    settings = dit.scheduler or DEFAULT_SCHEDULE
-    base = np.linspace(1.0, 1 / steps, steps)
-    if settings.get("use_dynamic_shifting", True):
-        mu = flow_match.calculate_mu(
-            (shape[-2] // 2) * (shape[-1] // 2), settings["base_image_seq_len"], settings["max_image_seq_len"],
-            settings["base_shift"], settings["max_shift"],
-        )
-        return flow_match.schedule(base, mu=mu)
-    return flow_match.schedule(base, shift=settings["shift"])
+    return flow_match.shifted_schedule(steps, dit.scheduler or DEFAULT_SCHEDULE, sequence(dit, shape)[0])
 
 
 # Sampling and LoRA training: text embeddings per item, packed 2x2 tokens, CFG as two passes; training draws uniformly
 # from the 1000-step schedule with plain MSE (as diffusers' FLUX-family LoRA scripts train by default).
 FLOW = FlowModel(FAMILY, inputs=lambda dit, conds, shape: prepare_inputs(dit, torch.stack(conds), *shape[-2:]),
-                 velocity=velocity, schedule=schedule, to_model=pack_2x2_tokens,
-                 from_model=lambda x, shape: unpack_2x2_tokens(x, *shape[-2:]), train_memory=_train_memory)
+                 velocity=velocity, schedule=schedule, sequence=sequence, to_model=pack_2x2_tokens,
+                 from_model=lambda x, shape: unpack_2x2_tokens(x, *shape[-2:]))
 
 
 training_family = FLOW.training  # the training objective for lora_training.train: the sampler's FLOW
@@ -166,13 +158,12 @@ def memory_required(dit: ModelHandle, positive: Conditioning, negative: Conditio
     samples = check_latent(latent, FAMILY)
     if samples.dim() != 4:
         return 0  # sample() names the problem
-    b, _, h, w = samples.shape
+    b = samples.shape[0]
     conds = {"positive": positive}
     if flow_match.uses_cfg(cfg, negative, NEGATIVE_HINT):
         conds["negative"] = negative
     text = max(e.shape[0] for which, c in conds.items() for e in batch_for(c, b, FAMILY, which))
-    cfgm = dit.module.config
-    return working_memory.dit(dit, b, (h // 2) * (w // 2) + text, cfgm.num_attention_heads * cfgm.attention_head_dim)
+    return FLOW.memory(dit, b, samples.shape, text)
 
 
 def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | None, latent: dict, seed: int,
@@ -201,30 +192,16 @@ def sample(dit: ModelHandle, positive: Conditioning, negative: Conditioning | No
 # VAE -----------------------------------------------------------------------------------------------
 
 
-def _vae_factor(vae: torch.nn.Module) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+VAE = VaeCodec(FAMILY, "FLUX.1 VAE decode")  # the FLUX.1 VAE's scaling_factor and shift_factor
+decode = VAE.decode  # unpacked, scaled latents -> IMAGE (B, H, W, C) in 0..1
 
 
-@torch.no_grad()
-def decode(vae: ModelHandle, latent: dict) -> torch.Tensor:
-    """Unpacked, scaled latents -> IMAGE (B, H, W, C) in 0..1."""
-    cfg = vae.module.config
-    lat = check_latent(latent, FAMILY, cfg.latent_channels)
-    z = vae_layout(lat.to(vae.device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor)
-    image = check_finite(vae.module.decode(z, return_dict=False)[0], "FLUX.1 VAE decode", vae.dtype)
-    return vae_output(image)
-
-
-@torch.no_grad()
 def encode(vae: ModelHandle, image: torch.Tensor) -> dict:
     """IMAGE (B, H, W, C) -> unpacked, scaled latents (the distribution's mode), for denoise < 1."""
     image = check_image(image, "Ovis-Image VAE Encode")
     _, h, w, _ = image.shape
-    check_multiple(w, h, 2 * _vae_factor(vae.module), MODEL)
-    cfg = vae.module.config
-    x = vae_input(image, vae.device, vae.dtype)
-    z = vae.module.encode(x).latent_dist.mode()
-    return {"samples": ((z - cfg.shift_factor) * cfg.scaling_factor).cpu(), "family": FAMILY}
+    check_multiple(w, h, 2 * 2 ** (len(vae.module.config.block_out_channels) - 1), MODEL)
+    return VAE.encode(vae, image)
 
 
 def empty_latent(width: int, height: int, batch: int, channels: int = 16) -> dict:
