@@ -3,13 +3,13 @@
 A family's samplers/<key>.py declares one `FLOW = FlowModel(...)`: its DiT inputs, its model call, its schedule, its
 CFG mode, its latent <-> DiT layout and its preview. `sample()` here owns the rest: the noise, the start point for
 denoise < 1, the inpainting mask, CFG, the Euler steps with progress, Cancel and previews (flow_match.euler_loop),
-the finite check. LoRA training (lora_training.Family) takes its model call, layout and timesteps from the same
+the finite check. LoRA training (lora_training.train, through `Training`) takes its model call, layout and timesteps from the same
 object: `FLOW.schedule` at 1000 steps is the training schedule, so sampling and training never drift apart.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -77,16 +77,29 @@ class FlowModel:
         text = max(self.text_tokens(c) for c in conds)
         return 2 * self.memory(dit, 1 if self.one_at_a_time else batch, shape, text)
 
-    def training(self, **options):
+    def training(self, **options) -> "Training":
         """The training objective for lora_training.train: this object, with the run's schedule options."""
-        from .lora_training import Family
-
-        return Family(self, options)
+        return Training(self, options)
 
     def training_schedule(self, dit: ModelHandle, shape, **options):
         """The 1000 (sigma, timestep) pairs training draws from uniformly: the sampler's schedule at 1000 steps."""
         sigmas, timesteps = self.schedule(dit, 1000, shape, **options)
         return sigmas[:-1], timesteps
+
+
+@dataclass(frozen=True)
+class Training:
+    """What LoRA training (lora_training.train) needs from a family: its FlowModel (the sampler's DiT inputs, model
+    call, latent layout and schedule, whose 1000-step form training draws its timesteps from, its `train_memory`,
+    plus its training hooks `loss_weight` and `one_at_a_time`) and the schedule options of the run (a static shift,
+    say)."""
+
+    flow: FlowModel
+    options: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.flow.family
 
 
 def check_steps(steps: int) -> None:

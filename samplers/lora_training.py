@@ -29,7 +29,7 @@ from ..loaders.handle import ModelHandle
 from ..loaders.host import get_host
 from ..loaders.lora import LoraTensors, LoraWeights, parse_lora
 from . import lora_optim, lora_resume, lora_targets
-from .flow_sampler import FlowModel
+from .flow_sampler import Training
 from .lora_datasets import (  # noqa: F401 (the nodes' and families' names for them)
     TrainingDataset,
     dataset_from_folder,
@@ -248,20 +248,6 @@ class TrainingSettings:
         return self.steps
 
 
-@dataclass(frozen=True)
-class Family:
-    """What training needs from a family: its FlowModel (the sampler's DiT inputs, model call, latent layout and
-    schedule, whose 1000-step form training draws its timesteps from, its `train_memory`, plus its training hooks
-    `loss_weight` and `one_at_a_time`) and the schedule options of the run (a static shift, say)."""
-
-    flow: FlowModel
-    options: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.flow.family
-
-
 def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> Draw:
     """Random choices for evaluating a LoRA (training goes through StepPlan's epochs): an item uniformly, then up to
     batch_size items of its bucket in random order; fp32 noise shaped like their latents; timestep indices."""
@@ -274,7 +260,7 @@ def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> 
     return Draw(items, noise, torch.randint(0, 1000, (len(items),), generator=gen))
 
 
-def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torch.Tensor], conds: list,
+def flow_matching_loss(family: Training, dit: ModelHandle, run, latents: list[torch.Tensor], conds: list,
                        d: Draw, cache: dict | None = None, seen: list | None = None) -> torch.Tensor:
     """The training objective on one drawn batch: x_t = sigma * noise + (1 - sigma) * x0, target noise - x0, the
     mean over items of each item's mean squared error (times its timestep's weight). `seen` receives the timestep
@@ -302,7 +288,7 @@ def flow_matching_loss(family: Family, dit: ModelHandle, run, latents: list[torc
     return per_item.mean()
 
 
-def _schedule(family: Family, dit: ModelHandle, shape, cache: dict | None) -> tuple:
+def _schedule(family: Training, dit: ModelHandle, shape, cache: dict | None) -> tuple:
     """The family's (sigmas, timesteps, weights) for a latent shape (kept in `cache` per size during a run): its
     sampler's schedule at 1000 steps."""
     key = tuple(shape[1:])
@@ -337,7 +323,7 @@ class TrainingRun:
     """One run on the loaded DiT: the LoRA adapters hooked onto their layers, the optimizer and its schedule, the
     plan of the steps' items, and the loss record. Made inside train()'s grad-enabled context."""
 
-    def __init__(self, dit: ModelHandle, family: Family, latents: list, conds: list, settings: TrainingSettings,
+    def __init__(self, dit: ModelHandle, family: Training, latents: list, conds: list, settings: TrainingSettings,
                  targets: list[str], plan: StepPlan, total: int, init: dict | None, resume, info: dict):
         self.dit, self.family, self.latents, self.conds, self.settings = dit, family, latents, conds, settings
         self.targets, self.plan, self.total = targets, plan, total
@@ -396,7 +382,7 @@ class TrainingRun:
             h.remove()
 
 
-def train(dit: ModelHandle, family: Family, latents: list[torch.Tensor], conds: list, settings: TrainingSettings,
+def train(dit: ModelHandle, family: Training, latents: list[torch.Tensor], conds: list, settings: TrainingSettings,
           init: dict | None = None, record: list | None = None, on_cancel: Callable | None = None,
           table: ItemTable | None = None, resume: lora_resume.Resume | None = None,
           on_step: Callable | None = None) -> TrainedLora:
