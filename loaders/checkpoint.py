@@ -11,7 +11,7 @@ weights kept packed), read lazily one tensor at a time, plus what a loader asks 
 
 Readers: weights.Checkpoint (safetensors), weights.ComfyQuantized (ComfyUI's quantized safetensors over a
 Checkpoint), gguf_file.GgufCheckpoint, gguf_llm.LlamaCppNames (a GGUF language model under transformers' names),
-ovis_image's converted view (original names as diffusers names), and `Tensors` here (tensors already in memory:
+a family's converted view (a DerivedView: its original names as diffusers names), and `Tensors` here (tensors already in memory:
 converted state dicts, a trained LoRA). `view()` makes any mapping a view.
 """
 
