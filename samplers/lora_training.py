@@ -37,7 +37,7 @@ from .lora_datasets import (  # noqa: F401 (the nodes' and families' names for t
     prepare,
 )
 from .lora_loss import LossLog, loss_plot  # noqa: F401 (loss_plot: the nodes' and tests' name for it)
-from .lora_plan import Draw, ItemTable, StepPlan, buckets_of
+from .lora_plan import Draw, ItemTable, StepPlan
 from .lora_targets import LAYER_CHOICES, target_layers  # noqa: F401 (the nodes' and tests' names for them)
 from .numerics import check_seed, log
 
@@ -246,18 +246,6 @@ class TrainingSettings:
         if self.epochs > 0:
             return math.ceil(self.epochs * plan.batches_per_epoch() / self.gradient_accumulation)
         return self.steps
-
-
-def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> Draw:
-    """Random choices for evaluating a LoRA (training goes through StepPlan's epochs): an item uniformly, then up to
-    batch_size items of its bucket in random order; fp32 noise shaped like their latents; timestep indices."""
-    first = int(torch.randint(len(latents), (1,), generator=gen))
-    bucket = next(b for b in buckets_of([lat.shape for lat in latents]) if first in b)
-    order = [bucket[int(i)] for i in torch.randperm(len(bucket), generator=gen)]
-    items = [first] + [i for i in order if i != first][: batch_size - 1]
-    shape = (len(items), *latents[first].shape[1:])
-    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
-    return Draw(items, noise, torch.randint(0, 1000, (len(items),), generator=gen))
 
 
 def flow_matching_loss(family: Training, dit: ModelHandle, run, latents: list[torch.Tensor], conds: list,
