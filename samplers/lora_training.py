@@ -193,11 +193,14 @@ def check_trained(lora, family: str) -> TrainedLora:
 # Training ------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingSettings:
     """A run's settings; the defaults are DiffSynth-Studio's DiT LoRA recipe (rank 32, alpha = rank,
     learning rate 1e-4, AdamW with weight decay 0.01, constant rate, the attention projections) with kohya's
-    gradient clipping at 1.0."""
+    gradient clipping at 1.0. Checked as it is made (frozen after): the Train LoRA node names a bad setting before
+    it encodes anything, a caller of train() from Python when it makes the settings, and nothing checks them again.
+    The rules that need the data (batch_size against the buckets, warmup_steps against the run's steps) and the
+    optimizer's package are checked once where those are known (StepPlan, train, lora_optim.make_optimizer)."""
 
     rank: int = 32
     alpha: float = 32.0
@@ -219,7 +222,7 @@ class TrainingSettings:
     trigger_word: str = ""
     log_every: int = 10
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         check_seed(self.seed)
         for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every"):
             if getattr(self, name) < 1:
@@ -236,7 +239,9 @@ class TrainingSettings:
                                    f"{self.caption_dropout}.")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise LetterpressError(f"max_grad_norm must be 0 (no clipping) or more, got {self.max_grad_norm}.")
-        lora_optim.lr_factor(self.lr_schedule, 0, 0, 1)  # an unknown schedule is named
+        if self.lr_schedule not in lora_optim.SCHEDULES:
+            raise LetterpressError(f"lr_schedule must be one of {', '.join(lora_optim.SCHEDULES)}, got "
+                                   f"{self.lr_schedule!r}.")
         if self.optimizer not in lora_optim.OPTIMIZERS:
             raise LetterpressError(f"optimizer must be one of {', '.join(lora_optim.OPTIMIZERS)}, got "
                                    f"{self.optimizer!r}.")
@@ -382,7 +387,6 @@ def train(dit: ModelHandle, family: Training, latents: list[torch.Tensor], conds
     micro-batch's Draw; `on_step(step, snapshot)` runs after each step (snapshot() is the LoRA so far: checkpoints,
     samples; a PIL image it returns is shown as the node's preview). On Cancel the LoRA of the steps done goes to
     `on_cancel` (the node saves it), then the interrupt propagates."""
-    settings.check()
     host = get_host()
     module = dit.module
     targets = target_layers(module, settings.layers, settings.target_modules)
