@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 
+from . import families
 from .errors import LetterpressError
 from .explain import (
     Source,
@@ -30,8 +31,8 @@ from .explain import (
     read_class,
     sources,
 )
-from .files import list_diffusers_folders, pipeline_class
-from .host import get_host
+from .files import pipeline_class
+from .llm import holds_tokenizer
 
 # Inside a folder part: configs, weights and every file a tokenizer or processor is made of.
 PART_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
@@ -89,12 +90,8 @@ def _staging(source: Source, repo: str = "") -> str:
 
 
 def _has_tokenizer(source: Source) -> bool:
-    """A tokenizer where the single file's loader looks: beside the file, or in a diffusers folder of its model."""
-    sub = source.companion[0].split("/")[0]
-    stem = os.path.splitext(place(source))[0]
-    folders = [stem] + [os.path.join(base, f, sub) for base in get_host().model_folders("diffusers")
-                        for f in list_diffusers_folders(tuple(s.pipeline for s in sources(source.family)))]
-    return any(os.path.isfile(os.path.join(f, "tokenizer_config.json")) for f in folders)
+    """A tokenizer in one of the folders the single file's loader looks in (its family's tokenizer_folders)."""
+    return any(holds_tokenizer(f) for f in families.get(source.family).tokenizer_folders(source.role, place(source)))
 
 
 def _folder(cls, inputs: dict) -> list[Fetch]:

@@ -13,10 +13,9 @@ import os
 from .errors import LetterpressError
 from .explain import Source
 from .families import FamilySpec, Signature
-from .files import check_pipeline, component, list_diffusers_folders
+from .files import check_pipeline, component
 from .handle import ModelHandle
-from .host import get_host
-from .llm import find_tokenizer_folders, llm_stage, load_tokenizer, read_generation_config
+from .llm import find_tokenizer_folders, in_diffusers_folders, llm_stage, load_tokenizer, read_generation_config
 from .stage import Layout, Stage, config_file_or, load_stage, under
 from .storage import Storage
 from .vae import vae_stage
@@ -56,6 +55,7 @@ SPEC = FamilySpec(
     latent_nodes="ERNIE-Image Empty Latent, DiT Sample or VAE Encode",
     # DiT activations per token of width (samplers/working_memory.py): 1.76 GB / (2 x 4608 x 4096 x 2 B) = 23.3
     dit_factor=29.0,
+    tokenizer_folders=lambda role, path: tokenizer_folders(role, path),  # defined below
 )
 
 # Ministral-3 3B text settings that tensor shapes cannot tell (the rest is read off the shapes).
@@ -142,17 +142,21 @@ def load_dit(path: str, storage: Storage) -> ModelHandle:
 # Text encoder and prompt enhancer ----------------------------------------------------------------
 
 
-def _sibling_tokenizers(sub: str):
-    def find(_path: str) -> list[str]:
-        return [os.path.join(base, f, sub) for base in get_host().model_folders("diffusers") for f in list_diffusers_folders(PIPELINE_CLASSES)]
-
-    return find
+# A single file's tokenizer in a diffusers folder of the model: its subfolder for each role (download.py fetches the
+# same files, the Sources' companion, into '<stem>/' beside the file).
+TOKENIZER_SUBFOLDERS = {"text_encoder": "tokenizer", "prompt_enhancer": "pe_tokenizer"}
 
 
-def _tokenizer_for(path: str, sub: str, what: str):
+def tokenizer_folders(role: str, path: str) -> list[str]:
+    """Where the loader of a single `role` file at `path` looks for its tokenizer (SPEC.tokenizer_folders)."""
+    return find_tokenizer_folders(path, in_diffusers_folders(PIPELINE_CLASSES, TOKENIZER_SUBFOLDERS[role]))
+
+
+def _tokenizer_for(path: str, role: str, what: str):
     if os.path.isdir(path):  # a component folder of the diffusers layout: ../tokenizer
+        sub = TOKENIZER_SUBFOLDERS[role]
         return load_tokenizer([os.path.join(os.path.dirname(path.rstrip(os.sep)), sub), path], what, TOKENIZER_HINT)
-    return load_tokenizer(find_tokenizer_folders(path, _sibling_tokenizers(sub)), what, TOKENIZER_HINT)
+    return load_tokenizer(tokenizer_folders(role, path), what, TOKENIZER_HINT)
 
 
 LLM = ("ministral3", "Ministral-3 language model")
@@ -164,7 +168,7 @@ def load_text_encoder(path: str, storage: Storage) -> ModelHandle:
     path = _component(path, "text_encoder")
     module = load_stage(path, storage, llm_stage("ERNIE-Image text encoder", LLM, "the ERNIE-Image text encoder loader",
                                                  Ministral3Config, Ministral3Model, MINISTRAL3_TEMPLATE, "text_config"))
-    tokenizer = _tokenizer_for(path, "tokenizer", "ERNIE-Image text encoder")
+    tokenizer = _tokenizer_for(path, "text_encoder", "ERNIE-Image text encoder")
     return ModelHandle("ernie_image", "text_encoder", module, tokenizer=tokenizer, source=path)
 
 
@@ -177,9 +181,9 @@ def load_prompt_enhancer(path: str, storage: Storage) -> ModelHandle:
                                                  Ministral3ForCausalLM, MINISTRAL3_TEMPLATE, with_head=True))
     # a single file takes the sampling defaults of the release's pe/ folder, found as its tokenizer is
     folder = path if os.path.isdir(path) else None
-    read_generation_config(module, [folder] if folder else find_tokenizer_folders(path, _sibling_tokenizers("pe")),
-                           "ERNIE-Image prompt enhancer")
-    tokenizer = _tokenizer_for(path, "pe_tokenizer", "ERNIE-Image prompt enhancer")
+    read_generation_config(module, [folder] if folder else find_tokenizer_folders(
+        path, in_diffusers_folders(PIPELINE_CLASSES, "pe")), "ERNIE-Image prompt enhancer")
+    tokenizer = _tokenizer_for(path, "prompt_enhancer", "ERNIE-Image prompt enhancer")
     return ModelHandle("ernie_image", "prompt_enhancer", module, tokenizer=tokenizer, source=path)
 
 

@@ -46,6 +46,10 @@ class FamilySpec:
     dit_factor: float | None = None  # DiT activations per token of width (samplers/working_memory.py); None: no DiT
     lora_plan: Callable | None = None  # (dit module, LoRA layer names) -> plan converting its original names
     text_reader: TextReader | None = None
+    # (role, a single file's path) -> the folders its loader looks for the file's tokenizer in, in that order
+    # (llm.find_tokenizer_folders); `run --download` asks it before fetching a source's companion. Needed by a family
+    # with a single-file source that has a companion.
+    tokenizer_folders: Callable[[str, str], list[str]] | None = None
 
     @property
     def pipelines(self) -> tuple[str, ...]:

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 
 from .errors import LetterpressError
+from .files import list_diffusers_folders
+from .host import get_host
 from .stage import Layout, Stage, transformers_model
 from .weights import Checkpoint, read_json, strip_prefix
 
@@ -119,13 +121,16 @@ def load_tokenizer(folders: list[str], what: str, hint: str) -> object:
     """The first tokenizer found in `folders`; a clear error saying where to put one otherwise."""
     from transformers import AutoTokenizer
 
-    for folder in folders:
-        if folder and os.path.isdir(folder) and (
-            os.path.exists(os.path.join(folder, "tokenizer.json"))
-            or os.path.exists(os.path.join(folder, "tokenizer_config.json"))
-        ):
-            return read_tokenizer(AutoTokenizer.from_pretrained, folder, what)
-    raise LetterpressError(f"{what}: no tokenizer found (looked in: {', '.join(f for f in folders if f)}). {hint}")
+    folder = next((f for f in folders if holds_tokenizer(f)), None)
+    if folder is None:
+        raise LetterpressError(f"{what}: no tokenizer found (looked in: {', '.join(f for f in folders if f)}). {hint}")
+    return read_tokenizer(AutoTokenizer.from_pretrained, folder, what)
+
+
+def holds_tokenizer(folder: str) -> bool:
+    """Whether `folder` holds a tokenizer load_tokenizer takes (its tokenizer.json or tokenizer_config.json); what
+    `run --download` asks too before fetching one."""
+    return bool(folder) and os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -169,10 +174,18 @@ _QUANT_SUFFIX = re.compile(r"[-_.](?:ud-)?(?:i?q\d\w*|bf16|f16|f32)$", re.IGNORE
 
 
 def find_tokenizer_folders(path: str, sibling_names: Callable[[str], list[str]]) -> list[str]:
-    """Candidate tokenizer folders for a single file: '<stem>/' or '<stem>_tokenizer/' beside it (for a GGUF also
-    the stem without its quantization: 'ministral-3-3b/' for 'ministral-3-3b-Q4_K_M.gguf')."""
+    """Candidate tokenizer folders for a single file, in the order its loader tries them: '<stem>/' or
+    '<stem>_tokenizer/' beside it (for a GGUF also the stem without its quantization: 'ministral-3-3b/' for
+    'ministral-3-3b-Q4_K_M.gguf'), then `sibling_names(path)` (e.g. in_diffusers_folders)."""
     stems = [os.path.splitext(path)[0]]
     bare = _QUANT_SUFFIX.sub("", stems[0])
     if bare != stems[0] and os.path.basename(bare):
         stems.append(bare)
     return [s + tail for s in stems for tail in ("", "_tokenizer")] + sibling_names(path)
+
+
+def in_diffusers_folders(pipelines: tuple[str, ...], sub: str) -> Callable[[str], list[str]]:
+    """find_tokenizer_folders' `sibling_names` for a model published in the diffusers layout: `sub`/ of every
+    diffusers folder of its `pipelines`."""
+    return lambda _path: [os.path.join(base, f, sub) for base in get_host().model_folders("diffusers")
+                          for f in list_diffusers_folders(pipelines)]

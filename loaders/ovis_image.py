@@ -29,11 +29,10 @@ from .checkpoint import CheckpointView, DerivedView
 from .errors import LetterpressError
 from .explain import Source
 from .families import FamilySpec, Signature
-from .files import check_pipeline, component, list_diffusers_folders, scheduler_settings
+from .files import check_pipeline, component, scheduler_settings
 from .handle import ModelHandle
-from .host import get_host
 from .packed import cat_rows, split_rows
-from .llm import find_tokenizer_folders, llm_stage, load_tokenizer
+from .llm import find_tokenizer_folders, in_diffusers_folders, llm_stage, load_tokenizer
 from .stage import Layout, Stage, config_file_or, load_stage, under
 from .storage import Storage
 from .vae import vae_stage
@@ -67,6 +66,7 @@ SPEC = FamilySpec(
     dit_factor=32.0,
     # LoRAs in the original (FLUX-style) names are converted by the plan of the checkpoint conversion
     lora_plan=lambda module, names: lora_plan(module, names),  # defined below
+    tokenizer_folders=lambda role, path: tokenizer_folders(role, path),  # defined below
 )
 
 # Qwen3 settings of the Ovis2.5-2B language model that tensor shapes cannot tell (Qwen3-1.7B base).
@@ -317,16 +317,16 @@ def load_dit(path: str, storage: Storage) -> ModelHandle:
 # Text encoder --------------------------------------------------------------------------------------
 
 
-def _sibling_tokenizers(_path: str) -> list[str]:
-    return [os.path.join(base, f, "tokenizer") for base in get_host().model_folders("diffusers")
-            for f in list_diffusers_folders(PIPELINE_CLASSES)]
+def tokenizer_folders(_role: str, path: str) -> list[str]:
+    """Where the single-file text encoder loader looks for its tokenizer (SPEC.tokenizer_folders)."""
+    return find_tokenizer_folders(path, in_diffusers_folders(PIPELINE_CLASSES, "tokenizer"))
 
 
 def _tokenizer_for(path: str):
     what = "Ovis-Image text encoder"
     if os.path.isdir(path):  # a component folder of the diffusers layout: ../tokenizer
         return load_tokenizer([os.path.join(os.path.dirname(path.rstrip(os.sep)), "tokenizer"), path], what, TOKENIZER_HINT)
-    return load_tokenizer(find_tokenizer_folders(path, _sibling_tokenizers), what, TOKENIZER_HINT)
+    return load_tokenizer(tokenizer_folders("text_encoder", path), what, TOKENIZER_HINT)
 
 
 def load_text_encoder(path: str, storage: Storage) -> ModelHandle:

@@ -179,8 +179,7 @@ def train_lora_node(class_name: str, family_title: str, description: str, models
             values = {**values, **(options or {})}
             handles = [values.pop(name) for name in models]
             extras = {name: values.pop(name) for name in extra()}
-            settings = settings_of(values)
-            settings.check()  # before the encoding: a bad setting is named at once
+            settings = settings_of(values)  # checked as it is made: a bad setting is named before the encoding
             items, table = training.prepare(dataset, settings)
             latents, conds = encode(*handles[1:], items, values["resolution"])
             fam = family(**extras)

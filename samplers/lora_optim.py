@@ -12,7 +12,11 @@ from ..loaders.errors import LetterpressError
 
 WEIGHT_DECAY = 0.01  # torch's AdamW default, DiffSynth-Studio's --weight_decay default
 OPTIMIZERS = ("AdamW", "AdamW 8-bit", "Prodigy")
-SCHEDULES = ("constant", "cosine", "linear")
+# schedule -> the rate after warmup at `progress` (0 to 1 of the steps after warmup), as a fraction of the set one
+_AFTER_WARMUP = {"constant": lambda progress: 1.0,
+                 "cosine": lambda progress: max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress))),
+                 "linear": lambda progress: max(0.0, 1.0 - progress)}
+SCHEDULES = tuple(_AFTER_WARMUP)
 # optimizer -> (module, class, the pip package that provides it)
 _INSTALLED = {"AdamW 8-bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
               "Prodigy": ("prodigyopt", "Prodigy", "prodigyopt")}
@@ -20,11 +24,9 @@ _INSTALLED = {"AdamW 8-bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes")
 
 def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
     """The optimizer `name` over `params`, weight decay 0.01. Prodigy sets its own step size: its lr is a multiplier
-    (1.0 is Prodigy's recommendation)."""
+    (1.0 is Prodigy's recommendation). `name` is one of OPTIMIZERS (TrainingSettings.check)."""
     if name == "AdamW":
         return torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
-    if name not in _INSTALLED:
-        raise LetterpressError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}.")
     module, cls, package = _INSTALLED[name]
     try:
         import importlib
@@ -39,22 +41,14 @@ def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
 def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
     """The learning rate of optimizer step `step` (0 for the first) as a fraction of the set one, as diffusers'
     get_scheduler computes it: rising linearly from 0 over `warmup` steps, then constant, falling linearly to 0 at
-    `total`, or following half a cosine to 0 at `total`."""
+    `total`, or following half a cosine to 0 at `total`. `schedule` is one of SCHEDULES (TrainingSettings.check)."""
     if step < warmup:
         return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise LetterpressError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}.")
+    return _AFTER_WARMUP[schedule]((step - warmup) / max(1, total - warmup))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int, done: int = 0):
     """torch's LambdaLR over lr_factor, counting from step `done` (the steps a resumed run took before)."""
-    lr_factor(schedule, 0, warmup, total)  # an unknown schedule is refused here, before any step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, done + s, warmup, total))
 
 

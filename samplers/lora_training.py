@@ -37,7 +37,7 @@ from .lora_datasets import (  # noqa: F401 (the nodes' and families' names for t
     prepare,
 )
 from .lora_loss import LossLog, loss_plot  # noqa: F401 (loss_plot: the nodes' and tests' name for it)
-from .lora_plan import Draw, ItemTable, StepPlan, buckets_of
+from .lora_plan import Draw, ItemTable, StepPlan
 from .lora_targets import LAYER_CHOICES, target_layers  # noqa: F401 (the nodes' and tests' names for them)
 from .numerics import check_seed, log
 
@@ -193,11 +193,14 @@ def check_trained(lora, family: str) -> TrainedLora:
 # Training ------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingSettings:
     """A run's settings; the defaults are DiffSynth-Studio's DiT LoRA recipe (rank 32, alpha = rank,
     learning rate 1e-4, AdamW with weight decay 0.01, constant rate, the attention projections) with kohya's
-    gradient clipping at 1.0."""
+    gradient clipping at 1.0. Checked as it is made (frozen after): the Train LoRA node names a bad setting before
+    it encodes anything, a caller of train() from Python when it makes the settings, and nothing checks them again.
+    The rules that need the data (batch_size against the buckets, warmup_steps against the run's steps) and the
+    optimizer's package are checked once where those are known (StepPlan, train, lora_optim.make_optimizer)."""
 
     rank: int = 32
     alpha: float = 32.0
@@ -219,7 +222,7 @@ class TrainingSettings:
     trigger_word: str = ""
     log_every: int = 10
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         check_seed(self.seed)
         for name in ("rank", "steps", "batch_size", "gradient_accumulation", "log_every"):
             if getattr(self, name) < 1:
@@ -236,7 +239,9 @@ class TrainingSettings:
                                    f"{self.caption_dropout}.")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise LetterpressError(f"max_grad_norm must be 0 (no clipping) or more, got {self.max_grad_norm}.")
-        lora_optim.lr_factor(self.lr_schedule, 0, 0, 1)  # an unknown schedule is named
+        if self.lr_schedule not in lora_optim.SCHEDULES:
+            raise LetterpressError(f"lr_schedule must be one of {', '.join(lora_optim.SCHEDULES)}, got "
+                                   f"{self.lr_schedule!r}.")
         if self.optimizer not in lora_optim.OPTIMIZERS:
             raise LetterpressError(f"optimizer must be one of {', '.join(lora_optim.OPTIMIZERS)}, got "
                                    f"{self.optimizer!r}.")
@@ -246,18 +251,6 @@ class TrainingSettings:
         if self.epochs > 0:
             return math.ceil(self.epochs * plan.batches_per_epoch() / self.gradient_accumulation)
         return self.steps
-
-
-def draw(gen: torch.Generator, latents: list[torch.Tensor], batch_size: int) -> Draw:
-    """Random choices for evaluating a LoRA (training goes through StepPlan's epochs): an item uniformly, then up to
-    batch_size items of its bucket in random order; fp32 noise shaped like their latents; timestep indices."""
-    first = int(torch.randint(len(latents), (1,), generator=gen))
-    bucket = next(b for b in buckets_of([lat.shape for lat in latents]) if first in b)
-    order = [bucket[int(i)] for i in torch.randperm(len(bucket), generator=gen)]
-    items = [first] + [i for i in order if i != first][: batch_size - 1]
-    shape = (len(items), *latents[first].shape[1:])
-    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
-    return Draw(items, noise, torch.randint(0, 1000, (len(items),), generator=gen))
 
 
 def flow_matching_loss(family: Training, dit: ModelHandle, run, latents: list[torch.Tensor], conds: list,
@@ -394,7 +387,6 @@ def train(dit: ModelHandle, family: Training, latents: list[torch.Tensor], conds
     micro-batch's Draw; `on_step(step, snapshot)` runs after each step (snapshot() is the LoRA so far: checkpoints,
     samples; a PIL image it returns is shown as the node's preview). On Cancel the LoRA of the steps done goes to
     `on_cancel` (the node saves it), then the interrupt propagates."""
-    settings.check()
     host = get_host()
     module = dit.module
     targets = target_layers(module, settings.layers, settings.target_modules)

@@ -185,3 +185,70 @@ def test_every_model_file_of_every_shipped_workflow_can_be_downloaded(tmp_path, 
                    and "Lora" not in wf[nid]["class_type"]}
         assert set(wanted) == loaders, name
         assert all(f.repo and f.patterns for fs in wanted.values() for f in fs)
+
+
+# (loader node, its file under text_encoders, the family's diffusers folder, the subfolder its tokenizer is in there)
+SINGLE_FILE_TOKENIZERS = {
+    "ERNIE-Image text encoder": ("LetterpressErnieImageTextEncoderLoader", "ministral-3-3b.safetensors",
+                                 "ERNIE-Image", "tokenizer"),
+    "ERNIE-Image prompt enhancer": ("LetterpressErnieImagePromptEnhancerLoader",
+                                    "ernie-image-prompt-enhancer.safetensors", "ERNIE-Image", "pe_tokenizer"),
+    "Ovis-Image text encoder": ("LetterpressOvisImageTextEncoderLoader", "ovis_2.5.safetensors", "Ovis-Image-7B",
+                                "tokenizer"),
+}
+
+
+def _place_tokenizer(where: str, models_src: str, models: Path, name: str, folder: str, sub: str) -> None:
+    """The tokenizer of the file `name` put where a user might have it (copied from the tiny diffusers folders)."""
+    import shutil
+
+    stem = models / "text_encoders" / os.path.splitext(name)[0]
+    own = os.path.join(models_src, "diffusers", folder)
+    other = os.path.join(models_src, "diffusers", "Ovis-Image-7B" if folder == "ERNIE-Image" else "ERNIE-Image")
+    if where == "beside":
+        shutil.copytree(os.path.join(own, sub), stem)
+    elif where == "beside_tokenizer":
+        shutil.copytree(os.path.join(own, sub), f"{stem}_tokenizer")
+    elif where == "beside_tokenizer_json_only":
+        stem.mkdir()
+        shutil.copy(os.path.join(own, sub, "tokenizer.json"), stem)
+    elif where in ("family_folder", "other_family_folder"):
+        src = own if where == "family_folder" else other
+        dst = models / "diffusers" / os.path.basename(src)
+        dst.mkdir(parents=True)
+        shutil.copy(os.path.join(src, "model_index.json"), dst)
+        shutil.copytree(os.path.join(own, sub), dst / sub)  # the right tokenizer, in whichever model's folder
+    else:
+        assert where == "nowhere"
+
+
+@pytest.mark.parametrize("stage", sorted(SINGLE_FILE_TOKENIZERS))
+@pytest.mark.parametrize("where", ["nowhere", "beside", "beside_tokenizer", "beside_tokenizer_json_only",
+                                   "family_folder", "other_family_folder"])
+def test_download_fetches_a_tokenizer_exactly_when_the_loader_finds_none(stage, where, ernie, ovis, models_dir,
+                                                                       tmp_path, host):
+    """`run --download` plans the tokenizer of a single-file text encoder when, and only when, the loader itself
+    (run on the same models folder) finds none: both ask the family's SPEC.tokenizer_folders and llm.holds_tokenizer."""
+    import shutil
+
+    from letterpress.loaders.download import plan
+    from letterpress.loaders.errors import LetterpressError
+    from letterpress.nodes import NODE_CLASS_MAPPINGS
+
+    node, name, folder, sub = SINGLE_FILE_TOKENIZERS[stage]
+    models = tmp_path / "models"
+    (models / "text_encoders").mkdir(parents=True)
+    shutil.copy(os.path.join(models_dir, "text_encoders", name), models / "text_encoders")
+    _place_tokenizer(where, models_dir, models, name, folder, sub)
+    host.models_dir = str(models)
+    cls = NODE_CLASS_MAPPINGS[node]
+    wanted = plan({"1": {"class_type": node, "inputs": {cls.INPUT: name, "weight_dtype": "fp32"}}}, {node: cls}, ["1"])
+    fetches_tokenizer = any(f.what.startswith("the tokenizer") for f in wanted.get("1", []))
+    try:
+        cls().run(name, "fp32")
+        loader_found = True
+    except LetterpressError as e:  # a tokenizer found but incomplete (only tokenizer.json) is named as such
+        loader_found = "no tokenizer found" not in str(e)
+    assert fetches_tokenizer == (not loader_found)
+    # the cases themselves: the family's own folders are where both look, another model's folder is not
+    assert loader_found == (where not in ("nowhere", "other_family_folder"))

@@ -9,11 +9,12 @@ import os
 import pytest
 import torch
 
-from fixtures.lora_steps import assert_same_step, peft_factors, peft_model, random_init, settings
+from fixtures.lora_steps import assert_same_step, draw, peft_factors, peft_model, random_init, settings
 
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 from letterpress.samplers import ernie_image as stage
 from letterpress.samplers import lora_training as training
+from letterpress.samplers.lora_plan import ItemTable, StepPlan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CAPTIONS = ["a poster that says OPEN in red", "a sign with the word CLOSED in blue"]
@@ -138,7 +139,7 @@ def _eval_loss(dit, latents, conds):
 
     get_host().load(dit)
     gen = torch.Generator().manual_seed(123)
-    draws = [training.draw(gen, latents, 2) for _ in range(12)]
+    draws = [draw(gen, latents, 2) for _ in range(12)]
     with torch.no_grad():
         return sum(training.flow_matching_loss(stage.training_family(3.0), dit, dit.module, latents, conds, d).item()
                    for d in draws) / len(draws)
@@ -355,9 +356,9 @@ def test_resolution_buckets_keep_the_aspect_ratio_and_batches_stay_in_one_bucket
     ds = training.TrainingDataset([wide[:1], wide[1:], tall[:1], tall[1:]], CAPTIONS * 2)
     latents, conds = stage.encode_dataset(s["te"], s["vae"], ds, 64)
     assert [tuple(lat.shape[-2:]) for lat in latents] == [(3, 6), (3, 6), (6, 3), (6, 3)]  # 48x96 and 96x48, uncropped
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        d = training.draw(gen, latents, 3)
+    plan = StepPlan(torch.Generator().manual_seed(0), latents, ItemTable.plain(4), 2, 1, False, 0.0)
+    for _ in range(20):  # ten epochs of two batches: each batch the two images of one bucket
+        (d,) = plan.next_step()
         assert len({tuple(latents[i].shape) for i in d.items}) == 1 and len(d.items) == 2
     lora = training.train(s["dit"], stage.training_family(3.0), latents, conds, settings(steps=3, batch_size=2))
     assert len(lora.losses) == 3

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.lora_steps import assert_same_step, peft_factors, peft_model, random_init, settings
+from fixtures.lora_steps import assert_same_step, draw, peft_factors, peft_model, random_init, settings
 
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 from letterpress.samplers import lora_training as training
@@ -86,7 +86,7 @@ def eval_loss(family, dit, latents, conds):
 
     get_host().load(dit)
     gen = torch.Generator().manual_seed(123)
-    draws = [training.draw(gen, latents, 2) for _ in range(12)]
+    draws = [draw(gen, latents, 2) for _ in range(12)]
     with torch.no_grad():
         return sum(training.flow_matching_loss(family, dit, dit.module, latents, conds, d).item()
                    for d in draws) / len(draws)
