@@ -155,6 +155,9 @@ def test_sources_belong_to_their_family_and_a_loader_takes_each_single_file():
             assert s.file and s.repo, s
             assert explain.file_source(s.kind, s.name) is s
             assert any(c.FAMILY == spec.key and c.ROLE == s.role and c.KIND == s.kind for c in loaders), s
+            if s.companion:  # a tokenizer fetched beside the file: --download asks the family where its loader looks
+                assert spec.tokenizer_folders is not None, f"{spec.key}: {s.name} has a companion, no tokenizer_folders"
+                assert spec.tokenizer_folders(s.role, "/models/x.safetensors"), s
     assert list(explain.MODELS) == [s for spec in families.all() for s in spec.sources]
 
 
