@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from letterpress.loaders import families
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,17 +46,32 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class Family:
-    label: str
-    folder: str
+    key: str  # the registry's (loaders/families.py): its folder source gives the name, folder and pipeline class
+    source: str  # that folder source's name (under models/diffusers/)
     workflow: str  # file under workflows/api/
     decode_node: str  # node id whose IMAGE output is compared with the reference
     config: str  # one line describing the model sizes
     build: Callable[[str, argparse.Namespace], None]  # (models_dir, args) writes models_dir/diffusers/<folder>
-    pipeline: str  # diffusers class name
     settings: Callable[[argparse.Namespace], list[str]]  # set_values for the size and steps
     seed_keys: tuple[str, ...]  # where the seed goes (GLM: AR Tokens and DiT Sample)
     ref_call: Callable  # (pipe, args, prompt, seed) -> images (B, H, W, C) float numpy
-    compile_node: str  # the family's Torch Compile node (--compile)
+    variant: str = ""  # what the label adds to the model's name
+
+    @property
+    def label(self) -> str:
+        return families.get(self.key).folder(self.source).model + self.variant
+
+    @property
+    def folder(self) -> str:
+        return families.get(self.key).folder(self.source).name
+
+    @property
+    def pipeline(self) -> str:  # diffusers class name
+        return families.get(self.key).folder(self.source).pipeline
+
+    @property
+    def compile_node(self) -> str:  # the family's Torch Compile node (--compile)
+        return f"Letterpress{families.get(self.key).class_stem}Compile"
 
 
 # Builders: the test fixtures' tiny models, with the text encoder, DiT and VAE replaced by bigger ones ------------
@@ -174,28 +190,25 @@ def _size_steps(cfg: float):
 
 
 FAMILIES = {
-    "ernie": Family("ERNIE-Image", "ERNIE-Image", "ernie_image_t2i_api.json", "6",
+    "ernie": Family("ernie_image", "ERNIE-Image", "ernie_image_t2i_api.json", "6",
                     "DiT hidden 512 x 4 layers, Mistral3 text encoder hidden 256 x 4 layers, Flux2 VAE 64-128 ch, CFG 4",
-                    lambda d, a: build_ernie(d), "ErnieImagePipeline", _size_steps(4.0), ("seed",), ref_ernie,
-                    "LetterpressErnieImageCompile"),
+                    lambda d, a: build_ernie(d), _size_steps(4.0), ("seed",), ref_ernie),
     # The pipeline's default call (use_pe=True) rewrites the prompt every time; the shipped workflow's Prompt Enhance
     # has a fixed seed, so a re-queue with a new DiT seed re-uses its rewrite, as ComfyUI's cache does.
-    "ernie-enhanced": Family("ERNIE-Image with the prompt enhancer", "ERNIE-Image", "ernie_image_enhanced_t2i_api.json", "9",
+    "ernie-enhanced": Family("ernie_image", "ERNIE-Image", "ernie_image_enhanced_t2i_api.json", "9",
                              "as ERNIE-Image, plus the prompt enhancer (Ministral3 256 x 4 layers, like the text "
                              "encoder) rewriting the prompt into --enhancer-tokens tokens",
-                             lambda d, a: build_ernie(d, a.enhancer_tokens), "ErnieImagePipeline",
+                             lambda d, a: build_ernie(d, a.enhancer_tokens),
                              lambda a: _size_steps(4.0)(a) + [f"max_new_tokens={a.enhancer_tokens}"], ("8.seed",),
-                             ref_ernie_enhanced, "LetterpressErnieImageCompile"),
-    "ovis": Family("Ovis-Image", "Ovis-Image-7B", "ovis_image_t2i_api.json", "5",
+                             ref_ernie_enhanced, " with the prompt enhancer"),
+    "ovis": Family("ovis_image", "Ovis-Image-7B", "ovis_image_t2i_api.json", "5",
                    "DiT hidden 512 (8x64), 2 double + 2 single blocks, Qwen3 text encoder hidden 256 x 4 layers "
                    "(284-token padded prompt), FLUX.1-style VAE 64-128 ch, CFG 5",
-                   lambda d, a: build_ovis(d), "OvisImagePipeline", _size_steps(5.0), ("seed",), ref_ovis,
-                   "LetterpressOvisImageCompile"),
-    "glm": Family("GLM-Image", "GLM-Image", "glm_image_t2i_api.json", "7",
+                   lambda d, a: build_ovis(d), _size_steps(5.0), ("seed",), ref_ovis),
+    "glm": Family("glm_image", "GLM-Image", "glm_image_t2i_api.json", "7",
                   "DiT hidden 512 (8x64) x 4 layers, AR model hidden 256 x 4 layers (168k text vocab), ByT5-style "
                   "glyph encoder d_model 256 x 4 layers, VAE 64-128 ch, CFG 1.5",
-                  lambda d, a: build_glm(d), "GlmImagePipeline", _size_steps(1.5), ("2.seed", "6.seed"), ref_glm,
-                  "LetterpressGlmImageCompile"),
+                  lambda d, a: build_glm(d), _size_steps(1.5), ("2.seed", "6.seed"), ref_glm),
 }
 
 

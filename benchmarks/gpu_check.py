@@ -173,7 +173,7 @@ def _folder(key: str, name: str) -> tuple[str, str, str]:
     """(label, folder, pipeline class) of a family's folder source `name`, from the registry (its SPEC.sources)."""
     from letterpress.loaders import families
 
-    s = next(s for s in families.get(key).sources if s.role == "folder" and s.name == name)
+    s = families.get(key).folder(name)
     return s.model, s.name, s.pipeline
 
 

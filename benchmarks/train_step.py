@@ -26,10 +26,16 @@ import tempfile
 import time
 
 import torch
+from letterpress.loaders import families
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-FOLDERS = {"ernie": "ERNIE-Image", "ovis": "Ovis-Image-7B", "glm": "GLM-Image"}
+KEYS = {"ernie": "ernie_image", "ovis": "ovis_image", "glm": "glm_image"}  # the registry's (loaders/families.py)
+
+
+def folder(family: str) -> str:
+    """The family's folder (its first folder source, under models/diffusers/), which the fixture builds."""
+    return families.get(KEYS[family]).folder().name
 CAPTIONS = ["a sign that says 'OPEN' in red", "a poster that says 'CLOSED NOW' in blue"]
 
 
@@ -51,7 +57,7 @@ def setup(family: str, models_dir: str):
         from letterpress.samplers import ernie_image as stage
 
         ernie_image.build(models_dir)
-        dit, te, vae, _ = N["LetterpressErnieImageFolderLoader"]().run("ERNIE-Image", "auto", False)
+        dit, te, vae, _ = N["LetterpressErnieImageFolderLoader"]().run(folder(family), "auto", False)
         lat, conds = stage.encode_dataset(te, vae, ds(64, 64), 64)
         return dit, stage.training_family(3.0), lat, conds
     if family == "ovis":
@@ -59,14 +65,14 @@ def setup(family: str, models_dir: str):
         from letterpress.samplers import ovis_image as stage
 
         ovis_image.build(models_dir)
-        dit, te, vae = N["LetterpressOvisImageFolderLoader"]().run("Ovis-Image-7B", "auto")
+        dit, te, vae = N["LetterpressOvisImageFolderLoader"]().run(folder(family), "auto")
         lat, conds = stage.encode_dataset(te, vae, ds(64, 64), 64, max_sequence_length=32)
         return dit, stage.training_family(), lat, conds
     from fixtures import glm_image
     from letterpress.samplers import glm_image as stage
 
     glm_image.build(models_dir)
-    ar, glyph, dit, vae = N["LetterpressGlmImageFolderLoader"]().run("GLM-Image", "auto")
+    ar, glyph, dit, vae = N["LetterpressGlmImageFolderLoader"]().run(folder(family), "auto")
     lat, conds = stage.encode_dataset(ar, glyph, vae, ds(64, 64), 64)
     return dit, stage.training_family(), lat, conds
 
@@ -93,13 +99,13 @@ def reference_stepper(family, models_dir, dit, latents, conds):
     from letterpress.samplers import lora_training as training
 
     targets = training.target_layers(dit.module, "all")
-    folder = os.path.join(models_dir, "diffusers", FOLDERS[family], "transformer")
-    cls = {"ernie": "ErnieImageTransformer2DModel", "ovis": "OvisImageTransformer2DModel",
-           "glm": "GlmImageTransformer2DModel"}[family]
+    transformer = os.path.join(models_dir, "diffusers", folder(family), "transformer")
+    with open(os.path.join(transformer, "config.json")) as f:
+        cls = json.load(f)["_class_name"]  # the DiT's diffusers class, as its folder names it
     import diffusers
     from peft import LoraConfig
 
-    model = getattr(diffusers, cls).from_pretrained(folder)
+    model = getattr(diffusers, cls).from_pretrained(transformer)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=8, lora_alpha=8.0, target_modules=targets))
     model.enable_gradient_checkpointing()
@@ -183,7 +189,7 @@ def one(family: str, side: str, steps: int, threads: int, rounds: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--family", default="all", choices=["ernie", "ovis", "glm", "all"])
+    ap.add_argument("--family", default="all", choices=[*KEYS, "all"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
@@ -192,7 +198,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(one(args.family, args.side, args.steps, args.threads, args.rounds)))
         return
-    for family in (["ernie", "ovis", "glm"] if args.family == "all" else [args.family]):
+    for family in (list(KEYS) if args.family == "all" else [args.family]):
         res = {}
         for side in ("time", "pack", "reference"):
             out = subprocess.run([sys.executable, __file__, "--family", family, "--side", side, "--steps",

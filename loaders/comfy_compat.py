@@ -155,7 +155,7 @@ def layer_ops(weight_dtype: torch.dtype, load_device: torch.device) -> layers.La
         if cls is not None and issubclass(cls, torch_cls):
             classes[kind] = cls
     return layers.LayerOps(f"comfy.ops.{getattr(table, '__name__', type(table).__name__)}", classes,
-                           layers.FP8 if fp8 else None, packed_mixin=CastPathPacked)
+                           packed_mixin=CastPathPacked)
 
 
 def archive_dtypes(module: torch.nn.Module) -> None:

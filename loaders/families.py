@@ -61,6 +61,13 @@ class FamilySpec:
         """The transformers model_type of its folders."""
         return tuple(dict.fromkeys(s.model_type for s in self.sources if s.model_type))
 
+    def folder(self, name: str | None = None):
+        """Its folder source (an explain.Source) named `name`; None: the first, the one downloaded whole."""
+        for s in self.sources:
+            if s.role == "folder" and (name is None or s.name == name):
+                return s
+        raise KeyError(f"{self.title} has no folder source '{name}' (its SPEC.sources in loaders/{self.key}.py)")
+
 
 def get(key: str) -> FamilySpec:
     """The SPEC of loaders/<key>.py (imported relative to this package, which ComfyUI names as it likes)."""

@@ -50,11 +50,11 @@ _PLAIN = {cls: name for name, cls in KINDS.items()}
 
 @dataclass(frozen=True)
 class LayerOps:
-    """The classes a stage's layers are built from (by kind name), and how Linear weights are stored."""
+    """The classes a stage's layers are built from (by kind name); the dtype their weights are stored in is the
+    load's (storage.Storage, which weights.fill_module reads)."""
 
     name: str
     classes: dict = field(default_factory=dict)  # kind name -> class built in place of that torch kind
-    linear_weight_dtype: torch.dtype | None = None  # storage dtype of Linear weights when not the compute dtype
     packed_mixin: type | None = None  # what a Linear keeping packed weights mixes in (None: QuantizedWeight)
 
     def class_for(self, layer: torch.nn.Module) -> type | None:
@@ -261,10 +261,10 @@ def weight_shape(layer: torch.nn.Module) -> tuple:
 
 def standalone_ops(weight_dtype: torch.dtype, device: torch.device) -> LayerOps:
     """The standalone host's table: Linear layers that take LoRAs at forward time, through oneDNN for fp32 on x86
-    CPUs; `weight_dtype` fp8 stores their weights in fp8 (computing in bf16). Other kinds stay torch's."""
+    CPUs; for fp8 (the load stores their weights in fp8: storage.Storage.linear) Linear layers that cast them to
+    the input's bf16 at each call. Other kinds stay torch's."""
     fast = device.type == "cpu" and weight_dtype == torch.float32 and cpu_linear.enabled()
-    return LayerOps("standalone", {"Linear": OneDnnLinear if fast else Linear},
-                    FP8 if weight_dtype == FP8 else None)
+    return LayerOps("standalone", {"Linear": OneDnnLinear if fast else Linear})
 
 
 # LoRA at forward time ------------------------------------------------------------------------------------------

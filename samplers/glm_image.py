@@ -250,18 +250,14 @@ def prepare_inputs(dit: ModelHandle, tokens: torch.Tensor, glyphs: torch.Tensor,
 def velocity(run, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
     """The DiT's velocity (in fp32, as the reference pipeline combines and steps it) at x and the schedule's integer
     timesteps t in 1000..1 (one per item; the DiT sees t - 1, unshifted, as the reference pipeline passes it); the
-    one model call of sampling and LoRA training. A sampling pass's `kv_mode` sets the reference images' KV cache
-    ("read" by the conditional pass, "skip" by the unconditional one)."""
-    if inputs.get("kv_mode") is not None:
-        inputs["kv_caches"].set_mode(inputs["kv_mode"])
-    inputs = {k: v for k, v in inputs.items() if k != "kv_mode"}
+    one model call of sampling and LoRA training."""
     return run(hidden_states=x, timestep=t.to(x.device) - 1, **inputs, return_dict=False)[0].float()
 
 
 def _uncond(inputs: dict) -> dict:
-    """GLM-Image's unconditional pass: the prior tokens dropped and the reference images' KV cache skipped."""
-    return {**inputs, "prior_token_drop": torch.ones_like(inputs["prior_token_drop"]),
-            "kv_mode": "skip" if inputs.get("kv_mode") else None}
+    """GLM-Image's unconditional pass: the prior tokens dropped and the reference images' KV cache skipped (no
+    cache: diffusers' attention leaves keys and values alone without one, as in its "skip" mode)."""
+    return {**inputs, "prior_token_drop": torch.ones_like(inputs["prior_token_drop"]), "kv_caches": None}
 
 
 def schedule(dit: ModelHandle, steps: int, shape):
@@ -394,12 +390,13 @@ def sample(dit: ModelHandle, prior: GlmPrior, positive: Conditioning, negative: 
                   timestep=torch.zeros((1,), device=device), target_size=torch.tensor([list(img.shape[1:3])], device=device),
                   crop_coords=torch.zeros((1, 2), device=device), kv_caches=kv)
         kv.next_sample()
+        kv.set_mode("read")  # by the conditional pass only: the unconditional one goes without the cache (_uncond)
 
     pos = [(prior.tokens, positive.embeds[0])]
     neg = [(prior.tokens, negative.embeds[0])] if use_cfg else None
     try:
         out = flow_sampler.sample(FLOW, dit, pos, neg, cfg, seed, steps, shape=(1, cfgm.in_channels, lh, lw),
-                                  extra_inputs={"kv_caches": kv, "kv_mode": "read" if refs else None})
+                                  extra_inputs={"kv_caches": kv if refs else None})
     finally:
         kv.clear()
     return {"samples": out, "family": FAMILY}

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from letterpress.loaders import cpu_linear, layers
 from letterpress.loaders.layers import OneDnnLinear
+from letterpress.loaders.storage import Storage
+from letterpress.loaders.weights import fill_module
 from letterpress.nodes import NODE_CLASS_MAPPINGS as N
 
 pytestmark = pytest.mark.skipif(cpu_linear._COMPILED_OP is None, reason="this torch has no oneDNN")
@@ -131,7 +133,20 @@ def test_compiled_layer_calls_the_onednn_op_in_one_graph_and_follows_weight_chan
 def test_the_table_picks_onednn_for_fp32_on_cpu_only_and_it_can_be_turned_off(monkeypatch):
     cpu, fp8 = torch.device("cpu"), layers.FP8
     assert layers.standalone_ops(fp8, cpu).classes["Linear"] is layers.Linear  # fp8 storage casts per layer
-    assert layers.standalone_ops(fp8, cpu).linear_weight_dtype is fp8
+    # and a load with an fp8 Storage through that table stores the Linear weight in fp8 (its bias in bf16), which
+    # the layer casts to the input's bf16 at each call
+    torch.manual_seed(0)
+    state = {"0.weight": torch.randn(4, 8), "0.bias": torch.randn(4)}
+    with torch.device("meta"):
+        empty = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    model = layers.build_layers(empty, layers.standalone_ops(fp8, cpu))
+    fill_module(model, state, storage=Storage(fp8, choice="fp8_e4m3fn"))
+    assert type(model[0]) is layers.Linear
+    assert model[0].weight.dtype is fp8 and model[0].bias.dtype is torch.bfloat16
+    assert torch.equal(model[0].weight.float(), state["0.weight"].to(fp8).float())
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model(x), F.linear(x, state["0.weight"].to(fp8).bfloat16(), state["0.bias"].bfloat16()))
     assert layers.standalone_ops(torch.bfloat16, cpu).classes["Linear"] is layers.Linear
     assert layers.standalone_ops(torch.float32, torch.device("cuda")).classes["Linear"] is layers.Linear
     for off in ("0", "off", "False"):

@@ -161,6 +161,17 @@ def test_sources_belong_to_their_family_and_a_loader_takes_each_single_file():
     assert list(explain.MODELS) == [s for spec in families.all() for s in spec.sources]
 
 
+def test_a_family_names_its_folder_sources_by_name_the_first_by_default():
+    spec = families.get("ernie_image")
+    folders = [s for s in spec.sources if s.role == "folder"]
+    assert len(folders) > 1 and spec.folder() is folders[0]
+    assert all(spec.folder(s.name) is s for s in folders)
+    with pytest.raises(KeyError, match="ERNIE-Image has no folder source 'nope'.*loaders/ernie_image.py"):
+        spec.folder("nope")
+    with pytest.raises(KeyError):  # a single file is no folder
+        spec.folder(next(s.name for s in spec.sources if s.role != "folder"))
+
+
 def test_each_tiny_folder_is_accepted_by_its_family_and_refused_by_the_others(ernie, ovis, glm, ernie_vl):
     folder_of = {"ernie_image": "ERNIE-Image", "ovis_image": "Ovis-Image-7B", "glm_image": "GLM-Image",
                  "ernie_vl": "ERNIE-4.5-VL-28B-A3B-PT"}

@@ -87,7 +87,7 @@ def test_weights_go_through_each_layers_own_loading_path():
 
     class Host:
         def layer_ops(self, dtype):
-            return layers.LayerOps("recording", {"Linear": Recording}, layers.FP8)
+            return layers.LayerOps("recording", {"Linear": Recording})
 
     import tempfile
 
