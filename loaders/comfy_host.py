@@ -36,15 +36,6 @@ class HostedModule(torch.nn.Module):
         return compute_dtype(self.inner)
 
 
-_ON_LOAD_DEVICE: dict[type, type] = {}
-
-
-def _load_device(model) -> torch.device:
-    from .host import get_host
-
-    return get_host().compute_device()
-
-
 class ComfyHost(StandaloneHost):
     """The host inside ComfyUI: ModelPatcher + load_models_gpu, ProgressBar, ComfyUI's interrupt."""
 
@@ -71,11 +62,12 @@ class ComfyHost(StandaloneHost):
         device while the model computes on the load device."""
         if not isinstance(getattr(cls, "device", None), property):
             return cls
-        if cls not in _ON_LOAD_DEVICE:
-            _ON_LOAD_DEVICE[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__,
-                                                               "__qualname__": cls.__qualname__,
-                                                               "device": property(_load_device)})
-        return _ON_LOAD_DEVICE[cls]
+        made = self.__dict__.setdefault("_on_load_device", {})  # one subclass per model class, for this host
+        if cls not in made:
+            host = self
+            made[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                                    "device": property(lambda model: host.compute_device())})
+        return made[cls]
 
     def wrap(self, handle: ModelHandle) -> ModelHandle:
         handle.module.to(self.offload_device())
