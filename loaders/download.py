@@ -5,7 +5,7 @@ Only the files the loaders read: a single file by itself; for a single-file text
 the model's diffusers repository (the Source's `companion`), placed beside the file as its loader looks for them
 (text_encoders/<stem>/); for a folder the subfolders its node reads (the node's PARTS), their configs, weights and
 tokenizer files, without other precisions (diffusers' `.fp16.` variants), other formats or the repository's
-documents. Where each comes from is loaders/explain.py's MODELS.
+documents. Where each comes from is loaders/explain.py's models().
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where each model comes from, and what a picked folder or file holds when it is not what a loader needs.
 
-MODELS (models()) is the one table of download sources (README's "Model files" table, in code), made of the
+models() is the one table of download sources (README's "Model files" table, in code), made of the
 registered families' SPEC.sources: every message that tells a user what to download and where to put it reads it. The `explain_*` functions return None when the pick is
 usable and otherwise one sentence naming what is there, what the loader needs, and how to get it; the loader
 nodes return it from VALIDATE_INPUTS (so ComfyUI and the headless runner refuse the prompt with it before
@@ -50,12 +50,6 @@ HUB = "https://huggingface.co"
 def models() -> tuple[Source, ...]:
     """Every registered family's sources (its SPEC.sources), family by family in registry order."""
     return tuple(s for spec in families.all() for s in spec.sources)
-
-
-def __getattr__(name: str):
-    if name == "MODELS":  # the table as a constant, read when asked (the families register after this module)
-        return models()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _first_by(field: str) -> dict[str, Source]:
@@ -345,7 +339,7 @@ def file_hint(family: str, role: str, name: str = "") -> str:
 
 
 def readme_table() -> str:
-    """README's "Model files" table, from MODELS (the LoRA row, which has no source, is written under it by hand)."""
+    """README's "Model files" table, from models() (the LoRA row, which has no source, is written under it by hand)."""
     rows = ["| model | folder under `models/` | name | download from |", "|---|---|---|---|"]
     for s in sorted(models(), key=lambda s: (families.REGISTERED.index(s.family), s.role != "folder")):
         name = s.name + ("/" if s.role == "folder" else "")

@@ -3,7 +3,7 @@
 NodeHelpService, comfyui-frontend-package 1.35 to 1.49; without a page it shows the description and tooltips).
 
 A page is the node's DESCRIPTION, its inputs with their tooltips, its outputs, and for a loader the model files
-it takes with where to download them (loaders/explain.py's MODELS: the families' SPEC.sources). `python
+it takes with where to download them (loaders/explain.py's models(): the families' SPEC.sources). `python
 tools/help_pages.py` writes them; a test holds the files equal to `page()`.
 """
 

@@ -12,10 +12,6 @@ from ..loaders.errors import LetterpressError
 
 
 
-def _title(family: str) -> str:
-    return families.title(family)
-
-
 def _encode_node(family: str) -> str:
     """The node that makes `family`'s conditioning, as the editor shows it (its SPEC.encode_node)."""
     return (families.get(family).encode_node or family) if family in families.REGISTERED else family
@@ -41,8 +37,8 @@ def check_family(cond: Conditioning, family: str, which: str) -> None:
         )
     if cond.family != family:
         raise LetterpressError(
-            f"The {which} conditioning came from the {_title(cond.family)} text encoder "
-            f"({cond.encoder}); the {_title(family)} sampler needs conditioning from a "
+            f"The {which} conditioning came from the {families.title(cond.family)} text encoder "
+            f"({cond.encoder}); the {families.title(family)} sampler needs conditioning from a "
             f"{_encode_node(family)} node."
         )
 
@@ -61,11 +57,11 @@ def check_latent(latent: dict, family: str, channels: int | None = None, refuse_
     `channels`) its shape, and (`refuse_mask`) that it carries no inpainting mask the node would ignore."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise LetterpressError("The latent input is not a LATENT.")
-    name, sources = _title(family), _latent_nodes(family)
+    name, sources = families.title(family), _latent_nodes(family)
     got = latent.get("family")
     if got is not None and got != family:
         raise LetterpressError(
-            f"This latent was made for {_title(got)}; {name} nodes need one from a {sources} node."
+            f"This latent was made for {families.title(got)}; {name} nodes need one from a {sources} node."
         )
     samples = latent["samples"]
     if channels is not None and (samples.dim() != 4 or samples.shape[1] != channels):

@@ -992,7 +992,7 @@ def test_a_shipped_workflow_with_its_files_absent_offers_each_for_download(comfy
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright for the editor test")
     if _version(comfy.frontend_version) < (1, 49):
         pytest.skip(f"frontend {comfy.frontend_version} has no missing-models panel of this kind")
-    from letterpress.loaders.explain import MODELS
+    from letterpress.loaders.explain import models
 
     (tmp_path / "custom_nodes").mkdir()
     os.symlink(ROOT, tmp_path / "custom_nodes" / "ComfyUI-Letterpress")
@@ -1022,7 +1022,7 @@ def test_a_shipped_workflow_with_its_files_absent_offers_each_for_download(comfy
                 const store = [...pinia._s.values()].find(s => Array.isArray(s.missingModelCandidates));
                 return store.missingModelCandidates.map(c => ({name: c.name, url: c.url, directory: c.directory}));
             }""")
-            table = {s.name: s.as_model() for s in MODELS if s.file}
+            table = {s.name: s.as_model() for s in models() if s.file}
             assert sorted(shown, key=lambda m: m["name"]) == sorted((table[n] for n in MISSING), key=lambda m: m["name"])
             browser.close()
     finally:

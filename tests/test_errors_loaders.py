@@ -162,17 +162,17 @@ def test_readme_model_table_is_the_code_table():
 def test_each_single_file_source_is_a_properties_models_entry_comfyui_can_download():
     """ComfyUI's missing-models dialog saves an entry's url under models/<directory>/<name>: the url names the file
     by that name, in a folder ComfyUI has, and ERNIE-Image's files come from the repository its templates use."""
-    from letterpress.loaders.explain import MODELS
+    from letterpress.loaders.explain import models
 
     comfy_folders = {"diffusion_models", "text_encoders", "vae", "diffusers", "LLM", "loras", "checkpoints"}
-    files = [s for s in MODELS if s.file]
-    assert files and all(s.kind in comfy_folders for s in MODELS)
+    files = [s for s in models() if s.file]
+    assert files and all(s.kind in comfy_folders for s in models())
     for s in files:
         entry = s.as_model()
         assert entry == {"name": s.name, "url": f"https://huggingface.co/{s.repo}/resolve/main/{s.file}",
                          "directory": s.kind}
         assert entry["url"].rsplit("/", 1)[1] == entry["name"]
-    vae = next(s for s in MODELS if s.name == "flux2-vae.safetensors")
+    vae = next(s for s in models() if s.name == "flux2-vae.safetensors")
     assert vae.url == "https://huggingface.co/Comfy-Org/ERNIE-Image/resolve/main/vae/flux2-vae.safetensors"
 
 
