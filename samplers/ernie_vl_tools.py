@@ -342,16 +342,13 @@ def remote_think_with_images(base_url: str, model: str, api_key: str, images: to
     crops, records, steps, answer = [], [], [], ""
     for _ in range(max_tool_calls + 1):
         content, reasoning, server_calls = remote_openai.chat(url, body, model, api_key, timeout, max_new_tokens)
+        answer, reasoning = remote.split_text(content, reasoning, True)
         if server_calls:
-            answer, reasoning = remote.split_text(content, reasoning, True)
             calls = _server_calls(server_calls)
-        else:  # no tool parser on the server: the calls are in the text
-            if not reasoning and THINK_CLOSE in content:
-                reasoning, answer, calls = split_turn(content)
-            else:
-                answer, calls = parse_tool_calls(content)
-            reasoning = reasoning.strip()
+        else:  # no tool parser on the server: the calls are in the answer's text
+            answer, calls = parse_tool_calls(answer)
             calls = [{**c, "id": f"call_{len(records) + k}"} for k, c in enumerate(calls)]
+
         def run(c):
             r = execute(c, pictures[0], ZOOM_MIN_SIDE) if "bad_arguments" not in c else {
                 "name": c["name"], "arguments": {}, "error": f"The arguments are not a JSON object: {c['bad_arguments']}"}

@@ -365,6 +365,40 @@ def test_remote_loop_against_vllm_ernie45(vllm, stream):
     assert [b["box"] for b in json.loads(calls)["boxes"]] == [[8, 12, 48, 52]]  # what Draw Boxes reads
 
 
+class NoParsers(JsonHandler):
+    """A server started without a reasoning or tool-call parser (vLLM's default): the model's text as it wrote it,
+    the reasoning closed by </think> and the call as a <tool_call> block in the content, no tool_calls field."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        if any(m["role"] == "tool" for m in body["messages"]):
+            text = "the crop shows it</think>\nA red sign."
+        else:
+            text = f"look closer</think>\n<tool_call>\n{json.dumps(CALL)}\n</tool_call>"
+        self._json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+
+
+def test_remote_loop_reads_the_calls_from_the_text_without_a_tool_parser():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), NoParsers)
+    srv.daemon_threads, srv.requests = True, []
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        img = picture()
+        answer, reasoning, calls, crops = node("RemoteThinkWithImages").run(
+            f"http://127.0.0.1:{srv.server_address[1]}/v1", "m", "", as_tensor(img), QUESTION, "", 3, 64, 0.0, 0.8,
+            0, False, 10.0)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert answer == "A red sign."
+    assert "look closer" in reasoning and "the crop shows it" in reasoning and "<tool_call>" not in reasoning
+    call_msg, tool_msg = srv.requests[1]["messages"][-2:]
+    assert json.loads(call_msg["tool_calls"][0]["function"]["arguments"]) == CALL["arguments"]
+    assert tool_msg["tool_call_id"] == call_msg["tool_calls"][0]["id"]
+    assert json.loads(calls)["calls"][0]["box"] == [8, 12, 48, 52]
+
+
 # grounding in the Thinking model's plain numbers --------------------------------------------------------------
 @pytest.mark.parametrize("answer", [
     "The red sign is at [100, 200, 600, 800].",
